@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine (only Python 3.11 needed):
+#   make run    create .venv, install CPU torch + nsaconf, run the default CPU matrix, write the HTML report
+#   make test   create .venv if needed, run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+OUT    ?= out/run
+PROFILE ?= ci
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup run test bench-memory clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first (a bare `torch` would resolve to a multi-GB CUDA build)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/nsaconf run --profile $(PROFILE) --device cpu --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-memory: setup
+	$(PY) benchmarks/reference_memory.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,225 @@
+"""The canonical NSA case: one frozen, hashable record that every oracle translates from.
+
+Field names are part of the public contract (README, "Case files"). A case describes shapes,
+hyper-parameters, conventions and the seed; the tensors are derived from it deterministically
+(``cases.tensors.materialize``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS, max_forced
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+BLOCK_INDICES = ("topk", "random")
+
+
+class CaseError(ValueError):
+    """A case that is malformed or internally inconsistent (message names the field)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One NSA problem.
+
+    Queries are the last ``q_len`` positions: query i sits at absolute position ``p = T - TQ + i``.
+    Query head h uses kv head ``h // G`` with ``G = heads_q // heads_kv``.
+    ``cmp_block``/``cmp_stride`` default to ``block_size``; ``q_len`` to ``seq_len``; ``head_dim_v``
+    to ``head_dim``. ``cu_seqlens`` (batch 1) packs sequences; positions restart in each.
+    """
+
+    batch: int = 1
+    seq_len: int = 128
+    q_len: Optional[int] = None
+    heads_q: int = 16
+    heads_kv: int = 1
+    head_dim: int = 32
+    head_dim_v: Optional[int] = None
+    dtype: str = "float32"
+    block_size: int = 16
+    cmp_block: Optional[int] = None
+    cmp_stride: Optional[int] = None
+    top_n: int = 4
+    window: int = 0
+    cmp_mask: str = "end_inclusive"
+    window_keys: str = "w"
+    forced_blocks: str = "initial_local"
+    block_indices: str = "topk"
+    scale: Optional[float] = None
+    cu_seqlens: Optional[tuple[int, ...]] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.q_len is None:
+            set_("q_len", self.seq_len)
+        if self.head_dim_v is None:
+            set_("head_dim_v", self.head_dim)
+        if self.cmp_block is None:
+            set_("cmp_block", self.block_size)
+        if self.cmp_stride is None:
+            set_("cmp_stride", self.cmp_block)
+        if self.cu_seqlens is not None:
+            set_("cu_seqlens", tuple(int(x) for x in self.cu_seqlens))
+        if self.scale is not None:
+            set_("scale", float(self.scale))
+        self.validate()
+
+    # ---------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise CaseError(msg)
+
+        for name in ("batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v",
+                     "block_size", "cmp_block", "cmp_stride", "top_n", "window", "seed"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), f"field {name!r} must be an integer, got {v!r}")
+        for name in ("batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v",
+                     "block_size", "cmp_block", "cmp_stride", "top_n"):
+            need(getattr(self, name) >= 1, f"field {name!r} must be >= 1, got {getattr(self, name)}")
+        need(self.window >= 0, f"field 'window' must be >= 0, got {self.window}")
+        need(self.seed >= 0, f"field 'seed' must be >= 0, got {self.seed}")
+        need(self.q_len <= self.seq_len, f"q_len ({self.q_len}) must be <= seq_len ({self.seq_len})")
+        need(self.heads_q % self.heads_kv == 0, f"heads_kv ({self.heads_kv}) must divide heads_q ({self.heads_q})")
+        need(self.dtype in DTYPES, f"field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.cmp_mask in CMP_MASKS, f"field 'cmp_mask' must be one of {tuple(CMP_MASKS)}, got {self.cmp_mask!r}")
+        need(self.window_keys in WINDOW_KEYS, f"field 'window_keys' must be one of {tuple(WINDOW_KEYS)}, got {self.window_keys!r}")
+        need(self.forced_blocks in FORCED_BLOCKS, f"field 'forced_blocks' must be one of {FORCED_BLOCKS}, got {self.forced_blocks!r}")
+        need(self.block_indices in BLOCK_INDICES, f"field 'block_indices' must be one of {BLOCK_INDICES}, got {self.block_indices!r}")
+        need(self.cmp_block % self.cmp_stride == 0, f"cmp_block ({self.cmp_block}) must be a multiple of cmp_stride ({self.cmp_stride})")
+        need(self.block_size % self.cmp_stride == 0, f"block_size ({self.block_size}) must be a multiple of cmp_stride ({self.cmp_stride})")
+        need(self.top_n >= max_forced(self.forced_blocks),
+             f"top_n ({self.top_n}) must be >= the {max_forced(self.forced_blocks)} forced blocks of {self.forced_blocks!r}")
+        need(self.scale is None or self.scale > 0, f"field 'scale' must be positive or null, got {self.scale!r}")
+        if self.cu_seqlens is not None:
+            cu = self.cu_seqlens
+            need(self.batch == 1, "cu_seqlens needs batch == 1")
+            need(len(cu) >= 2 and cu[0] == 0, f"cu_seqlens must start at 0 and hold >= 2 entries, got {list(cu)}")
+            need(all(b > a for a, b in zip(cu, cu[1:])), f"cu_seqlens must be strictly increasing, got {list(cu)}")
+            need(cu[-1] == self.seq_len, f"cu_seqlens must end at seq_len ({self.seq_len}), got {cu[-1]}")
+            need(self.q_len == self.seq_len, "cu_seqlens needs q_len == seq_len (varlen decode is not modelled)")
+
+    # ---------------------------------------------------------------------------------- derived
+    @property
+    def group(self) -> int:
+        """GQA ratio G = HQ / H."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def q_offset(self) -> int:
+        """Absolute position of query 0: T - TQ."""
+        return self.seq_len - self.q_len
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
+
+    @property
+    def sequences(self) -> list[tuple[int, int]]:
+        """(start, end) of each packed sequence (one (0, T) without cu_seqlens)."""
+        cu = self.cu_seqlens or (0, self.seq_len)
+        return list(zip(cu[:-1], cu[1:]))
+
+    @property
+    def id(self) -> str:
+        """Stable, human-readable id, e.g. ``bf16-B1-T1000-TQ1000-HQ32-H2-D64-DV64-l32d32ls32-n8-w128-end_inclusive-s7``.
+
+        Non-default ``window_keys``, ``forced_blocks``, ``block_indices``, ``scale`` and
+        ``cu_seqlens`` add suffixes (``-wplus1``, ``-fnone``/``-fcur``, ``-rand``, ``-sc0.1``,
+        ``-cu0.5.12``) so that distinct cases never share an id.
+        """
+        parts = [DTYPE_SHORT[self.dtype], f"B{self.batch}", f"T{self.seq_len}", f"TQ{self.q_len}",
+                 f"HQ{self.heads_q}", f"H{self.heads_kv}", f"D{self.head_dim}", f"DV{self.head_dim_v}",
+                 f"l{self.cmp_block}d{self.cmp_stride}ls{self.block_size}", f"n{self.top_n}",
+                 f"w{self.window}", self.cmp_mask]
+        if self.window_keys != "w":
+            parts.append("wplus1")
+        if self.forced_blocks != "initial_local":
+            parts.append({"none": "fnone", "current": "fcur"}[self.forced_blocks])
+        if self.block_indices != "topk":
+            parts.append("rand")
+        if self.scale is not None:
+            parts.append(f"sc{self.scale:g}")
+        if self.cu_seqlens is not None:
+            parts.append("cu" + ".".join(str(x) for x in self.cu_seqlens))
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+    def replace(self, **changes: Any) -> "Case":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["cu_seqlens"] is not None:
+            d["cu_seqlens"] = list(d["cu_seqlens"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Case":
+        if not isinstance(d, dict):
+            raise CaseError(f"a case must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"id"})
+        if unknown:
+            raise CaseError(f"unknown case field(s) {unknown}; known fields: {sorted(known)}")
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("cu_seqlens") is not None:
+            if not isinstance(kw["cu_seqlens"], (list, tuple)):
+                raise CaseError(f"field 'cu_seqlens' must be a list of integers or null, got {kw['cu_seqlens']!r}")
+            kw["cu_seqlens"] = tuple(kw["cu_seqlens"])
+        try:
+            case = cls(**kw)
+        except TypeError as e:  # pragma: no cover - defensive
+            raise CaseError(str(e)) from None
+        if "id" in d and d["id"] != case.id:
+            raise CaseError(f"case id {d['id']!r} does not match its fields (expected {case.id!r})")
+        return case
+
+    @classmethod
+    def from_json(cls, text: str) -> "Case":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise CaseError(f"malformed case JSON: {e}") from None
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    """Read cases from a JSON file: one case object, a list of them, or ``{"cases": [...]}``.
+    JSON Lines (one object per line) is accepted too."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CaseError(f"cannot read case file {str(path)!r}: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise CaseError(f"malformed case JSON in {str(path)!r}: {e}") from None
+    if isinstance(data, dict) and "cases" in data:
+        data = data["cases"]
+    items = data if isinstance(data, list) else [data]
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(Case.from_dict(item))
+        except CaseError as e:
+            where = f"{path}" if len(items) == 1 else f"{path}[{i}]"
+            raise CaseError(f"{where}: {e}") from None
+    return out
+
+
+def dump_cases(cases: Iterable[Case], path: str | Path) -> None:
+    Path(path).write_text(json.dumps([c.to_dict() for c in cases], indent=1) + "\n")

@@ -1,0 +1,176 @@
+"""The oracle protocol and registry.
+
+An oracle is anything that computes (some of) the NSA forward for a canonical case. It declares what
+it is and what it supports; all translation (layouts, index padding/order, window length, gate form,
+LSE base, scale) happens inside its ``run``. The runner never special-cases an oracle by name.
+
+Registering a built-in is one decorator::
+
+    @register_oracle
+    class MyOracle(Oracle):
+        name = "mine"; layer = "e2e"; branches = ("o",); devices = ("cpu",)
+        def run(self, case, inputs, device): ...
+
+Third parties add oracles from a Python file (``--plugin path.py``) or the entry-point group
+``nsaconf.oracles`` (each entry point names an ``Oracle`` subclass or a module that registers some).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+
+from cases.model import DTYPES, Case
+from cases.tensors import Inputs
+
+LAYERS = ("reference", "kernel", "e2e")
+FORWARD_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+GRAD_BRANCHES = ("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa")
+ALL_BRANCHES = FORWARD_BRANCHES + GRAD_BRANCHES
+
+
+class OracleError(Exception):
+    """Unknown oracle, broken plugin or invalid declaration (one-line message)."""
+
+
+class Oracle:
+    """Base class of every oracle.
+
+    Class attributes (the declaration):
+      ``name``: unique id; ``layer``: ``reference`` | ``kernel`` | ``e2e``; ``branches``: which of
+      ``ALL_BRANCHES`` it returns; ``devices``: subset of ``("cpu", "cuda")``; ``dtypes``: case dtypes it
+      accepts; ``needs_block_indices``: a selection-only kernel that must be *given* block indices
+      (the runner passes the truth's ``topk_idx`` for ``block_indices="topk"`` cases, the case's own
+      random indices otherwise); ``description``: one line for ``nsaconf list``.
+
+    Methods to override: ``run`` (required), ``supports`` (shape limits), ``availability``
+    (missing package / checkout, with what to install or configure).
+    """
+
+    name: ClassVar[str] = ""
+    layer: ClassVar[str] = "e2e"
+    branches: ClassVar[tuple[str, ...]] = ("o",)
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    dtypes: ClassVar[tuple[str, ...]] = DTYPES
+    needs_block_indices: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def availability(self) -> Optional[str]:
+        """None when usable here, else why not and exactly how to enable it."""
+        return None
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        """None when ``case`` is supported on ``device``, else a human reason (it becomes the SKIP reason)."""
+        return None
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Compute the declared branches in canonical layouts: ``*_o`` ``[B,TQ,HQ,DV]``, ``cmp_lse``
+        ``[B,TQ,HQ]`` natural log (-inf where no block is visible), ``topk_idx`` ``[B,TQ,H,n]`` int
+        (any order, -1 padding). ``inputs`` are in the case dtype on ``device``; ``block_indices`` is
+        given iff ``needs_block_indices`` (canonical order, -1 last)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------------
+    def check_support(self, case: Case, device: str) -> Optional[str]:
+        """Availability, device, dtype and shape checks in one place (the runner calls this)."""
+        why = self.availability()
+        if why:
+            return why
+        if device not in self.devices:
+            return f"{self.name} runs on {'/'.join(self.devices)}, not {device}"
+        if case.dtype not in self.dtypes:
+            return f"{self.name} supports dtypes {', '.join(self.dtypes)}, not {case.dtype}"
+        return self.supports(case, device)
+
+
+_REGISTRY: dict[str, type[Oracle]] = {}
+
+
+def register_oracle(cls: type[Oracle]) -> type[Oracle]:
+    """Class decorator: validate the declaration and add the oracle to the registry."""
+    if not (isinstance(cls, type) and issubclass(cls, Oracle)):
+        raise OracleError(f"register_oracle expects an Oracle subclass, got {cls!r}")
+    if not cls.name:
+        raise OracleError(f"oracle class {cls.__name__} declares no name")
+    if cls.layer not in LAYERS:
+        raise OracleError(f"oracle {cls.name!r}: layer must be one of {LAYERS}, got {cls.layer!r}")
+    bad = [b for b in cls.branches if b not in ALL_BRANCHES]
+    if bad or not cls.branches:
+        raise OracleError(f"oracle {cls.name!r}: unknown branches {bad}; known: {ALL_BRANCHES}")
+    bad = [d for d in cls.devices if d not in ("cpu", "cuda")]
+    if bad:
+        raise OracleError(f"oracle {cls.name!r}: unknown devices {bad}")
+    prev = _REGISTRY.get(cls.name)
+    if prev is not None and prev.__qualname__ != cls.__qualname__:
+        raise OracleError(f"oracle name {cls.name!r} registered twice ({prev.__module__}.{prev.__qualname__} and {cls.__module__}.{cls.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Oracle]]:
+    load_builtins()
+    return dict(_REGISTRY)
+
+
+def get_oracle(name: str) -> Oracle:
+    reg = registry()
+    if name not in reg:
+        raise OracleError(f"unknown oracle {name!r}; known oracles: {', '.join(sorted(reg))}")
+    return reg[name]()
+
+
+_BUILTINS_LOADED = False
+
+
+def load_builtins() -> None:
+    """Import the built-in adapter modules (each registers its oracles)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    import oracles.builtin  # noqa: F401  (registers by import)
+
+
+def load_plugin(path: str | Path) -> list[str]:
+    """Import a plugin file; returns the names of the oracles it registered.
+    Raises ``OracleError`` with one line naming the problem."""
+    load_builtins()
+    path = Path(path)
+    if not path.is_file():
+        raise OracleError(f"plugin file {str(path)!r} does not exist")
+    before = set(_REGISTRY)
+    mod_name = f"nsaconf_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise OracleError(f"plugin {str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except OracleError as e:
+        raise OracleError(f"plugin {str(path)!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of foreign code is reported, never raised raw
+        raise OracleError(f"plugin {str(path)!r} failed to import: {type(e).__name__}: {e}") from None
+    added = sorted(set(_REGISTRY) - before)
+    if not added:
+        raise OracleError(f"plugin {str(path)!r} registered no oracle (decorate an Oracle subclass with @register_oracle)")
+    return added
+
+
+def load_entry_points() -> list[str]:
+    """Load the ``nsaconf.oracles`` entry-point group; returns the names registered."""
+    from importlib.metadata import entry_points
+
+    load_builtins()
+    before = set(_REGISTRY)
+    for ep in entry_points(group="nsaconf.oracles"):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001
+            raise OracleError(f"entry point {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}") from None
+        if isinstance(obj, type) and issubclass(obj, Oracle) and obj.name not in _REGISTRY:
+            register_oracle(obj)
+    return sorted(set(_REGISTRY) - before)

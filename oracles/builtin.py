@@ -1,0 +1,13 @@
+"""Imports every built-in adapter module; each registers its oracles with ``@register_oracle``.
+
+Adapter modules must import their external packages lazily (inside ``availability``/``run``) so that
+this import never fails on a machine without them.
+"""
+import importlib
+
+BUILTIN_MODULES = (
+    "oracles.reference_oracles",
+)
+
+for _name in BUILTIN_MODULES:
+    importlib.import_module(_name)

@@ -1,0 +1,98 @@
+"""A brute-force dense NSA forward: a second, independent code path for the reference.
+
+No chunking, no gathers, no ``eq9_weights``: every branch is one full mask over all positions
+(``[TQ, NC]`` for compression, ``[TQ, T]`` token masks for selection and window), each mask entry
+evaluated from the convention functions on plain ints, importance mapped to selection blocks by
+overlap length (``|[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / d``), top-n ranked with Python's ``sorted``.
+Slow (Python loops over queries); meant for T up to a few hundred.
+"""
+from __future__ import annotations
+
+import torch
+
+from cases.conventions import CMP_MASKS, WINDOW_KEYS, is_forced, selection_candidate, selection_causal
+from cases.model import Case
+from cases.tensors import Inputs
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """q ``[TQ,D]``, k ``[T,D]``, v ``[T,DV]``, mask ``[TQ,T]`` -> (o, lse, prob); empty rows: 0, -inf."""
+    logits = (q @ k.T) * scale
+    o = torch.zeros(q.shape[0], v.shape[1], dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
+    prob = torch.zeros_like(logits)
+    for i in range(q.shape[0]):
+        m = mask[i]
+        if m.any():
+            row = torch.softmax(logits[i][m], dim=0)
+            prob[i, m] = row
+            o[i] = row @ v[m]
+            lse[i] = torch.logsumexp(logits[i][m], dim=0)
+    return o, lse, prob
+
+
+@torch.no_grad()
+def nsa_dense(case: Case, inputs: Inputs, dtype: torch.dtype = torch.float64,
+              block_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    x = inputs.to(dtype=dtype)
+    B, TQ, HQ, H, G = case.batch, case.q_len, case.heads_q, case.heads_kv, case.group
+    l, d, ls, n, w, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.window, case.softmax_scale
+    DV = case.head_dim_v
+    dev = x.q.device
+    out = {"cmp_o": torch.zeros(B, TQ, HQ, DV, dtype=dtype, device=dev),
+           "cmp_lse": torch.zeros(B, TQ, HQ, dtype=dtype, device=dev),
+           "topk_idx": torch.full((B, TQ, H, n), -1, dtype=torch.long, device=dev),
+           "slc_o": torch.zeros(B, TQ, HQ, DV, dtype=dtype, device=dev)}
+    if w > 0:
+        out["swa_o"] = torch.zeros(B, TQ, HQ, DV, dtype=dtype, device=dev)
+    given = block_indices if block_indices is not None else (x.block_indices if case.block_indices == "random" else None)
+    for b in range(B):
+        for s0, s1 in case.sequences:
+            T = s1 - s0
+            if case.cu_seqlens is None:
+                qrows, positions = range(TQ), [case.q_offset + i for i in range(TQ)]
+            else:
+                qrows, positions = range(s0, s1), list(range(T))
+            NC = -(-T // d)
+            NS = -(-T // ls)
+            for hk in range(H):
+                k = x.k[b, s0:s1, hk]
+                v = x.v[b, s0:s1, hk]
+                kc = torch.stack([k[c * d:min(c * d + l, T)].mean(0) for c in range(NC)])
+                vc = torch.stack([v[c * d:min(c * d + l, T)].mean(0) for c in range(NC)])
+                cmask = torch.tensor([[bool(CMP_MASKS[case.cmp_mask](c, p, l, d)) for c in range(NC)] for p in positions], device=dev)
+                imp = torch.zeros(len(positions), NS, dtype=dtype, device=dev)
+                overlap = torch.tensor([[max(0, min(c * d + l, (j + 1) * ls) - max(c * d, j * ls)) / d for j in range(NS)]
+                                        for c in range(NC)], dtype=dtype, device=dev)
+                qh = {}
+                for g in range(G):
+                    h = hk * G + g
+                    q = x.q[b, list(qrows), h]
+                    qh[h] = q
+                    o, lse, prob = _attend(q, kc, vc, cmask, scale)
+                    out["cmp_o"][b, list(qrows), h] = o
+                    out["cmp_lse"][b, list(qrows), h] = lse
+                    imp += prob @ overlap
+                # top-n, one query at a time
+                sel_mask = torch.zeros(len(positions), T, dtype=torch.bool, device=dev)
+                for i, (row, p) in enumerate(zip(qrows, positions)):
+                    cands = [j for j in range(NS) if selection_candidate(j, p, ls)
+                             and (imp[i, j] > 0 or bool(is_forced(case.forced_blocks, j, p, ls)))]
+                    ranked = sorted(cands, key=lambda j: (not bool(is_forced(case.forced_blocks, j, p, ls)), -float(imp[i, j]), j))
+                    chosen = sorted(ranked[:n])
+                    out["topk_idx"][b, row, hk, :len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+                    use = chosen if given is None else [int(j) for j in given[b, row, hk] if j >= 0]
+                    for j in use:
+                        for s in range(j * ls, min((j + 1) * ls, T)):
+                            sel_mask[i, s] = bool(selection_causal(p, s))
+                if w > 0:
+                    wmask = torch.tensor([[bool(WINDOW_KEYS[case.window_keys](p, s, w)) for s in range(T)] for p in positions], device=dev)
+                for h, q in qh.items():
+                    out["slc_o"][b, list(qrows), h] = _attend(q, k, v, sel_mask, scale)[0]
+                    if w > 0:
+                        out["swa_o"][b, list(qrows), h] = _attend(q, k, v, wmask, scale)[0]
+    o = x.g_cmp[..., None] * out["cmp_o"] + x.g_slc[..., None] * out["slc_o"]
+    if w > 0:
+        o = o + x.g_swa[..., None] * out["swa_o"]
+    out["o"] = o
+    return out

@@ -1,0 +1,194 @@
+"""The reference NSA forward in pure PyTorch: float64 is the truth; any float dtype, CPU or CUDA.
+
+For query position p (inside its sequence), query head h, kv head ``hk = h // G``:
+
+* compression: ``K_cmp[c] = mean(k[c*d : min(c*d+l, T)])`` (same for v);
+  ``o_cmp = softmax(scale * q K_cmp^T + mask) V_cmp`` over the blocks ``CMP_MASKS[cmp_mask](c, p, l, d)``
+  allows; ``cmp_lse = logsumexp`` (natural log). **No visible block: ``o_cmp = 0`` and ``cmp_lse = -inf``**
+  (the naive all-masked softmax would give NaN).
+* importance: ``p_slc = p_cmp @ eq9_weights`` (Eq. 9, see ``cases.conventions.eq9_weights``), summed
+  over the G query heads of the group (Eq. 10).
+* top-n: candidates of p are the selection blocks with ``j*l' <= p`` that have importance > 0 or are
+  forced (``forced_blocks``); forced first, then highest importance, ties to the lower block index;
+  never a non-candidate; -1 padding when fewer than n; output sorted ascending, -1 last (FLA's rule).
+* selection: attention over the keys of the chosen blocks with ``s <= p``; no such key gives 0.
+* window: attention over ``WINDOW_KEYS[window_keys](p, s, w)``; ``w = 0`` means no window branch.
+* ``o = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa``.
+
+Queries are processed in chunks so that memory stays bounded (T = 64k in float64 fits in a few GB).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks,
+                               selection_candidate, selection_key_mask, window_mask_matrix)
+from cases.model import Case
+from cases.tensors import Inputs, TORCH_DTYPES, canonical_order
+
+_ELEMENT_BUDGET = 1 << 23  # elements of the largest per-chunk temporary
+
+
+def mean_pool(x: torch.Tensor, l: int, d: int) -> torch.Tensor:
+    """``[T, H, D] -> [ceil(T/d), H, D]``: block c is the mean of ``x[c*d : min(c*d+l, T)]``."""
+    T = x.shape[0]
+    n = num_cmp_blocks(T, d)
+    csum = torch.cat([x.new_zeros((1,) + x.shape[1:]), x.cumsum(0)], 0)
+    start = torch.arange(n, device=x.device) * d
+    end = torch.clamp(start + l, max=T)
+    count = (end - start).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return (csum[end] - csum[start]) / count
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Attention with an all-masked row giving output 0 and LSE -inf.
+
+    ``q [C,H,G,D]``, ``k [C?,H,K,D]`` or ``[H,K,D]``, ``v`` likewise, ``mask`` broadcastable to
+    ``[C,H,G,K]``. Returns ``o [C,H,G,DV]``, ``lse [C,H,G]``.
+    """
+    if k.dim() == 3:
+        logits = torch.einsum("chgd,hkd->chgk", q, k) * scale
+    else:
+        logits = torch.einsum("chgd,chkd->chgk", q, k) * scale
+    mask = mask.expand_as(logits)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    empty = torch.isneginf(lse)
+    prob = torch.exp(logits - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    prob = torch.where(mask, prob, torch.zeros_like(prob))
+    if v.dim() == 3:
+        o = torch.einsum("chgk,hkd->chgd", prob, v)
+    else:
+        o = torch.einsum("chgk,chkd->chgd", prob, v)
+    return o, lse, prob
+
+
+def select_blocks(case: Case, importance: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Top-n per query: ``importance [C,H,NS]`` (summed over the group), positions ``[C]`` ->
+    ``[C,H,n]`` int64 block ids, ascending, -1 last (see module docstring for the rule)."""
+    NS = importance.shape[-1]
+    ls, n = case.block_size, case.top_n
+    j = torch.arange(NS, device=pos.device)
+    forced = is_forced(case.forced_blocks, j[None, :], pos[:, None], ls)[:, None, :]  # [C,1,NS]
+    cand = selection_candidate(j[None, :], pos[:, None], ls)[:, None, :] & ((importance > 0) | forced)
+    score = torch.where(forced, torch.full_like(importance, float("inf")), importance)
+    score = torch.where(cand, score, torch.full_like(importance, float("-inf")))
+    val, idx = torch.sort(score, dim=-1, descending=True, stable=True)  # stable: ties -> lower index
+    k = min(n, NS)
+    val, idx = val[..., :k], idx[..., :k]
+    idx = torch.where(torch.isneginf(val), torch.full_like(idx, -1), idx)
+    if k < n:
+        idx = torch.cat([idx, idx.new_full(idx.shape[:-1] + (n - k,), -1)], dim=-1)
+    return canonical_order(idx)
+
+
+def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, want_importance: bool):
+    """One sequence of one batch element. q ``[TQs,HQ,D]``, k/v ``[Ts,H,*]``, pos ``[TQs]``."""
+    H, G, D, DV = case.heads_kv, case.group, case.head_dim, case.head_dim_v
+    l, d, ls, w, scale = case.cmp_block, case.cmp_stride, case.block_size, case.window, case.softmax_scale
+    Ts, TQs = k.shape[0], q.shape[0]
+    NC, NS = num_cmp_blocks(Ts, d), num_sel_blocks(Ts, ls)
+    k_cmp = mean_pool(k, l, d).transpose(0, 1)  # [H,NC,D]
+    v_cmp = mean_pool(v, l, d).transpose(0, 1)
+    W = eq9_weights(NC, NS, l, d, ls).to(device=q.device, dtype=q.dtype)
+    key_pos = torch.arange(Ts, device=q.device)
+    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [H,Ts,*]
+    out = {name: [] for name in ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "importance")}
+    for c0 in range(0, TQs, chunk):
+        qc = q[c0:c0 + chunk].view(-1, H, G, D)
+        pc = pos[c0:c0 + chunk]
+        C = qc.shape[0]
+        # compression branch
+        cmask = cmp_mask_matrix(case.cmp_mask, pc, NC, l, d)[:, None, None, :]
+        o_cmp, lse, p_cmp = masked_attention(qc, k_cmp, v_cmp, cmask, scale)
+        out["cmp_o"].append(o_cmp.reshape(C, H * G, DV))
+        out["cmp_lse"].append(lse.reshape(C, H * G))
+        # importance and top-n
+        imp = (p_cmp @ W).sum(dim=2)  # [C,H,NS]
+        if want_importance:
+            out["importance"].append(imp)
+        topk = select_blocks(case, imp, pc)
+        out["topk_idx"].append(topk)
+        # selection branch
+        idx = topk if given_idx is None else given_idx[c0:c0 + chunk]
+        s = idx[..., None] * ls + torch.arange(ls, device=q.device)  # [C,H,n,ls]
+        s = s.reshape(C, H, -1)
+        valid = (idx[..., None] >= 0).expand(-1, -1, -1, ls).reshape(C, H, -1) & (s < Ts)
+        valid &= selection_key_mask(pc, s.reshape(C, -1)).view(C, H, -1)
+        sc = s.clamp(0, Ts - 1)
+        ksel = torch.stack([kh[h][sc[:, h]] for h in range(H)], dim=1)  # [C,H,K,D]
+        vsel = torch.stack([vh[h][sc[:, h]] for h in range(H)], dim=1)
+        o_slc, _, _ = masked_attention(qc, ksel, vsel, valid[:, :, None, :], scale)
+        out["slc_o"].append(o_slc.reshape(C, H * G, DV))
+        # sliding window branch
+        if w > 0:
+            lo = max(int(pc.min()) - w, 0)
+            hi = int(pc.max()) + 1
+            keys = key_pos[lo:hi]
+            wmask = window_mask_matrix(case.window_keys, pc, keys, w)[:, None, None, :]
+            o_swa, _, _ = masked_attention(qc, kh[:, lo:hi], vh[:, lo:hi], wmask, scale)
+            out["swa_o"].append(o_swa.reshape(C, H * G, DV))
+    return {name: torch.cat(parts, 0) for name, parts in out.items() if parts}
+
+
+def default_chunk(case: Case) -> int:
+    """Queries per chunk so that the largest temporary stays near ``_ELEMENT_BUDGET`` elements."""
+    keys = max(case.top_n * case.block_size, num_cmp_blocks(case.seq_len, case.cmp_stride), case.window + 1, 1)
+    per_query = case.heads_kv * keys * max(case.head_dim, case.head_dim_v) + case.heads_q * keys
+    return int(max(1, min(4096, _ELEMENT_BUDGET // per_query)))
+
+
+@torch.no_grad()
+def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,
+                  chunk: Optional[int] = None, block_indices: Optional[torch.Tensor] = None,
+                  return_importance: bool = False) -> dict[str, torch.Tensor]:
+    """NSA forward of ``case`` on ``inputs`` computed in ``dtype`` (None: the inputs' dtype).
+
+    Selection uses, in this order: ``block_indices`` if given, ``inputs.block_indices`` when
+    ``case.block_indices == "random"``, else the top-n computed here. ``topk_idx`` is always the
+    top-n computed from the compression branch. Returns canonical branches ``cmp_o``, ``cmp_lse``,
+    ``topk_idx``, ``slc_o``, ``swa_o`` (only when ``window > 0``), ``o`` (+ ``importance``
+    ``[B,TQ,H,NS]`` on request), all on the inputs' device.
+    """
+    x = inputs if dtype is None else inputs.to(dtype=dtype)
+    chunk = chunk or default_chunk(case)
+    given = block_indices
+    if given is None and case.block_indices == "random":
+        given = x.block_indices
+    results = []
+    for b in range(case.batch):
+        per_seq = []
+        for s0, s1 in case.sequences:
+            if case.cu_seqlens is None:
+                q = x.q[b]
+                pos = torch.arange(case.q_offset, case.seq_len, device=q.device)
+                qs = slice(0, case.q_len)
+            else:
+                qs = slice(s0, s1)
+                q = x.q[b, qs]
+                pos = torch.arange(s1 - s0, device=q.device)
+            gi = None if given is None else given[b, qs].to(q.device).long()
+            per_seq.append(_sequence(case, q, x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, return_importance))
+        if len(per_seq) == 1:
+            results.append(per_seq[0])
+        else:  # varlen: pad importance to the longest sequence's block count
+            merged = {}
+            for name in per_seq[0]:
+                parts = [r[name] for r in per_seq]
+                if name == "importance":
+                    ns = max(p.shape[-1] for p in parts)
+                    parts = [torch.nn.functional.pad(p, (0, ns - p.shape[-1])) for p in parts]
+                merged[name] = torch.cat(parts, 0)
+            results.append(merged)
+    out = {name: torch.stack([r[name] for r in results], 0) for name in results[0]}
+    o = x.g_cmp[..., None] * out["cmp_o"] + x.g_slc[..., None] * out["slc_o"]
+    if "swa_o" in out:
+        o = o + x.g_swa[..., None] * out["swa_o"]
+    out["o"] = o
+    return out
+
+
+def compute_dtype(case: Case) -> torch.dtype:
+    return TORCH_DTYPES[case.dtype]

@@ -1,0 +1,48 @@
+"""The reference-layer oracles built from the two in-house pure-PyTorch implementations."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from cases.model import Case
+from cases.tensors import Inputs
+from oracles.base import Oracle, register_oracle
+from oracles.dense import nsa_dense
+from oracles.reference import nsa_reference
+
+REFERENCE_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+
+
+@register_oracle
+class ReferenceOracle(Oracle):
+    """``oracles.reference.nsa_reference`` computed in the case dtype (chunked, vectorised)."""
+
+    name = "reference"
+    layer = "reference"
+    branches = REFERENCE_BRANCHES
+    devices = ("cpu", "cuda")
+    description = "in-house chunked PyTorch reference, computed in the case dtype"
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        return nsa_reference(case, inputs, dtype=None)
+
+
+@register_oracle
+class DenseOracle(Oracle):
+    """``oracles.dense.nsa_dense``: brute force, full masks, Python loops; small T only."""
+
+    name = "dense"
+    layer = "reference"
+    branches = REFERENCE_BRANCHES
+    devices = ("cpu",)
+    description = "in-house brute-force dense-mask NSA (independent code path), small T"
+    max_tokens = 512
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        if case.batch * case.seq_len * case.heads_kv > self.max_tokens * 4:
+            return f"dense brute force is limited to B*T*H <= {self.max_tokens * 4} (Python loops)"
+        return None
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        return nsa_dense(case, inputs, dtype=inputs.q.dtype)

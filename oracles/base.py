@@ -44,7 +44,11 @@ class Oracle:
       ``ALL_BRANCHES`` it returns; ``devices``: subset of ``("cpu", "cuda")``; ``dtypes``: case dtypes it
       accepts; ``needs_block_indices``: a selection-only kernel that must be *given* block indices
       (the runner passes the truth's ``topk_idx`` for ``block_indices="topk"`` cases, the case's own
-      random indices otherwise); ``description``: one line for ``nsaconf list``.
+      random indices otherwise); ``description``: one line for ``nsaconf list``;
+      ``fixed_conventions``: for an implementation that computes one convention whatever the case says,
+      the conventions it claims, e.g. ``{"cmp_mask": "end_inclusive", "window_keys": "w"}`` (None: it
+      follows the case's ``cmp_mask``/``window_keys``). The receptive-field probe (``nsaconf masks``)
+      probes it with these first and classifies from behaviour only.
 
     Methods to override: ``run`` (required), ``supports`` (shape limits), ``availability``
     (missing package / checkout, with what to install or configure).
@@ -57,6 +61,7 @@ class Oracle:
     dtypes: ClassVar[tuple[str, ...]] = DTYPES
     needs_block_indices: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    fixed_conventions: ClassVar[Optional[dict[str, str]]] = None
 
     def availability(self) -> Optional[str]:
         """None when usable here, else why not and exactly how to enable it."""

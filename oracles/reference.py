@@ -84,8 +84,9 @@ def select_blocks(case: Case, importance: torch.Tensor, pos: torch.Tensor) -> to
     return canonical_order(idx)
 
 
-def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, want_importance: bool):
-    """One sequence of one batch element. q ``[TQs,HQ,D]``, k/v ``[Ts,H,*]``, pos ``[TQs]``."""
+def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, out: dict[str, torch.Tensor]) -> None:
+    """One sequence of one batch element, written into the ``out`` views (rows = its queries).
+    q ``[TQs,HQ,D]``, k/v ``[Ts,H,*]``, pos ``[TQs]``."""
     H, G, D, DV = case.heads_kv, case.group, case.head_dim, case.head_dim_v
     l, d, ls, w, scale = case.cmp_block, case.cmp_stride, case.block_size, case.window, case.softmax_scale
     Ts, TQs = k.shape[0], q.shape[0]
@@ -95,24 +96,24 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, want_importance: 
     W = eq9_weights(NC, NS, l, d, ls).to(device=q.device, dtype=q.dtype)
     key_pos = torch.arange(Ts, device=q.device)
     kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [H,Ts,*]
-    out = {name: [] for name in ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "importance")}
     for c0 in range(0, TQs, chunk):
-        qc = q[c0:c0 + chunk].view(-1, H, G, D)
-        pc = pos[c0:c0 + chunk]
+        rows = slice(c0, c0 + chunk)
+        qc = q[rows].view(-1, H, G, D)
+        pc = pos[rows]
         C = qc.shape[0]
         # compression branch
         cmask = cmp_mask_matrix(case.cmp_mask, pc, NC, l, d)[:, None, None, :]
         o_cmp, lse, p_cmp = masked_attention(qc, k_cmp, v_cmp, cmask, scale)
-        out["cmp_o"].append(o_cmp.reshape(C, H * G, DV))
-        out["cmp_lse"].append(lse.reshape(C, H * G))
+        out["cmp_o"][rows] = o_cmp.reshape(C, H * G, DV)
+        out["cmp_lse"][rows] = lse.reshape(C, H * G)
         # importance and top-n
         imp = (p_cmp @ W).sum(dim=2)  # [C,H,NS]
-        if want_importance:
-            out["importance"].append(imp)
+        if "importance" in out:
+            out["importance"][rows, :, :NS] = imp
         topk = select_blocks(case, imp, pc)
-        out["topk_idx"].append(topk)
+        out["topk_idx"][rows] = topk
         # selection branch
-        idx = topk if given_idx is None else given_idx[c0:c0 + chunk]
+        idx = topk if given_idx is None else given_idx[rows]
         s = idx[..., None] * ls + torch.arange(ls, device=q.device)  # [C,H,n,ls]
         s = s.reshape(C, H, -1)
         valid = (idx[..., None] >= 0).expand(-1, -1, -1, ls).reshape(C, H, -1) & (s < Ts)
@@ -121,7 +122,7 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, want_importance: 
         ksel = torch.stack([kh[h][sc[:, h]] for h in range(H)], dim=1)  # [C,H,K,D]
         vsel = torch.stack([vh[h][sc[:, h]] for h in range(H)], dim=1)
         o_slc, _, _ = masked_attention(qc, ksel, vsel, valid[:, :, None, :], scale)
-        out["slc_o"].append(o_slc.reshape(C, H * G, DV))
+        out["slc_o"][rows] = o_slc.reshape(C, H * G, DV)
         # sliding window branch
         if w > 0:
             lo = max(int(pc.min()) - w, 0)
@@ -129,8 +130,7 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, want_importance: 
             keys = key_pos[lo:hi]
             wmask = window_mask_matrix(case.window_keys, pc, keys, w)[:, None, None, :]
             o_swa, _, _ = masked_attention(qc, kh[:, lo:hi], vh[:, lo:hi], wmask, scale)
-            out["swa_o"].append(o_swa.reshape(C, H * G, DV))
-    return {name: torch.cat(parts, 0) for name, parts in out.items() if parts}
+            out["swa_o"][rows] = o_swa.reshape(C, H * G, DV)
 
 
 def default_chunk(case: Case) -> int:
@@ -150,42 +150,40 @@ def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = tor
     ``case.block_indices == "random"``, else the top-n computed here. ``topk_idx`` is always the
     top-n computed from the compression branch. Returns canonical branches ``cmp_o``, ``cmp_lse``,
     ``topk_idx``, ``slc_o``, ``swa_o`` (only when ``window > 0``), ``o`` (+ ``importance``
-    ``[B,TQ,H,NS]`` on request), all on the inputs' device.
+    ``[B,TQ,H,NS]`` on request, zero-padded past a short sequence's blocks), all on the inputs'
+    device. Outputs are preallocated and filled chunk by chunk: peak memory is the outputs plus one
+    chunk's temporaries.
     """
     x = inputs if dtype is None else inputs.to(dtype=dtype)
     chunk = chunk or default_chunk(case)
     given = block_indices
     if given is None and case.block_indices == "random":
         given = x.block_indices
-    results = []
+    B, TQ, HQ, H, DV = case.batch, case.q_len, case.heads_q, case.heads_kv, case.head_dim_v
+    f = dict(dtype=x.q.dtype, device=x.q.device)
+    out = {"cmp_o": torch.empty(B, TQ, HQ, DV, **f), "cmp_lse": torch.empty(B, TQ, HQ, **f),
+           "topk_idx": torch.empty(B, TQ, H, case.top_n, dtype=torch.long, device=x.q.device),
+           "slc_o": torch.empty(B, TQ, HQ, DV, **f)}
+    if case.window > 0:
+        out["swa_o"] = torch.empty(B, TQ, HQ, DV, **f)
+    if return_importance:
+        ns = max(num_sel_blocks(e - s, case.block_size) for s, e in case.sequences)
+        out["importance"] = torch.zeros(B, TQ, H, ns, **f)
     for b in range(case.batch):
-        per_seq = []
         for s0, s1 in case.sequences:
             if case.cu_seqlens is None:
-                q = x.q[b]
-                pos = torch.arange(case.q_offset, case.seq_len, device=q.device)
                 qs = slice(0, case.q_len)
+                pos = torch.arange(case.q_offset, case.seq_len, device=x.q.device)
             else:
                 qs = slice(s0, s1)
-                q = x.q[b, qs]
-                pos = torch.arange(s1 - s0, device=q.device)
-            gi = None if given is None else given[b, qs].to(q.device).long()
-            per_seq.append(_sequence(case, q, x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, return_importance))
-        if len(per_seq) == 1:
-            results.append(per_seq[0])
-        else:  # varlen: pad importance to the longest sequence's block count
-            merged = {}
-            for name in per_seq[0]:
-                parts = [r[name] for r in per_seq]
-                if name == "importance":
-                    ns = max(p.shape[-1] for p in parts)
-                    parts = [torch.nn.functional.pad(p, (0, ns - p.shape[-1])) for p in parts]
-                merged[name] = torch.cat(parts, 0)
-            results.append(merged)
-    out = {name: torch.stack([r[name] for r in results], 0) for name in results[0]}
-    o = x.g_cmp[..., None] * out["cmp_o"] + x.g_slc[..., None] * out["slc_o"]
+                pos = torch.arange(s1 - s0, device=x.q.device)
+            gi = None if given is None else given[b, qs].to(x.q.device).long()
+            views = {name: t[b, qs] for name, t in out.items()}
+            _sequence(case, x.q[b, qs], x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, views)
+    o = out["cmp_o"] * x.g_cmp[..., None]
+    o.addcmul_(out["slc_o"], x.g_slc[..., None])
     if "swa_o" in out:
-        o = o + x.g_swa[..., None] * out["swa_o"]
+        o.addcmul_(out["swa_o"], x.g_swa[..., None])
     out["o"] = o
     return out
 

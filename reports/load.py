@@ -1,0 +1,338 @@
+"""Read ``DIR/results.jsonl`` into records and a flat pandas table; the shared vocabulary of the writers.
+
+One line = one cell (case x oracle x branch). Lines that are not JSON objects with ``case_id``,
+``oracle`` and ``status`` (e.g. a line truncated by a killed run) are kept as *malformed* and shown in
+every report, never dropped silently. When a cell appears twice (``--resume`` after an interrupted
+write) the last line wins. Records are sorted by (layer, oracle, case_id, branch, dtype, device) so
+that rebuilding a report from the same file is byte-identical.
+
+Case groups (the columns of the matrices) are ``<dtype> · <cmp_mask>``, e.g. ``bf16 · end_inclusive``:
+precision and compression-mask convention are the two axes along which adapters most often differ.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+
+RESULTS_FILE = "results.jsonl"
+STATUSES = ("PASS", "FAIL", "SKIP", "ERROR", "CRASH", "TIMEOUT")
+BAD_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+#: worst-of order for matrix cells: a wrong answer (FAIL) is worse than a loud one (CRASH/ERROR/TIMEOUT);
+#: PASS outranks SKIP so that a cell with some passes and some skips reads PASS (skips are counted).
+SEVERITY = {"SKIP": 0, "PASS": 1, "TIMEOUT": 2, "ERROR": 3, "CRASH": 4, "FAIL": 5}
+UNKNOWN_SEVERITY = 6  # a status outside STATUSES is shown as is and treated as worst
+LAYERS = ("reference", "kernel", "e2e")
+LAYER_TITLES = {"reference": "L0 · reference", "kernel": "L1 · kernel", "e2e": "L2 · end-to-end"}
+LAYER_KEYS = {"reference": "L0", "kernel": "L1", "e2e": "L2"}
+BRANCH_ORDER = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o",
+                "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa")
+DTYPE_SHORT = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_ORDER = ("fp64", "fp32", "bf16", "fp16")
+#: column order of the compression masks (presentation only; the rules live in cases.conventions)
+MASK_ORDER = ("end_inclusive", "current_block", "end_exclusive", "anti_causal")
+#: metrics shown first (in this order) in tables; any others follow alphabetically
+METRIC_ORDER = ("err_ratio", "max_abs_err", "baseline_err", "bound", "rel_rms", "mismatch_frac",
+                "worst_index", "nonfinite", "empty_rows", "topk_disagree")
+
+
+class ReportError(Exception):
+    """Unreadable results directory (one-line message; the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One result cell as written by the runner (missing optional fields become None / {})."""
+
+    case_id: str
+    oracle: str
+    status: str
+    layer: str = "e2e"
+    branch: str = ""
+    dtype: str = ""
+    device: str = ""
+    reason: Optional[str] = None
+    case: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    tolerance: dict = field(default_factory=dict)
+    seconds: Optional[float] = None
+    versions: dict = field(default_factory=dict)
+    timestamp: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "CellRecord":
+        def as_dict(v: Any) -> dict:
+            return v if isinstance(v, dict) else {}
+
+        case = as_dict(obj.get("case"))
+        secs = obj.get("seconds")
+        return cls(
+            case_id=str(obj["case_id"]), oracle=str(obj["oracle"]), status=str(obj["status"]).upper(),
+            layer=str(obj.get("layer") or "e2e"), branch=str(obj.get("branch") or ""),
+            dtype=str(obj.get("dtype") or case.get("dtype") or ""), device=str(obj.get("device") or ""),
+            reason=None if obj.get("reason") is None else str(obj["reason"]),
+            case=case, metrics=as_dict(obj.get("metrics")), tolerance=as_dict(obj.get("tolerance")),
+            seconds=float(secs) if isinstance(secs, (int, float)) else None,
+            versions=as_dict(obj.get("versions")),
+            timestamp=None if obj.get("timestamp") is None else str(obj["timestamp"]),
+        )
+
+    # ---------------------------------------------------------------------------------- derived
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        """Identity of a cell (duplicates with the same key: last one wins)."""
+        return (self.case_id, self.oracle, self.branch, self.dtype, self.device)
+
+    @property
+    def dtype_short(self) -> str:
+        return DTYPE_SHORT.get(self.dtype, self.dtype or "?")
+
+    @property
+    def group(self) -> str:
+        """Matrix column: ``<dtype> · <cmp_mask>``."""
+        return f"{self.dtype_short} · {self.case.get('cmp_mask') or '?'}"
+
+    @property
+    def severity(self) -> int:
+        return SEVERITY.get(self.status, UNKNOWN_SEVERITY)
+
+    @property
+    def is_bad(self) -> bool:
+        return self.status not in ("PASS", "SKIP")
+
+    @property
+    def err_ratio(self) -> Optional[float]:
+        v = self.metrics.get("err_ratio")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    @property
+    def one_line_reason(self) -> str:
+        return one_line(self.reason)
+
+    @property
+    def repro(self) -> str:
+        """The one-line command that reruns this cell."""
+        cmd = f"nsaconf repro {self.case_id} --oracles {self.oracle}"
+        if self.device and self.device != "cpu":
+            cmd += f" --device {self.device}"
+        return cmd
+
+    def sort_key(self) -> tuple:
+        return (layer_rank(self.layer), self.oracle, self.case_id, branch_rank(self.branch),
+                self.dtype, self.device, self.status)
+
+
+@dataclass
+class Results:
+    """Everything the writers need: sorted records, malformed lines and side files of DIR."""
+
+    out_dir: Path
+    records: list[CellRecord]
+    malformed: list[tuple[int, str]]  # (line number, one-line why)
+    duplicates: int = 0
+    run_info: Optional[dict] = None  # DIR/run.json when present
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(r.status for r in self.records)
+
+    @property
+    def bad(self) -> list[CellRecord]:
+        return sorted((r for r in self.records if r.is_bad), key=bad_sort_key)
+
+    @property
+    def verdict(self) -> str:
+        """FAIL if any cell FAILed/ERRORed/CRASHed/TIMEOUTed, PASS if something passed, else what happened."""
+        c = self.counts
+        if not self.records:
+            return "NO RESULTS"
+        if any(r.is_bad for r in self.records):
+            return "FAIL"
+        if c.get("PASS"):
+            return "PASS"
+        return "ALL SKIPPED"
+
+
+# -------------------------------------------------------------------------------------- helpers
+def layer_rank(layer: str) -> tuple[int, str]:
+    return (LAYERS.index(layer), "") if layer in LAYERS else (len(LAYERS), layer)
+
+
+def branch_rank(branch: str) -> tuple[int, str]:
+    return (BRANCH_ORDER.index(branch), "") if branch in BRANCH_ORDER else (len(BRANCH_ORDER), branch)
+
+
+def group_rank(group: str) -> tuple[int, str]:
+    dt, _, mask = group.partition(" · ")
+    return (DTYPE_ORDER.index(dt) if dt in DTYPE_ORDER else len(DTYPE_ORDER), dt,
+            MASK_ORDER.index(mask) if mask in MASK_ORDER else len(MASK_ORDER), mask)
+
+
+def metric_rank(name: str) -> tuple[int, str]:
+    return (METRIC_ORDER.index(name), "") if name in METRIC_ORDER else (len(METRIC_ORDER), name)
+
+
+def bad_sort_key(r: CellRecord) -> tuple:
+    """Failures first by status severity (worst first), then in report order."""
+    return (-r.severity,) + r.sort_key()
+
+
+def one_line(text: Optional[str], limit: int = 240) -> str:
+    """First meaningful line of a reason (the last line of a traceback), cut to ``limit`` characters."""
+    if not text:
+        return ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    if len(lines) > 1 and not lines[0].startswith("Traceback"):
+        line += " …"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def fmt_num(v: Any, kind: str = "g") -> str:
+    """Stable short text for a metric value (``inf``/``nan`` spelled out; lists as ``a, b, c``)."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if kind == "e":
+            return f"{v:.3e}"
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(fmt_num(x, kind) for x in v) + ")"
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def fmt_metric(name: str, v: Any) -> str:
+    return fmt_num(v, "e" if name in ("max_abs_err", "baseline_err", "bound", "floor") else "g")
+
+
+# -------------------------------------------------------------------------------------- loading
+def load(out_dir: str | Path) -> Results:
+    """Read ``out_dir/results.jsonl`` (or the given results file) and ``run.json`` next to it when present."""
+    out_dir = Path(out_dir)
+    if out_dir.is_file():  # the results file itself was given
+        path, out_dir = out_dir, out_dir.parent
+    else:
+        path = out_dir / RESULTS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ReportError(f"cannot read results file {str(path)!r}: {e.strerror}") from None
+    records, malformed = _parse_lines(text.splitlines())
+    by_key: dict[tuple, CellRecord] = {}
+    for r in records:
+        by_key[r.key] = r
+    deduped = sorted(by_key.values(), key=CellRecord.sort_key)
+    run_info = None
+    run_path = out_dir / "run.json"
+    if run_path.is_file():
+        try:
+            obj = json.loads(run_path.read_text(encoding="utf-8"))
+            run_info = obj if isinstance(obj, dict) else {"run.json": obj}
+        except (OSError, json.JSONDecodeError) as e:
+            malformed.append((0, f"run.json unreadable: {e}"))
+    return Results(out_dir=out_dir, records=deduped, malformed=malformed,
+                   duplicates=len(records) - len(deduped), run_info=run_info)
+
+
+def _parse_lines(lines: Iterable[str]) -> tuple[list[CellRecord], list[tuple[int, str]]]:
+    records: list[CellRecord] = []
+    malformed: list[tuple[int, str]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            malformed.append((n, f"not JSON: {e.msg} (column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            malformed.append((n, f"a JSON {type(obj).__name__}, not an object"))
+            continue
+        missing = [k for k in ("case_id", "oracle", "status") if obj.get(k) in (None, "")]
+        if missing:
+            malformed.append((n, f"missing field(s) {', '.join(missing)}"))
+            continue
+        records.append(CellRecord.from_json(obj))
+    return records, malformed
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Side files (conventions.jsonl, bench.jsonl): the JSON-object lines and the count of bad lines."""
+    good: list[dict] = []
+    bad = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(obj, dict):
+            good.append(obj)
+        else:
+            bad += 1
+    return good, bad
+
+
+# -------------------------------------------------------------------------------------- pandas
+ID_COLUMNS = ("case_id", "oracle", "layer", "branch", "dtype", "device", "status", "reason", "seconds")
+
+
+def to_frame(records: list[CellRecord]) -> pd.DataFrame:
+    """One row per cell: id columns, then ``metric.*``, ``tolerance.*``, ``case.*`` (sorted), ``group``.
+
+    Lists (``worst_index``) become ``b,pos,head`` text, dicts JSON; columns absent from a record are empty.
+    """
+    metric_keys = sorted({k for r in records for k in r.metrics}, key=metric_rank)
+    tol_keys = sorted({k for r in records for k in r.tolerance})
+    case_keys: list[str] = []
+    for r in records:  # keep the Case field order of the first record that has each key
+        case_keys += [k for k in r.case if k not in case_keys]
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {c: getattr(r, c) for c in ID_COLUMNS}
+        row["group"] = r.group
+        row.update({f"metric.{k}": _cell(r.metrics.get(k)) for k in metric_keys})
+        row.update({f"tolerance.{k}": _cell(r.tolerance.get(k)) for k in tol_keys})
+        row.update({f"case.{k}": _cell(r.case.get(k)) for k in case_keys})
+        rows.append(row)
+    columns = list(ID_COLUMNS) + ["group"] + [f"metric.{k}" for k in metric_keys] + \
+        [f"tolerance.{k}" for k in tol_keys] + [f"case.{k}" for k in case_keys]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return v
+
+
+def write_csv(records: list[CellRecord], path: Path) -> Path:
+    """``results.csv``: ``to_frame`` with ``\\n`` line ends (byte-identical on rebuild)."""
+    to_frame(records).to_csv(path, index=False, lineterminator="\n")
+    return path
+
+
+def load_results(out_dir: str | Path) -> pd.DataFrame:
+    """``DIR/results.jsonl`` as a DataFrame (see ``to_frame``)."""
+    return to_frame(load(out_dir).records)

@@ -1,0 +1,277 @@
+"""Aggregations shared by the Markdown and HTML writers: status matrices, skip groups, tolerance and
+environment tables. Pure functions of the sorted records, so every writer sees the same numbers.
+
+Matrix cell = worst status of its cells (``load.SEVERITY``), per-status counts and the worst
+``err_ratio`` (err / bound; <= 1 passes) over the cells that have one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from reports.load import (LAYER_KEYS, LAYER_TITLES, SEVERITY, STATUSES, UNKNOWN_SEVERITY, CellRecord, Results, branch_rank,
+                          fmt_metric, group_rank, layer_rank, one_line)
+
+#: PASS cells whose worst err_ratio exceeds this are flagged "near the bound" (lighter colour)
+NEAR_BOUND = 0.5
+
+
+@dataclass
+class MatrixCell:
+    """Aggregate of the result cells that fall into one (row, column) of a matrix."""
+
+    counts: Counter = field(default_factory=Counter)
+    worst: str = ""
+    worst_severity: int = -1
+    worst_ratio: Optional[float] = None
+    first_bad_anchor: str = ""
+
+    def add(self, r: CellRecord, anchor: str = "") -> None:
+        self.counts[r.status] += 1
+        if r.severity > self.worst_severity:
+            self.worst, self.worst_severity = r.status, r.severity
+        ratio = r.err_ratio
+        if ratio is not None and (self.worst_ratio is None or _ratio_gt(ratio, self.worst_ratio)):
+            self.worst_ratio = ratio
+        if r.is_bad and anchor and not self.first_bad_anchor:
+            self.first_bad_anchor = anchor
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def css(self) -> str:
+        """CSS class: the worst status, ``pass-near`` when a PASS is within 2x of its bound."""
+        if self.worst == "PASS" and self.worst_ratio is not None and _ratio_gt(self.worst_ratio, NEAR_BOUND):
+            return "st-pass-near"
+        return "st-" + (self.worst.lower() if self.worst in STATUSES else "unknown")
+
+    @property
+    def ratio_text(self) -> str:
+        return "" if self.worst_ratio is None else "r " + fmt_metric("err_ratio", self.worst_ratio)
+
+    @property
+    def short_counts(self) -> str:
+        """``12`` when all cells share the worst status, else e.g. ``6 pass · 5 skip`` (worst first)."""
+        if self.counts.get(self.worst, 0) == self.total:
+            return str(self.total)
+        order = sorted(self.counts, key=lambda s: (-SEVERITY.get(s, UNKNOWN_SEVERITY), s))
+        return " · ".join(f"{self.counts[s]} {s.lower()}" for s in order)
+
+    @property
+    def counts_text(self) -> str:
+        """e.g. ``12 PASS, 2 SKIP`` in STATUSES order (unknown statuses last)."""
+        order = list(STATUSES) + sorted(s for s in self.counts if s not in STATUSES)
+        return ", ".join(f"{self.counts[s]} {s}" for s in order if self.counts.get(s))
+
+
+def _ratio_gt(a: float, b: float) -> bool:
+    """a > b where NaN counts as the largest value (a NaN ratio must surface, not hide)."""
+    if math.isnan(a):
+        return not math.isnan(b)
+    if math.isnan(b):
+        return False
+    return a > b
+
+
+@dataclass
+class Matrix:
+    rows: list[str]
+    cols: list[str]
+    cells: dict[tuple[str, str], MatrixCell]
+
+    def get(self, row: str, col: str) -> Optional[MatrixCell]:
+        return self.cells.get((row, col))
+
+
+def build_matrix(records: list[CellRecord], col: Callable[[CellRecord], str],
+                 col_rank: Callable[[str], Any], anchors: Optional[dict] = None) -> Matrix:
+    """Rows = oracles (sorted), columns = ``col(record)`` sorted by ``col_rank``."""
+    cells: dict[tuple[str, str], MatrixCell] = defaultdict(MatrixCell)
+    for r in records:
+        cells[(r.oracle, col(r))].add(r, (anchors or {}).get(r.key, ""))
+    rows = sorted({k[0] for k in cells})
+    cols = sorted({k[1] for k in cells}, key=col_rank)
+    return Matrix(rows, cols, dict(cells))
+
+
+@dataclass
+class LayerView:
+    layer: str
+    key: str  # L0 / L1 / L2 (or the raw layer name for unknown layers)
+    title: str
+    records: list[CellRecord]
+    by_group: Matrix
+    by_branch: Matrix
+    counts: Counter
+
+
+def layer_views(res: Results, anchors: Optional[dict] = None) -> list[LayerView]:
+    """L0, L1, L2 always (possibly empty), then any unknown layer names found in the records."""
+    by_layer: dict[str, list[CellRecord]] = defaultdict(list)
+    for r in res.records:
+        by_layer[r.layer].append(r)
+    names = list(LAYER_KEYS) + sorted((k for k in by_layer if k not in LAYER_KEYS), key=layer_rank)
+    views = []
+    for name in names:
+        recs = by_layer.get(name, [])
+        views.append(LayerView(
+            layer=name, key=LAYER_KEYS.get(name, name), title=LAYER_TITLES.get(name, f"layer {name!r} (unknown)"),
+            records=recs,
+            by_group=build_matrix(recs, lambda r: r.group, group_rank, anchors),
+            by_branch=build_matrix(recs, lambda r: r.branch or "?", branch_rank, anchors),
+            counts=Counter(r.status for r in recs)))
+    return views
+
+
+@dataclass
+class SkipGroup:
+    """All SKIP cells of one oracle that share one reason."""
+
+    oracle: str
+    layer: str
+    reason: str
+    cells: int
+    cases: int
+    groups: list[str]
+    example_case: str
+
+
+def skip_groups(res: Results) -> list[SkipGroup]:
+    """SKIPs grouped by (oracle, one-line reason); most cells first."""
+    acc: dict[tuple[str, str], list[CellRecord]] = defaultdict(list)
+    for r in res.records:
+        if r.status == "SKIP":
+            acc[(r.oracle, r.one_line_reason or "(no reason given)")].append(r)
+    out = [SkipGroup(oracle=o, layer=rs[0].layer, reason=why, cells=len(rs),
+                     cases=len({r.case_id for r in rs}),
+                     groups=sorted({r.group for r in rs}, key=group_rank), example_case=rs[0].case_id)
+           for (o, why), rs in acc.items()]
+    return sorted(out, key=lambda g: (layer_rank(g.layer), g.oracle, -g.cells, g.reason))
+
+
+def support_matrix(res: Results) -> Matrix:
+    """Oracle x case-group over *all* cells; the HTML shows ran/skipped counts per cell."""
+    return build_matrix(res.records, lambda r: r.group, group_rank)
+
+
+# -------------------------------------------------------------------------------------- tolerance
+@dataclass
+class ToleranceRow:
+    layer: str
+    oracle: str
+    branch: str
+    dtype: str
+    rule: str
+    k: str
+    floor: str
+    source: str
+    cells: int
+
+
+def tolerance_rows(res: Results) -> list[ToleranceRow]:
+    """Distinct tolerances used, from the records: one row per (layer, oracle, branch, dtype, rule, k,
+    source); ``floor`` is a range when it depends on the truth's magnitude."""
+    acc: dict[tuple, list[Any]] = defaultdict(list)
+    for r in res.records:
+        t = r.tolerance
+        if not t:
+            continue
+        key = (r.layer, r.oracle, r.branch, r.dtype_short, str(t.get("rule", "")), fmt_metric("k", t.get("k")),
+               str(t.get("source", "")))
+        acc[key].append(t.get("floor"))
+    rows = []
+    for key, floors in acc.items():
+        nums = sorted(f for f in floors if isinstance(f, (int, float)) and not isinstance(f, bool) and not math.isnan(f))
+        if not nums:
+            floor = "—"
+        elif nums[0] == nums[-1]:
+            floor = fmt_metric("floor", nums[0])
+        else:
+            floor = f"{fmt_metric('floor', nums[0])} … {fmt_metric('floor', nums[-1])}"
+        layer, oracle, branch, dt, rule, k, source = key
+        rows.append(ToleranceRow(layer, oracle, branch, dt, rule, k, floor, source, len(floors)))
+    return sorted(rows, key=lambda t: (layer_rank(t.layer), t.oracle, branch_rank(t.branch), t.dtype, t.rule))
+
+
+def generic_table(obj: Any) -> Optional[tuple[list[str], list[list[str]]]]:
+    """(header, rows) for a list of flat dicts or a dict of dicts (run.json's tolerance table), else None."""
+    items: list[tuple[Optional[str], dict]] = []
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        items = [(None, x) for x in obj]
+    elif isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+        items = [(str(k), v) for k, v in obj.items()]
+    else:
+        return None
+    cols: list[str] = []
+    for _, d in items:
+        cols += [k for k in d if k not in cols]
+    header = (["key"] if items[0][0] is not None else []) + cols
+    rows = [([k] if k is not None else []) + [_text(d.get(c)) for c in cols] for k, d in items]
+    return header, rows
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, float, bool, list, tuple)):
+        return fmt_metric("", v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+# -------------------------------------------------------------------------------------- environment
+def environment(res: Results) -> list[tuple[str, str]]:
+    """(name, value) pairs: run.json's fields when present, else what the records carry (devices,
+    library versions; a key with several values lists each with its cell count)."""
+    info = res.run_info or {}
+    pairs: list[tuple[str, str]] = []
+    for k in ("command", "argv", "profile", "device", "devices", "out", "seed", "started", "finished"):
+        if k in info:
+            v = info[k]
+            pairs.append((k, " ".join(map(str, v)) if isinstance(v, list) else _text(v)))
+    env = info.get("environment")
+    if isinstance(env, dict):
+        pairs += [(str(k), _text(v)) for k, v in env.items()]
+    versions = info.get("versions")
+    if isinstance(versions, dict):
+        pairs += [(str(k), _text(v)) for k, v in versions.items()]
+    if pairs:
+        return pairs
+    # fall back to the records
+    devices = Counter(r.device or "?" for r in res.records)
+    pairs.append(("device", _multi(devices)))
+    vals: dict[str, Counter] = defaultdict(Counter)
+    for r in res.records:
+        for k, v in r.versions.items():
+            vals[str(k)][_text(v)] += 1
+    pairs += [(k, _multi(vals[k])) for k in sorted(vals)]
+    stamps = sorted(r.timestamp for r in res.records if r.timestamp)
+    if stamps:
+        pairs.append(("results written", stamps[0] if stamps[0] == stamps[-1] else f"{stamps[0]} … {stamps[-1]}"))
+    return pairs
+
+
+def _multi(c: Counter) -> str:
+    if len(c) == 1:
+        return next(iter(c))
+    return "; ".join(f"{v} ({n} cells)" for v, n in sorted(c.items()))
+
+
+def run_tolerance_table(res: Results) -> Any:
+    """The tolerance table as the engine recorded it in run.json (None when absent)."""
+    info = res.run_info or {}
+    for k in ("tolerance", "tolerances", "tolerance_table"):
+        if k in info:
+            return info[k]
+    return None
+
+
+def failure_line(r: CellRecord) -> str:
+    """``FAIL oracle branch case_id: reason`` without markup (used by both writers)."""
+    return f"{r.status} {r.oracle} {r.branch} {r.case_id}: {one_line(r.reason)}"

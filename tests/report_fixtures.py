@@ -1,0 +1,112 @@
+"""Fake but schema-faithful ``results.jsonl`` for the report tests (no oracle runs).
+
+Covers every status, all three layers, SKIP reasons, a NaN/inf metric, HTML-special characters and a
+multi-line traceback in reasons, a duplicate cell (last wins) and a truncated last line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cases.model import Case
+
+XSS = '<script>alert(1)</script> & "quotes" | pipes'
+VERSIONS = {"nsaconf": "0.1.0", "torch": "2.13.0+cpu", "python": "3.11.2"}
+
+
+def _cases() -> list[Case]:
+    out = []
+    for dtype in ("float32", "bfloat16", "float16"):
+        for mask in ("end_inclusive", "anti_causal"):
+            out.append(Case(seq_len=128, heads_q=16, heads_kv=1, head_dim=32, dtype=dtype, cmp_mask=mask,
+                            window=32, seed=1))
+    out.append(Case(seq_len=1024, heads_q=4, heads_kv=2, head_dim=32, dtype="float32", window=0, seed=2))
+    return out
+
+
+def _rec(case: Case, oracle: str, layer: str, branch: str, status: str, *, reason: str | None = None,
+         ratio: float | None = 0.1, device: str = "cpu", **metrics: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {}
+    if status in ("PASS", "FAIL") and ratio is not None:
+        bound = 1e-3
+        m = {"max_abs_err": ratio * bound, "baseline_err": 4e-4, "bound": bound, "err_ratio": ratio,
+             "rel_rms": ratio * 1e-3, "mismatch_frac": 0.0 if ratio <= 1 else 0.02,
+             "worst_index": [0, 17, 3], "nonfinite": 0, "empty_rows": 2}
+    m.update(metrics)
+    tol = {"rule": "k*baseline+floor" if case.dtype != "float64" else "abs", "k": 2.0,
+           "floor": 1e-5 if case.dtype == "float32" else 4e-3, "source": "default"}
+    return {"case_id": case.id, "case": case.to_dict(), "oracle": oracle, "layer": layer, "branch": branch,
+            "dtype": case.dtype, "device": device, "status": status, "reason": reason, "metrics": m,
+            "tolerance": tol if status in ("PASS", "FAIL") else {}, "seconds": 0.25,
+            "versions": VERSIONS, "timestamp": "2026-11-27T01:00:00Z"}
+
+
+def fixture_records() -> list[dict[str, Any]]:
+    cases = _cases()
+    big = cases[-1]
+    recs: list[dict[str, Any]] = []
+    for c in cases:
+        for br in ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o"):
+            if br == "swa_o" and c.window == 0:
+                continue
+            recs.append(_rec(c, "reference", "reference", br, "PASS", ratio=0.0))
+            if c is big:
+                recs.append(_rec(c, "dense", "reference", br, "SKIP",
+                                 reason="dense brute force is limited to seq_len <= 512 (got 1024)"))
+            else:
+                recs.append(_rec(c, "dense", "reference", br, "PASS", ratio=0.02))
+        # L1 kernel oracles
+        if c.heads_q // c.heads_kv < 16:
+            recs.append(_rec(c, "fla", "kernel", "slc_o", "SKIP", reason="FLA needs HQ/H a power of 2 >= 16 (got 2)"))
+        elif c.cmp_mask == "anti_causal":
+            recs.append(_rec(c, "fla", "kernel", "slc_o", "FAIL", ratio=7.5,
+                             reason="max_abs_err 7.5e-03 > bound 1.0e-03 at (b=0, pos=17, head=3)"))
+        else:
+            recs.append(_rec(c, "fla", "kernel", "slc_o", "PASS", ratio=0.7))
+        recs.append(_rec(c, "fla", "kernel", "cmp_o", "PASS", ratio=0.3))
+        if c.dtype == "float16":
+            recs.append(_rec(c, "tilelang", "kernel", "slc_o", "ERROR",
+                             reason="Traceback (most recent call last):\n  File \"x.py\", line 3, in run\n"
+                                    "RuntimeError: TileLang kernel needs head_dim % 16 == 0 <and> {braces}"))
+        elif c.dtype == "bfloat16" and c.cmp_mask == "end_inclusive":
+            recs.append(_rec(c, "tilelang", "kernel", "slc_o", "TIMEOUT", reason="cell exceeded the 60 s per-cell timeout"))
+        else:
+            recs.append(_rec(c, "tilelang", "kernel", "slc_o", "SKIP", device="cuda",
+                             reason="needs CUDA: set --device cuda on a GPU machine"))
+        # L2 end-to-end
+        if c.dtype == "bfloat16" and c.cmp_mask == "anti_causal":
+            recs.append(_rec(c, "nsa_impl", "e2e", "o", "FAIL", ratio=float("inf"), reason=XSS,
+                             nonfinite=12, max_abs_err=float("nan")))
+        elif c.dtype == "float16" and c.cmp_mask == "end_inclusive":
+            recs.append(_rec(c, "nsa_impl", "e2e", "o", "CRASH", reason="worker died with signal 11 (SIGSEGV); restarted"))
+        else:
+            recs.append(_rec(c, "nsa_impl", "e2e", "o", "PASS", ratio=0.25))
+    return recs
+
+
+def write_fixture(out_dir: Path, *, malformed: bool = True, run_json: bool = False,
+                  side_files: bool = False) -> Path:
+    """Write ``out_dir/results.jsonl`` (+ optional run.json, conventions.jsonl, bench.jsonl)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recs = fixture_records()
+    lines = [json.dumps(r) for r in recs]
+    # a duplicate cell (resume after an interrupted write): the second one (PASS) must win
+    dup = dict(recs[0], status="ERROR", reason="stale record from an interrupted run")
+    lines.insert(0, json.dumps(dup))
+    if malformed:
+        lines.append('{"case_id": "truncated-by-a-kill", "oracle": "fla", "sta')
+    (out_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
+    if run_json:
+        (out_dir / "run.json").write_text(json.dumps({
+            "command": ["nsaconf", "run", "--profile", "ci", "--out", str(out_dir.name)],
+            "profile": "ci", "device": "cpu",
+            "environment": {"python": "3.11.2", "torch": "2.13.0+cpu", "cpu": "2 cores <fake>"},
+            "tolerance": [{"branch": "*_o", "dtype": "bf16", "rule": "k*baseline+floor", "k": 2, "floor": "eps*|truth|"},
+                          {"branch": "d*", "dtype": "bf16", "rule": "k*baseline+floor", "k": 3, "floor": "eps*|truth|"}],
+        }))
+    if side_files:
+        (out_dir / "conventions.jsonl").write_text(json.dumps({"oracle": "fla", "branch": "cmp_o",
+                                                               "convention": "end_inclusive", "leaks": 0}) + "\n")
+        (out_dir / "bench.jsonl").write_text(json.dumps({"oracle": "fla", "T": 1024, "ms": 1.5}) + "\n")
+    return out_dir / "results.jsonl"

@@ -1,0 +1,222 @@
+"""Report writers on a fixture results.jsonl: content, escaping, determinism, bad input."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from reports import ReportError, write_reports
+from reports.load import load
+from reports.markdown import md_escape
+from tests.report_fixtures import XSS, fixture_records, write_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    write_fixture(tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _expected_cells() -> dict[tuple, dict]:
+    """Unique cells of the fixture (the duplicate and the truncated line excluded)."""
+    return {(r["case_id"], r["oracle"], r["branch"], r["dtype"], r["device"]): r for r in fixture_records()}
+
+
+def test_writes_three_files_and_rebuild_is_byte_identical(run_dir: Path, tmp_path: Path) -> None:
+    paths = write_reports(run_dir)
+    assert set(paths) == {"summary", "csv", "html"}
+    first = {k: p.read_bytes() for k, p in paths.items()}
+    assert all(first.values())
+    again = write_reports(run_dir)
+    assert {k: p.read_bytes() for k, p in again.items()} == first
+    # another directory with the same results.jsonl: same bytes (no path, host or time of the rebuild)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(run_dir / "results.jsonl", other / "results.jsonl")
+    assert {k: p.read_bytes() for k, p in write_reports(other).items()} == first
+
+
+def test_rebuild_ignores_line_order(run_dir: Path, tmp_path: Path) -> None:
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    body, dup, tail = lines[1:-1], lines[0], lines[-1]
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    (shuffled / "results.jsonl").write_text("\n".join([dup] + body[::-1] + [tail]) + "\n")
+    a, b = write_reports(run_dir), write_reports(shuffled)
+    for k in ("summary", "csv"):
+        assert a[k].read_bytes() == b[k].read_bytes(), k
+    # the HTML also names the malformed line's number, which moved; everything else is the same
+    strip = lambda t: re.sub(rb"line \d+", b"line N", t)  # noqa: E731
+    assert strip(a["html"].read_bytes()) == strip(b["html"].read_bytes())
+
+
+def test_summary_totals_layers_failures_and_skips(run_dir: Path) -> None:
+    md = write_reports(run_dir)["summary"].read_text()
+    cells = list(_expected_cells().values())
+    n = {s: sum(r["status"] == s for r in cells) for s in ("PASS", "FAIL", "SKIP", "ERROR", "CRASH", "TIMEOUT")}
+    assert f"**Verdict: ❌ FAIL** — {len(cells)} cells, {n['PASS']} PASS, {n['FAIL']} FAIL, {n['SKIP']} SKIP, " \
+           f"{n['ERROR']} ERROR, {n['CRASH']} CRASH, {n['TIMEOUT']} TIMEOUT" in md
+    for title in ("## L0 · reference", "## L1 · kernel", "## L2 · end-to-end"):
+        assert title in md
+    bad = [r for r in cells if r["status"] in ("FAIL", "ERROR", "CRASH", "TIMEOUT")]
+    assert f"## Failures ({len(bad)})" in md
+    for r in bad:
+        assert f"nsaconf repro {r['case_id']} --oracles {r['oracle']}" in md
+    # the traceback's last line is the one-line reason
+    assert "RuntimeError: TileLang kernel needs head\\_dim % 16 == 0" in md
+    # skips grouped by reason with counts
+    assert "| dense | dense brute force is limited to seq\\_len \\<= 512 (got 1024) | 5 | 1 |" in md
+    assert "| tilelang | needs CUDA: set --device cuda on a GPU machine | 4 | 4 |" in md
+    # malformed line reported, not silently dropped
+    assert "1 malformed line(s)" in md
+    # the table row with the L1 fla FAIL shows the worst ratio
+    assert "❌ FAIL r 7.5" in md
+
+
+def test_summary_escapes_markdown_and_html(run_dir: Path) -> None:
+    md = write_reports(run_dir)["summary"].read_text()
+    assert "<script>" not in md
+    assert "\\<script\\>alert(1)\\</script\\>" in md
+    assert md_escape("a|b\nc <i>") == "a\\|b c \\<i\\>"
+
+
+def test_pipes_in_reasons_do_not_break_tables(tmp_path: Path) -> None:
+    rec = dict(fixture_records()[0], status="SKIP", reason="needs a | b\nsecond line")
+    (tmp_path / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    md = write_reports(tmp_path)["summary"].read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "needs a" in ln]
+    assert rows == ["| reference | needs a \\| b … | 1 | 1 |"]
+    assert len(re.findall(r"(?<!\\)\|", rows[0])) == 5
+
+
+def test_csv_has_one_row_per_cell_and_flat_metrics(run_dir: Path) -> None:
+    df = pd.read_csv(write_reports(run_dir)["csv"])
+    cells = _expected_cells()
+    assert len(df) == len(cells)
+    for col in ("case_id", "oracle", "layer", "branch", "dtype", "device", "status", "reason", "group",
+                "metric.err_ratio", "metric.max_abs_err", "metric.worst_index", "tolerance.rule", "case.seq_len"):
+        assert col in df.columns, col
+    assert df["status"].value_counts().to_dict() == pd.Series([r["status"] for r in cells.values()]).value_counts().to_dict()
+    fail = df[(df.oracle == "fla") & (df.status == "FAIL")]
+    assert (fail["metric.err_ratio"] == 7.5).all() and (fail["metric.worst_index"] == "0,17,3").all()
+    assert (df[df.oracle == "nsa_impl"]["metric.err_ratio"] == float("inf")).any()
+    assert XSS in set(df["reason"].dropna())  # the CSV keeps the raw text
+
+
+def test_duplicate_cell_last_record_wins(run_dir: Path) -> None:
+    res = load(run_dir)
+    assert res.duplicates == 1
+    first = fixture_records()[0]
+    rec = next(r for r in res.records if r.case_id == first["case_id"] and r.oracle == first["oracle"]
+               and r.branch == first["branch"])
+    assert rec.status == "PASS"
+    assert [n for n, _ in res.malformed] == [len(fixture_records()) + 2]
+
+
+def test_html_escapes_every_result_string(run_dir: Path) -> None:
+    html = write_reports(run_dir)["html"].read_text()
+    assert "<script>alert(1)" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &#34;quotes&#34; | pipes" in html
+    assert "&lt;and&gt; {braces}" in html
+    assert html.count("<script") == 1  # only the report's own inline script
+
+
+def test_html_is_self_contained(run_dir: Path) -> None:
+    html = write_reports(run_dir)["html"].read_text()
+    assert not re.search(r"https?://", html)
+    for attr in re.findall(r'\b(?:src|href|action|srcset|poster)\s*=\s*"([^"]*)"', html):
+        assert attr.startswith("#"), attr
+    assert "@import" not in html and "url(" not in html and "<link" not in html
+
+
+def test_html_layers_matrices_drilldowns(run_dir: Path) -> None:
+    html = write_reports(run_dir)["html"].read_text()
+    for key in ("L0", "L1", "L2"):
+        assert f'id="layer-{key}"' in html
+    cells = _expected_cells().values()
+    bad = [r for r in cells if r["status"] in ("FAIL", "ERROR", "CRASH", "TIMEOUT")]
+    assert html.count('<details class="drill') == len(bad)
+    for r in bad:
+        assert f"nsaconf repro {r['case_id']} --oracles {r['oracle']}" in html
+    assert 'data-status="FAIL"' in html and "worst (b, pos, head) (0, 17, 3)" in html
+    assert 'id="support"' in html and "FLA needs HQ/H a power of 2 &gt;= 16 (got 2)" in html
+    assert 'id="tolerance"' in html and "k*baseline+floor" in html
+    assert 'id="environment"' in html and "2.13.0+cpu" in html
+    # a failing matrix cell links to its first drill-down
+    assert re.search(r'<td class="mx st-fail"[^>]*>\s*<a href="#cell-\d+">', html)
+    # no bench.jsonl: no performance section; conventions section says why it is empty
+    assert 'id="performance"' not in html
+    assert "No convention-probe data in this run (conventions.jsonl is absent)." in html
+
+
+def test_empty_layer_is_shown_not_hidden(tmp_path: Path) -> None:
+    recs = [r for r in fixture_records() if r["layer"] == "reference"]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_reports(tmp_path)
+    html, md = paths["html"].read_text(), paths["summary"].read_text()
+    assert "No L2 · end-to-end oracle produced results in this run." in html
+    assert "No L1 · kernel oracle produced results in this run." in md
+    assert "Verdict: ✅ PASS" in md
+    assert 'id="verdict">PASS<' in html
+
+
+@pytest.mark.parametrize("lines, verdict", [([], "NO RESULTS"), (["SKIP"], "ALL SKIPPED"),
+                                            (["PASS", "SKIP"], "PASS"), (["PASS", "TIMEOUT"], "FAIL")])
+def test_verdict(tmp_path: Path, lines: list[str], verdict: str) -> None:
+    base = fixture_records()[:len(lines)]
+    recs = [dict(r, status=s, reason="why" if s != "PASS" else None) for r, s in zip(base, lines)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = write_reports(tmp_path)["summary"].read_text()
+    assert f"**Verdict: " in md and f" {verdict}** —" in md
+
+
+def test_run_json_environment_and_tolerance_table(tmp_path: Path) -> None:
+    write_fixture(tmp_path, run_json=True)
+    html = write_reports(tmp_path)["html"].read_text()
+    assert "From run.json." in html
+    assert "2 cores &lt;fake&gt;" in html
+    assert "Configured table (run.json)" in html and "eps*|truth|" in html
+    assert "nsaconf run --profile ci" in html
+
+
+def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fixture(tmp_path, side_files=True)
+    conv = types.ModuleType("reports.conventions")
+    conv.render_conventions_section = lambda recs: f'<div id="conv-ok">{len(recs)} convention record(s)</div>'
+    monkeypatch.setitem(sys.modules, "reports.conventions", conv)
+    monkeypatch.setitem(sys.modules, "reports.performance", None)  # import fails: must be said, not hidden
+    html = write_reports(tmp_path)["html"].read_text()
+    assert '<div id="conv-ok">1 convention record(s)</div>' in html
+    assert 'id="performance"' in html
+    assert "bench.jsonl holds 1 record(s), but reports/performance.py:render_performance_section is not available" in html
+
+    def boom(recs: list) -> str:
+        raise ValueError("bad <record>")
+    conv.render_conventions_section = boom
+    html = write_reports(tmp_path)["html"].read_text()
+    assert "reports/conventions.py:render_conventions_section failed on 1 record(s) of conventions.jsonl: " \
+           "ValueError: bad &lt;record&gt;" in html
+
+
+def test_missing_results_is_one_line_error_exit_2(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="cannot read results file"):
+        write_reports(tmp_path / "nope")
+    p = subprocess.run([sys.executable, "-m", "reports", str(tmp_path / "nope")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("nsaconf: error: cannot read results file")
+
+
+def test_reports_import_is_cheap() -> None:
+    code = "import sys, reports, reports.html, reports.markdown; print(sorted(m for m in ('torch', 'cases', 'oracles', 'harness') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"

@@ -163,39 +163,40 @@ def support_matrix(res: Results) -> Matrix:
 @dataclass
 class ToleranceRow:
     layer: str
-    oracle: str
-    branch: str
     dtype: str
     rule: str
     k: str
     floor: str
     source: str
+    oracles: str
+    branches: str
     cells: int
 
 
 def tolerance_rows(res: Results) -> list[ToleranceRow]:
-    """Distinct tolerances used, from the records: one row per (layer, oracle, branch, dtype, rule, k,
-    source); ``floor`` is a range when it depends on the truth's magnitude."""
-    acc: dict[tuple, list[Any]] = defaultdict(list)
+    """Distinct tolerances used, from the records: one row per (layer, dtype, rule, k, source) with the
+    oracles and branches that used it; ``floor`` is a range when it depends on the truth's magnitude."""
+    acc: dict[tuple, list[CellRecord]] = defaultdict(list)
     for r in res.records:
         t = r.tolerance
-        if not t:
-            continue
-        key = (r.layer, r.oracle, r.branch, r.dtype_short, str(t.get("rule", "")), fmt_metric("k", t.get("k")),
-               str(t.get("source", "")))
-        acc[key].append(t.get("floor"))
+        if t:
+            acc[(r.layer, r.dtype_short, str(t.get("rule", "")), fmt_metric("k", t.get("k")),
+                 str(t.get("source", "")))].append(r)
     rows = []
-    for key, floors in acc.items():
-        nums = sorted(f for f in floors if isinstance(f, (int, float)) and not isinstance(f, bool) and not math.isnan(f))
+    for (layer, dt, rule, k, source), recs in acc.items():
+        nums = sorted(f for f in (r.tolerance.get("floor") for r in recs)
+                      if isinstance(f, (int, float)) and not isinstance(f, bool) and not math.isnan(f))
         if not nums:
             floor = "—"
         elif nums[0] == nums[-1]:
             floor = fmt_metric("floor", nums[0])
         else:
             floor = f"{fmt_metric('floor', nums[0])} … {fmt_metric('floor', nums[-1])}"
-        layer, oracle, branch, dt, rule, k, source = key
-        rows.append(ToleranceRow(layer, oracle, branch, dt, rule, k, floor, source, len(floors)))
-    return sorted(rows, key=lambda t: (layer_rank(t.layer), t.oracle, branch_rank(t.branch), t.dtype, t.rule))
+        rows.append(ToleranceRow(layer, dt, rule, k, floor, source,
+                                 oracles=", ".join(sorted({r.oracle for r in recs})),
+                                 branches=", ".join(sorted({r.branch for r in recs}, key=branch_rank)),
+                                 cells=len(recs)))
+    return sorted(rows, key=lambda t: (layer_rank(t.layer), group_rank(t.dtype), t.rule, t.k, t.source))
 
 
 def generic_table(obj: Any) -> Optional[tuple[list[str], list[list[str]]]]:

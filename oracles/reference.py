@@ -28,7 +28,7 @@ from cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_
 from cases.model import Case
 from cases.tensors import Inputs, TORCH_DTYPES, canonical_order
 
-_ELEMENT_BUDGET = 1 << 23  # elements of the largest per-chunk temporary
+_ELEMENT_BUDGET = 1 << 21  # elements of the largest per-chunk temporary
 
 
 def mean_pool(x: torch.Tensor, l: int, d: int) -> torch.Tensor:
@@ -119,8 +119,8 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, out: dict[str, to
         valid = (idx[..., None] >= 0).expand(-1, -1, -1, ls).reshape(C, H, -1) & (s < Ts)
         valid &= selection_key_mask(pc, s.reshape(C, -1)).view(C, H, -1)
         sc = s.clamp(0, Ts - 1)
-        ksel = torch.stack([kh[h][sc[:, h]] for h in range(H)], dim=1)  # [C,H,K,D]
-        vsel = torch.stack([vh[h][sc[:, h]] for h in range(H)], dim=1)
+        heads = torch.arange(H, device=q.device)[None, :, None]
+        ksel, vsel = kh[heads, sc], vh[heads, sc]  # [C,H,K,D]: one gather each
         o_slc, _, _ = masked_attention(qc, ksel, vsel, valid[:, :, None, :], scale)
         out["slc_o"][rows] = o_slc.reshape(C, H * G, DV)
         # sliding window branch

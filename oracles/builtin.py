@@ -7,6 +7,11 @@ import importlib
 
 BUILTIN_MODULES = (
     "oracles.reference_oracles",
+    "oracles.fla",
+    "oracles.tilelang",
+    "oracles.nsa_impl",
+    "oracles.flash_window",
+    "oracles.flex",
 )
 
 for _name in BUILTIN_MODULES:

@@ -1,0 +1,1 @@
+"""Compatibility layers that let external NSA code run where its own dependencies are missing."""

@@ -1,0 +1,125 @@
+"""Where the external checkouts live, and which commit they are at.
+
+Lookup order for a checkout (``tilelang``, ``nsa_impl``):
+
+1. the environment variable (``NSACONF_TILELANG_EXAMPLES``, ``NSACONF_NSA_IMPL``);
+2. ``[oracles.<name>] path = "..."`` in ``nsaconf.toml`` (``$NSACONF_CONFIG``, else ``./nsaconf.toml``,
+   else ``<repo>/nsaconf.toml``); a relative path is relative to the file's folder;
+3. the default folder under ``<repo>/external/`` when it exists.
+
+A checkout is the repository root (a git work tree, or a ``git archive`` of the pinned commit with a
+``COMMIT`` file holding the full hash). External code is never vendored (DEVELOPERS.md): it is only
+loaded from here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """One external source tree an adapter loads code from."""
+
+    key: str            # nsaconf.toml section name: [oracles.<key>]
+    env: str            # environment variable holding the path
+    url: str            # where to get it
+    commit: str         # pinned commit
+    default: str        # default location under the repo
+    marker: str         # a file that must exist under the checkout root
+
+
+CHECKOUTS: dict[str, Checkout] = {
+    "tilelang": Checkout("tilelang", "NSACONF_TILELANG_EXAMPLES", "https://github.com/tile-ai/tilelang",
+                         "a35008a42531c62b976ae4cec3855d4383db0f3c", "external/tilelang",
+                         "examples/deepseek_nsa/reference.py"),
+    "nsa_impl": Checkout("nsa_impl", "NSACONF_NSA_IMPL", "https://github.com/tilde-research/nsa-impl",
+                         "623e2c5a30a6979e1fc0cf264c09b66963b1e175", "external/nsa-impl", "nsa/nsa.py"),
+}
+
+
+def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:
+    candidates = [os.environ.get("NSACONF_CONFIG"), "nsaconf.toml", str(REPO_ROOT / "nsaconf.toml")]
+    for c in candidates:
+        if c and Path(c).is_file():
+            try:
+                import tomllib  # Python >= 3.11
+            except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            with open(c, "rb") as f:
+                return tomllib.load(f), Path(c).resolve().parent
+    return {}, None
+
+
+def oracle_options(key: str) -> dict[str, Any]:
+    """The ``[oracles.<key>]`` table of ``nsaconf.toml`` (empty when absent)."""
+    data, _ = _load_toml()
+    return dict(data.get("oracles", {}).get(key, {}))
+
+
+def checkout_path(key: str) -> tuple[Optional[Path], str]:
+    """(path or None, where it came from / why missing). The path is returned only if its marker file exists."""
+    co = CHECKOUTS[key]
+    env = os.environ.get(co.env)
+    if env:
+        p = Path(env).expanduser()
+        src = f"${co.env}"
+    else:
+        data, base = _load_toml()
+        val = data.get("oracles", {}).get(key, {}).get("path")
+        if val:
+            p = Path(val).expanduser()
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            src = f"nsaconf.toml [oracles.{key}] path"
+        else:
+            p = REPO_ROOT / co.default
+            src = f"default {co.default}"
+    if (p / co.marker).is_file():
+        return p.resolve(), src
+    return None, f"{src} = {str(p)!r} has no {co.marker}"
+
+
+def checkout_commit(path: Path) -> Optional[str]:
+    """The commit of a checkout: ``git rev-parse HEAD`` in a work tree, else the ``COMMIT`` file."""
+    if (path / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0:
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    f = path / "COMMIT"
+    if f.is_file():
+        return f.read_text().strip() or None
+    return None
+
+
+def how_to_enable(key: str) -> str:
+    """The exact steps to provide a checkout (for ``availability`` / ``nsaconf list``)."""
+    co = CHECKOUTS[key]
+    sub = co.marker.split("/")[0]
+    return (f"get {co.url} @ {co.commit[:12]} (e.g. `git clone {co.url} {co.default} && git -C {co.default} checkout "
+            f"{co.commit}`, or `git archive {co.commit} {sub} | tar -x -C {co.default}` plus a COMMIT file), then set "
+            f"${co.env}=<checkout root> or `[oracles.{co.key}] path = \"<checkout root>\"` in nsaconf.toml "
+            f"(default location: {co.default})")
+
+
+def checkout_status(key: str) -> tuple[Optional[Path], Optional[str], Optional[str]]:
+    """(path, commit, warning). ``path`` None means missing; warning names a commit mismatch."""
+    path, _ = checkout_path(key)
+    if path is None:
+        return None, None, None
+    commit = checkout_commit(path)
+    pin = CHECKOUTS[key].commit
+    warn = None
+    if commit is None:
+        warn = f"commit of {path} unknown (no .git, no COMMIT file); pinned {pin[:12]}"
+    elif not commit.startswith(pin) and not pin.startswith(commit):
+        warn = f"checkout {path} is at {commit[:12]}, pinned {pin[:12]}: results may differ"
+    return path, commit, warn

@@ -20,8 +20,8 @@ from markupsafe import Markup
 
 from reports.load import (METRIC_ORDER, STATUSES, CellRecord, Results, fmt_metric, metric_rank,
                           read_jsonl)
-from reports.tables import (environment, generic_table, layer_views, run_tolerance_table,
-                            skip_groups, support_matrix, tolerance_rows)
+from reports.tables import (configured_tolerance, environment, generic_table, layer_views,
+                            run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 STATUS_HELP = {
@@ -122,9 +122,10 @@ def render_html(res: Results) -> str:
     counts = res.counts
     total = len(res.records)
     run_tol = run_tolerance_table(res)
-    run_tol_table = generic_table(run_tol) if run_tol is not None else None
+    run_tol_conf = configured_tolerance(run_tol)
+    run_tol_table = generic_table(run_tol) if run_tol is not None and run_tol_conf is None else None
     run_tol_json = (json.dumps(run_tol, indent=1, sort_keys=True, default=str)
-                    if run_tol is not None and run_tol_table is None else "")
+                    if run_tol is not None and run_tol_conf is None and run_tol_table is None else "")
     statuses = list(STATUSES) + sorted(s for s in counts if s not in STATUSES)
     ctx = dict(
         res=res, total=total, counts=counts, statuses=statuses, status_help=STATUS_HELP,
@@ -133,7 +134,7 @@ def render_html(res: Results) -> str:
         layers=layer_views(res, anchors), drills=drills,
         skips=skip_groups(res), support=support_matrix(res),
         env=environment(res), env_from_run=bool(res.run_info),
-        run_tol_table=run_tol_table, run_tol_json=run_tol_json, tol_rows=tolerance_rows(res),
+        run_tol_conf=run_tol_conf, run_tol_table=run_tol_table, run_tol_json=run_tol_json, tol_rows=tolerance_rows(res),
         conventions=_side(res, "conventions.jsonl", "conventions", "render_conventions_section",
                           "convention-probe"),
         performance=_side(res, "bench.jsonl", "performance", "render_performance_section", "benchmark"),

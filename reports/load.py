@@ -71,12 +71,13 @@ class CellRecord:
 
         case = as_dict(obj.get("case"))
         secs = obj.get("seconds")
+        metrics = {k: _nonfinite(v) for k, v in as_dict(obj.get("metrics")).items()}
         return cls(
             case_id=str(obj["case_id"]), oracle=str(obj["oracle"]), status=str(obj["status"]).upper(),
             layer=str(obj.get("layer") or "e2e"), branch=str(obj.get("branch") or ""),
             dtype=str(obj.get("dtype") or case.get("dtype") or ""), device=str(obj.get("device") or ""),
             reason=None if obj.get("reason") is None else str(obj["reason"]),
-            case=case, metrics=as_dict(obj.get("metrics")), tolerance=as_dict(obj.get("tolerance")),
+            case=case, metrics=metrics, tolerance=as_dict(obj.get("tolerance")),
             seconds=float(secs) if isinstance(secs, (int, float)) else None,
             versions=as_dict(obj.get("versions")),
             timestamp=None if obj.get("timestamp") is None else str(obj["timestamp"]),
@@ -159,6 +160,17 @@ class Results:
 
 
 # -------------------------------------------------------------------------------------- helpers
+_NONFINITE = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan,
+              "infinity": math.inf, "-infinity": -math.inf}
+
+
+def _nonfinite(v: Any) -> Any:
+    """Strict-JSON writers spell non-finite floats as strings ("inf", "-inf", "nan"): back to floats."""
+    if isinstance(v, str) and v.strip().lower() in _NONFINITE:
+        return _NONFINITE[v.strip().lower()]
+    return v
+
+
 def layer_rank(layer: str) -> tuple[int, str]:
     return (LAYERS.index(layer), "") if layer in LAYERS else (len(LAYERS), layer)
 

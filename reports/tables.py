@@ -165,7 +165,6 @@ class ToleranceRow:
     layer: str
     dtype: str
     rule: str
-    k: str
     floor: str
     source: str
     oracles: str
@@ -173,30 +172,64 @@ class ToleranceRow:
     cells: int
 
 
+def _rule_text(t: dict) -> str:
+    if t.get("text"):
+        return str(t["text"])
+    rule = str(t.get("rule", ""))
+    return f"{rule} k={fmt_metric('k', t['k'])}" if t.get("k") is not None else rule
+
+
 def tolerance_rows(res: Results) -> list[ToleranceRow]:
-    """Distinct tolerances used, from the records: one row per (layer, dtype, rule, k, source) with the
+    """Distinct tolerances used, from the records: one row per (layer, dtype, rule text, source) with the
     oracles and branches that used it; ``floor`` is a range when it depends on the truth's magnitude."""
     acc: dict[tuple, list[CellRecord]] = defaultdict(list)
     for r in res.records:
         t = r.tolerance
         if t:
-            acc[(r.layer, r.dtype_short, str(t.get("rule", "")), fmt_metric("k", t.get("k")),
-                 str(t.get("source", "")))].append(r)
+            acc[(r.layer, r.dtype_short, _rule_text(t), str(t.get("source", "")))].append(r)
     rows = []
-    for (layer, dt, rule, k, source), recs in acc.items():
-        nums = sorted(f for f in (r.tolerance.get("floor") for r in recs)
-                      if isinstance(f, (int, float)) and not isinstance(f, bool) and not math.isnan(f))
+    for (layer, dt, rule, source), recs in acc.items():
+        nums = sorted(f for f in (_num(r.tolerance.get("floor")) for r in recs) if f is not None)
         if not nums:
             floor = "—"
         elif nums[0] == nums[-1]:
             floor = fmt_metric("floor", nums[0])
         else:
             floor = f"{fmt_metric('floor', nums[0])} … {fmt_metric('floor', nums[-1])}"
-        rows.append(ToleranceRow(layer, dt, rule, k, floor, source,
+        rows.append(ToleranceRow(layer, dt, rule, floor, source,
                                  oracles=", ".join(sorted({r.oracle for r in recs})),
                                  branches=", ".join(sorted({r.branch for r in recs}, key=branch_rank)),
                                  cells=len(recs)))
-    return sorted(rows, key=lambda t: (layer_rank(t.layer), group_rank(t.dtype), t.rule, t.k, t.source))
+    return sorted(rows, key=lambda t: (layer_rank(t.layer), group_rank(t.dtype), t.rule, t.source))
+
+
+def _num(v: Any) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return None
+    return float(v)
+
+
+@dataclass
+class ConfiguredTolerance:
+    """run.json's tolerance table in the engine's form ``{defaults, doc, overrides}``."""
+
+    defaults: list[tuple[str, str, str]]  # (parameter, value, meaning)
+    overrides: list[list[str]]  # oracle, branch, param, value, source
+    override_header: list[str]
+
+
+def configured_tolerance(obj: Any) -> Optional[ConfiguredTolerance]:
+    if not (isinstance(obj, dict) and isinstance(obj.get("defaults"), dict)):
+        return None
+    doc = obj.get("doc") if isinstance(obj.get("doc"), dict) else {}
+    defaults = [(str(k), _text(v), str(doc.get(k, ""))) for k, v in obj["defaults"].items()]
+    ov = obj.get("overrides") or []
+    header, rows = ["oracle", "branch", "param", "value", "source"], []
+    if isinstance(ov, list) and ov:
+        table = generic_table(ov)
+        if table:
+            header, rows = table
+    return ConfiguredTolerance(defaults, rows, header)
 
 
 def generic_table(obj: Any) -> Optional[tuple[list[str], list[list[str]]]]:
@@ -227,21 +260,27 @@ def _text(v: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------- environment
+ENV_FIRST = ("command", "argv", "profile", "device", "devices", "oracles", "n_cases", "case_files", "plugins",
+             "seed", "timeout_s", "out", "started", "finished")
+
+
 def environment(res: Results) -> list[tuple[str, str]]:
-    """(name, value) pairs: run.json's fields when present, else what the records carry (devices,
-    library versions; a key with several values lists each with its cell count)."""
+    """(name, value) pairs: run.json's fields when present (its tolerance table is shown elsewhere),
+    else what the records carry (devices, library versions; a key with several values lists each with
+    its cell count)."""
     info = res.run_info or {}
     pairs: list[tuple[str, str]] = []
-    for k in ("command", "argv", "profile", "device", "devices", "out", "seed", "started", "finished"):
-        if k in info:
-            v = info[k]
-            pairs.append((k, " ".join(map(str, v)) if isinstance(v, list) else _text(v)))
-    env = info.get("environment")
-    if isinstance(env, dict):
-        pairs += [(str(k), _text(v)) for k, v in env.items()]
-    versions = info.get("versions")
-    if isinstance(versions, dict):
-        pairs += [(str(k), _text(v)) for k, v in versions.items()]
+    skip = {"tolerance", "tolerances", "tolerance_table"}
+    keys = [k for k in ENV_FIRST if k in info] + sorted(k for k in info if k not in ENV_FIRST and k not in skip)
+    for k in keys:
+        v = info[k]
+        if isinstance(v, dict):
+            pairs += [(f"{k}: {kk}" if k not in ("versions", "environment") else str(kk), _text(vv))
+                      for kk, vv in v.items()]
+        elif isinstance(v, list):
+            pairs.append((k, ", ".join(_text(x) for x in v) if v else "none"))
+        else:
+            pairs.append((k, "none" if v is None else _text(v)))
     if pairs:
         return pairs
     # fall back to the records

@@ -149,7 +149,10 @@ def test_html_layers_matrices_drilldowns(run_dir: Path) -> None:
         assert f"nsaconf repro {r['case_id']} --oracles {r['oracle']}" in html
     assert 'data-status="FAIL"' in html and "worst (b, pos, head) (0, 17, 3)" in html
     assert 'id="support"' in html and "FLA needs HQ/H a power of 2 &gt;= 16 (got 2)" in html
-    assert 'id="tolerance"' in html and "k*baseline+floor" in html
+    assert 'id="tolerance"' in html
+    assert "err &lt;= 2*baseline_err + floor (2*noise@0.3+0)" in html and "err &lt;= 1e-05*max(1,max|truth|)" in html
+    assert "override fla.slc_o.k (--tol)" in html
+    assert "8.000e-03 … 1.200e-02" in html  # floor range over the cells of one rule
     assert 'id="environment"' in html and "2.13.0+cpu" in html
     # a failing matrix cell links to its first drill-down
     assert re.search(r'<td class="mx st-fail"[^>]*>\s*<a href="#cell-\d+">', html)
@@ -184,8 +187,23 @@ def test_run_json_environment_and_tolerance_table(tmp_path: Path) -> None:
     html = write_reports(tmp_path)["html"].read_text()
     assert "From run.json." in html
     assert "2 cores &lt;fake&gt;" in html
-    assert "Configured table (run.json)" in html and "eps*|truth|" in html
-    assert "nsaconf run --profile ci" in html
+    assert "Configured table (run.json)" in html and "gradients &lt;grad&gt;" in html
+    assert '<td class="mono">--tol</td>' in html  # the override row
+    assert "nsaconf run --profile ci --out run" in html
+    assert "dense, fla, nsa_impl, reference, tilelang" in html
+
+
+def test_run_json_other_tolerance_forms(tmp_path: Path) -> None:
+    write_fixture(tmp_path, run_json=True)
+    info = json.loads((tmp_path / "run.json").read_text())
+    info["tolerance"] = [{"branch": "*_o", "k": 2}, {"branch": "d*", "k": 3, "note": "<x>"}]
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    html = write_reports(tmp_path)["html"].read_text()
+    assert "<th>branch</th><th>k</th><th>note</th>" in html and "&lt;x&gt;" in html
+    info["tolerance"] = "k=2 everywhere <b>"
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    html = write_reports(tmp_path)["html"].read_text()
+    assert "&#34;k=2 everywhere &lt;b&gt;&#34;" in html
 
 
 def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

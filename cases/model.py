@@ -186,6 +186,35 @@ class Case:
         return case
 
     @classmethod
+    def from_id(cls, case_id: str) -> "Case":
+        """Parse an ``id`` back into a Case (the inverse of ``Case.id``; a ``scale`` is recovered as
+        printed with ``%g``). Raises ``CaseError`` naming the problem."""
+        import re
+
+        m = re.fullmatch(
+            r"(fp16|bf16|fp32|fp64)-B(\d+)-T(\d+)-TQ(\d+)-HQ(\d+)-H(\d+)-D(\d+)-DV(\d+)-l(\d+)d(\d+)ls(\d+)"
+            r"-n(\d+)-w(\d+)-([a-z_]+)(-wplus1)?(-fnone|-fcur)?(-rand)?(?:-sc([0-9.e+-]+?))?(?:-cu([0-9.]+))?-s(\d+)",
+            case_id.strip())
+        if m is None:
+            raise CaseError(f"{case_id!r} is not a case id (expected e.g. "
+                            f"bf16-B1-T200-TQ200-HQ16-H1-D32-DV32-l16d16ls16-n4-w32-end_inclusive-s7)")
+        g = m.groups()
+        short = {v: k for k, v in DTYPE_SHORT.items()}
+        try:
+            case = cls(dtype=short[g[0]], batch=int(g[1]), seq_len=int(g[2]), q_len=int(g[3]), heads_q=int(g[4]),
+                       heads_kv=int(g[5]), head_dim=int(g[6]), head_dim_v=int(g[7]), cmp_block=int(g[8]),
+                       cmp_stride=int(g[9]), block_size=int(g[10]), top_n=int(g[11]), window=int(g[12]),
+                       cmp_mask=g[13], window_keys="w_plus_1" if g[14] else "w",
+                       forced_blocks={None: "initial_local", "-fnone": "none", "-fcur": "current"}[g[15]],
+                       block_indices="random" if g[16] else "topk", scale=float(g[17]) if g[17] else None,
+                       cu_seqlens=tuple(int(x) for x in g[18].split(".")) if g[18] else None, seed=int(g[19]))
+        except ValueError as e:
+            raise CaseError(f"case id {case_id!r}: {e}") from None
+        if case.id != case_id.strip():
+            raise CaseError(f"case id {case_id!r} does not round-trip (parsed as {case.id!r})")
+        return case
+
+    @classmethod
     def from_json(cls, text: str) -> "Case":
         try:
             return cls.from_dict(json.loads(text))

@@ -1,0 +1,283 @@
+"""The comparator: one oracle's canonical outputs against the float64 truth of the same inputs.
+
+Numeric branches (``*_o``, ``cmp_lse``, gradients) use the rule of ``harness.tolerance``:
+``err <= k * err(baseline) + floor`` (or the tight rule of reference-layer fp64/fp32 oracles), plus
+three always-on checks:
+
+* NaN/Inf where the truth is finite -> FAIL;
+* rows with no visible compressed block (truth ``cmp_lse = -inf``) are judged by their semantics,
+  not as numbers: ``cmp_o`` must be exactly 0 and ``cmp_lse`` must be -inf there (counted in
+  ``empty_rows`` / ``empty_rows_bad``);
+* a zero or constant output never passes: ``err < m*max|truth|`` and ``rel_rms < m`` (m = 0.5) —
+  KernelBench issue #165 showed all-zero outputs passing a loose atol.
+
+``topk_idx`` is compared as sets per (b, position, kv head), ignoring -1 and order. A differing block
+is a tie when its truth importance is within ``tie_tol`` of the n-th selected block's importance
+(``tie_tol`` = the same rule applied to the importance: ``k*err(baseline importance) + floor``);
+non-candidate blocks (``j*l' > p``) and missing forced blocks are never ties. When the oracle's
+selection differs only by ties, its ``slc_o``/``o`` are judged against the truth and baseline
+recomputed with the oracle's own indices, so a legitimate tie-break does not fail ``slc_o``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from cases.conventions import is_forced, selection_candidate
+from cases.model import Case
+from cases.tensors import TORCH_DTYPES, Inputs, canonical_order, query_positions
+from harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
+from oracles.reference import nsa_reference
+
+SELECTION_DEPENDENT = ("slc_o", "o")
+
+
+@dataclass
+class Verdict:
+    """The judgement of one cell (one branch of one oracle on one case)."""
+
+    branch: str
+    status: str  # PASS | FAIL | ERROR
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tolerance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaseTruth:
+    """Truth (float64) and baseline (case dtype) of one case, computed once and shared by all oracles.
+
+    The baseline runs the selection with the truth's block indices (``block_indices="topk"``
+    cases), so that its error measures rounding only, never a flipped top-n choice.
+    """
+
+    case: Case
+    inputs: Inputs
+    truth: dict[str, torch.Tensor]
+    baseline: dict[str, torch.Tensor]
+    given_indices: Optional[torch.Tensor]
+    _alt: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
+
+    @classmethod
+    def compute(cls, case: Case, inputs: Optional[Inputs] = None) -> "CaseTruth":
+        from cases.tensors import materialize
+
+        inputs = inputs if inputs is not None else materialize(case, "cpu")
+        truth = nsa_reference(case, inputs, dtype=torch.float64, return_importance=True)
+        given = truth["topk_idx"] if case.block_indices == "topk" else inputs.block_indices
+        baseline = nsa_reference(case, inputs, dtype=None, block_indices=given, return_importance=True)
+        return cls(case=case, inputs=inputs, truth=truth, baseline=baseline, given_indices=given)
+
+    def with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
+        """Truth and baseline recomputed with the selection ``idx`` (canonical order)."""
+        key = idx.numpy().tobytes()
+        if key not in self._alt:
+            t = nsa_reference(self.case, self.inputs, dtype=torch.float64, block_indices=idx)
+            b = nsa_reference(self.case, self.inputs, dtype=None, block_indices=idx)
+            self._alt[key] = (t, b)
+        return self._alt[key]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _worst_index(case: Case, flat: int, shape: tuple[int, ...]) -> list[int]:
+    """``[b, position, head]`` of a flat index into a ``[B,TQ,heads,...]`` tensor (position = the
+    query's position inside its sequence)."""
+    idx = []
+    for s in reversed(shape):
+        idx.append(flat % s)
+        flat //= s
+    idx = idx[::-1]
+    pos = int(query_positions(case)[idx[1]])
+    return [int(idx[0]), pos, int(idx[2])]
+
+
+def _nonzero_max(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Tensor,
+                    baseline: torch.Tensor, rule: Rule, dtype: str) -> Verdict:
+    """Judge a numeric branch (see module docstring). ``truth`` float64, ``baseline`` in ``dtype``."""
+    tol = rule_dict(rule)
+    if not isinstance(out, torch.Tensor):
+        return Verdict(branch, "FAIL", f"{branch}: expected a tensor, got {type(out).__name__}", {}, tol)
+    if tuple(out.shape) != tuple(truth.shape):
+        return Verdict(branch, "FAIL", f"{branch}: shape {list(out.shape)} != canonical {list(truth.shape)}", {}, tol)
+    if not (out.is_floating_point()):
+        return Verdict(branch, "FAIL", f"{branch}: dtype {out.dtype} is not floating point", {}, tol)
+    o = out.detach().cpu().double()
+    t = truth.double()
+    bl = baseline.detach().cpu().double()
+    metrics: dict[str, Any] = {"out_dtype": str(out.dtype).replace("torch.", "")}
+    problems: list[str] = []
+
+    # rows with no visible key: truth cmp_lse = -inf, judged by semantics (cmp_o: check_empty_cmp_o)
+    tfin = torch.isfinite(t)
+    if branch == "cmp_lse":
+        empty = torch.isneginf(t)
+        bad = empty & ~torch.isneginf(o)
+        metrics["empty_rows"] = int(empty.sum())
+        metrics["empty_rows_bad"] = int(bad.sum())
+        if bad.any():
+            problems.append(f"{int(bad.sum())} of {int(empty.sum())} empty rows (no visible block) have cmp_lse != -inf")
+    nonfinite = tfin & ~torch.isfinite(o)
+    metrics["nonfinite"] = int(nonfinite.sum())
+    if nonfinite.any():
+        problems.append(f"{int(nonfinite.sum())} NaN/Inf values where the truth is finite")
+
+    m = tfin & torch.isfinite(o)
+    diff = torch.where(m, (o - t).abs(), torch.zeros_like(t))
+    err = float(diff.max()) if diff.numel() else 0.0
+    bdiff = torch.where(tfin & torch.isfinite(bl), (bl - t).abs(), torch.zeros_like(t))
+    base_err = float(bdiff.max()) if bdiff.numel() else 0.0
+    tf = t[tfin]
+    scale = _nonzero_max(tf)
+    floor = rule.floor(tf, TORCH_DTYPES[dtype])
+    bound = rule.bound(base_err, floor, scale)
+    tol = rule_dict(rule, floor)
+    rms_t = float(tf.pow(2).mean().sqrt()) if tf.numel() else 0.0
+    d_f = (o - t)[m]
+    rel_rms = float(d_f.pow(2).mean().sqrt()) / (rms_t + 1e-8) if d_f.numel() else 0.0
+    rtol, atol = TORCH_DEFAULT_TOLS[dtype]
+    mism = (diff > atol + rtol * t.abs().nan_to_num(posinf=0.0, neginf=0.0)) | nonfinite
+    metrics.update({
+        "max_abs_err": err, "baseline_err": base_err, "floor": floor, "bound": bound,
+        "err_ratio": (err / bound) if bound > 0 else (0.0 if err == 0 else math.inf),
+        "rel_rms": rel_rms, "mismatch_frac": float(mism.float().mean()) if mism.numel() else 0.0,
+        "max_abs_truth": scale,
+    })
+    if diff.numel():
+        src = torch.where(nonfinite, torch.full_like(diff, math.inf), diff)
+        metrics["worst_index"] = _worst_index(case, int(src.argmax()), tuple(t.shape))
+    if err > bound:
+        problems.append(f"max_abs_err {err:.3g} > bound {bound:.3g} ({rule.describe()}; baseline_err {base_err:.3g}, floor {floor:.3g})")
+    # zero / constant outputs never pass (KernelBench#165)
+    if scale > 0:
+        if not (err < rule.nontrivial * scale and rel_rms < rule.nontrivial):
+            problems.append(f"output is not closer to the truth than to zero (err {err:.3g} vs max|truth| {scale:.3g}, rel_rms {rel_rms:.3g})")
+    status = "FAIL" if problems else "PASS"
+    return Verdict(branch, status, "; ".join(problems), metrics, tol)
+
+
+def check_empty_cmp_o(out: torch.Tensor, truth_lse: torch.Tensor, verdict: Verdict) -> Verdict:
+    """``cmp_o`` must be exactly 0 in rows where the truth sees no compressed block."""
+    empty = torch.isneginf(truth_lse)  # [B,TQ,HQ]
+    verdict.metrics["empty_rows"] = int(empty.sum())
+    if not isinstance(out, torch.Tensor) or tuple(out.shape[:3]) != tuple(empty.shape):
+        return verdict
+    o = out.detach().cpu()
+    bad = empty & ((o != 0) | ~torch.isfinite(o)).any(dim=-1)
+    verdict.metrics["empty_rows_bad"] = int(bad.sum())
+    if bad.any():
+        msg = f"{int(bad.sum())} of {int(empty.sum())} empty rows (no visible block) have cmp_o != 0"
+        verdict.reason = "; ".join(x for x in (verdict.reason, msg) if x)
+        verdict.status = "FAIL"
+    return verdict
+
+
+def topk_tie_tolerance(truth_imp: torch.Tensor, base_imp: torch.Tensor, rule: Rule, dtype: str) -> float:
+    """Importance tolerance for ties: the numeric rule applied to the importance tensor."""
+    scale = _nonzero_max(truth_imp)
+    if rule.rule == "tight":
+        return rule.tight * max(1.0, scale)
+    base_err = float((base_imp.double() - truth_imp.double()).abs().max()) if truth_imp.numel() else 0.0
+    return rule.k * base_err + rule.floor(truth_imp.double(), TORCH_DTYPES[dtype])
+
+
+def compare_topk(case: Case, out: torch.Tensor, truth_idx: torch.Tensor, importance: torch.Tensor,
+                 tie_tol: float, rule: Rule) -> Verdict:
+    """Set comparison of ``topk_idx`` with ties (see module docstring). ``importance`` ``[B,TQ,H,NS]``
+    float64 (summed over the group)."""
+    tol = rule_dict(rule)
+    tol["tie_tol"] = tie_tol
+    if not isinstance(out, torch.Tensor) or out.is_floating_point():
+        return Verdict("topk_idx", "FAIL", "topk_idx: expected an integer tensor", {}, tol)
+    if tuple(out.shape[:3]) != tuple(truth_idx.shape[:3]) or out.dim() != 4:
+        return Verdict("topk_idx", "FAIL", f"topk_idx: shape {list(out.shape)} != canonical {list(truth_idx.shape)}", {}, tol)
+    o = out.detach().cpu().long()
+    B, TQ, H, _ = truth_idx.shape
+    NS = importance.shape[-1]
+    ls = case.block_size
+    pos = query_positions(case)
+    j = torch.arange(NS)
+    # membership masks [B,TQ,H,NS+1] (slot NS collects -1 / out-of-range ids)
+    def member(idx: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(B, TQ, H, NS + 1, dtype=torch.bool)
+        ids = torch.where((idx >= 0) & (idx < NS), idx, torch.full_like(idx, NS))
+        m.scatter_(-1, ids, True)
+        return m
+    out_of_range = ((o >= NS) | (o < -1)).any(dim=-1)
+    mo, mt = member(o)[..., :NS], member(truth_idx)[..., :NS]
+    # duplicated ids in the oracle's selection
+    valid = (o >= 0) & (o < NS)
+    dup = (valid.sum(-1) != mo.sum(-1))
+    diff = mo ^ mt
+    rows_diff = diff.any(-1) | out_of_range | dup
+    metrics: dict[str, Any] = {"topk_rows": B * TQ * H, "topk_rows_differ": int(rows_diff.sum())}
+    if not rows_diff.any():
+        metrics.update({"topk_disagree": 0, "topk_ties": 0})
+        return Verdict("topk_idx", "PASS", "", metrics, tol)
+    imp = importance.double()
+    cand = selection_candidate(j[None, :], pos[:, None], ls)[None, :, None, :]       # [1,TQ,1,NS]
+    forced = is_forced(case.forced_blocks, j[None, :], pos[:, None], ls)[None, :, None, :]
+    # threshold: importance of the n-th selected (lowest non-forced selected) block; 0 if fewer than n
+    sel_nf = mt & ~forced
+    thr = torch.where(sel_nf, imp, torch.full_like(imp, math.inf)).min(-1).values
+    full = mt.sum(-1) >= case.top_n
+    thr = torch.where(full & torch.isfinite(thr), thr, torch.zeros_like(thr))
+    near = (imp - thr[..., None]).abs() <= tie_tol
+    bad_block = diff & (~cand | (forced & mt & ~mo) | ~near)
+    bad_row = bad_block.any(-1) | out_of_range | dup
+    ties = rows_diff & ~bad_row
+    metrics.update({"topk_disagree": int(bad_row.sum()), "topk_ties": int(ties.sum()),
+                    "topk_noncausal": int((diff & mo & ~cand).any(-1).sum())})
+    if bad_row.any():
+        first = bad_row.nonzero()[0].tolist()
+        metrics["worst_index"] = [first[0], int(pos[first[1]]), first[2]]
+        b, i, h = first
+        metrics["first_disagreement"] = {"truth": sorted(mt[b, i, h].nonzero().flatten().tolist()),
+                                         "oracle": sorted(mo[b, i, h].nonzero().flatten().tolist())}
+        return Verdict("topk_idx", "FAIL",
+                       f"top-n selection differs beyond ties for {int(bad_row.sum())} of {B * TQ * H} (query, kv head) rows",
+                       metrics, tol)
+    return Verdict("topk_idx", "PASS", f"{int(ties.sum())} rows differ only by ties", metrics, tol)
+
+
+def judge(ct: CaseTruth, oracle: str, layer: str, branches: tuple[str, ...], outputs: dict[str, Any],
+          table: ToleranceTable, needs_block_indices: bool = False) -> list[Verdict]:
+    """Verdicts for every declared branch that the case has (the caller SKIPs the others)."""
+    case, dtype = ct.case, ct.case.dtype
+    verdicts: list[Verdict] = []
+    truth, base = ct.truth, ct.baseline
+    sel_truth, sel_base, recomputed = truth, base, False
+    order = sorted(branches, key=lambda b: b != "topk_idx")
+    for br in order:
+        rule = table.rule_for(oracle, layer, br, dtype)
+        if br not in truth:
+            verdicts.append(Verdict(br, "ERROR", f"no truth for branch {br!r} (gradients are not implemented by the engine)", {}, rule_dict(rule)))
+            continue
+        if br not in outputs:
+            verdicts.append(Verdict(br, "ERROR", f"oracle {oracle!r} declared branch {br!r} but did not return it", {}, rule_dict(rule)))
+            continue
+        if br == "topk_idx":
+            tie_tol = topk_tie_tolerance(truth["importance"], base["importance"], rule, dtype)
+            v = compare_topk(case, outputs[br], truth["topk_idx"], truth["importance"], tie_tol, rule)
+            if v.status == "PASS" and v.metrics.get("topk_ties", 0) > 0 and not needs_block_indices:
+                idx = canonical_order(outputs[br].detach().cpu().long())
+                if idx.shape[-1] < case.top_n:
+                    idx = torch.cat([idx, idx.new_full(idx.shape[:-1] + (case.top_n - idx.shape[-1],), -1)], -1)
+                sel_truth, sel_base = ct.with_indices(idx)
+                recomputed = True
+            verdicts.append(v)
+            continue
+        t, b = (sel_truth[br], sel_base[br]) if br in SELECTION_DEPENDENT else (truth[br], base[br])
+        v = compare_numeric(case, br, outputs[br], t, b, rule, dtype)
+        if br == "cmp_o":
+            v = check_empty_cmp_o(outputs[br], truth["cmp_lse"], v)
+        if br in SELECTION_DEPENDENT and recomputed:
+            v.metrics["truth_with_oracle_indices"] = True
+        verdicts.append(v)
+    return verdicts

@@ -1,0 +1,57 @@
+"""``nsaconf repro CASE_ID|FILE --oracles X``: rerun one case and print the comparison per branch."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cases.model import Case, CaseError, load_cases
+from harness.results import BAD_STATUSES, CellResult
+
+
+def resolve_cases(spec: str) -> list[Case]:
+    """A case JSON file (any format ``load_cases`` reads) or a case id."""
+    if Path(spec).is_file():
+        return load_cases(spec)
+    if spec.endswith(".json") or "/" in spec:
+        raise CaseError(f"case file {spec!r} does not exist")
+    return [Case.from_id(spec)]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+def format_cells(cells: list[CellResult]) -> str:
+    """A fixed-width table: oracle, branch, status, err, baseline, bound, ratio, rel_rms, worst, reason."""
+    head = f"{'oracle':<14} {'branch':<9} {'status':<7} {'max_abs_err':>11} {'baseline':>9} {'bound':>9} {'ratio':>7} {'rel_rms':>8}  worst[b,pos,h]  reason"
+    lines = [head, "-" * len(head)]
+    for c in cells:
+        m = c.metrics
+        lines.append(f"{c.oracle:<14} {c.branch:<9} {c.status:<7} {_fmt(m.get('max_abs_err')):>11} {_fmt(m.get('baseline_err')):>9}"
+                     f" {_fmt(m.get('bound')):>9} {_fmt(m.get('err_ratio')):>7} {_fmt(m.get('rel_rms')):>8}  "
+                     f"{_fmt(m.get('worst_index')):<14}  {c.reason}")
+    return "\n".join(lines)
+
+
+def repro(args: argparse.Namespace) -> int:
+    from harness.cli import _load_oracle_sources, _select_oracles
+    from harness.config import load_config, tolerance_table
+    from harness.runner import evaluate
+
+    table = tolerance_table(load_config(args.config), args.tol)
+    _load_oracle_sources(args.plugin)
+    cases = resolve_cases(args.case)
+    oracles = _select_oracles(args.oracles, args.device)
+    bad = False
+    for case in cases:
+        print(f"case {case.id}")
+        print(f"  {case.to_json()}")
+        cells = evaluate(case, oracles, device=args.device, table=table, isolate=args.isolate, timeout=args.timeout,
+                         plugins=[str(Path(p).resolve()) for p in args.plugin],
+                         out=Path(args.save_tensors) if args.save_tensors else None, save_tensors=bool(args.save_tensors))
+        print(format_cells(cells))
+        bad |= any(c.status in BAD_STATUSES for c in cells)
+    print(f"tolerance: {cells[0].tolerance.get('text', '') if cells else ''}")
+    return 1 if bad else 0

@@ -1,0 +1,143 @@
+"""Result records: one self-contained JSON object per cell (case x oracle x branch), streamed to
+``DIR/results.jsonl`` (append, flushed per line: results already written are never lost)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+STATUSES = ("PASS", "FAIL", "SKIP", "ERROR", "CRASH", "TIMEOUT")
+BAD_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass
+class CellResult:
+    """One cell. ``metrics``: max_abs_err, baseline_err, floor, bound, err_ratio (=err/bound), rel_rms,
+    mismatch_frac, worst_index [b, position, head], nonfinite, empty_rows, empty_rows_bad,
+    topk_disagree, topk_ties, ...; ``tolerance``: rule, k, floor, source, text."""
+
+    case_id: str
+    case: dict[str, Any]
+    oracle: str
+    layer: str
+    branch: str
+    dtype: str
+    device: str
+    status: str
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    seconds: Optional[float] = None
+    versions: dict[str, str] = field(default_factory=dict)
+    timestamp: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+        if not self.timestamp:
+            self.timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.case_id, self.oracle, self.branch, self.device)
+
+    def to_json(self) -> str:
+        return json.dumps(_jsonable(asdict(self)), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CellResult":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _jsonable(x: Any) -> Any:
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return x
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+class ResultWriter:
+    """Appends records to ``DIR/results.jsonl``, one line each, flushed and fsync'ed per line."""
+
+    def __init__(self, out_dir: str | Path, resume: bool = False) -> None:
+        self.path = Path(out_dir) / RESULTS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rec: CellResult) -> None:
+        self._f.write(rec.to_json() + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a results file (a directory means its ``results.jsonl``); a truncated last line
+    (a run killed mid-write) is ignored."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    if not p.exists():
+        return
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def load_results(path: str | Path) -> list[CellResult]:
+    return [CellResult.from_dict(d) for d in iter_records(path)]
+
+
+def done_keys(path: str | Path) -> set[tuple[str, str, str, str]]:
+    """Cells already recorded (for ``--resume``)."""
+    return {(d["case_id"], d["oracle"], d["branch"], d["device"]) for d in iter_records(path)}
+
+
+def base_versions() -> dict[str, str]:
+    """python, torch, nsaconf versions (an oracle's own ``versions()`` is merged in by the runner)."""
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        ours = version("nsa-conformance")
+    except Exception:  # noqa: BLE001 - not installed (PYTHONPATH use)
+        ours = "0.1.0+src"
+    return {"python": platform.python_version(), "torch": torch.__version__, "nsaconf": ours}
+
+
+def summarize(records: Iterable[CellResult | dict]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for r in records:
+        s = r.status if isinstance(r, CellResult) else r["status"]
+        counts[s] = counts.get(s, 0) + 1
+    return counts

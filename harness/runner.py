@@ -1,0 +1,251 @@
+"""The runner: cases x oracles x branches -> ``DIR/results.jsonl``.
+
+Per case the parent computes the float64 truth and the same-dtype baseline once
+(``comparator.CaseTruth``); each oracle runs in its own worker process (``harness.worker``), reused
+across cases, so that an exception (ERROR), a segfault (CRASH) or a hang (TIMEOUT) costs only that
+oracle's cells. Every cell is written (and flushed) as soon as it is judged.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from cases.model import Case
+from harness.comparator import CaseTruth, Verdict, judge
+from harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
+from harness.tolerance import ToleranceTable
+from harness.worker import Reply, Worker
+from oracles.base import GRAD_BRANCHES, Oracle, get_oracle
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs (the CLI builds one)."""
+
+    cases: list[Case]
+    oracles: list[str]
+    device: str = "cpu"
+    out: Path = Path("out/run")
+    plugins: list[str] = field(default_factory=list)
+    save_tensors: bool = False
+    resume: bool = False
+    timeout: float = 300.0
+    table: ToleranceTable = field(default_factory=ToleranceTable)
+    isolate: bool = True       # False: run oracles in this process (pytest items, repro)
+    progress: bool = True
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+
+
+def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
+    """Why a declared branch has nothing to compare on this case (None: compare it)."""
+    if branch == "swa_o" and case.window == 0:
+        return "case has window=0 (no sliding-window branch)"
+    if branch in GRAD_BRANCHES:
+        return "gradient branches are not compared yet (the engine has no gradient truth)"
+    return None
+
+
+def _record(case: Case, oracle: Oracle, branch: str, device: str, status: str, reason: str = "",
+            metrics: Optional[dict] = None, tolerance: Optional[dict] = None, seconds: Optional[float] = None,
+            versions: Optional[dict] = None) -> CellResult:
+    return CellResult(case_id=case.id, case=case.to_dict(), oracle=oracle.name, layer=oracle.layer, branch=branch,
+                      dtype=case.dtype, device=device, status=status, reason=reason, metrics=metrics or {},
+                      tolerance=tolerance or {}, seconds=seconds, versions=versions or {})
+
+
+def run_in_process(oracle: Oracle, case: Case, device: str, block_indices: Optional[torch.Tensor]) -> Reply:
+    """Run an oracle in this process (no crash isolation)."""
+    from cases.tensors import materialize
+
+    try:
+        inputs = materialize(case, device)
+        t0 = time.perf_counter()
+        out = oracle.run(case, inputs, device, block_indices=None if block_indices is None else block_indices.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        if not isinstance(out, dict):
+            raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
+        return Reply("ok", outputs={k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}, seconds=secs)
+    except Exception as e:  # noqa: BLE001
+        return Reply("error", message=f"{type(e).__name__}: {e}".strip())
+
+
+def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str], reply: Reply, ct: Optional[CaseTruth],
+                    table: ToleranceTable, versions: dict) -> list[CellResult]:
+    """Turn one oracle reply into cell records (judged against the truth when the run succeeded)."""
+    if reply.status != "ok":
+        status = {"error": "ERROR", "fatal": "ERROR", "crash": "CRASH", "timeout": "TIMEOUT"}[reply.status]
+        return [_record(case, oracle, b, device, status, reply.message, seconds=reply.seconds, versions=versions) for b in branches]
+    if ct is None:
+        return [_record(case, oracle, b, device, "ERROR", "the truth could not be computed for this case", versions=versions) for b in branches]
+    try:
+        verdicts = judge(ct, oracle.name, oracle.layer, tuple(branches), reply.outputs or {}, table,
+                         needs_block_indices=oracle.needs_block_indices)
+    except Exception as e:  # noqa: BLE001 - a comparator failure is reported, never raised
+        verdicts = [Verdict(b, "ERROR", f"comparator failed: {type(e).__name__}: {e}") for b in branches]
+    return [_record(case, oracle, v.branch, device, v.status, v.reason, v.metrics, v.tolerance, reply.seconds, versions)
+            for v in verdicts]
+
+
+@dataclass
+class RunSummary:
+    counts: dict[str, int]
+    out: Path
+    results: list[CellResult]
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.counts.get(s, 0) for s in BAD_STATUSES)
+
+
+class Runner:
+    """Executes a ``RunConfig``; ``run()`` returns the summary of this invocation's cells."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.oracles = {n: get_oracle(n) for n in cfg.oracles}
+        self.workers: dict[str, Worker] = {}
+        self.base_versions = base_versions()
+
+    def _worker(self, name: str) -> Worker:
+        if name not in self.workers:
+            n = max(1, len(self.oracles))
+            threads = max(1, (os.cpu_count() or 2) // n) if self.cfg.device == "cpu" else 0
+            self.workers[name] = Worker(name, self.cfg.device, list(self.cfg.plugins), threads)
+        return self.workers[name]
+
+    def _versions(self, name: str) -> dict:
+        w = self.workers.get(name)
+        return {**self.base_versions, **(w.versions if w else {})}
+
+    def run(self) -> RunSummary:
+        cfg = self.cfg
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        done = done_keys(out) if cfg.resume else set()
+        results: list[CellResult] = []
+        counts: dict[str, int] = {}
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cfg.cases) * len(self.oracles), file=sys.stderr, unit="check", dynamic_ncols=True)
+        writer = ResultWriter(out, resume=cfg.resume)
+
+        def emit(rec: CellResult) -> None:
+            writer.write(rec)
+            results.append(rec)
+            counts[rec.status] = counts.get(rec.status, 0) + 1
+            if rec.status in BAD_STATUSES:
+                line = f"{rec.status} {rec.case_id} {rec.oracle}.{rec.branch}: {rec.reason}"
+                (bar.write(line, file=sys.stderr) if bar is not None else cfg.echo(line))
+
+        try:
+            for case in cfg.cases:
+                self._run_case(case, done, emit, out)
+                if bar is not None:
+                    bar.update(len(self.oracles))
+                    bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+            for w in self.workers.values():
+                w.stop()
+        return RunSummary(counts=counts, out=out, results=results)
+
+    def _run_case(self, case: Case, done: set, emit: Callable[[CellResult], None], out: Path) -> None:
+        cfg = self.cfg
+        pending: dict[str, list[str]] = {}
+        for name, oracle in self.oracles.items():
+            todo = [b for b in oracle.branches if (case.id, name, b, cfg.device) not in done]
+            if not todo:
+                continue
+            try:
+                why = oracle.check_support(case, cfg.device)
+            except Exception as e:  # noqa: BLE001
+                why, err = None, f"supports() raised {type(e).__name__}: {e}"
+                for b in todo:
+                    emit(_record(case, oracle, b, cfg.device, "ERROR", err, versions=self.base_versions))
+                continue
+            if why:
+                for b in todo:
+                    emit(_record(case, oracle, b, cfg.device, "SKIP", why, versions=self.base_versions))
+                continue
+            live = []
+            for b in todo:
+                r = branch_skip_reason(case, b)
+                if r:
+                    emit(_record(case, oracle, b, cfg.device, "SKIP", r, versions=self.base_versions))
+                else:
+                    live.append(b)
+            if live:
+                pending[name] = live
+        if not pending:
+            return
+        replies: dict[str, Reply] = {}
+        # oracles that compute their own selection start before the truth is ready
+        if cfg.isolate:
+            for name in pending:
+                if not self.oracles[name].needs_block_indices:
+                    early = self._worker(name).submit(case.to_json(), None)
+                    if early is not None:
+                        replies[name] = early
+        ct: Optional[CaseTruth] = None
+        truth_error = ""
+        try:
+            ct = CaseTruth.compute(case)
+        except Exception as e:  # noqa: BLE001
+            truth_error = f"truth failed: {type(e).__name__}: {e}"
+        if cfg.save_tensors and ct is not None:
+            from harness.tensors_io import save_inputs, save_truth
+
+            save_inputs(out, case, ct.inputs)
+            save_truth(out, case, {k: v for k, v in ct.truth.items() if k != "importance"})
+        for name in pending:
+            oracle = self.oracles[name]
+            if name in replies:
+                continue
+            idx = None
+            if oracle.needs_block_indices:
+                idx = ct.given_indices if ct is not None else None
+                if idx is None and case.block_indices == "topk":
+                    replies[name] = Reply("error", message=truth_error or "no block indices")
+                    continue
+            if cfg.isolate:
+                early = self._worker(name).submit(case.to_json(), idx) if oracle.needs_block_indices else None
+                if early is not None:
+                    replies[name] = early
+            else:
+                replies[name] = run_in_process(oracle, case, cfg.device, idx)
+        for name, branches in pending.items():
+            oracle = self.oracles[name]
+            reply = replies.get(name) or self._worker(name).collect(cfg.timeout)
+            if reply.status == "ok" and cfg.save_tensors:
+                from harness.tensors_io import save_outputs
+
+                save_outputs(out, case, name, {k: v for k, v in (reply.outputs or {}).items() if isinstance(v, torch.Tensor)})
+            if reply.status == "ok" and ct is None:
+                reply = Reply("error", message=truth_error, seconds=reply.seconds)
+            for rec in cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name)):
+                emit(rec)
+
+
+def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,
+             isolate: bool = False, timeout: float = 300.0, plugins: Optional[list[str]] = None,
+             out: Optional[Path] = None, save_tensors: bool = False) -> list[CellResult]:
+    """Judge one case against some oracles and return the cells (used by ``repro`` and pytest)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(cases=[case], oracles=oracle_names, device=device, out=Path(out or tmp), save_tensors=save_tensors,
+                        plugins=list(plugins or []), table=table or ToleranceTable(), isolate=isolate,
+                        timeout=timeout, progress=False, echo=lambda s: None)
+        return Runner(cfg).run().results

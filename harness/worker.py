@@ -1,0 +1,223 @@
+"""Oracle worker processes: one per (oracle, device), reused across cases (multiprocessing spawn).
+
+The parent sends ``(case JSON, block indices or None)``; the worker materializes the inputs itself
+(``materialize`` is deterministic), runs the oracle and sends back CPU tensors serialized with
+``torch.save``. A segfault, an abort, a poisoned CUDA context or a hang past the per-cell timeout kills
+only the worker: the parent reports CRASH / TIMEOUT for that cell and starts a fresh worker.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+def _dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _setup(oracle_name: str, plugins: list[str], threads: int):
+    from oracles.base import get_oracle, load_entry_points, load_plugin
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    for p in plugins:
+        load_plugin(p)
+    load_entry_points()
+    return get_oracle(oracle_name)
+
+
+def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads: int) -> None:
+    """Process entry point: set up, then serve requests until ``None``."""
+    try:
+        oracle = _setup(oracle_name, plugins, threads)
+        versions = {}
+        if hasattr(oracle, "versions"):
+            try:
+                versions = {str(k): str(v) for k, v in dict(oracle.versions()).items()}
+            except Exception as e:  # noqa: BLE001
+                versions = {"versions_error": f"{type(e).__name__}: {e}"}
+        conn.send(("ready", versions))
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        return
+    from cases.model import Case
+    from cases.tensors import materialize
+
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        case_json, idx_bytes = msg
+        try:
+            case = Case.from_json(case_json)
+            inputs = materialize(case, device)
+            idx = _loads(idx_bytes).to(device) if idx_bytes is not None else None
+            t0 = time.perf_counter()
+            out = oracle.run(case, inputs, device, block_indices=idx)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+            if not isinstance(out, dict):
+                raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
+            cpu = {str(k): (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+            conn.send(("ok", _dumps(cpu), secs))
+        except Exception as e:  # noqa: BLE001 - every oracle failure becomes an ERROR cell
+            tb = traceback.format_exc(limit=-3)
+            conn.send(("error", f"{type(e).__name__}: {e}".strip(), tb))
+
+
+@dataclass
+class Reply:
+    """What came back for one request: status ok | error | crash | timeout | fatal."""
+
+    status: str
+    outputs: Optional[dict[str, Any]] = None
+    message: str = ""
+    detail: str = ""
+    seconds: Optional[float] = None
+
+
+def _signal_name(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit {code})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Worker:
+    """Parent-side handle of one worker process (started lazily, restarted after a crash/timeout)."""
+
+    oracle: str
+    device: str
+    plugins: list[str] = field(default_factory=list)
+    threads: int = 0
+    proc: Any = None
+    conn: Any = None
+    versions: dict[str, str] = field(default_factory=dict)
+    _sent_at: float = 0.0
+    _ready: bool = False
+    restarts: int = 0
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, self.oracle, self.device, list(self.plugins), self.threads),
+                                daemon=True, name=f"nsaconf-{self.oracle}-{self.device}")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self._ready = False
+
+    def _await_ready(self) -> Optional[Reply]:
+        if self._ready:
+            return None
+        if not self.conn.poll(STARTUP_TIMEOUT_S):
+            self.kill()
+            return Reply("crash", message=f"worker for {self.oracle} did not start within {STARTUP_TIMEOUT_S:.0f}s")
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            code = self._reap()
+            return Reply("crash", message=f"worker for {self.oracle} died while starting: {_signal_name(code)}")
+        if msg[0] == "fatal":
+            self.kill()
+            return Reply("fatal", message=msg[1])
+        self.versions = msg[1]
+        self._ready = True
+        return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def submit(self, case_json: str, block_indices: Optional[torch.Tensor]) -> Optional[Reply]:
+        """Send one request (starting the worker if needed); a Reply only if the worker cannot start."""
+        if not self.alive():
+            if self.proc is not None:
+                self.restarts += 1
+            self.start()
+        bad = self._await_ready()
+        if bad is not None:
+            return bad
+        payload = _dumps(block_indices.cpu()) if block_indices is not None else None
+        try:
+            self.conn.send((case_json, payload))
+        except (BrokenPipeError, OSError):
+            code = self._reap()
+            return Reply("crash", message=f"worker {_signal_name(code)}")
+        self._sent_at = time.monotonic()
+        return None
+
+    def collect(self, timeout: float) -> Reply:
+        """Wait for the reply of the last request, at most ``timeout`` seconds from its submission."""
+        left = max(0.0, timeout - (time.monotonic() - self._sent_at))
+        try:
+            ready = self.conn.poll(left)
+        except (EOFError, OSError):
+            ready = True
+        if not ready:
+            self.kill()
+            return Reply("timeout", message=f"no result within {timeout:g}s (worker killed and restarted)",
+                         seconds=time.monotonic() - self._sent_at)
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError, ConnectionResetError):
+            code = self._reap()
+            return Reply("crash", message=f"worker process {_signal_name(code)} (restarted)",
+                         seconds=time.monotonic() - self._sent_at)
+        if msg[0] == "ok":
+            try:
+                return Reply("ok", outputs=_loads(msg[1]), seconds=msg[2])
+            except Exception as e:  # noqa: BLE001
+                return Reply("error", message=f"cannot decode the oracle's outputs: {type(e).__name__}: {e}")
+        return Reply("error", message=msg[1], detail=msg[2], seconds=time.monotonic() - self._sent_at)
+
+    def _reap(self) -> Optional[int]:
+        if self.proc is None:
+            return None
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.kill()
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.proc is None or getattr(self.proc, "_popen", None) is None:
+            return
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                self.conn.send(None)
+                self.proc.join(5)
+            except (BrokenPipeError, OSError):
+                pass
+        self.kill()

@@ -7,6 +7,7 @@ import importlib
 
 BUILTIN_MODULES = (
     "oracles.reference_oracles",
+    "oracles.inhouse_cutile.oracle",
     "oracles.fla",
     "oracles.tilelang",
     "oracles.nsa_impl",

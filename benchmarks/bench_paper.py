@@ -1,0 +1,171 @@
+"""Paper-configuration benchmark (issue 6): in-house cuTile NSA forward vs FLA ``parallel_nsa`` vs the
+TileLang fwd selection kernel vs dense causal SDPA, T = 4k/16k/64k, one run, one card.
+
+    source .device/env.sh   # both bundles (cutile + oracles) unpacked on the warm machine
+    PYTHONPATH=. python benchmarks/bench_paper.py --out $OUT --T 4096,16384,65536
+
+Config: B=1, HQ=64, H=4 (G=16), D=DV=128, n=16, l=d=l'=64, w=512, bf16 (TileLang: fp16 only, so the
+selection comparison is run in fp16 for both). Inputs are drawn on the GPU (q, v ~ N(0,1); k = a
+moving-average-correlated N(0,1) so that neighbouring blocks look alike, as in cases.tensors).
+All selection kernels get the same block indices: the in-house top-n of the same inputs.
+Timing: harness.bench.time_fn (CUDA events, warm-up, median of --reps, inputs rotated past L2).
+Writes OUT/bench.jsonl + OUT/performance.html (harness.bench schema) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from cases.model import Case  # noqa: E402
+from cases.tensors import Inputs  # noqa: E402
+from harness import bench as hb  # noqa: E402
+
+
+def paper_case(T: int, dtype: str = "bfloat16", window: int = 512) -> Case:
+    return Case(batch=1, seq_len=T, heads_q=64, heads_kv=4, head_dim=128, block_size=64, top_n=16, window=window,
+                dtype=dtype, forced_blocks="initial_local", cmp_mask="end_inclusive")
+
+
+def gpu_inputs(case: Case, seed: int) -> Inputs:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = getattr(torch, case.dtype)
+    B, T, HQ, H, D = case.batch, case.seq_len, case.heads_q, case.heads_kv, case.head_dim
+    q = torch.randn((B, T, HQ, D), device="cuda", generator=g)
+    k = torch.randn((B, T, H, D), device="cuda", generator=g)
+    smooth = torch.nn.functional.avg_pool1d(torch.randn((B * H * D, 1, T + 31), device="cuda", generator=g), 32, 1)
+    k = 0.8 * k + 0.8 * math.sqrt(32) * smooth.view(B, H, D, T).permute(0, 3, 1, 2)
+    v = torch.randn((B, T, H, D), device="cuda", generator=g)
+    gates = 0.05 + 0.9 * torch.rand((3, B, T, HQ), device="cuda", generator=g)
+    return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="4096,16384,65536")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+    ap.add_argument("--skip", default="", help="comma list of: fla,tilelang,dense")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from oracles.inhouse_cutile import forward as F
+    ceil = hb.measure_ceilings()
+    print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
+    vers = hb.versions()
+    records: list[hb.BenchRecord] = []
+
+    def run(case: Case, name: str, layer: str, branches: tuple, fns: list, note: str = "", group: str = "",
+            cost: hb.Cost | None = None):
+        try:
+            ms = hb.time_fn(fns[0], reps=args.reps, warmup=args.warmup, rotate=fns)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {name} T={case.seq_len}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            traceback.print_exc(limit=3)
+            return None
+        rec = hb.make_record(case, name, layer, branches, ms, args.reps, cost or hb.cost_of(case, branches), ceil,
+                             vers, note, group)
+        records.append(rec)
+        print(f"T={case.seq_len:6d} {name:34s} {ms:9.3f} ms  {rec.pct_of_floor:5.1f} % of floor  [{group}]", flush=True)
+        return ms
+
+    for T in [int(t) for t in args.T.split(",")]:
+        case = paper_case(T)
+        case_nw = paper_case(T, window=0)
+        base = gpu_inputs(case, seed=T)
+        ncopy = hb.input_copies(case, base)
+        xs = [base] + [hb.clone_inputs(base) for _ in range(ncopy - 1)]
+        scale = case.softmax_scale
+        pos = torch.arange(T, device="cuda")
+        # shared block indices: the in-house top-n
+        kc, vc = F.mean_pool(base.k, base.v, 64, 64)
+        _, _, imp = F.compression(base.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)
+        idx = F.top_n(imp, pos, 16, 64, "initial_local")
+        del kc, vc, imp
+        idx32 = idx.to(torch.int32).contiguous()
+        g_full, g_nw, g_sel, g_cmp, g_dense = "full fwd (cmp+topk+slc+swa+gates)", "fwd w/o window (cmp+topk+slc+gates)", \
+            "selection on given idx (bf16)", "cmp+topk", "dense causal"
+        run(case, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
+            group=g_full)
+        run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
+            group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
+        run(case, "inhouse_cutile.selection", "kernel", ("slc_o",),
+            [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
+
+        def cmp_topk(x):
+            kc, vc = F.mean_pool(x.k, x.v, 64, 64)
+            _, _, imp = F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)
+            return F.top_n(imp, pos, 16, 64, "initial_local")
+        run(case, "inhouse_cutile.cmp+topk", "kernel", ("cmp_o", "cmp_lse", "topk_idx"),
+            [lambda x=x: cmp_topk(x) for x in xs], group=g_cmp)
+        run(case, "inhouse_cutile.window", "kernel", ("swa_o",),
+            [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
+        if "fla" not in skip:
+            try:
+                from oracles.fla import _triton_modules
+                par, compression, mean_pooling = _triton_modules()
+                run(case_nw, "fla.parallel_nsa", "e2e", ("o",),
+                    [lambda x=x: par.parallel_nsa(x.q, x.k, x.v, x.g_cmp, x.g_slc, None, block_counts=16, block_size=64,
+                                                  window_size=0, scale=scale) for x in xs],
+                    group=g_nw, cost=hb.cost_of(case_nw, ("o",)), note="FLA has no window without flash-attn")
+                run(case, "fla.parallel_nsa_fwd (selection)", "kernel", ("slc_o",),
+                    [lambda x=x: par.ParallelNSAFunction.apply(x.q, x.k, x.v, idx32, 16, 64, scale, None) for x in xs],
+                    group=g_sel)
+
+                def fla_cmp_topk(x):
+                    kc, vc = mean_pooling(x.k, 64, None), mean_pooling(x.v, 64, None)
+                    _, lse = compression(q=x.q, k=kc, v=vc, TK=T, block_size=64, scale=scale, cu_seqlens=None)
+                    return par.parallel_nsa_topk(q=x.q, k=kc, TK=T, lse=lse, block_counts=16, block_size=64, scale=scale,
+                                                 cu_seqlens=None)
+                run(case, "fla.cmp+topk", "kernel", ("cmp_o", "cmp_lse", "topk_idx"), [lambda x=x: fla_cmp_topk(x) for x in xs],
+                    group=g_cmp)
+            except Exception as e:  # noqa: BLE001
+                print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
+        if "tilelang" not in skip:
+            try:
+                from oracles.base import get_oracle
+                tl = get_oracle("tilelang_fwd")
+                case16 = paper_case(T, "float16")
+                why = tl.check_support(case16, "cuda")
+                x16 = [Inputs(**{k: (None if v is None else (v.half() if v.is_floating_point() else v))
+                                 for k, v in vars(x).items()}) for x in xs]
+                run(case16, "inhouse_cutile.selection (fp16)", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in x16], group="selection (fp16)")
+                if why:
+                    print(f"SKIP tilelang_fwd: {why}", flush=True)
+                else:
+                    run(case16, "tilelang_fwd (selection, fp16)", "kernel", ("slc_o",),
+                        [lambda x=x: tl.run(case16, x, "cuda", block_indices=idx) for x in x16], group="selection (fp16)")
+                del x16
+            except Exception as e:  # noqa: BLE001
+                print(f"TileLang unavailable: {type(e).__name__}: {e}", flush=True)
+        if "dense" not in skip:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qt = [x.q.transpose(1, 2).contiguous() for x in xs]
+            kt = [x.k.transpose(1, 2).contiguous() for x in xs]
+            vt = [x.v.transpose(1, 2).contiguous() for x in xs]
+
+            def sdpa(i):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                    return torch.nn.functional.scaled_dot_product_attention(qt[i], kt[i], vt[i], is_causal=True, enable_gqa=True)
+            run(case, "dense causal SDPA (GQA)", "e2e", ("o",), [lambda i=i: sdpa(i) for i in range(len(xs))],
+                group=g_dense, cost=hb.dense_causal_cost(case), note="layout pre-transposed to [B,H,T,D]")
+            del qt, kt, vt
+        del xs, base
+        torch.cuda.empty_cache()
+    hb.fill_ratios(records)
+    hb.write_records(__import__("pathlib").Path(args.out), records)
+    print("\n| T | what | ms | % of floor |\n|---|---|---|---|")
+    for r in records:
+        print(f"| {r.case.split('-')[2]} | {r.oracle} [{r.group}] | {r.ms:.3f} | {r.pct_of_floor:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

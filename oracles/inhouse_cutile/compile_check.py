@@ -1,0 +1,61 @@
+"""Ahead-of-time compile of every in-house kernel variant to an sm_90 cubin, without a GPU.
+
+``python -m oracles.inhouse_cutile.compile_check`` needs ``cuda-tile`` and tileiras/ptxas 13.4 on PATH
+(``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.92 nvidia-cuda-nvcc==13.4.92
+nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any device time is spent.
+"""
+from __future__ import annotations
+
+import io
+import sys
+import time
+from typing import Any
+
+
+def _arr(ct, dtype, ndim: int):
+    from cuda.tile.compilation import ArrayConstraint
+    return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
+                           may_alias_internally=False, stride_constant=[None] * (ndim - 1) + [1],
+                           base_addr_divisible_by=16)
+
+
+def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
+    """(label, kernel, signature parameters) for the variants the benchmark and tests use."""
+    import cuda.tile as ct
+    from cuda.tile.compilation import ScalarConstraint
+    from oracles.inhouse_cutile import kernels as K
+    dt = getattr(ct, dtype)
+    a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
+    f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
+    out = []
+    for cmp, G, GP, TMQ, TN, DP in [(True, 16, 16, 4, 64, 128), (True, 3, 4, 16, 64, 64), (False, 16, 16, 4, 64, 128),
+                                    (False, 1, 1, 64, 64, 32)]:
+        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}", K.dense_branch_kernel,
+                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp]))
+    for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
+        out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
+                    [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
+    out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
+    return out
+
+
+def main() -> int:
+    import cuda.tile as ct  # noqa: F401
+    from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
+    cc = CallingConvention.cutile_python_v1()
+    bad = 0
+    for label, kern, params in variants(sys.argv[1] if len(sys.argv) > 1 else "bfloat16"):
+        t = time.time()
+        try:
+            sig = KernelSignature(params, cc).with_mangled_symbol(kern._annotated_function.pyfunc.__name__)
+            buf = io.BytesIO()
+            export_kernel(kern, [sig], buf, gpu_code="sm_90", output_format="cubin")
+            print(f"ok   {label}: {len(buf.getvalue())} B cubin in {time.time() - t:.1f}s")
+        except Exception as e:  # report every variant
+            bad += 1
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[:3000]}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The in-house NSA forward on the GPU: cuTile kernels + a few fused torch device ops (top-n).
+
+Branch entry points (all tensors on one CUDA device, canonical layouts, one sequence per call,
+queries are the last TQ positions ``p = T - TQ + i``):
+
+* ``mean_pool(k, v, l, d)`` -> ``K_cmp, V_cmp`` ``[B,ceil(T/d),H,*]`` (cuTile, fp32 accumulation);
+* ``compression(q, k_cmp, v_cmp, T, ...)`` -> ``cmp_o, cmp_lse[, imp_cmp]`` (cuTile; ``imp_cmp``
+  ``[B,TQ,H,NC]`` fp32 = compression probabilities summed over the GQA group, second pass of the
+  same kernel reusing the LSE);
+* ``top_n(imp_cmp, ...)`` -> ``[B,TQ,H,n]`` int64 (Eq. 9 map + forced blocks + exact order:
+  forced first, then importance, ties to the lower index, -1 padding; torch ops on the device);
+* ``selection(q, k, v, idx, ...)`` -> ``slc_o`` (cuTile, gathers the selected blocks);
+* ``sliding_window(q, k, v, w, window_keys, ...)`` -> ``swa_o`` (cuTile);
+* ``nsa_forward(case, inputs)`` -> every canonical branch and ``o = g_cmp*cmp_o + g_slc*slc_o + g_swa*swa_o``.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from cases.conventions import eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks, selection_candidate
+from cases.model import Case
+from cases.tensors import Inputs, canonical_order
+
+LOG2E = 1.0 / math.log(2.0)
+ROWS = 64          # rows (query x head) of a compression / window tile
+KEY_TILE = 64      # keys (or compressed blocks) per inner step
+MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
+
+
+def pow2(x: int) -> int:
+    """Smallest power of two >= x."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _ct():
+    import cuda.tile as ct
+    from oracles.inhouse_cutile import kernels
+    return ct, kernels
+
+
+def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
+    ct, _ = _ct()
+    ct.launch(torch.cuda.current_stream(), grid, kernel, args)
+
+
+def mean_pool(k: torch.Tensor, v: torch.Tensor, l: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K_cmp[c] = mean(k[c*d : min(c*d+l, T)])`` over dim 1 (same for v)."""
+    _, K = _ct()
+    B, T, H, D = k.shape
+    DV = v.shape[-1]
+    NC = num_cmp_blocks(T, d)
+    kc = torch.empty((B, NC, H, D), device=k.device, dtype=k.dtype)
+    vc = torch.empty((B, NC, H, DV), device=v.device, dtype=v.dtype)
+    _launch(K.mean_pool_kernel, (NC, B * H, 1), (k, v, kc, vc, T, l, d, pow2(l), pow2(D), pow2(DV)))
+    return kc, vc
+
+
+def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l: int, d: int, w: int,
+           is_cmp: bool, want_imp: bool) -> None:
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = pow2(G)
+    TMQ = max(1, ROWS // GP)
+    grid = (-(-TQ // TMQ), B * H, 1)
+    _launch(K.dense_branch_kernel, grid,
+            (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
+             G, GP, TMQ, KEY_TILE, pow2(D), pow2(DV), is_cmp, want_imp))
+
+
+def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
+                cmp_mask: str, scale: float, want_importance: bool = False):
+    """Compression attention over the pooled blocks ``c`` with ``CMP_MASKS[cmp_mask](c, p, l, d)``.
+    Returns ``cmp_o`` (q dtype), ``cmp_lse`` fp32 natural log (-inf: no visible block) and, on
+    request, ``imp_cmp`` ``[B,TQ,H,NC]`` fp32 (probabilities summed over the group)."""
+    _, K = _ct()
+    B, TQ, HQ, _ = q.shape
+    NC, H = k_cmp.shape[1], k_cmp.shape[2]
+    o = torch.empty((B, TQ, HQ, v_cmp.shape[-1]), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32)
+    imp = torch.zeros((B, TQ, H, NC) if want_importance else (1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance)
+    return (o, lse, imp) if want_importance else (o, lse)
+
+
+def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, window_keys: str,
+                   scale: float) -> torch.Tensor:
+    """Attention over the keys ``WINDOW_KEYS[window_keys](p, s, w)``."""
+    _, K = _ct()
+    B, TQ, HQ, _ = q.shape
+    T = k.shape[1]
+    o = torch.empty((B, TQ, HQ, v.shape[-1]), device=q.device, dtype=q.dtype)
+    dummy = torch.empty((1, 1, 1), device=q.device, dtype=torch.float32)
+    _dense(q, k, v, o, dummy, dummy.view(1, 1, 1, 1), scale, T, T, K.MODE_OF_WINDOW_KEYS[window_keys], 1, 1, w,
+           False, False)
+    return o
+
+
+def selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
+              scale: float) -> torch.Tensor:
+    """Attention over the keys ``s <= p`` of the selection blocks ``idx [B,TQ,H,n]`` (-1: none)."""
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = max(pow2(G), MIN_SEL_ROWS)
+    LSP = pow2(ls)
+    aligned = LSP == ls
+    idx32 = idx.to(device=q.device, dtype=torch.int32).contiguous()
+    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+    _launch(K.selection_kernel, (TQ, B * H, 1),
+            (q, k, v, idx32, o, scale * LOG2E, T - TQ, T, ls, idx32.shape[-1], G, GP, LSP, pow2(D), pow2(DV), aligned))
+    return o
+
+
+@lru_cache(maxsize=32)
+def _eq9(n_cmp: int, n_sel: int, l: int, d: int, ls: int, device: str) -> Optional[torch.Tensor]:
+    """Eq. 9 map as an fp32 matrix on ``device``, or None when it is the identity (l = d = l')."""
+    w = eq9_weights(n_cmp, n_sel, l, d, ls)
+    if n_cmp == n_sel and torch.equal(w, torch.eye(n_cmp, dtype=w.dtype)):
+        return None
+    return w.to(device=device, dtype=torch.float32)
+
+
+def importance(imp_cmp: torch.Tensor, l: int, d: int, ls: int, T: int) -> torch.Tensor:
+    """``p_slc = p_cmp @ eq9_weights`` -> ``[B,TQ,H,NS]`` fp32."""
+    NC, NS = imp_cmp.shape[-1], num_sel_blocks(T, ls)
+    w = _eq9(NC, NS, l, d, ls, str(imp_cmp.device))
+    return imp_cmp if w is None else imp_cmp @ w
+
+
+def top_n(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_blocks: str) -> torch.Tensor:
+    """Top-n blocks per (query, kv head) from ``imp [B,TQ,H,NS]`` (>= 0): candidates ``j*l' <= p`` with
+    importance > 0 or forced; forced first, then by importance, ties to the lower index; -1 padding;
+    ascending with -1 last. Exact order through one int64 key per block:
+    ``(float bits of the score) << 32 | (NS-1-j)`` (non-negative floats order like their bits)."""
+    NS = imp.shape[-1]
+    j = torch.arange(NS, device=imp.device)
+    pos = positions.to(imp.device)
+    forced = is_forced(forced_blocks, j[None, :], pos[:, None], ls)[None, :, None, :]     # [1,TQ,1,NS]
+    cand = selection_candidate(j[None, :], pos[:, None], ls)[None, :, None, :] & ((imp > 0) | forced)
+    bits = imp.contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.where(forced, torch.full_like(bits, 0x7F800000), bits)                   # +inf bits
+    key = (bits << 32) | (NS - 1 - j)
+    key = torch.where(cand, key, torch.full_like(key, -1))
+    kk = min(n, NS)
+    val, _ = key.topk(kk, dim=-1)
+    idx = torch.where(val < 0, torch.full_like(val, -1), (NS - 1) - (val & 0xFFFFFFFF))
+    if kk < n:
+        idx = torch.cat([idx, idx.new_full(idx.shape[:-1] + (n - kk,), -1)], dim=-1)
+    return canonical_order(idx)
+
+
+def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict[str, torch.Tensor]:
+    """All requested branches for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``)."""
+    l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
+    T = k.shape[1]
+    out: dict[str, torch.Tensor] = {}
+    need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
+    if need_topk or "cmp_o" in want or "cmp_lse" in want:
+        kc, vc = mean_pool(k, v, l, d)
+        res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk)
+        out["cmp_o"], out["cmp_lse"] = res[0], res[1]
+        if need_topk:
+            out["topk_idx"] = top_n(importance(res[2], l, d, ls, T), positions, case.top_n, ls, case.forced_blocks)
+    if "slc_o" in want:
+        idx = given_idx if given_idx is not None else out["topk_idx"]
+        out["slc_o"] = selection(q, k, v, idx, ls, scale)
+    if "swa_o" in want and case.window > 0:
+        out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
+    return out
+
+
+@torch.no_grad()
+def nsa_forward(case: Case, inputs: Inputs, block_indices: Optional[torch.Tensor] = None,
+                branches: tuple[str, ...] = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+                ) -> dict[str, torch.Tensor]:
+    """The NSA forward of ``case`` on CUDA ``inputs`` (case dtype). Selection uses ``block_indices``
+    if given, else ``inputs.block_indices`` for ``block_indices="random"`` cases, else the top-n
+    computed here. Returns the requested canonical branches (``swa_o`` only when ``window > 0``)."""
+    want = set(branches)
+    if "o" in want:
+        want |= {"cmp_o", "slc_o", "swa_o"}
+    given = block_indices
+    if given is None and case.block_indices == "random":
+        given = inputs.block_indices
+    q, k, v = (t.contiguous() for t in (inputs.q, inputs.k, inputs.v))
+    if case.cu_seqlens is None:
+        pos = torch.arange(case.q_offset, case.seq_len, device=q.device)
+        out = _sequence(case, q, k, v, pos, given, want)
+    else:
+        parts = []
+        for s0, s1 in case.sequences:
+            pos = torch.arange(s1 - s0, device=q.device)
+            gi = None if given is None else given[:, s0:s1]
+            parts.append(_sequence(case, q[:, s0:s1].contiguous(), k[:, s0:s1].contiguous(),
+                                   v[:, s0:s1].contiguous(), pos, gi, want))
+        out = {name: torch.cat([p[name] for p in parts], 1) for name in parts[0]}
+    if "o" in want:
+        o = inputs.g_cmp[..., None].float() * out["cmp_o"].float() + inputs.g_slc[..., None].float() * out["slc_o"].float()
+        if "swa_o" in out:
+            o = o + inputs.g_swa[..., None].float() * out["swa_o"].float()
+        out["o"] = o.to(q.dtype)
+    return {name: t for name, t in out.items() if name in branches}

@@ -1,0 +1,216 @@
+"""cuTile kernels of the in-house NSA forward (imported lazily: needs ``cuda-tile`` 1.7.0).
+
+Layouts are the canonical ones: q ``[B,TQ,HQ,D]``, k ``[B,T,H,D]``, v ``[B,T,H,DV]``; query i sits at
+``p = q_off + i``. Every program handles the G query heads of one kv head together (rows of a tile
+are ``(query, head)`` pairs, ``row = i_local*GP + g``), so each K/V tile is loaded once per group.
+Heads are padded to ``GP`` (a power of two >= G) through a sliced view whose padding loads zeros;
+padded rows are never stored. Visibility rules are the functions of ``cases.conventions`` called
+inside the kernels (cuTile inlines plain Python functions), so no rule is re-derived here.
+
+Softmax is online in base 2 (``s2 = scale*log2(e) * q.k``) with a finite initial maximum, so a row
+that sees no key keeps ``l = 0`` and is written as ``o = 0``, ``lse = -inf`` without any NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import cuda.tile as ct
+import numpy as np
+
+from cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive,
+                               selection_causal, window_w, window_w_plus_1)
+
+ConstInt = ct.Constant[int]
+ConstBool = ct.Constant[bool]
+ZERO = ct.PaddingMode.ZERO
+NEG = -1.0e30          # finite initial running max: all-masked rows never form inf - inf
+LN2 = math.log(2.0)
+
+# MODE of ``dense_branch_kernel``: the compression conventions 0..3, then the two window rules
+MODE_OF_CMP_MASK = {"end_inclusive": 0, "current_block": 1, "anti_causal": 2, "end_exclusive": 3}
+MODE_OF_WINDOW_KEYS = {"w": 4, "w_plus_1": 5}
+
+
+def _visible(IS_CMP, mode, key, pos, L, DS, W):
+    """Visibility of key/compressed block ``key`` ``[1,TN]`` for positions ``pos`` ``[M,1]``;
+    ``mode`` is a run-time int (one compiled kernel serves every convention)."""
+    if IS_CMP:
+        return ct.where(mode == 0, end_inclusive(key, pos, L, DS),
+                        ct.where(mode == 1, current_block(key, pos, L, DS),
+                                 ct.where(mode == 2, anti_causal(key, pos, L, DS),
+                                          end_exclusive(key, pos, L, DS))))
+    else:
+        return ct.where(mode == 4, window_w(pos, key, W), window_w_plus_1(pos, key, W))
+
+
+@ct.kernel(occupancy=2)
+def dense_branch_kernel(Q, K, V, O, LSE, IMP,
+                        qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
+                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
+                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool):
+    """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
+    attention for TMQ queries x G heads of kv head ``bid(1) % H``.
+
+    ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
+    (second pass over the same key tiles reusing the LSE; compression only)."""
+    qt = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    M = TMQ * GP
+    # queries of this tile and their positions
+    p0 = q_off + qt * TMQ
+    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
+    rows = ct.arange(M, dtype=np.int32)
+    row_i = rows // GP                        # local query of each row
+    row_g = rows % GP                          # head inside the group
+    pos = (p0 + row_i)[:, None]                # [M,1]
+    if G == GP:
+        Qv = Q
+        Ov = O
+        hidx = hk
+    else:
+        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
+        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
+        hidx = 0
+    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    # key range touched by this tile (exact masking below)
+    lo = 0
+    hi = NKEYS
+    if MODE == 0:
+        hi = min(max(p1 - L + 1 + DS, 0) // DS, NKEYS)
+    elif MODE == 1:
+        hi = min(p1 // DS + 1, NKEYS)
+    elif MODE == 2:
+        lo = max(p0 - L + DS, 0) // DS
+    elif MODE == 3:
+        hi = min(max(p1 - L + DS, 0) // DS, NKEYS)
+    else:
+        lo = max(p0 - W, 0)
+        hi = min(p1 + 1, NKEYS)
+    kt_lo = lo // TN
+    kt_hi = ct.cdiv(hi, TN)
+    if hi <= lo:
+        kt_hi = kt_lo
+    offs_n = ct.arange(TN, dtype=np.int32)[None, :]
+    m_i = ct.full((M, 1), NEG, dtype=np.float32)
+    l_i = ct.full((M, 1), 0.0, dtype=np.float32)
+    acc = ct.full((M, DVP), 0.0, dtype=np.float32)
+    for kt in range(kt_lo, kt_hi):
+        k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                    padding_mode=ZERO, latency=2).reshape((DP, TN))
+        s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+        key = kt * TN + offs_n
+        vis = _visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS)
+        s = ct.where(vis, s * qk_scale2, -np.inf)
+        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+        p = ct.exp2(s - m_new, flush_to_zero=True)
+        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+        l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+        v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO,
+                    latency=4).reshape((TN, DVP))
+        acc = ct.mma(p.astype(Q.dtype), v, acc * alpha)
+        m_i = m_new
+    has = l_i > 0.0
+    l_safe = ct.where(has, l_i, 1.0)
+    out = ct.where(has, acc / l_safe, 0.0)
+    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
+    lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
+    if IS_CMP:
+        if G == GP:
+            LSEv = LSE
+        else:
+            LSEv = LSE.slice(axis=2, start=hk * G, stop=hk * G + G)
+        ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
+    if WRITE_IMP:
+        keep = has & (row_g < G)[:, None]
+        for kt in range(kt_lo, kt_hi):
+            k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                        padding_mode=ZERO, latency=2).reshape((DP, TN))
+            s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+            key = kt * TN + offs_n
+            vis = _visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS) & keep
+            pr = ct.where(vis, ct.exp2(s * qk_scale2 - lse2, flush_to_zero=True), 0.0)
+            imp = ct.sum(pr.reshape((TMQ, GP, TN)), axis=1)
+            ct.store(IMP, index=(b, qt, hk, kt), tile=imp.reshape((1, TMQ, 1, TN)))
+
+
+@ct.kernel
+def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: int,
+                     NSEL: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt, DP: ConstInt,
+                     DVP: ConstInt, ALIGNED: ConstBool):
+    """Selection attention of query ``bid(0)``, kv head ``bid(1) % H``, its G heads together:
+    attention over the keys ``s <= p`` of the blocks ``IDX[b,i,h,:]`` (-1 = none), each block of
+    ``LS`` keys loaded once (``ALIGNED``: LS is the power-of-two tile, loaded by tile index; else
+    a sliced view padded to LSP)."""
+    i = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    p = q_off + i
+    if G == GP:
+        Qv = Q
+        Ov = O
+        hidx = hk
+    else:
+        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
+        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
+        hidx = 0
+    q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
+    offs = ct.arange(LSP, dtype=np.int32)[None, :]
+    m_i = ct.full((GP, 1), NEG, dtype=np.float32)
+    l_i = ct.full((GP, 1), 0.0, dtype=np.float32)
+    acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    for t in range(NSEL):
+        j = ct.load(IDX, index=(b, i, hk, t), shape=())
+        start = j * LS
+        if (j >= 0) & (start <= p):
+            if ALIGNED:
+                k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                            padding_mode=ZERO, latency=2).reshape((DP, LSP))
+                v = ct.load(V, index=(b, j, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                            latency=4).reshape((LSP, DVP))
+            else:
+                stop = min(start + LS, T)
+                Ks = K.slice(axis=1, start=start, stop=stop)
+                Vs = V.slice(axis=1, start=start, stop=stop)
+                k = ct.load(Ks, index=(b, hk, 0, 0), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                            padding_mode=ZERO, latency=2).reshape((DP, LSP))
+                v = ct.load(Vs, index=(b, 0, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                            latency=4).reshape((LSP, DVP))
+            s = ct.mma(q, k, ct.full((GP, LSP), 0.0, dtype=np.float32))
+            key = start + offs
+            vis = selection_causal(p, key) & (offs < LS) & (key < T)
+            s = ct.where(vis, s * qk_scale2, -np.inf)
+            m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+            pr = ct.exp2(s - m_new, flush_to_zero=True)
+            alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+            l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
+            acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
+            m_i = m_new
+    has = l_i > 0.0
+    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
+
+
+@ct.kernel
+def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: ConstInt, DVP: ConstInt):
+    """``KC[b,c,h] = mean(K[b, c*d : min(c*d+l, T), h])`` (same for V), accumulated in fp32."""
+    c = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    h = bh % H
+    start = c * DS
+    stop = min(start + L, T)
+    Ks = K.slice(axis=1, start=start, stop=stop)
+    Vs = V.slice(axis=1, start=start, stop=stop)
+    inv = 1.0 / (stop - start)
+    k = ct.load(Ks, index=(b, 0, h, 0), shape=(1, LP, 1, DP), padding_mode=ZERO).astype(np.float32)
+    v = ct.load(Vs, index=(b, 0, h, 0), shape=(1, LP, 1, DVP), padding_mode=ZERO).astype(np.float32)
+    kc = ct.sum(k, axis=1, keepdims=True) * inv
+    vc = ct.sum(v, axis=1, keepdims=True) * inv
+    ct.store(KC, index=(b, c, h, 0), tile=kc.astype(KC.dtype))
+    ct.store(VC, index=(b, c, h, 0), tile=vc.astype(VC.dtype))

@@ -1,0 +1,133 @@
+"""CPU tests of the in-house cuTile oracles (issue 6): registration, availability and supports()
+reasons, the device-side top-n / Eq. 9 glue against the reference rule, the FLOP/byte model and the
+performance section. GPU tests (marked ``gpu``) run the kernels against the fp64 reference."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from cases.conventions import eq9_weights
+from cases.model import Case
+from cases.tensors import materialize
+from oracles.base import get_oracle, registry
+from oracles.reference import nsa_reference, select_blocks
+
+
+def test_registered_with_declarations():
+    reg = registry()
+    e2e, ker = reg["inhouse_cutile"], reg["inhouse_cutile_kernels"]
+    assert e2e.layer == "e2e" and set(e2e.branches) == {"cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o"}
+    assert ker.layer == "kernel" and ker.needs_block_indices and "topk_idx" not in ker.branches
+    assert e2e.devices == ("cuda",) and "float64" not in e2e.dtypes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only availability message")
+def test_unavailable_on_cpu_says_how_to_enable():
+    why = get_oracle("inhouse_cutile").check_support(Case(), "cuda")
+    assert why and "cuda-tile 1.7.0" in why and "tileiras 13.4" in why and "device-bundles.sh cutile" in why
+    assert get_oracle("inhouse_cutile").check_support(Case(), "cpu")
+
+
+@pytest.mark.parametrize("kw,word", [(dict(head_dim=320), "head_dim"), (dict(head_dim=64, head_dim_v=512), "head_dim"),
+                                     (dict(block_size=512, cmp_block=16, cmp_stride=16), "block_size"),
+                                     (dict(heads_q=256, heads_kv=1), "group")])
+def test_supports_reasons(kw, word):
+    why = get_oracle("inhouse_cutile").supports(Case(**kw), "cuda")
+    assert why and word in why
+    assert get_oracle("inhouse_cutile").supports(Case(head_dim=192, head_dim_v=128, heads_q=64, heads_kv=1), "cuda") is None
+
+
+@pytest.mark.parametrize("forced", ["none", "current", "initial_local"])
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_top_n_matches_reference_rule_with_exact_ties(forced, n):
+    from oracles.inhouse_cutile.forward import top_n
+    if n < {"none": 0, "current": 1, "initial_local": 3}[forced]:
+        pytest.skip(f"top_n={n} < forced blocks of {forced} (invalid case)")
+    g = torch.Generator().manual_seed(n)
+    case = Case(seq_len=120, block_size=8, top_n=n, forced_blocks=forced, heads_q=2, heads_kv=2)
+    imp = torch.rand((1, 50, 2, 15), generator=g)
+    imp = torch.where(torch.rand(imp.shape, generator=g) < 0.3, torch.zeros_like(imp), torch.round(imp * 4) / 4)
+    pos = torch.arange(70, 120)
+    want = select_blocks(case, imp[0].double(), pos)
+    got = top_n(imp, pos, n, 8, forced)[0]
+    assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 32), (64, 64, 64), (8, 8, 16)])
+def test_importance_is_eq9(l, d, ls):
+    from oracles.inhouse_cutile.forward import importance
+    T = 300
+    nc, ns = -(-T // d), -(-T // ls)
+    p = torch.rand((1, 7, 2, nc))
+    want = p.double() @ eq9_weights(nc, ns, l, d, ls)
+    assert torch.allclose(importance(p, l, d, ls, T).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_flop_and_byte_model_paper_config():
+    from harness.bench import branch_costs, cost_of, dense_causal_cost
+    c = Case(seq_len=4096, heads_q=64, heads_kv=4, head_dim=128, block_size=64, top_n=16, window=512, dtype="bfloat16")
+    costs = branch_costs(c)
+    T, HQ, D = 4096, 64, 128
+    # selection: min(n*l', p+1) keys per query, 2 flops per MAC, QK and PV
+    keys = sum(min(16 * 64, p + 1) for p in range(T))
+    assert costs["slc"].flops == pytest.approx(2 * HQ * keys * 2 * D)
+    # compression, end_inclusive, l=d=64: block c visible iff 64c + 63 <= p -> (p+1)//64 blocks
+    ncmp = sum((p + 1) // 64 for p in range(T))
+    assert costs["cmp"].flops == pytest.approx(2 * HQ * ncmp * 2 * D)
+    assert costs["swa"].flops == pytest.approx(2 * HQ * sum(min(512, p + 1) for p in range(T)) * 2 * D)
+    assert dense_causal_cost(c).flops == pytest.approx(2 * HQ * T * (T + 1) / 2 * 2 * D)
+    # bytes: q, k, v once + the returned output
+    assert cost_of(c, ("slc_o",)).bytes == (T * HQ * D + 2 * T * 4 * D + T * HQ * D) * 2
+
+
+def test_performance_section_renders():
+    from reports.performance import render_performance_section
+    assert "No timings" in render_performance_section([])
+    rec = dict(case="c<1>", oracle="inhouse_cutile", layer="e2e", branches=["o"], ms=2.0, ratio_to_fastest=1.0,
+               flops=1e12, bytes=1e9, floor_ms=1.5, pct_of_floor=75.0, device="H100", ceilings={"matmul_tflops": 700})
+    html = render_performance_section([rec, dict(rec, oracle="fla", ms=4.0, ratio_to_fastest=2.0)])
+    assert "c&lt;1&gt;" in html and "2.00&times;" in html and "75.0 %" in html and "<b>2.000</b>" in html
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tileiras") is None, reason="needs tileiras 13.4 on PATH to compile sm_90 cubins on the CPU")
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile.compile_check import main
+    assert main() == 0
+
+
+GPU_CASES = [
+    Case(seq_len=1000, heads_q=16, heads_kv=1, head_dim=192, head_dim_v=128, cmp_block=32, cmp_stride=16, block_size=64,
+         top_n=16, window=512, dtype="bfloat16"),
+    Case(seq_len=130, q_len=7, heads_q=6, heads_kv=2, head_dim=40, block_size=24, cmp_block=24, cmp_stride=8, top_n=4,
+         window=33, dtype="float16", cmp_mask="anti_causal", window_keys="w_plus_1", forced_blocks="current"),
+    Case(seq_len=40, heads_q=4, heads_kv=4, head_dim=64, block_size=64, top_n=3, window=16, dtype="float32",
+         cmp_mask="current_block", block_indices="random"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_matches_fp64_reference(case):
+    oracle = get_oracle("inhouse_cutile")
+    why = oracle.check_support(case, "cuda")
+    if why:
+        pytest.skip(why)
+    x = materialize(case, "cuda")
+    truth = nsa_reference(case, x, dtype=torch.float64)
+    base = nsa_reference(case, x, dtype=None)
+    out = oracle.run(case, x, "cuda")
+    for name in ("cmp_o", "cmp_lse", "slc_o", "swa_o", "o"):
+        if name not in truth:
+            continue
+        t, got, b = truth[name], out[name].double(), base[name].double()
+        fin = torch.isfinite(t)
+        assert torch.equal(torch.isfinite(got), fin), f"{name}: non-finite pattern differs"
+        err = float((got[fin] - t[fin]).abs().max())
+        berr = float((b[fin] - t[fin]).abs().max())
+        assert err <= 2 * berr + 1e-2, f"{name}: err {err:.3e} vs baseline {berr:.3e}"
+    assert torch.equal(torch.sort(out["topk_idx"].cpu(), -1).values, torch.sort(truth["topk_idx"].cpu(), -1).values)

@@ -43,6 +43,7 @@ class Drill:
 
     anchor: str
     rec: CellRecord
+    repro: str
     metrics: list[tuple[str, str]]
     tolerance: list[tuple[str, str]]
     case: list[tuple[str, str]]
@@ -75,7 +76,7 @@ def _drills(res: Results) -> tuple[list[Drill], dict[tuple, str]]:
         tol = [(k, fmt_metric(k, v) if not isinstance(v, str) else v) for k, v in r.tolerance.items()]
         keys = [k for k in CASE_HEAD if k in r.case] + [k for k in r.case if k not in CASE_HEAD]
         case = [(k, "null" if r.case[k] is None else fmt_metric(k, r.case[k])) for k in keys]
-        drills.append(Drill(anchor, r, metrics, tol, case, open=i == 0))
+        drills.append(Drill(anchor, r, res.repro(r), metrics, tol, case, open=i == 0))
     return drills, anchors
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ class CellRecord:
 
     @property
     def repro(self) -> str:
-        """The one-line command that reruns this cell."""
+        """The one-line command that reruns this cell (``Results.repro`` adds the run's plugins/overrides)."""
         cmd = f"nsaconf repro {self.case_id} --oracles {self.oracle}"
         if self.device and self.device != "cpu":
             cmd += f" --device {self.device}"
@@ -145,6 +146,26 @@ class Results:
     @property
     def bad(self) -> list[CellRecord]:
         return sorted((r for r in self.records if r.is_bad), key=bad_sort_key)
+
+    def repro(self, r: CellRecord) -> str:
+        """``r.repro`` plus the run's ``--plugin`` files and tolerance overrides (from run.json), so that
+        the rerun sees the same oracle and the same bound."""
+        return r.repro + self._repro_extra()
+
+    def _repro_extra(self) -> str:
+        info = self.run_info or {}
+        parts: list[str] = []
+        plugins = info.get("plugins")
+        if isinstance(plugins, list):
+            parts += [f"--plugin {_shell_word(str(p))}" for p in plugins]
+        tol = info.get("tolerance")
+        overrides = tol.get("overrides") if isinstance(tol, dict) else None
+        if isinstance(overrides, list):
+            for o in overrides:
+                if isinstance(o, dict) and {"oracle", "branch", "param", "value"} <= set(o):
+                    assign = f"{o['oracle']}.{o['branch']}.{o['param']}={o['value']}"
+                    parts.append("--tol " + _shell_word(assign))
+        return "".join(" " + p for p in parts)
 
     @property
     def verdict(self) -> str:
@@ -192,6 +213,13 @@ def metric_rank(name: str) -> tuple[int, str]:
 def bad_sort_key(r: CellRecord) -> tuple:
     """Failures first by status severity (worst first), then in report order."""
     return (-r.severity,) + r.sort_key()
+
+
+def _shell_word(w: str) -> str:
+    """Quote for a POSIX shell only when needed (keeps the common command readable)."""
+    import shlex
+
+    return w if re.fullmatch(r"[A-Za-z0-9_./=*+:,@%-]+", w) and "*" not in w else shlex.quote(w)
 
 
 def one_line(text: Optional[str], limit: int = 240) -> str:

@@ -83,7 +83,7 @@ def render_summary(res: Results) -> str:
         ratio = f" (r {fmt_metric('err_ratio', r.err_ratio)})" if r.err_ratio is not None else ""
         lines.append(f"- {ICON.get(r.status, '❓')} **{md_escape(r.status)}** {md_escape(r.oracle)} · "
                      f"{md_escape(r.branch)} · {md_escape(r.case_id)}{ratio}: {md_escape(r.one_line_reason) or '(no reason given)'}  \n"
-                     f"  {_code(r.repro)}")
+                     f"  {_code(res.repro(r))}")
     if len(bad) > MAX_FAILURES:
         lines.append(f"- … and {len(bad) - MAX_FAILURES} more (all are in results.csv and report.html)")
 

@@ -281,15 +281,16 @@ def environment(res: Results) -> list[tuple[str, str]]:
             pairs.append((k, ", ".join(_text(x) for x in v) if v else "none"))
         else:
             pairs.append((k, "none" if v is None else _text(v)))
-    if pairs:
-        return pairs
-    # fall back to the records
-    devices = Counter(r.device or "?" for r in res.records)
-    pairs.append(("device", _multi(devices)))
     vals: dict[str, Counter] = defaultdict(Counter)
     for r in res.records:
         for k, v in r.versions.items():
             vals[str(k)][_text(v)] += 1
+    if pairs:  # add what only the records know (an oracle's own library versions)
+        known = set(info["versions"]) if isinstance(info.get("versions"), dict) else set()
+        return pairs + [(f"{k} (from records)", _multi(vals[k])) for k in sorted(vals) if k not in known]
+    # no run.json: everything from the records
+    devices = Counter(r.device or "?" for r in res.records)
+    pairs.append(("device", _multi(devices)))
     pairs += [(k, _multi(vals[k])) for k in sorted(vals)]
     stamps = sorted(r.timestamp for r in res.records if r.timestamp)
     if stamps:

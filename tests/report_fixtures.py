@@ -12,7 +12,7 @@ from typing import Any
 from cases.model import Case
 
 XSS = '<script>alert(1)</script> & "quotes" | pipes'
-VERSIONS = {"nsaconf": "0.1.0", "torch": "2.13.0+cpu", "python": "3.11.2"}
+VERSIONS = {"nsaconf": "0.1.0", "torch": "2.13.0+cpu", "python": "3.11.2", "fla-core": "0.6.0"}
 
 
 def _cases() -> list[Case]:
@@ -117,7 +117,7 @@ def write_fixture(out_dir: Path, *, malformed: bool = True, run_json: bool = Fal
         (out_dir / "run.json").write_text(json.dumps({  # the engine's form (harness/cli.py)
             "command": "nsaconf run --profile ci --out run", "profile": "ci", "case_files": [],
             "device": "cpu", "oracles": ["dense", "fla", "nsa_impl", "reference", "tilelang"], "n_cases": 7,
-            "seed": None, "timeout_s": 60.0, "plugins": [],
+            "seed": None, "timeout_s": 60.0, "plugins": ["my plugins/nsa_x.py"],
             "tolerance": {"defaults": {"k": 2.0, "k_grad": 3.0, "floor_mult": 2.0, "tight_float32": 1e-5},
                           "doc": {"k": "forward: err <= k*baseline_err + floor", "k_grad": "gradients <grad>",
                                   "floor_mult": "floor = floor_mult*max|(truth_X+shift-shift)-truth_X|"},

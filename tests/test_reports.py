@@ -191,6 +191,11 @@ def test_run_json_environment_and_tolerance_table(tmp_path: Path) -> None:
     assert '<td class="mono">--tol</td>' in html  # the override row
     assert "nsaconf run --profile ci --out run" in html
     assert "dense, fla, nsa_impl, reference, tilelang" in html
+    assert "fla-core (from records)" in html  # versions only the records carry are still shown
+    # repro commands carry the run's plugins and tolerance overrides (quoted where the shell needs it)
+    assert "--oracles fla --plugin &#39;my plugins/nsa_x.py&#39; --tol fla.slc_o.k=2.0</code>" in html
+    md = (tmp_path / "summary.md").read_text()
+    assert "--oracles fla --plugin 'my plugins/nsa_x.py' --tol fla.slc_o.k=2.0`" in md
 
 
 def test_run_json_other_tolerance_forms(tmp_path: Path) -> None:

@@ -1,0 +1,215 @@
+"""``nsaconf masks``: which masking conventions does each oracle really compute?
+
+Per oracle and branch: the convention classified from behaviour (``harness.probe``), causality leaks,
+and an ASCII diff of the measured dependency matrix M against the expected mask::
+
+    .  no dependency, expected      #  dependency, expected
+    +  extra dependency             -  missing dependency       ~  ignored (through the oracle's own top-k)
+
+T <= 64 prints every cell; larger T is shrunk by an integer factor (a cell shows the most severe char
+of its block). ``--json`` prints one JSON object per (oracle, branch); ``--html FILE`` writes a page
+with heatmaps; ``--md FILE`` a markdown report (used for docs/results/conventions.md).
+Exit codes: 0 (1 with ``--fail-on-leak`` when a leak or mismatch is found), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+BRANCH_CHOICES = ("cmp", "slc", "swa", "e2e")
+
+
+def register(subparsers) -> None:
+    """Add the ``masks`` subcommand to ``nsaconf``'s subparsers."""
+    p = subparsers.add_parser("masks", help="classify each oracle's masking conventions from behaviour",
+                              description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=cmd_masks)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracles", help="comma-separated oracle names (default: every registered oracle)")
+    p.add_argument("--branch", action="append", default=[], metavar="B",
+                   help="cmp, slc, swa or e2e (repeatable or comma-separated; default: every branch the oracle returns)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16, help="selection block l' (also l and d unless given)")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--cmp-block", type=int, help="compression block l (default: block size)")
+    p.add_argument("--cmp-stride", type=int, help="compression stride d (default: compression block)")
+    p.add_argument("--top-n", type=int, default=4)
+    p.add_argument("--cmp-mask", help="configure the probe case's cmp_mask (oracles that follow the case)")
+    p.add_argument("--window-keys", help="configure the probe case's window_keys")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plugin", action="append", default=[], help="Python file registering oracles (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per oracle/branch on stdout")
+    p.add_argument("--html", metavar="FILE", help="write a standalone HTML page with heatmaps")
+    p.add_argument("--md", metavar="FILE", help="write a markdown report")
+    p.add_argument("--width", type=int, default=64, help="max ASCII diff width (default 64)")
+    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak or a mismatch is found")
+
+
+def _fail(msg: str) -> int:
+    print(f"nsaconf: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return 2
+
+
+def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
+    from harness.probe import BRANCH_ALIASES
+
+    names = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    bad = [n for n in names if n not in BRANCH_ALIASES]
+    if bad:
+        raise ValueError(f"unknown branch {bad[0]!r}; use one of {', '.join(BRANCH_CHOICES)}")
+    return tuple(dict.fromkeys(BRANCH_ALIASES[n] for n in names)) or None
+
+
+def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, cmp_mask=None,
+            window_keys=None) -> tuple[list[dict], list]:
+    """Probe records for the oracles (skipped ones carry ``skipped``) and the ProbeResults."""
+    from harness.probe import PROBE_BRANCHES, ProbeError, probe_oracle, skipped_record
+    from oracles.base import get_oracle, registry
+
+    names = oracle_names or sorted(registry())
+    records, results = [], []
+    for name in names:
+        oracle = get_oracle(name)
+        want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
+        if not want:
+            records.append(skipped_record(name, ",".join(branches or PROBE_BRANCHES), f"{name} returns none of these branches"))
+            continue
+        try:
+            res = probe_oracle(oracle, device, cfg, tuple(want), cmp_mask, window_keys)
+        except ProbeError as e:
+            if str(e).startswith("bad probe parameters"):
+                raise
+            records.extend(skipped_record(name, b, str(e)) for b in want)
+            continue
+        results.extend(res)
+        records.extend(r.to_record() for r in res)
+    return records, results
+
+
+def format_text(rec: dict, width: int = 64) -> str:
+    """Human summary of one record with the ASCII diff."""
+    from reports.conventions import diff_chars, downsample
+
+    head = f"{rec['oracle']:<14} {rec['branch']:<6}"
+    if rec.get("skipped"):
+        return f"{head} SKIP: {rec['skipped']}"
+    conv = rec["convention"]
+    if conv == "unknown":
+        conv += f" (nearest {rec['nearest']}, {rec['differing_cells']} cells differ)"
+    exp = rec.get("expected_convention") or (f"claims {rec['claimed_convention']}" if rec.get("claimed_convention") else "-")
+    leak = f"LEAK {rec['leaks']} cells, first (p,s)={tuple(rec['first_leak'])}" if rec["leaks"] else "no leak"
+    lines = [f"{head} {conv}  [expected: {exp}]  {rec['finding'].upper()}  {leak}",
+             f"{'':21}T={rec['seq_len']} l={rec['cmp_block']} d={rec['cmp_stride']} l'={rec['block_size']} w={rec['window']} "
+             f"{rec['dtype']} {rec['block_indices']}; threshold {rec['threshold']:.2g} (noise {rec['noise']:.2g}, "
+             f"min signal {rec['min_signal'] if rec['min_signal'] is None else format(rec['min_signal'], '.2g')}); {rec['calls']} calls"]
+    if rec.get("gated"):
+        lines.append(f"{'':21}parts: {rec['gated']}")
+    if rec.get("differences"):
+        shown = ", ".join(f"{k}({p},{s})" for p, s, k in rec["differences"][:8])
+        lines.append(f"{'':21}differs from {rec['diff_against']} at {shown}{' ...' if len(rec['differences']) > 8 else ''}")
+    rows, f = downsample(diff_chars(rec["matrix"], rec.get("expected_matrix"), rec.get("dont_care")), width)
+    scale = "" if f == 1 else f", 1 char = {f}x{f} cells"
+    lines.append(f"{'':21}M vs {rec['diff_against']} (rows p, columns s{scale}):")
+    for i, row in enumerate(rows):
+        lines.append(f"  {i * f:>4} {row}")
+    return "\n".join(lines)
+
+
+def format_markdown(records: list[dict], device: str, width: int = 64, title: str = "Convention probe") -> str:
+    """Markdown report: a summary table and the ASCII diffs."""
+    import platform
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+    out = [f"# {title}", "", f"`nsaconf masks --device {device}` on {dev}, torch {torch.__version__}.", "",
+           "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("skipped"):
+            out.append(f"| {r['oracle']} | {r['branch']} | – | – | skipped: {r['skipped']} | – | – | – | – |")
+            continue
+        exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
+        conv = r["convention"] + (f" (nearest {r['nearest']})" if r["convention"] == "unknown" else "")
+        leak = f"{r['leaks']} {tuple(r['first_leak'])}" if r["leaks"] else "0"
+        out.append(f"| {r['oracle']} | {r['branch']} | {conv} | {exp} | {r['finding']} | {leak} | {r['differing_cells']} | "
+                   f"{r['threshold']:.2g} | {r['calls']} |")
+    out += ["", "## ASCII diffs", "", "`.` no dependency, expected; `#` dependency, expected; `+` extra; `-` missing; "
+            "`~` ignored (through the oracle's own top-k).", ""]
+    for r in records:
+        if not r.get("skipped"):
+            out += ["```", format_text(r, width), "```", ""]
+    return "\n".join(out)
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from harness.probe import ProbeConfig, ProbeError
+    from oracles.base import OracleError, load_builtins, load_entry_points, load_plugin
+
+    try:
+        load_builtins()
+        for p in args.plugin:
+            load_plugin(p)
+        load_entry_points()
+        branches = _branches(args.branch)
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+            raise ValueError(f"unknown device {args.device!r}; use cpu or cuda")
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda but torch sees no CUDA device")
+        from cases.conventions import CMP_MASKS, WINDOW_KEYS
+
+        if args.cmp_mask and args.cmp_mask not in CMP_MASKS:
+            raise ValueError(f"unknown --cmp-mask {args.cmp_mask!r}; use one of {', '.join(CMP_MASKS)}")
+        if args.window_keys and args.window_keys not in WINDOW_KEYS:
+            raise ValueError(f"unknown --window-keys {args.window_keys!r}; use one of {', '.join(WINDOW_KEYS)}")
+        if args.width < 8:
+            raise ValueError(f"--width must be >= 8, got {args.width}")
+        cfg = ProbeConfig(seq_len=args.seq_len, block_size=args.block_size, window=args.window, cmp_block=args.cmp_block,
+                          cmp_stride=args.cmp_stride, top_n=args.top_n, seed=args.seed)
+        names = [n.strip() for n in args.oracles.split(",") if n.strip()] if args.oracles else None
+        records, _ = collect(names, args.device, cfg, branches, args.cmp_mask, args.window_keys)
+    except (ValueError, OracleError, ProbeError) as e:
+        return _fail(str(e))
+    if args.json:
+        for r in records:
+            print(json.dumps(r))
+    else:
+        for r in records:
+            print(format_text(r, args.width))
+            print()
+    try:
+        if args.html:
+            from reports.conventions import render_standalone
+
+            Path(args.html).write_text(render_standalone(records), encoding="utf-8")
+        if args.md:
+            Path(args.md).write_text(format_markdown(records, args.device, args.width), encoding="utf-8")
+    except OSError as e:
+        return _fail(f"cannot write output: {e}")
+    bad = any(r.get("finding") in ("leak", "mismatch") for r in records)
+    return 1 if (args.fail_on_leak and bad) else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m harness.masks`` (same as ``nsaconf masks``)."""
+    p = argparse.ArgumentParser(prog="nsaconf masks", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return cmd_masks(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

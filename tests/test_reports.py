@@ -243,3 +243,18 @@ def test_reports_import_is_cheap() -> None:
     code = "import sys, reports, reports.html, reports.markdown; print(sorted(m for m in ('torch', 'cases', 'oracles', 'harness') if m in sys.modules))"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
+
+
+def test_records_written_by_the_engine_writer(tmp_path: Path) -> None:
+    """Schema check against the engine's own writer (strict JSON: inf/nan become strings)."""
+    results = pytest.importorskip("harness.results", reason="the engine's harness/results.py is not in this tree")
+    with results.ResultWriter(tmp_path) as w:
+        for r in fixture_records():
+            m = {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in r["metrics"].items()}
+            w.write(results.CellResult.from_dict(dict(r, metrics=m, reason=r["reason"] or "")))
+    res = load(tmp_path)
+    assert not res.malformed and len(res.records) == len(_expected_cells())
+    xss = next(r for r in res.records if r.reason == XSS)
+    assert xss.err_ratio == float("inf") and xss.status == "FAIL"
+    md = write_reports(tmp_path)["summary"].read_text()
+    assert "❌ FAIL r inf" in md and "(r inf)" in md

@@ -37,7 +37,7 @@ def _dedupe(cases: list[Case]) -> list[Case]:
 
 
 def _small(seed: int, **kw) -> Case:
-    base = dict(batch=1, seq_len=100, heads_q=4, heads_kv=2, head_dim=16, block_size=16, top_n=4, window=16,
+    base = dict(batch=1, seq_len=100, heads_q=16, heads_kv=1, head_dim=16, block_size=16, top_n=4, window=16,
                 dtype="float32", seed=seed)
     base.update(kw)
     return Case(**base)

@@ -171,9 +171,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             html = _write_reports(out)
         except Exception as e:  # noqa: BLE001 - the results are on disk; say why the report failed
             print(f"nsaconf: report failed: {type(e).__name__}: {e}", file=sys.stderr)
-    counts = " ".join(f"{k}={v}" for k, v in sorted(summary.counts.items())) or "no cells"
+    counts_d = summary.counts
+    if args.resume:  # the verdict covers the cells recorded by earlier invocations too
+        from harness.results import iter_records, summarize
+
+        counts_d = {k: v for k, v in summarize(iter_records(out)).items() if v}
+    counts = " ".join(f"{k}={v}" for k, v in sorted(counts_d.items())) or "no cells"
     print(f"nsaconf: {counts}; results: {out / 'results.jsonl'}" + (f"; report: {html}" if html else ""))
-    return 0 if summary.ok else 1
+    from harness.results import BAD_STATUSES
+
+    return 1 if any(counts_d.get(s, 0) for s in BAD_STATUSES) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

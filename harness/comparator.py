@@ -265,7 +265,9 @@ def judge(ct: CaseTruth, oracle: str, layer: str, branches: tuple[str, ...], out
         if br == "topk_idx":
             tie_tol = topk_tie_tolerance(truth["importance"], base["importance"], rule, dtype)
             v = compare_topk(case, outputs[br], truth["topk_idx"], truth["importance"], tie_tol, rule)
-            if v.status == "PASS" and v.metrics.get("topk_ties", 0) > 0 and not needs_block_indices:
+            # the oracle's own selection drives its slc_o only for block_indices="topk" cases
+            if (v.status == "PASS" and v.metrics.get("topk_ties", 0) > 0 and not needs_block_indices
+                    and case.block_indices == "topk"):
                 idx = canonical_order(outputs[br].detach().cpu().long())
                 if idx.shape[-1] < case.top_n:
                     idx = torch.cat([idx, idx.new_full(idx.shape[:-1] + (case.top_n - idx.shape[-1],), -1)], -1)

@@ -77,7 +77,15 @@ class ResultWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
             self.path.unlink()
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:  # a run killed mid-line: start on a fresh line
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        else:
+            torn = False
         self._f = open(self.path, "a", encoding="utf-8")
+        if torn:
+            self._f.write("\n")
 
     def write(self, rec: CellResult) -> None:
         self._f.write(rec.to_json() + "\n")

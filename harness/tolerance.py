@@ -9,10 +9,12 @@ FA3/FA4 form, see ../shared/reference/TESTING_ANCHORS.md §1.1)::
   inputs (``nsa_reference(case, inputs, dtype=None)``);
 * ``k`` = 2 for forward outputs, 3 for gradients;
 * ``floor`` = ``floor_mult * max|(truth_X + shift - shift) - truth_X|`` computed in X (the rounding
-  noise of X at the truth's magnitude; FA3 uses ``2 * max|(out_ref + 0.3 - 0.3) - out_ref|``)
-  ``+ floor_add``.
+  noise of X at the truth's magnitude; FA3 uses ``2 * max|(out_ref + 0.3 - 0.3) - out_ref|``), never
+  below its worst case ``floor_mult * ulp_X(max|truth| + shift) / 2`` (small tensors can round exactly
+  and give 0), ``+ floor_add``.
 
-Reference-layer oracles in float64/float32 use a tight absolute rule instead:
+Reference-layer oracles in float64/float32, and every oracle in float64 (where the baseline is the
+truth itself, so the FA rule would demand bit-exactness), use a tight absolute rule instead:
 ``err <= tight_<dtype> * max(1, max|truth|)`` (defaults 1e-10 and 1e-5; set <= 0 to fall back to the
 FA rule).
 
@@ -36,7 +38,7 @@ DEFAULTS: dict[str, float] = {
     "floor_mult": 2.0,      # FA3: 2 * max|(ref + 0.3 - 0.3) - ref|
     "floor_shift": 0.3,
     "floor_add": 0.0,       # extra absolute slack (FA2 uses 1e-5 / 2e-4 in some tests)
-    "tight_float64": 1e-10,  # reference-layer oracles: err <= tight * max(1, max|truth|)
+    "tight_float64": 1e-10,  # every fp64 oracle: err <= tight * max(1, max|truth|)
     "tight_float32": 1e-5,
     "nontrivial": 0.5,      # output must satisfy err < m*max|truth| and rel_rms < m (KernelBench#165)
 }
@@ -46,7 +48,7 @@ DOC: dict[str, str] = {
     "floor_mult": "floor = floor_mult*max|(truth_X+shift-shift)-truth_X| + floor_add",
     "floor_shift": "the shift of the rounding-noise floor (FA3: 0.3)",
     "floor_add": "extra absolute slack added to the floor",
-    "tight_float64": "reference-layer fp64 oracles: err <= tight*max(1,max|truth|)",
+    "tight_float64": "fp64 oracles (any layer): err <= tight*max(1,max|truth|)",
     "tight_float32": "reference-layer fp32 oracles: err <= tight*max(1,max|truth|)",
     "nontrivial": "zero/constant guard: err < m*max|truth| and rel_rms < m",
 }
@@ -76,14 +78,18 @@ class Rule:
     source: str
 
     def floor(self, truth: torch.Tensor, dtype: torch.dtype) -> float:
-        """``floor_mult * max|(t + s - s) - t| + floor_add`` with ``t = truth`` rounded to ``dtype``,
-        arithmetic in ``dtype`` (finite entries only)."""
+        """``floor_mult * max|(t + s - s) - t|`` with ``t = truth`` rounded to ``dtype`` and the
+        arithmetic in ``dtype`` (FA3), but never below its worst case over all magnitudes up to
+        ``max|truth|``: ``floor_mult * ulp_X(max|truth| + s) / 2`` (a tensor of a few elements can
+        round exactly and give FA3's max 0). ``+ floor_add``. Finite entries only."""
         t = truth[torch.isfinite(truth)]
         if t.numel() == 0:
             return self.floor_add
         tx = t.to(dtype)
-        noise = ((tx + self.floor_shift) - self.floor_shift).double() - tx.double()
-        return float(self.floor_mult * noise.abs().max()) + self.floor_add
+        noise = float((((tx + self.floor_shift) - self.floor_shift).double() - tx.double()).abs().max())
+        top = float(tx.double().abs().max()) + self.floor_shift
+        ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top)) if top > 0 else 0.0
+        return self.floor_mult * max(noise, ulp / 2) + self.floor_add
 
     def bound(self, baseline_err: float, floor: float, scale: float) -> float:
         """The error bound: ``k*baseline_err + floor`` (fa) or ``tight*max(1, scale)`` (tight)."""
@@ -149,7 +155,9 @@ class ToleranceTable:
             if src != "default":
                 sources.add(src)
         k = vals["k_grad"] if branch in GRAD_BRANCHES else vals["k"]
-        tight = vals.get(f"tight_{dtype}", 0.0) if layer == "reference" else 0.0
+        # float64: the baseline *is* the truth (err 0), so k*0 + floor would demand bit-exactness;
+        # every float64 oracle gets the tight rule instead. float32: reference layer only.
+        tight = vals.get(f"tight_{dtype}", 0.0) if (layer == "reference" or dtype == "float64") else 0.0
         rule = "tight" if tight > 0 else "fa"
         return Rule(rule=rule, k=k, floor_mult=vals["floor_mult"], floor_shift=vals["floor_shift"],
                     floor_add=vals["floor_add"], tight=tight, nontrivial=vals["nontrivial"],

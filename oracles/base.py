@@ -128,6 +128,7 @@ def get_oracle(name: str) -> Oracle:
 
 
 _BUILTINS_LOADED = False
+_PLUGINS: dict[str, list[str]] = {}  # resolved plugin path -> oracles it registered
 
 
 def load_builtins() -> None:
@@ -146,6 +147,8 @@ def load_plugin(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise OracleError(f"plugin file {str(path)!r} does not exist")
+    if str(path.resolve()) in _PLUGINS:  # already imported in this process
+        return _PLUGINS[str(path.resolve())]
     before = set(_REGISTRY)
     mod_name = f"nsaconf_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -162,6 +165,7 @@ def load_plugin(path: str | Path) -> list[str]:
     added = sorted(set(_REGISTRY) - before)
     if not added:
         raise OracleError(f"plugin {str(path)!r} registered no oracle (decorate an Oracle subclass with @register_oracle)")
+    _PLUGINS[str(path.resolve())] = added
     return added
 
 

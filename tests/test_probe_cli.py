@@ -1,0 +1,68 @@
+"""``nsaconf masks``: text, JSON, HTML/markdown outputs and one-line usage errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.masks import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = Path(__file__).parent / "plugins" / "probe_planted.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+SMALL = ["--seq-len", "40", "--block-size", "8", "--window", "8"]
+
+
+def test_masks_json_and_files(tmp_path, capsys):
+    html, md = tmp_path / "m.html", tmp_path / "m.md"
+    rc = main(["--oracles", "reference,probe_bug_window_long", "--plugin", str(PLUGIN), "--json", "--html", str(html),
+               "--md", str(md), *SMALL])
+    assert rc == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {(r["oracle"], r["branch"]): r for r in recs}
+    for r in recs:
+        assert {"oracle", "branch", "convention", "leaks", "differing_cells"} <= set(r)
+    assert by[("reference", "cmp_o")]["convention"] == "end_inclusive"
+    assert by[("probe_bug_window_long", "swa_o")]["convention"] == "w_plus_1"
+    assert by[("probe_bug_window_long", "swa_o")]["finding"] == "mismatch"
+    assert "<svg" in html.read_text() and "| probe_bug_window_long | swa_o | w_plus_1 |" in md.read_text()
+
+
+def test_masks_text_diff_and_fail_on_leak(capsys):
+    rc = main(["--oracles", "probe_bug_block_causal", "--plugin", str(PLUGIN), "--branch", "cmp", "--fail-on-leak", *SMALL])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "current_block" in out and "LEAK" in out and "first (p,s)=(0, 1)" in out
+    rows = [line.split()[-1] for line in out.splitlines() if line.startswith("  ") and line.split()[0].isdigit()]
+    assert len(rows) == 40 and rows[0] == "++++++++" + "." * 32  # p=0 sees its whole (unfinished) block
+
+
+def test_masks_downsampled(capsys):
+    assert main(["--oracles", "reference", "--branch", "swa", "--seq-len", "96", "--block-size", "16", "--window", "16",
+                 "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "1 char = 3x3 cells" in out
+    rows = [line.split()[-1] for line in out.splitlines() if line.startswith("  ") and line.split()[0].isdigit()]
+    assert len(rows) == 32 and all(len(r) == 32 for r in rows)
+
+
+def test_masks_usage_errors(capsys):
+    assert main(["--oracles", "nope"]) == 2
+    assert main(["--branch", "xyz"]) == 2
+    assert main(["--oracles", "reference", "--seq-len", "40", "--block-size", "0"]) == 2
+    assert main(["--oracles", "reference", "--cmp-mask", "causal"]) == 2
+    errs = [e for e in capsys.readouterr().err.splitlines() if e]
+    assert len(errs) == 4 and all(e.startswith("nsaconf: error: ") for e in errs)
+
+
+def test_nsaconf_masks_subcommand():
+    """Wired into ``nsaconf`` (python -m harness masks)."""
+    p = subprocess.run([sys.executable, "-m", "harness", "masks", "--oracles", "reference", "--branch", "cmp", "--json", *SMALL],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (rec,) = [json.loads(line) for line in p.stdout.splitlines()]
+    assert rec["convention"] == "end_inclusive" and rec["leaks"] == 0
+    p = subprocess.run([sys.executable, "-m", "harness", "masks", "--branch", "bogus"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1

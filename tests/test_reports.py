@@ -258,3 +258,18 @@ def test_records_written_by_the_engine_writer(tmp_path: Path) -> None:
     assert xss.err_ratio == float("inf") and xss.status == "FAIL"
     md = write_reports(tmp_path)["summary"].read_text()
     assert "❌ FAIL r inf" in md and "(r inf)" in md
+
+
+def test_minimal_and_unknown_records_still_render(tmp_path: Path) -> None:
+    """Only case_id/oracle/status are required; an unknown status is shown (and counts as bad)."""
+    recs = [{"case_id": "c1", "oracle": "x", "status": "PASS"},
+            {"case_id": "c2", "oracle": "x", "status": "WEIRD", "reason": None, "metrics": None},
+            {"case_id": "c3", "oracle": "y", "layer": "custom", "status": "FAIL", "metrics": {"err_ratio": "nan"}},
+            [1, 2], {"oracle": "no id", "status": "PASS"}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_reports(tmp_path)
+    md, html = paths["summary"].read_text(), paths["html"].read_text()
+    assert "**Verdict: ❌ FAIL** — 3 cells" in md and ", 1 WEIRD" in md
+    assert "line 4: a JSON list, not an object" in md and "line 5: missing field(s) case\\_id" in md
+    assert "layer &#39;custom&#39; (unknown)" in html and "st-unknown" in html
+    assert "❌ FAIL r nan" in md

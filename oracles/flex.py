@@ -30,13 +30,16 @@ _COMPILED = None
 
 
 def _flex_fn(device: str):
+    """(flex function, kernel_options). Compiled on CUDA with the main Triton kernel forced: for TQ < 128
+    torch's AUTO choice is the flex-decoding kernel, which finds no valid config for the few compressed
+    keys (``NoValidChoicesError``, measured with torch 2.11 on the H100)."""
     from torch.nn.attention.flex_attention import flex_attention
     global _COMPILED
     if device == "cuda" and os.environ.get("NSACONF_FLEX_COMPILE", "1") != "0":
         if _COMPILED is None:
             _COMPILED = torch.compile(flex_attention, dynamic=False)
-        return _COMPILED
-    return flex_attention
+        return _COMPILED, {"BACKEND": "TRITON"}
+    return flex_attention, None
 
 
 def pool(x: torch.Tensor, l: int, d: int) -> torch.Tensor:
@@ -81,7 +84,7 @@ class Flex(Oracle):
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
         from torch.nn.attention.flex_attention import create_block_mask
-        flex = _flex_fn(device)
+        flex, kopts = _flex_fn(device)
         l, d, w, scale = case.cmp_block, case.cmp_stride, case.window, case.softmax_scale
         rule, wrule = CMP_MASKS[case.cmp_mask], WINDOW_KEYS[case.window_keys]
         dev = inputs.q.device
@@ -101,7 +104,8 @@ class Flex(Oracle):
                     return rule(ki, qi + off, l, d)
 
                 bm = create_block_mask(cmp_mod, None, None, TQ, NC, device=dev)
-                o, lse = flex(q, kc.contiguous(), vc.contiguous(), block_mask=bm, scale=scale, enable_gqa=True, return_lse=True)
+                o, lse = flex(q, kc.contiguous(), vc.contiguous(), block_mask=bm, scale=scale, enable_gqa=True, return_lse=True,
+                              kernel_options=kopts)
                 outs["cmp_o"].append(o.transpose(1, 2))
                 outs["cmp_lse"].append(lse.transpose(1, 2).float() if lse.dtype != torch.float64 else lse.transpose(1, 2))
                 if w > 0:
@@ -110,6 +114,6 @@ class Flex(Oracle):
 
                     bw = create_block_mask(win_mod, None, None, TQ, T, device=dev)
                     ow = flex(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), block_mask=bw, scale=scale,
-                              enable_gqa=True)
+                              enable_gqa=True, kernel_options=kopts)
                     outs["swa_o"].append(ow.transpose(1, 2))
         return {name: torch.cat(parts, 1) for name, parts in outs.items() if parts}

@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", metavar="FILE", help="write a standalone HTML page with heatmaps")
     p.add_argument("--md", metavar="FILE", help="write a markdown report")
     p.add_argument("--width", type=int, default=64, help="max ASCII diff width (default 64)")
+    p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak or a mismatch is found")
 
 
@@ -93,7 +94,7 @@ def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, 
     return records, results
 
 
-def format_text(rec: dict, width: int = 64) -> str:
+def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
     """Human summary of one record with the ASCII diff."""
     from reports.conventions import diff_chars, downsample
 
@@ -114,6 +115,8 @@ def format_text(rec: dict, width: int = 64) -> str:
     if rec.get("differences"):
         shown = ", ".join(f"{k}({p},{s})" for p, s, k in rec["differences"][:8])
         lines.append(f"{'':21}differs from {rec['diff_against']} at {shown}{' ...' if len(rec['differences']) > 8 else ''}")
+    if not diff:
+        return "\n".join(lines)
     rows, f = downsample(diff_chars(rec["matrix"], rec.get("expected_matrix"), rec.get("dont_care")), width)
     scale = "" if f == 1 else f", 1 char = {f}x{f} cells"
     lines.append(f"{'':21}M vs {rec['diff_against']} (rows p, columns s{scale}):")
@@ -130,17 +133,17 @@ def format_markdown(records: list[dict], device: str, width: int = 64, title: st
 
     dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
     out = [f"# {title}", "", f"`nsaconf masks --device {device}` on {dev}, torch {torch.__version__}.", "",
-           "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls | dtype |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("skipped"):
-            out.append(f"| {r['oracle']} | {r['branch']} | – | – | skipped: {r['skipped']} | – | – | – | – |")
+            out.append(f"| {r['oracle']} | {r['branch']} | – | – | skipped: {r['skipped']} | – | – | – | – | – |")
             continue
         exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
         conv = r["convention"] + (f" (nearest {r['nearest']})" if r["convention"] == "unknown" else "")
         leak = f"{r['leaks']} {tuple(r['first_leak'])}" if r["leaks"] else "0"
         out.append(f"| {r['oracle']} | {r['branch']} | {conv} | {exp} | {r['finding']} | {leak} | {r['differing_cells']} | "
-                   f"{r['threshold']:.2g} | {r['calls']} |")
+                   f"{r['threshold']:.2g} | {r['calls']} | {r['dtype']} |")
     out += ["", "## ASCII diffs", "", "`.` no dependency, expected; `#` dependency, expected; `+` extra; `-` missing; "
             "`~` ignored (through the oracle's own top-k).", ""]
     for r in records:
@@ -185,8 +188,9 @@ def cmd_masks(args: argparse.Namespace) -> int:
             print(json.dumps(r))
     else:
         for r in records:
-            print(format_text(r, args.width))
-            print()
+            print(format_text(r, args.width, diff=not args.summary))
+            if not args.summary:
+                print()
     try:
         if args.html:
             from reports.conventions import render_standalone

@@ -39,7 +39,7 @@ from oracles.base import Oracle, OracleError, get_oracle
 PROBE_BRANCHES = ("cmp_o", "slc_o", "swa_o", "o")
 BRANCH_ALIASES = {"cmp": "cmp_o", "slc": "slc_o", "swa": "swa_o", "e2e": "o",
                   "cmp_o": "cmp_o", "slc_o": "slc_o", "swa_o": "swa_o", "o": "o"}
-DTYPE_PREFERENCE = ("float64", "float32", "bfloat16", "float16")
+DTYPE_PREFERENCE = ("float64", "float32", "float16", "bfloat16")  # most mantissa bits first
 # relative noise floor of the threshold, times max|out| of the branch
 # (an unperturbed-but-masked key changes nothing bit-for-bit in a deterministic kernel, so the floor is
 # small; the measured noise dominates for non-deterministic kernels)
@@ -620,10 +620,11 @@ def probe_module(fn: Callable[[torch.Tensor], torch.Tensor], seq_len: int, dim: 
 # Engine hook
 # ------------------------------------------------------------------------------------------------------
 
+# small shapes first; top_n a power of 2 (FLA's top-k), block sizes powers of 2 >= 16 (Triton kernels)
 LEAK_CHECK_CONFIGS = (
-    ProbeConfig(seq_len=64, block_size=16, window=16, top_n=3),
-    ProbeConfig(seq_len=128, block_size=32, window=32, top_n=3),
-    ProbeConfig(seq_len=256, block_size=64, window=64, top_n=3),
+    ProbeConfig(seq_len=64, block_size=16, window=16, top_n=4),
+    ProbeConfig(seq_len=128, block_size=32, window=32, top_n=4),
+    ProbeConfig(seq_len=256, block_size=64, window=64, top_n=4),
 )
 
 

@@ -128,8 +128,11 @@ def render_html(res: Results) -> str:
     run_tol_json = (json.dumps(run_tol, indent=1, sort_keys=True, default=str)
                     if run_tol is not None and run_tol_conf is None and run_tol_table is None else "")
     statuses = list(STATUSES) + sorted(s for s in counts if s not in STATUSES)
+    info = res.run_info or {}
+    run_line = " · ".join(f"{k} {info[k]}" for k in ("profile", "device", "started")
+                          if isinstance(info.get(k), (str, int, float)) and info.get(k) != "")
     ctx = dict(
-        res=res, total=total, counts=counts, statuses=statuses, status_help=STATUS_HELP,
+        res=res, total=total, run_line=run_line, command=str(info.get("command") or ""), counts=counts, statuses=statuses, status_help=STATUS_HELP,
         verdict=res.verdict, bar=_status_bar(counts, total),
         n_oracles=len({r.oracle for r in res.records}), n_cases=len({r.case_id for r in res.records}),
         layers=layer_views(res, anchors), drills=drills,

@@ -169,8 +169,8 @@ class FlaNaive(Oracle):
     Translation: decode (TQ < T) by front-padding queries/gates with zeros to T rows (naive needs
     TQ == T) and keeping the last TQ rows; ``random`` cases pass the given indices to ``naive_nsa``.
     Cost: ``naive_nsa_selection`` loops over queries in Python and runs twice (for ``slc_o`` and
-    inside ``naive_nsa``), so ``supports`` caps the work. float64 inputs are computed in float32
-    (naive casts with ``.float()``)."""
+    inside ``naive_nsa``), so ``supports`` caps the work on CPU. float64 cases are declined: naive
+    computes in float32 (``.float()``)."""
 
     name = "fla_naive"
     layer = "reference"
@@ -193,6 +193,8 @@ class FlaNaive(Oracle):
         why = _fla_conventions(case)
         if why:
             return why
+        if case.dtype == "float64":
+            return "FLA's naive_nsa_* cast q/k/v to float32 (.float()): a float64 case would measure float32 rounding; use float32"
         work = case.batch * case.seq_len * case.heads_q * case.top_n * case.block_size * (case.head_dim + case.head_dim_v)
         if device == "cpu" and work > self.max_work:
             return (f"naive_nsa_selection loops over queries in Python: B*T*HQ*n*l'*(D+DV) = {work:.2e} > "

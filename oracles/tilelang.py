@@ -136,6 +136,8 @@ class TilelangRef(Oracle):
         return _versions({})
 
     def supports(self, case: Case, device: str) -> Optional[str]:
+        if case.dtype == "float64":
+            return "reference.py naive_nsa casts q/k/v to float32 (.float()): a float64 case would measure float32 rounding; use float32"
         work = case.batch * case.seq_len * case.heads_q * (case.top_n * case.block_size + window_keys_count(case) * (case.window > 0)) \
             * (case.head_dim + case.head_dim_v)
         if device == "cpu" and work > self.max_work:

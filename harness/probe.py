@@ -347,11 +347,12 @@ def measure_dependencies(call: Callable[[list[Optional[int]]], dict[str, torch.T
     return res, calls, base_a
 
 
-def choose_dtype(oracle: Oracle) -> str:
-    for d in DTYPE_PREFERENCE:
-        if d in oracle.dtypes:
-            return d
-    raise ProbeError(f"{oracle.name} declares no float dtype")
+def candidate_dtypes(oracle: Oracle) -> list[str]:
+    """The oracle's declared float dtypes, most mantissa bits first."""
+    out = [d for d in DTYPE_PREFERENCE if d in oracle.dtypes]
+    if not out:
+        raise ProbeError(f"{oracle.name} declares no float dtype")
+    return out
 
 
 def convention_candidates(oracle: Oracle, cmp_mask: Optional[str] = None, window_keys: Optional[str] = None):
@@ -365,36 +366,35 @@ def convention_candidates(oracle: Oracle, cmp_mask: Optional[str] = None, window
 def probe_cases(oracle: Oracle, device: str, cfg: ProbeConfig, cmp_mask: Optional[str] = None,
                 window_keys: Optional[str] = None, head_shapes: tuple = HEAD_SHAPES):
     """Yield ``(case, batch)`` the oracle supports, in order of preference: head shapes (many kv heads
-    first: each kv head carries its own perturbation), then conventions (claimed first), then
-    ``block_indices`` (random first). Raises ProbeError with the first refusal when none is supported."""
-    dtype = choose_dtype(oracle)
-    first_reason = None
-    found = False
+    first: each kv head carries its own perturbation), dtypes (most precise first), conventions (claimed
+    first), ``block_indices`` (random first); one case per (head shape, dtype). Raises ProbeError with
+    the refusal reasons when none (more) is supported."""
+    reasons: list[str] = []
     for hq, h, dh in head_shapes:
-        for cm, wk in convention_candidates(oracle, cmp_mask, window_keys):
-            for bi in ("random", "topk"):
-                try:
-                    case = Case(batch=1, seq_len=cfg.seq_len, heads_q=hq, heads_kv=h, head_dim=dh, dtype=dtype,
-                                block_size=cfg.block_size, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
-                                top_n=cfg.top_n, window=cfg.window, cmp_mask=cm, window_keys=wk,
-                                block_indices=bi, seed=cfg.seed)
-                except CaseError as e:
-                    raise ProbeError(f"bad probe parameters: {e}") from None
-                why = oracle.check_support(case, device)
-                if why:
-                    first_reason = first_reason or why
-                    continue
-                want_b = max(1, -(-cfg.max_slots // h))
-                for b in BATCH_CHOICES:
-                    if b <= want_b and oracle.check_support(case.replace(batch=b), device) is None:
-                        found = True
-                        yield case, b
-                        break
-                break  # one block_indices mode per convention pair
-            if found:
-                break  # conventions: the first supported pair only
-        found = False
-    raise ProbeError(first_reason or "no supported probe case")
+        for dtype in candidate_dtypes(oracle):
+            found = False
+            for cm, wk in convention_candidates(oracle, cmp_mask, window_keys):
+                for bi in ("random", "topk"):
+                    try:
+                        case = Case(batch=1, seq_len=cfg.seq_len, heads_q=hq, heads_kv=h, head_dim=dh, dtype=dtype,
+                                    block_size=cfg.block_size, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+                                    top_n=cfg.top_n, window=cfg.window, cmp_mask=cm, window_keys=wk,
+                                    block_indices=bi, seed=cfg.seed)
+                    except CaseError as e:
+                        raise ProbeError(f"bad probe parameters: {e}") from None
+                    why = oracle.check_support(case, device)
+                    if why:
+                        if why not in reasons:
+                            reasons.append(why)
+                        continue
+                    want_b = max(1, -(-cfg.max_slots // h))
+                    batch = next(b for b in BATCH_CHOICES if b == 1 or (b <= want_b and oracle.check_support(case.replace(batch=b), device) is None))
+                    found = True
+                    yield case, batch
+                    break
+                if found:
+                    break
+    raise ProbeError("; ".join(reasons[-2:]) or "no supported probe case")
 
 
 @torch.no_grad()

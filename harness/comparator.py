@@ -157,7 +157,7 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
     # zero / constant outputs never pass (KernelBench#165)
     if scale > 0:
         if not (err < rule.nontrivial * scale and rel_rms < rule.nontrivial):
-            problems.append(f"output is not closer to the truth than to zero (err {err:.3g} vs max|truth| {scale:.3g}, rel_rms {rel_rms:.3g})")
+            problems.append(f"zero/constant-output guard (KernelBench#165): need err < {rule.nontrivial:g}*max|truth| and rel_rms < {rule.nontrivial:g} (err {err:.3g} vs max|truth| {scale:.3g}, rel_rms {rel_rms:.3g})")
     status = "FAIL" if problems else "PASS"
     return Verdict(branch, status, "; ".join(problems), metrics, tol)
 

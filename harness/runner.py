@@ -40,6 +40,7 @@ class RunConfig:
     isolate: bool = True       # False: run oracles in this process (pytest items, repro)
     progress: bool = True
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+    truth_cache: Optional[dict] = None  # case id -> CaseTruth, shared across runs (pytest items)
 
 
 def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
@@ -201,7 +202,12 @@ class Runner:
         ct: Optional[CaseTruth] = None
         truth_error = ""
         try:
-            ct = CaseTruth.compute(case)
+            cache = cfg.truth_cache
+            ct = cache.get(case.id) if cache is not None else None
+            if ct is None:
+                ct = CaseTruth.compute(case)
+                if cache is not None:
+                    cache[case.id] = ct
         except Exception as e:  # noqa: BLE001
             truth_error = f"truth failed: {type(e).__name__}: {e}"
         if cfg.save_tensors and ct is not None:
@@ -240,12 +246,13 @@ class Runner:
 
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,
              isolate: bool = False, timeout: float = 300.0, plugins: Optional[list[str]] = None,
-             out: Optional[Path] = None, save_tensors: bool = False) -> list[CellResult]:
+             out: Optional[Path] = None, save_tensors: bool = False,
+             truth_cache: Optional[dict] = None) -> list[CellResult]:
     """Judge one case against some oracles and return the cells (used by ``repro`` and pytest)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(cases=[case], oracles=oracle_names, device=device, out=Path(out or tmp), save_tensors=save_tensors,
                         plugins=list(plugins or []), table=table or ToleranceTable(), isolate=isolate,
-                        timeout=timeout, progress=False, echo=lambda s: None)
+                        timeout=timeout, progress=False, echo=lambda s: None, truth_cache=truth_cache)
         return Runner(cfg).run().results

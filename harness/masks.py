@@ -105,7 +105,7 @@ def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
     if conv == "unknown":
         conv += f" (nearest {rec['nearest']}, {rec['differing_cells']} cells differ)"
     exp = rec.get("expected_convention") or (f"claims {rec['claimed_convention']}" if rec.get("claimed_convention") else "-")
-    leak = f"LEAK {rec['leaks']} cells, first (p,s)={tuple(rec['first_leak'])}" if rec["leaks"] else "no leak"
+    leak = f"{rec['leaks']} cells with s > p, first (p,s)={tuple(rec['first_leak'])}" if rec["leaks"] else "no leak"
     lines = [f"{head} {conv}  [expected: {exp}]  {rec['finding'].upper()}  {leak}",
              f"{'':21}T={rec['seq_len']} l={rec['cmp_block']} d={rec['cmp_stride']} l'={rec['block_size']} w={rec['window']} "
              f"{rec['dtype']} {rec['block_indices']}; threshold {rec['threshold']:.2g} (noise {rec['noise']:.2g}, "

@@ -34,7 +34,7 @@ def test_masks_text_diff_and_fail_on_leak(capsys):
     rc = main(["--oracles", "probe_bug_block_causal", "--plugin", str(PLUGIN), "--branch", "cmp", "--fail-on-leak", *SMALL])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "current_block" in out and "LEAK" in out and "112 cells with s > p, first (p,s)=(0, 1)" in out
+    assert "current_block" in out and "LEAK" in out and "140 cells with s > p, first (p,s)=(0, 1)" in out
     rows = [line.split()[-1] for line in out.splitlines() if line.startswith("  ") and line.split()[0].isdigit()]
     assert len(rows) == 40 and rows[0] == "++++++++" + "." * 32  # p=0 sees its whole (unfinished) block
 

@@ -203,3 +203,16 @@ def test_conventions_section_html(planted):
     assert "current_block" in html and "leak" in html
     assert render_conventions_section([]).count("No convention probe") == 1
     assert "<!doctype html>" in render_standalone(recs)
+
+
+def test_low_precision_probe():
+    """fp16 and bf16 (two OR-ed perturbation draws): still exact on the reference."""
+
+    class Half(ReferenceOracle):
+        name = "half_test"
+        branches = ("cmp_o", "swa_o", "slc_o")
+        dtypes = ("bfloat16", "float16")
+
+    res = _by_branch(probe_oracle(Half(), "cpu", _cfg(*SHAPES[0]), cmp_mask="end_exclusive", window_keys="w_plus_1"))
+    assert res["cmp_o"].case.dtype == "float16" and res["cmp_o"].calls == 2 * 3
+    assert {b: r.convention for b, r in res.items()} == {"cmp_o": "end_exclusive", "swa_o": "w_plus_1", "slc_o": "causal"}

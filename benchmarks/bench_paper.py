@@ -95,8 +95,18 @@ def main() -> int:
             group=g_full)
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
             group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        run(case, "inhouse_cutile.selection", "kernel", ("slc_o",),
+        run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        F.CHUNK_BLOCKS = 2
+        run(case, "inhouse_cutile.selection (chunked CH=2)", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        F.CHUNK_BLOCKS = 4
+        run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
             [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
+        uni, cnt = F.block_union(idx, 4)
+        print(f"T={T}: mean union size per 4-query tile {cnt.float().mean().item():.1f} blocks (of 64 selections)", flush=True)
 
         def cmp_topk(x):
             kc, vc = F.mean_pool(x.k, x.v, 64, 64)
@@ -104,6 +114,28 @@ def main() -> int:
             return F.top_n(imp, pos, 16, 64, "initial_local")
         run(case, "inhouse_cutile.cmp+topk", "kernel", ("cmp_o", "cmp_lse", "topk_idx"),
             [lambda x=x: cmp_topk(x) for x in xs], group=g_cmp)
+        kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
+        imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
+        run(case, "inhouse_cutile.pool", "kernel", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs],
+            group="parts", cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
+        run(case, "inhouse_cutile.cmp (o+lse)", "kernel", ("cmp_o", "cmp_lse"),
+            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs], group="parts")
+        run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
+            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
+             for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+        run(case, "inhouse_cutile.top_n (cuTile kernel)", "kernel", ("topk_idx",),
+            [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
+            cost=hb.Cost(0.0, imp0.numel() * 4.0))
+        run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),
+            [lambda: F.top_n(imp0, pos, 16, 64, "initial_local")], group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0))
+        F.ROWS = 128
+        run(case, "inhouse_cutile.cmp+importance ROWS=128", "kernel", ("cmp_o", "cmp_lse"),
+            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
+             for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+        run(case, "inhouse_cutile.window ROWS=128", "kernel", ("swa_o",),
+            [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
+        F.ROWS = 64
+        del kc0, vc0, imp0
         run(case, "inhouse_cutile.window", "kernel", ("swa_o",),
             [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
         if "fla" not in skip:
@@ -135,8 +167,8 @@ def main() -> int:
                 why = tl.check_support(case16, "cuda")
                 x16 = [Inputs(**{k: (None if v is None else (v.half() if v.is_floating_point() else v))
                                  for k, v in vars(x).items()}) for x in xs]
-                run(case16, "inhouse_cutile.selection (fp16)", "kernel", ("slc_o",),
-                    [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in x16], group="selection (fp16)")
+                run(case16, "inhouse_cutile.selection (chunked, fp16)", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in x16], group="selection (fp16)")
                 if why:
                     print(f"SKIP tilelang_fwd: {why}", flush=True)
                 else:

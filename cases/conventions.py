@@ -111,21 +111,33 @@ def selection_candidate(j, p, ls):
 FORCED_BLOCKS = ("none", "current", "initial_local")
 
 
-def is_forced(kind: str, j, p, ls):
-    """Is selection block j forced for query p?
+def forced_none(j, p, ls):
+    """``none``: no block is forced."""
+    return (j < 0) & (j >= 0)
 
-    ``none``: never. ``current``: the block holding p, ``j == p//ls`` (FLA < 0.3.1, fla-org legacy).
-    ``initial_local``: block 0, the current and the previous block (paper §4.1 "1 initial block and
-    2 local blocks", FLA >= 0.3.1, XunhaoLai/FSA, mdy666).
-    """
+
+def forced_current(j, p, ls):
+    """``current``: the block holding p, ``j == p//ls`` (FLA < 0.3.1, fla-org legacy)."""
+    return j == p // ls
+
+
+def forced_initial_local(j, p, ls):
+    """``initial_local``: block 0, the current and the previous block (paper §4.1 "1 initial block and
+    2 local blocks", FLA >= 0.3.1, XunhaoLai/FSA, mdy666)."""
     cur = p // ls
-    if kind == "none":
-        return (j < 0) & (j >= 0)
-    if kind == "current":
-        return j == cur
-    if kind == "initial_local":
-        return (j == 0) | (j == cur) | (j == cur - 1)
-    raise ValueError(f"unknown forced_blocks {kind!r}; expected one of {FORCED_BLOCKS}")
+    return (j == 0) | (j == cur) | (j == cur - 1)
+
+
+FORCED_RULES: dict[str, Callable] = {"none": forced_none, "current": forced_current,
+                                     "initial_local": forced_initial_local}
+
+
+def is_forced(kind: str, j, p, ls):
+    """Is selection block j forced for query p? (``FORCED_RULES[kind]``; the per-kind functions are
+    plain expressions so that GPU kernels can inline them.)"""
+    if kind not in FORCED_RULES:
+        raise ValueError(f"unknown forced_blocks {kind!r}; expected one of {FORCED_BLOCKS}")
+    return FORCED_RULES[kind](j, p, ls)
 
 
 def max_forced(kind: str) -> int:

@@ -35,6 +35,16 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
+    i32_3 = _arr(ct, ct.int32, 3)
+    for G, GP, TQB, LSP, DP, al in [(16, 16, 4, 64, 128, True), (3, 4, 16, 32, 64, False)]:
+        out.append((f"selection_union G{G}/{GP} TQB{TQB} LS{LSP} D{DP} aligned={al}", K.selection_union_kernel,
+                    [a4, a4, a4, i32_4, i32_4, i32_3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP, al]))
+    for G, GP, CH, NP, LS, DP in [(16, 16, 4, 16, 64, 128), (3, 16, 2, 4, 32, 64), (1, 16, 1, 8, 16, 256)]:
+        out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP}", K.selection_chunk_kernel,
+                    [a4, a4, a4, i32_4, a4, f, i, i, NP, CH, LS, G, GP, DP, DP]))
+    for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
+        out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
+                    [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
     return out
 
@@ -44,7 +54,10 @@ def main() -> int:
     from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
     cc = CallingConvention.cutile_python_v1()
     bad = 0
+    only = sys.argv[2] if len(sys.argv) > 2 else ""
     for label, kern, params in variants(sys.argv[1] if len(sys.argv) > 1 else "bfloat16"):
+        if only not in label:
+            continue
         t = time.time()
         try:
             sig = KernelSignature(params, cc).with_mangled_symbol(kern._annotated_function.pyfunc.__name__)

@@ -118,6 +118,80 @@ def selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
     return o
 
 
+def block_union(idx: torch.Tensor, tqb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of ``tqb`` consecutive queries and kv head: the ascending union of their selected
+    blocks ``[B,ceil(TQ/tqb),H,tqb*n]`` int32 (-1 after the ``count`` valid entries) and ``count``
+    ``[B,ceil(TQ/tqb),H]`` int32 (torch sorts on the device)."""
+    B, TQ, H, n = idx.shape
+    pad = -TQ % tqb
+    x = idx.long()
+    if pad:
+        x = torch.cat([x, x.new_full((B, pad, H, n), -1)], 1)
+    big = torch.iinfo(torch.int32).max
+    x = x.view(B, -1, tqb, H, n).permute(0, 1, 3, 2, 4).reshape(B, -1, H, tqb * n)
+    x = torch.where(x < 0, torch.full_like(x, big), x).sort(-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = torch.where(dup, torch.full_like(x, big), x).sort(-1).values
+    count = (x < big).sum(-1).to(torch.int32)
+    return torch.where(x == big, torch.full_like(x, -1), x).to(torch.int32).contiguous(), count.contiguous()
+
+
+def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
+                    scale: float) -> torch.Tensor:
+    """``selection`` computed per tile of consecutive queries over the union of their blocks (each
+    block loaded once per tile, 64-row MMA tiles); same result."""
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = pow2(G)
+    TQB = max(1, ROWS // GP)
+    n = idx.shape[-1]
+    NP = pow2(n)
+    sel = idx.to(device=q.device, dtype=torch.int32)
+    if NP != n or TQ % TQB:
+        sel = torch.nn.functional.pad(sel, (0, NP - n, 0, 0, 0, -TQ % TQB), value=-1)
+    sel = sel.contiguous()
+    uni, count = block_union(idx.to(q.device), TQB)
+    LSP = pow2(ls)
+    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+    _launch(K.selection_union_kernel, (-(-TQ // TQB), B * H, 1),
+            (q, k, v, sel, uni, count, o, scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
+             LSP == ls))
+    return o
+
+
+def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
+                      scale: float) -> torch.Tensor:
+    """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
+    ``CH*l'``-key tile (no data-dependent branch); falls back to ``selection`` otherwise."""
+    if pow2(ls) != ls:
+        return selection(q, k, v, idx, ls, scale)
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = max(pow2(G), MIN_SEL_ROWS)
+    n = idx.shape[-1]
+    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    NP = -(-n // CH) * CH
+    sel = idx.to(device=q.device, dtype=torch.int32)
+    if NP != n:
+        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
+    sel = sel.contiguous()
+    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+    _launch(K.selection_chunk_kernel, (TQ, B * H, 1),
+            (q, k, v, sel, o, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV)))
+    return o
+
+
+CHUNK_BLOCKS = 4
+TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
+SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
+DEFAULT_SELECTION = "chunked"
+
+
 @lru_cache(maxsize=32)
 def _eq9(n_cmp: int, n_sel: int, l: int, d: int, ls: int, device: str) -> Optional[torch.Tensor]:
     """Eq. 9 map as an fp32 matrix on ``device``, or None when it is the identity (l = d = l')."""
@@ -156,6 +230,20 @@ def top_n(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_bl
     return canonical_order(idx)
 
 
+def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: str) -> torch.Tensor:
+    """``top_n`` as one cuTile kernel (iterative argmax per row tile, same rule and tie order),
+    then the canonical ascending order (a sort of the small ``[B,TQ,H,n]`` result)."""
+    _, K = _ct()
+    B, TQ, H, NS = imp.shape
+    NSP = pow2(NS)
+    TR = max(1, min(64, 8192 // NSP))
+    NOUT = pow2(n)
+    out = torch.empty((B, TQ, H, NOUT), device=imp.device, dtype=torch.int32)
+    _launch(K.topn_kernel, (-(-TQ // TR), B * H, 1),
+            (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, NSP, K.FORCED_KINDS.index(forced_blocks)))
+    return canonical_order(out[..., :n].long())
+
+
 def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict[str, torch.Tensor]:
     """All requested branches for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``)."""
     l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
@@ -167,13 +255,20 @@ def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict
         res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk)
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
         if need_topk:
-            out["topk_idx"] = top_n(importance(res[2], l, d, ls, T), positions, case.top_n, ls, case.forced_blocks)
+            imp = importance(res[2], l, d, ls, T)
+            if TOPN_IMPL == "cutile":
+                out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks)
+            else:
+                out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
-        out["slc_o"] = selection(q, k, v, idx, ls, scale)
+        out["slc_o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale)
     if "swa_o" in want and case.window > 0:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     return out
+
+
+SELECTION_IMPL["per_query"] = selection
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ import math
 import cuda.tile as ct
 import numpy as np
 
-from cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive,
-                               selection_causal, window_w, window_w_plus_1)
+from cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive, forced_current,
+                               forced_initial_local, forced_none,
+                               selection_candidate, selection_causal, window_w, window_w_plus_1)
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -214,3 +215,177 @@ def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: Co
     vc = ct.sum(v, axis=1, keepdims=True) * inv
     ct.store(KC, index=(b, c, h, 0), tile=kc.astype(KC.dtype))
     ct.store(VC, index=(b, c, h, 0), tile=vc.astype(VC.dtype))
+
+
+@ct.kernel
+def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, qk_scale2: float, q_off: int, T: int, LS: int,
+                           NP: ConstInt, TQB: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt,
+                           DP: ConstInt, DVP: ConstInt, ALIGNED: ConstBool):
+    """Selection attention for TQB consecutive queries x G heads of kv head ``bid(1) % H`` (rows
+    ``TQB*GP``): loops over the union ``UNI[b,qt,h,:NU]`` of the blocks the TQB queries selected, so a
+    block chosen by several neighbours is loaded once; row r uses block j iff its query lists j in
+    ``SEL[b,i,h,:]`` (``[B,TQ,H,NP]``, -1 padded) and the key satisfies ``selection_causal``."""
+    qt = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    M = TQB * GP
+    p0 = q_off + qt * TQB
+    rows = ct.arange(M, dtype=np.int32)
+    pos = (p0 + rows // GP)[:, None]
+    if G == GP:
+        Qv = Q
+        Ov = O
+        hidx = hk
+    else:
+        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
+        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
+        hidx = 0
+    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    sel = ct.load(SEL, index=(b, qt, hk, 0), shape=(1, TQB, 1, NP)).reshape((TQB, NP))
+    nu = ct.load(NU, index=(b, qt, hk), shape=())
+    offs = ct.arange(LSP, dtype=np.int32)[None, :]
+    m_i = ct.full((M, 1), NEG, dtype=np.float32)
+    l_i = ct.full((M, 1), 0.0, dtype=np.float32)
+    acc = ct.full((M, DVP), 0.0, dtype=np.float32)
+    for u in range(nu):
+        j = ct.load(UNI, index=(b, qt, hk, u), shape=())
+        start = j * LS
+        member = ct.sum(ct.where(sel == j, 1, 0), axis=1, keepdims=True)            # [TQB,1]
+        member = ct.broadcast_to(member, (TQB, GP)).reshape((M, 1))
+        if ALIGNED:
+            k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                        padding_mode=ZERO, latency=2).reshape((DP, LSP))
+            v = ct.load(V, index=(b, j, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                        latency=4).reshape((LSP, DVP))
+        else:
+            stop = min(start + LS, T)
+            Ks = K.slice(axis=1, start=start, stop=stop)
+            Vs = V.slice(axis=1, start=start, stop=stop)
+            k = ct.load(Ks, index=(b, hk, 0, 0), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                        padding_mode=ZERO, latency=2).reshape((DP, LSP))
+            v = ct.load(Vs, index=(b, 0, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                        latency=4).reshape((LSP, DVP))
+        s = ct.mma(q, k, ct.full((M, LSP), 0.0, dtype=np.float32))
+        key = start + offs
+        vis = (member > 0) & selection_causal(pos, key) & (offs < LS) & (key < T)
+        s = ct.where(vis, s * qk_scale2, -np.inf)
+        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+        pr = ct.exp2(s - m_new, flush_to_zero=True)
+        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+        l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
+        acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
+        m_i = m_new
+    has = l_i > 0.0
+    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TQB, GP, DVP)).astype(O.dtype))
+
+
+def _cat4(ts, axis):
+    """Concatenate a tuple of 1, 2 or 4 equal tiles along ``axis`` (ct.cat takes pairs)."""
+    if len(ts) == 1:
+        return ts[0]
+    elif len(ts) == 2:
+        return ct.cat((ts[0], ts[1]), axis)
+    else:
+        return ct.cat((ct.cat((ts[0], ts[1]), axis), ct.cat((ts[2], ts[3]), axis)), axis)
+
+
+@ct.kernel
+def selection_chunk_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int,
+                           NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
+                           DP: ConstInt, DVP: ConstInt):
+    """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
+    power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
+    ``IDX[b,i,h,:]``, ``NP`` = padded width, -1 = none), their K/V tiles loaded by tile index and
+    concatenated into one ``CH*LS``-key step (one MMA, one softmax update). No data-dependent branch:
+    a -1 slot loads block 0 and is masked, as are keys ``s > p``."""
+    i = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    p = q_off + i
+    if G == GP:
+        Qv = Q
+        Ov = O
+        hidx = hk
+    else:
+        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
+        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
+        hidx = 0
+    q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
+    offs = ct.arange(LS, dtype=np.int32)[None, :]
+    m_i = ct.full((GP, 1), NEG, dtype=np.float32)
+    l_i = ct.full((GP, 1), 0.0, dtype=np.float32)
+    acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    for c in range(NP // CH):
+        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
+        ks = ()
+        vs = ()
+        for t in ct.static_iter(range(CH)):
+            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
+            ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
+                           padding_mode=ZERO, latency=2).reshape((DP, LS)),)
+            vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
+                           latency=4).reshape((LS, DVP)),)
+        k = _cat4(ks, 1)
+        v = _cat4(vs, 0)
+        key = (jv * LS + offs).reshape((1, CH * LS))
+        ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
+        s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
+        vis = ok & selection_causal(p, key) & (key < T)
+        s = ct.where(vis, s * qk_scale2, -np.inf)
+        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+        pr = ct.exp2(s - m_new, flush_to_zero=True)
+        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+        l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
+        acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
+        m_i = m_new
+    has = l_i > 0.0
+    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
+
+
+FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_kernel
+
+
+def _forced(FORCED, j, p, LS):
+    if FORCED == 0:
+        return forced_none(j, p, LS)
+    elif FORCED == 1:
+        return forced_current(j, p, LS)
+    else:
+        return forced_initial_local(j, p, LS)
+
+
+@ct.kernel
+def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
+                NSP: ConstInt, FORCED: ConstInt):
+    """Top-n selection blocks of TR queries x kv head ``bid(1) % H`` from ``IMP [B,TQ,H,NS]`` (>= 0):
+    candidates are ``selection_candidate`` blocks with importance > 0 or forced (``is_forced``);
+    forced first (score +inf), then by importance, ties to the lower index (argmax = smallest
+    index attaining the max); -1 when fewer than N candidates. Writes ``OUT [B,TQ,H,NOUT]`` in pick
+    order (the caller sorts into canonical order)."""
+    qt = ct.bid(0)
+    bh = ct.bid(1)
+    H = IMP.shape[2]
+    b = bh // H
+    h = bh % H
+    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
+    j = ct.arange(NSP, dtype=np.int32)[None, :]
+    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    inside = (j < NS) & (p < q_off + TQ)
+    forced = _forced(FORCED, j, p, LS) & inside
+    cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+    score = ct.where(forced, np.inf, imp)
+    score = ct.where(cand, score, -np.inf)
+    cols = ct.arange(NOUT, dtype=np.int32)[None, :]
+    res = ct.full((TR, NOUT), -1, dtype=np.int32)
+    for t in range(N):
+        m = ct.max(score, axis=1, keepdims=True)
+        jsel = ct.min(ct.where(score == m, j, NSP), axis=1, keepdims=True)
+        res = ct.where((cols == t) & (m > -np.inf), jsel, res)
+        score = ct.where(j == jsel, -np.inf, score)
+    ct.store(OUT, index=(b, qt, h, 0), tile=res.reshape((1, TR, 1, NOUT)))

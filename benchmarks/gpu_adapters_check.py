@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/gpu_adapters_check"))
     ap.add_argument("--oracles", default=",".join(ORACLES))
     ap.add_argument("--cases", default="", help="comma-separated case numbers (default all)")
+    ap.add_argument("--profile", default="", help="take the cases from this cases.generator profile instead")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run the script")
     args = ap.parse_args()
     out = Path(args.out)
@@ -99,10 +100,14 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             versions[n] = {"error": repr(e)}
         print(f"versions {n}: {versions[n]}  availability: {o.availability()}", flush=True)
-    sel = [int(x) for x in args.cases.split(",") if x] or list(range(len(CASES)))
+    cases = CASES
+    if args.profile:
+        from cases.generator import GENERATORS
+        cases = GENERATORS[args.profile](0)
+    sel = [int(x) for x in args.cases.split(",") if x] or list(range(len(cases)))
     rows = []
     for ci in sel:
-        case = CASES[ci]
+        case = cases[ci]
         x = materialize(case, dev)
         truth = nsa_reference(case, x, dtype=torch.float64)
         base = nsa_reference(case, x, dtype=None)

@@ -37,7 +37,7 @@ def _flex_fn(device: str):
     global _COMPILED
     if device == "cuda" and os.environ.get("NSACONF_FLEX_COMPILE", "1") != "0":
         if _COMPILED is None:
-            _COMPILED = torch.compile(flex_attention, dynamic=False)
+            _COMPILED = torch.compile(flex_attention)  # default dynamic=None: one recompile, then dynamic shapes
         return _COMPILED, {"BACKEND": "TRITON"}
     return flex_attention, None
 

@@ -62,23 +62,32 @@ class CaseTruth:
     _alt: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
 
     @classmethod
-    def compute(cls, case: Case, inputs: Optional[Inputs] = None) -> "CaseTruth":
+    def compute(cls, case: Case, inputs: Optional[Inputs] = None, device: str = "cpu") -> "CaseTruth":
+        """Truth and baseline computed on ``device`` (float64 on a GPU is fine and much faster for
+        paper-size cases); every tensor kept here is on the CPU."""
         from cases.tensors import materialize
 
-        inputs = inputs if inputs is not None else materialize(case, "cpu")
-        truth = nsa_reference(case, inputs, dtype=torch.float64, return_importance=True)
+        inputs = inputs if inputs is not None else materialize(case, device)
+        truth = _cpu(nsa_reference(case, inputs, dtype=torch.float64, return_importance=True))
         given = truth["topk_idx"] if case.block_indices == "topk" else inputs.block_indices
-        baseline = nsa_reference(case, inputs, dtype=None, block_indices=given, return_importance=True)
+        given = None if given is None else given.cpu()
+        dev_given = None if given is None else given.to(inputs.q.device)
+        baseline = _cpu(nsa_reference(case, inputs, dtype=None, block_indices=dev_given, return_importance=True))
         return cls(case=case, inputs=inputs, truth=truth, baseline=baseline, given_indices=given)
 
     def with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
         """Truth and baseline recomputed with the selection ``idx`` (canonical order)."""
-        key = idx.numpy().tobytes()
+        key = idx.cpu().numpy().tobytes()
         if key not in self._alt:
-            t = nsa_reference(self.case, self.inputs, dtype=torch.float64, block_indices=idx)
-            b = nsa_reference(self.case, self.inputs, dtype=None, block_indices=idx)
+            d = idx.to(self.inputs.q.device)
+            t = _cpu(nsa_reference(self.case, self.inputs, dtype=torch.float64, block_indices=d))
+            b = _cpu(nsa_reference(self.case, self.inputs, dtype=None, block_indices=d))
             self._alt[key] = (t, b)
         return self._alt[key]
+
+
+def _cpu(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in d.items()}
 
 
 # ------------------------------------------------------------------------------------------ helpers

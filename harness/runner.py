@@ -205,7 +205,7 @@ class Runner:
             cache = cfg.truth_cache
             ct = cache.get(case.id) if cache is not None else None
             if ct is None:
-                ct = CaseTruth.compute(case)
+                ct = CaseTruth.compute(case, device=cfg.device)
                 if cache is not None:
                     cache[case.id] = ct
         except Exception as e:  # noqa: BLE001
@@ -213,7 +213,7 @@ class Runner:
         if cfg.save_tensors and ct is not None:
             from harness.tensors_io import save_inputs, save_truth
 
-            save_inputs(out, case, ct.inputs)
+            save_inputs(out, case, ct.inputs.to("cpu"))
             save_truth(out, case, {k: v for k, v in ct.truth.items() if k != "importance"})
         for name in pending:
             oracle = self.oracles[name]

@@ -114,7 +114,8 @@ def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
         lines.append(f"{'':21}parts: {rec['gated']}")
     if rec.get("differences"):
         shown = ", ".join(f"{k}({p},{s})" for p, s, k in rec["differences"][:8])
-        lines.append(f"{'':21}differs from {rec['diff_against']} at {shown}{' ...' if len(rec['differences']) > 8 else ''}")
+        lines.append(f"{'':21}differs from {rec['diff_against']} in {rec['differing_vs_reference']} cells: "
+                     f"{shown}{' ...' if len(rec['differences']) > 8 else ''}")
     if not diff:
         return "\n".join(lines)
     rows, f = downsample(diff_chars(rec["matrix"], rec.get("expected_matrix"), rec.get("dont_care")), width)
@@ -206,13 +207,20 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m harness.masks`` (same as ``nsaconf masks``)."""
-    p = argparse.ArgumentParser(prog="nsaconf masks", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="nsaconf masks", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     try:
         args = p.parse_args(argv)
-    except SystemExit as e:
+    except SystemExit as e:  # --help
         return int(e.code or 0)
+    except ValueError as e:
+        return _fail(str(e))
     return cmd_masks(args)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (as nsaconf's own parser)
+        raise ValueError(message)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ class ProbeResult:
             "leaks": self.leaks,
             "first_leak": list(self.first_leak) if self.first_leak else None,
             "differing_cells": self.differing_cells,
+            "differing_vs_reference": self.distances.get(ref) if ref else None,
             "differences": [[p, s, k] for p, s, k in self.differences[:50]],
             "distances": dict(self.distances),
             "threshold": self.threshold,
@@ -270,7 +271,7 @@ def diff_rows(obs: torch.Tensor, exp: torch.Tensor, dont_care: Optional[torch.Te
 def skipped_record(oracle: str, branch: str, reason: str) -> dict:
     """A record for an (oracle, branch) that could not be probed; ``skipped`` holds the reason."""
     keys = ("convention", "matches", "gated", "expected_convention", "claimed_convention", "nearest", "diff_against",
-            "leaks", "first_leak", "differing_cells", "differences", "distances", "threshold", "noise",
+            "leaks", "first_leak", "differing_cells", "differing_vs_reference", "differences", "distances", "threshold", "noise",
             "min_signal", "nan_rows", "calls", "seq_len", "block_size", "cmp_block", "cmp_stride", "window",
             "block_indices", "dtype", "case_id", "matrix", "expected_matrix", "dont_care")
     rec = {"oracle": oracle, "branch": branch, **{k: None for k in keys}}

@@ -66,3 +66,9 @@ def test_nsaconf_masks_subcommand():
     assert rec["convention"] == "end_inclusive" and rec["leaks"] == 0
     p = subprocess.run([sys.executable, "-m", "harness", "masks", "--branch", "bogus"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+def test_masks_bad_option_one_line(capsys):
+    assert main(["--seq-len", "abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nsaconf: error: ")

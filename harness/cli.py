@@ -281,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     for mod_name in SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(mod_name)
+            mod.register(sub)
         except ImportError:
             continue  # not contributed (yet) in this checkout
-        mod.register(sub)
+        except Exception as e:  # noqa: BLE001 - a broken contributed subcommand must not break `run`
+            print(f"nsaconf: warning: subcommand module {mod_name} failed to load: {type(e).__name__}: {e}", file=sys.stderr)
     return p
 
 

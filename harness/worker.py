@@ -81,7 +81,15 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
             conn.send(("ok", _dumps(cpu), secs))
         except Exception as e:  # noqa: BLE001 - every oracle failure becomes an ERROR cell
             tb = traceback.format_exc(limit=-3)
-            conn.send(("error", f"{type(e).__name__}: {e}".strip(), tb))
+            poisoned = False
+            if device.startswith("cuda"):  # a sticky CUDA error poisons the context: exit, get restarted
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    poisoned = True
+            conn.send(("error", f"{type(e).__name__}: {e}".strip(), tb, poisoned))
+            if poisoned:
+                return
 
 
 @dataclass
@@ -119,6 +127,7 @@ class Worker:
     versions: dict[str, str] = field(default_factory=dict)
     _sent_at: float = 0.0
     _ready: bool = False
+    fatal: str = ""
     restarts: int = 0
 
     def start(self) -> None:
@@ -144,7 +153,8 @@ class Worker:
             return Reply("crash", message=f"worker for {self.oracle} died while starting: {_signal_name(code)}")
         if msg[0] == "fatal":
             self.kill()
-            return Reply("fatal", message=msg[1])
+            self.fatal = msg[1]
+            return Reply("fatal", message=f"worker set-up failed: {msg[1]}")
         self.versions = msg[1]
         self._ready = True
         return None
@@ -154,6 +164,8 @@ class Worker:
 
     def submit(self, case_json: str, block_indices: Optional[torch.Tensor]) -> Optional[Reply]:
         """Send one request (starting the worker if needed); a Reply only if the worker cannot start."""
+        if self.fatal:
+            return Reply("error", message=f"worker set-up failed: {self.fatal}")
         if not self.alive():
             if self.proc is not None:
                 self.restarts += 1
@@ -192,7 +204,11 @@ class Worker:
                 return Reply("ok", outputs=_loads(msg[1]), seconds=msg[2])
             except Exception as e:  # noqa: BLE001
                 return Reply("error", message=f"cannot decode the oracle's outputs: {type(e).__name__}: {e}")
-        return Reply("error", message=msg[1], detail=msg[2], seconds=time.monotonic() - self._sent_at)
+        secs = time.monotonic() - self._sent_at
+        if len(msg) > 3 and msg[3]:
+            self._reap()
+            return Reply("error", message=f"{msg[1]} (CUDA context poisoned: worker restarted)", detail=msg[2], seconds=secs)
+        return Reply("error", message=msg[1], detail=msg[2], seconds=secs)
 
     def _reap(self) -> Optional[int]:
         if self.proc is None:

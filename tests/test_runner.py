@@ -12,7 +12,7 @@ from cases.model import Case, dump_cases
 from harness.cli import main
 
 PLUGINS = Path(__file__).parent / "plugins"
-ORACLES = "reference,bug_window,bug_scale,bug_kvmap,bad_raise,bad_crash,bad_hang,bad_zeros,bad_const"
+ORACLES = "reference,bug_window,bug_scale,bug_kvmap,bad_raise,bad_crash,bad_abort,bad_hang,bad_zeros,bad_const"
 
 
 def _cases() -> list[Case]:
@@ -85,6 +85,13 @@ def test_segfault_is_crash_and_worker_restarts(run_dir):
     assert cells[("bad_crash", "cmp_o", 0)]["status"] == "PASS"
 
 
+def test_abort_is_crash_every_time(run_dir):
+    cells = _cells(run_dir[0])
+    for seed in (0, 1):
+        r = cells[("bad_abort", "cmp_o", seed)]
+        assert r["status"] == "CRASH" and "SIGABRT" in r["reason"]
+
+
 def test_hang_is_timeout_and_worker_restarts(run_dir):
     cells = _cells(run_dir[0])
     r = cells[("bad_hang", "cmp_o", 1)]
@@ -97,7 +104,7 @@ def test_resume_skips_recorded_cells(run_dir):
     path = d / "out" / "results.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])  # lose 3 cells, one line half-written
-    rc = main(argv + ["--resume", "--oracles", "reference,bug_window,bad_raise,bad_zeros,bad_const,bug_scale,bug_kvmap,bad_crash,bad_hang"])
+    rc = main(argv + ["--resume", "--oracles", "reference,bug_window,bad_raise,bad_zeros,bad_const,bug_scale,bug_kvmap,bad_crash,bad_abort,bad_hang"])
     assert rc == 1
     new = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
     keys = [(r["case_id"], r["oracle"], r["branch"]) for r in new]

@@ -19,6 +19,7 @@ The sliding window (FLA calls ``flash_attn_func``) goes through ``oracles.compat
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 import warnings
@@ -253,6 +254,8 @@ def _triton_support(case: Case, device: str) -> Optional[str]:
 
 
 def _triton_modules():
+    # FLA's own tests run with TRITON_F32_DEFAULT=ieee: float32 tl.dot without TF32 (set before the first compile)
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
     flash_attn_shim.install()
     import fla.ops.nsa.parallel as par
     from fla.ops.nsa.compression import parallel_nsa_compression

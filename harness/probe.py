@@ -4,11 +4,12 @@ Black-box measurement of the dependency matrix of one output branch::
 
     M[p, s] = 1  iff  max_{h,c} |out[p, h, c](k, v with position s perturbed) - out[p, h, c](k, v)| > thr
 
-Perturbations are batched along the batch dimension: one forward call of batch ``Bc`` carries ``Bc``
-copies of the same sequence, copy i with key AND value of one position ``s_i`` perturbed (a fixed
-random ``amplitude * N(0, 1)`` vector per position, deterministic seed). A T=128 probe costs
-``2 + ceil(T / Bc)`` calls (2 unperturbed calls measure the oracle's own noise: identical copies in one
-call and the same call twice). ``thr = max(8 * noise, floor[dtype] * max|out|)`` is reported.
+Perturbations are batched: one forward call carries ``S = batch x kv heads`` independent copies of the
+same sequence (every kv head's data is a copy of kv head 0, with its query-head group, gates and block
+indices), copy i with key AND value of one position ``s_i`` perturbed by a fixed random
+``amplitude * N(0, 1)`` vector (deterministic seed; fp16/bf16 OR two draws). A T=128 probe costs
+``2 + ceil(T / S)`` calls (S = 64 by default): 2 unperturbed calls give the baseline and the oracle's
+own noise. ``thr = max(8 * noise, floor[dtype] * max|out|)`` is reported with the smallest kept signal.
 
 ``M`` is compared with the dense mask every canonical convention predicts (built only from
 ``cases.conventions``):
@@ -33,7 +34,7 @@ import torch
 from cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_mask_matrix, num_cmp_blocks, selection_key_mask,
                                window_mask_matrix)
 from cases.model import Case, CaseError
-from cases.tensors import TORCH_DTYPES, Inputs, materialize
+from cases.tensors import Inputs, materialize
 from oracles.base import Oracle, OracleError, get_oracle
 
 PROBE_BRANCHES = ("cmp_o", "slc_o", "swa_o", "o")

@@ -11,7 +11,7 @@ import torch
 from cases.conventions import CMP_MASKS, WINDOW_KEYS
 from harness.probe import (ModuleProbe, ProbeConfig, ProbeError, cmp_dependency_mask, leak_check_records,
                            probe_module, probe_oracle)
-from oracles.base import Oracle, get_oracle, load_plugin, registry
+from oracles.base import get_oracle, load_plugin, registry
 from oracles.reference import nsa_reference
 from oracles.reference_oracles import ReferenceOracle
 

@@ -679,4 +679,6 @@ def leak_check_records(oracle_names: list[str], device: str) -> list[dict]:
             records.extend(r.to_record() for r in probe_with_fallback(oracle, device))
         except ProbeError as e:
             records.extend(skipped_record(name, b, str(e)) for b in branches)
+        except Exception as e:  # noqa: BLE001 - one oracle's crash must not lose the others' records
+            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}") for b in branches)
     return records

@@ -147,6 +147,10 @@ def test_planted_bugs_detected_and_named(planted):
     assert blk.convention == "current_block" and blk.finding == "leak"
     assert blk.leaks == int((cmp_dependency_mask("current_block", 40, 8, 8) & ~torch.ones(40, 40, dtype=torch.bool).tril()).sum())
     assert blk.first_leak == (0, 1)
+    (slc,) = probe_oracle("probe_bug_slc_whole_block", "cpu", cfg)
+    assert slc.convention == "unknown" and slc.nearest == "causal" and slc.finding == "leak"
+    assert slc.leaks == slc.differing_cells > 0 and all(k == "+" and s > p for p, s, k in slc.differences)
+    assert slc.first_leak[1] // 8 == slc.first_leak[0] // 8  # the leak is inside the query's own block
     res = _by_branch(probe_oracle("probe_bug_claims_causal", "cpu", cfg))
     assert res["cmp_o"].claimed_convention == "end_inclusive" and res["cmp_o"].expected_convention is None
     assert res["cmp_o"].convention == "anti_causal" and res["cmp_o"].finding == "leak"

@@ -72,3 +72,35 @@ class ProbeClaimsCausal(Oracle):
     def run(self, case, inputs, device, block_indices=None):
         out = nsa_reference(case.replace(cmp_mask="anti_causal", window_keys="w"), inputs, dtype=None)
         return {"cmp_o": out["cmp_o"], "o": out["o"]}
+
+
+@register_oracle
+class ProbeSelectionWholeBlock(Oracle):
+    """Selection attends to whole selected blocks, without the in-block causal mask (s <= p)."""
+
+    name = "probe_bug_slc_whole_block"
+    layer = "kernel"
+    devices = ("cpu",)
+    branches = ("slc_o",)
+    needs_block_indices = True
+    description = "planted: selection without the in-block causal mask"
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        if case.cu_seqlens is not None or case.q_len != case.seq_len:
+            return "plain full-sequence cases only"
+        return None
+
+    def run(self, case, inputs, device, block_indices=None):
+        import torch
+
+        B, T, HQ, _ = inputs.q.shape
+        G, ls = case.group, case.block_size
+        out = torch.zeros(B, T, HQ, case.head_dim_v, dtype=inputs.q.dtype)
+        for b in range(B):
+            for p in range(T):
+                for h in range(HQ):
+                    idx = block_indices[b, p, h // G]
+                    keys = torch.cat([torch.arange(j * ls, min((j + 1) * ls, T)) for j in idx.tolist() if j >= 0])
+                    logits = inputs.k[b, keys, h // G] @ inputs.q[b, p, h] * case.softmax_scale
+                    out[b, p, h] = torch.softmax(logits, 0) @ inputs.v[b, keys, h // G]
+        return {"slc_o": out}

@@ -89,6 +89,9 @@ def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, 
                 raise
             records.extend(skipped_record(name, b, str(e)) for b in want)
             continue
+        except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
+            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}") for b in want)
+            continue
         results.extend(res)
         records.extend(r.to_record() for r in res)
     return records, results

@@ -484,6 +484,8 @@ def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch
             t = out[name].detach().to("cpu")
             if name == "topk_idx":
                 res[name] = t
+            elif tuple(t.shape[:3]) != (batch, T, case.heads_q):
+                raise ProbeError(f"{oracle.name} returned {name} of shape {tuple(t.shape)}, expected [{batch}, {T}, {case.heads_q}, DV]")
             else:  # [B, T, HQ, DV] -> [B*H, T, G*DV]: slot b*H + h holds the query heads of kv head h
                 res[name] = t.reshape(batch, T, H, -1).transpose(1, 2).reshape(batch * H, T, -1)
         return res

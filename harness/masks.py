@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--md", metavar="FILE", help="write a markdown report")
     p.add_argument("--width", type=int, default=64, help="max ASCII diff width (default 64)")
     p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
-    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak or a mismatch is found")
+    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
 
 
 def _fail(msg: str) -> int:
@@ -71,7 +71,7 @@ def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
 def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, cmp_mask=None,
             window_keys=None) -> tuple[list[dict], list]:
     """Probe records for the oracles (skipped ones carry ``skipped``) and the ProbeResults."""
-    from harness.probe import PROBE_BRANCHES, ProbeError, probe_oracle, skipped_record
+    from harness.probe import PROBE_BRANCHES, ProbeError, _kind, probe_oracle, skipped_record
     from oracles.base import get_oracle, registry
 
     names = oracle_names or sorted(registry())
@@ -87,10 +87,10 @@ def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, 
         except ProbeError as e:
             if str(e).startswith("bad probe parameters"):
                 raise
-            records.extend(skipped_record(name, b, str(e)) for b in want)
+            records.extend(skipped_record(name, b, str(e), _kind(e)) for b in want)
             continue
         except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
-            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}") for b in want)
+            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in want)
             continue
         results.extend(res)
         records.extend(r.to_record() for r in res)
@@ -103,7 +103,7 @@ def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
 
     head = f"{rec['oracle']:<14} {rec['branch']:<6}"
     if rec.get("skipped"):
-        return f"{head} SKIP: {rec['skipped']}"
+        return f"{head} {'ERROR' if rec.get('finding') == 'error' else 'SKIP'}: {rec['skipped']}"
     conv = rec["convention"]
     if conv == "unknown":
         conv += f" (nearest {rec['nearest']}, {rec['differing_cells']} cells differ)"
@@ -141,7 +141,7 @@ def format_markdown(records: list[dict], device: str, width: int = 64, title: st
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("skipped"):
-            out.append(f"| {r['oracle']} | {r['branch']} | – | – | skipped: {r['skipped']} | – | – | – | – | – |")
+            out.append(f"| {r['oracle']} | {r['branch']} | – | – | {r['finding']}: {r['skipped']} | – | – | – | – | – |")
             continue
         exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
         conv = r["convention"] + (f" (nearest {r['nearest']})" if r["convention"] == "unknown" else "")
@@ -204,7 +204,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
             Path(args.md).write_text(format_markdown(records, args.device, args.width), encoding="utf-8")
     except OSError as e:
         return _fail(f"cannot write output: {e}")
-    bad = any(r.get("finding") in ("leak", "mismatch") for r in records)
+    bad = any(r.get("finding") in ("leak", "mismatch", "error") for r in records)
     return 1 if (args.fail_on_leak and bad) else 0
 
 

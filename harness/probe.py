@@ -269,14 +269,15 @@ def diff_rows(obs: torch.Tensor, exp: torch.Tensor, dont_care: Optional[torch.Te
     return rows
 
 
-def skipped_record(oracle: str, branch: str, reason: str) -> dict:
-    """A record for an (oracle, branch) that could not be probed; ``skipped`` holds the reason."""
+def skipped_record(oracle: str, branch: str, reason: str, finding: str = "skipped") -> dict:
+    """A record for an (oracle, branch) that could not be probed; ``skipped`` holds the reason and
+    ``finding`` is ``skipped`` (unsupported / unavailable) or ``error`` (the oracle failed)."""
     keys = ("convention", "matches", "gated", "expected_convention", "claimed_convention", "nearest", "diff_against",
             "leaks", "first_leak", "differing_cells", "differing_vs_reference", "differences", "distances", "threshold", "noise",
             "min_signal", "nan_rows", "calls", "seq_len", "block_size", "cmp_block", "cmp_stride", "window",
             "block_indices", "dtype", "case_id", "matrix", "expected_matrix", "dont_care")
     rec = {"oracle": oracle, "branch": branch, **{k: None for k in keys}}
-    rec.update(finding="skipped", skipped=reason)
+    rec.update(finding=finding, skipped=reason)
     return rec
 
 
@@ -657,6 +658,12 @@ def probe_with_fallback(oracle: Oracle, device: str, configs=LEAK_CHECK_CONFIGS,
     raise ProbeError(first or "no supported probe case")
 
 
+def _kind(e: ProbeError) -> str:
+    """``error`` when the oracle ran and failed, ``skipped`` when no probe case was supported."""
+    m = str(e)
+    return "error" if (".run failed" in m or "returned" in m or "non-deterministic" in m) else "skipped"
+
+
 def leak_check_records(oracle_names: list[str], device: str) -> list[dict]:
     """One record per (oracle, branch) for the report's leak / convention column.
 
@@ -680,7 +687,7 @@ def leak_check_records(oracle_names: list[str], device: str) -> list[dict]:
         try:
             records.extend(r.to_record() for r in probe_with_fallback(oracle, device))
         except ProbeError as e:
-            records.extend(skipped_record(name, b, str(e)) for b in branches)
+            records.extend(skipped_record(name, b, str(e), _kind(e)) for b in branches)
         except Exception as e:  # noqa: BLE001 - one oracle's crash must not lose the others' records
-            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}") for b in branches)
+            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in branches)
     return records

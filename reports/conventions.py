@@ -15,7 +15,7 @@ COLOURS = {".": "#ffffff", "#": "#1f4e79", "+": "#d62728", "-": "#ff9f1c", "~": 
 LEGEND = (("#", "dependency, expected"), (".", "no dependency, expected"), ("+", "extra dependency"),
           ("-", "missing dependency"), ("~", "ignored (through the oracle's own top-k)"))
 FINDING_STYLE = {"ok": "color:#2a7d2a", "leak": "color:#b00000;font-weight:bold", "mismatch": "color:#b05a00;font-weight:bold",
-                 "unknown": "color:#b05a00", "skipped": "color:#777"}
+                 "unknown": "color:#b05a00", "skipped": "color:#777", "error": "color:#b00000"}
 HEATMAP_PX = 256
 
 
@@ -111,7 +111,7 @@ def render_conventions_section(records: list[dict]) -> str:
         exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
         finding = r.get("finding") or "–"
         if r.get("skipped"):
-            finding = f"skipped: {r['skipped']}"
+            finding = f"{r.get('finding') or 'skipped'}: {r['skipped']}"
         leaks = "–" if r.get("leaks") is None else f"{r['leaks']}" + (f" {_fmt(r.get('first_leak'))}" if r.get("first_leak") else "")
         conv = r.get("convention") or "–"
         if conv == "unknown" and r.get("nearest"):

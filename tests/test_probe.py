@@ -220,3 +220,14 @@ def test_low_precision_probe():
     res = _by_branch(probe_oracle(Half(), "cpu", _cfg(*SHAPES[0]), cmp_mask="end_exclusive", window_keys="w_plus_1"))
     assert res["cmp_o"].case.dtype == "float16" and res["cmp_o"].calls == 2 * 3
     assert {b: r.convention for b, r in res.items()} == {"cmp_o": "end_exclusive", "swa_o": "w_plus_1", "slc_o": "causal"}
+
+
+def test_crashing_oracle_is_an_error_record():
+    class Crash(ReferenceOracle):
+        name = "crash_test"
+
+        def run(self, case, inputs, device, block_indices=None):
+            raise RuntimeError("kernel exploded")
+
+    with pytest.raises(ProbeError, match="kernel exploded"):
+        probe_oracle(Crash(), "cpu", _cfg(*SHAPES[0]))

@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+    ap.add_argument("--quick", action="store_true", help="default variants only")
     ap.add_argument("--skip", default="", help="comma list of: fla,tilelang,dense")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -95,23 +96,26 @@ def main() -> int:
             group=g_full)
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
             group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.CHUNK_BLOCKS = 2
-        run(case, "inhouse_cutile.selection (chunked CH=2)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.CHUNK_BLOCKS = 4
-        run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
+        for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
+                             (2, True, 2), (2, True, 4)):
+            if args.quick and (ch, tma, occ) != (2, True, None):
+                continue
+            F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = ch, tma, occ
+            run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
+                [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = 2, True, None
+        if not args.quick:
+            run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
+                [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+            run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
+                [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
         uni, cnt = F.block_union(idx, 4)
         print(f"T={T}: mean union size per 4-query tile {cnt.float().mean().item():.1f} blocks (of 64 selections)", flush=True)
 
         def cmp_topk(x):
             kc, vc = F.mean_pool(x.k, x.v, 64, 64)
             _, _, imp = F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)
-            return F.top_n(imp, pos, 16, 64, "initial_local")
+            return F.top_n_cutile(imp, 0, 16, 64, "initial_local")
         run(case, "inhouse_cutile.cmp+topk", "kernel", ("cmp_o", "cmp_lse", "topk_idx"),
             [lambda x=x: cmp_topk(x) for x in xs], group=g_cmp)
         kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
@@ -126,15 +130,9 @@ def main() -> int:
         run(case, "inhouse_cutile.top_n (cuTile kernel)", "kernel", ("topk_idx",),
             [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
             cost=hb.Cost(0.0, imp0.numel() * 4.0))
-        run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),
-            [lambda: F.top_n(imp0, pos, 16, 64, "initial_local")], group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0))
-        F.ROWS = 128
-        run(case, "inhouse_cutile.cmp+importance ROWS=128", "kernel", ("cmp_o", "cmp_lse"),
-            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
-             for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
-        run(case, "inhouse_cutile.window ROWS=128", "kernel", ("swa_o",),
-            [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
-        F.ROWS = 64
+        if not args.quick:
+            run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),
+                [lambda: F.top_n(imp0, pos, 16, 64, "initial_local")], group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0))
         del kc0, vc0, imp0
         run(case, "inhouse_cutile.window", "kernel", ("swa_o",),
             [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")

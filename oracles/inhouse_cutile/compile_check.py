@@ -41,10 +41,12 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     [a4, a4, a4, i32_4, i32_4, i32_3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP, al]))
     for G, GP, CH, NP, LS, DP in [(16, 16, 4, 16, 64, 128), (3, 16, 2, 4, 32, 64), (1, 16, 1, 8, 16, 256)]:
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP}", K.selection_chunk_kernel,
-                    [a4, a4, a4, i32_4, a4, f, i, i, NP, CH, LS, G, GP, DP, DP]))
+                    [a4, a4, a4, i32_4, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
+    out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
+                                                      4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
     return out
 

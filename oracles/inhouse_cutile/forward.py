@@ -42,6 +42,19 @@ def _ct():
     return ct, kernels
 
 
+_HINTED: dict = {}
+
+
+def _hinted(kernel, occupancy: Optional[int]):
+    """``kernel`` with an occupancy hint (cached: a new kernel object would recompile)."""
+    if occupancy is None:
+        return kernel
+    key = (id(kernel), occupancy)
+    if key not in _HINTED:
+        _HINTED[key] = kernel.replace_hints(occupancy=occupancy)
+    return _HINTED[key]
+
+
 def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
     ct, _ = _ct()
     ct.launch(torch.cuda.current_stream(), grid, kernel, args)
@@ -181,12 +194,15 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
     o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
-    _launch(K.selection_chunk_kernel, (TQ, B * H, 1),
-            (q, k, v, sel, o, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV)))
+    kern = _hinted(K.selection_chunk_kernel, SEL_OCCUPANCY)
+    _launch(kern, (TQ, B * H, 1),
+            (q, k, v, sel, o, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA))
     return o
 
 
-CHUNK_BLOCKS = 4
+CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
+SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
+SEL_OCCUPANCY = None  # cuTile occupancy hint for the selection kernel (None: compiler default)
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
@@ -271,6 +287,20 @@ def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict
 SELECTION_IMPL["per_query"] = selection
 
 
+def combine_gates(cmp_o: torch.Tensor, slc_o: torch.Tensor, swa_o: Optional[torch.Tensor], x: Inputs) -> torch.Tensor:
+    """``o = g_cmp*cmp_o + g_slc*slc_o + g_swa*swa_o`` (fp32 arithmetic, one cuTile pass)."""
+    _, K = _ct()
+    B, TQ, HQ, DV = cmp_o.shape
+    HP = min(pow2(HQ), 16)
+    TM = max(1, 64 // HP)
+    o = torch.empty_like(cmp_o)
+    g = [t.contiguous() for t in (x.g_cmp, x.g_slc, x.g_swa)]
+    three = swa_o is not None
+    _launch(K.gate_kernel, (-(-TQ // TM), -(-HQ // HP), B),
+            (cmp_o, slc_o, swa_o if three else cmp_o, g[0], g[1], g[2], o, TM, HP, pow2(DV), three))
+    return o
+
+
 @torch.no_grad()
 def nsa_forward(case: Case, inputs: Inputs, block_indices: Optional[torch.Tensor] = None,
                 branches: tuple[str, ...] = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
@@ -297,8 +327,5 @@ def nsa_forward(case: Case, inputs: Inputs, block_indices: Optional[torch.Tensor
                                    v[:, s0:s1].contiguous(), pos, gi, want))
         out = {name: torch.cat([p[name] for p in parts], 1) for name in parts[0]}
     if "o" in want:
-        o = inputs.g_cmp[..., None].float() * out["cmp_o"].float() + inputs.g_slc[..., None].float() * out["slc_o"].float()
-        if "swa_o" in out:
-            o = o + inputs.g_swa[..., None].float() * out["swa_o"].float()
-        out["o"] = o.to(q.dtype)
+        out["o"] = combine_gates(out["cmp_o"], out["slc_o"], out.get("swa_o"), inputs)
     return {name: t for name, t in out.items() if name in branches}

@@ -295,7 +295,7 @@ def _cat4(ts, axis):
 @ct.kernel
 def selection_chunk_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt):
+                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = padded width, -1 = none), their K/V tiles loaded by tile index and
@@ -327,9 +327,9 @@ def selection_chunk_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int
         for t in ct.static_iter(range(CH)):
             j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
             ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                           padding_mode=ZERO, latency=2).reshape((DP, LS)),)
+                           padding_mode=ZERO, latency=2, allow_tma=TMA).reshape((DP, LS)),)
             vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                           latency=4).reshape((LS, DVP)),)
+                           latency=4, allow_tma=TMA).reshape((LS, DVP)),)
         k = _cat4(ks, 1)
         v = _cat4(vs, 0)
         key = (jv * LS + offs).reshape((1, CH * LS))
@@ -389,3 +389,21 @@ def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NO
         res = ct.where((cols == t) & (m > -np.inf), jsel, res)
         score = ct.where(j == jsel, -np.inf, score)
     ct.store(OUT, index=(b, qt, h, 0), tile=res.reshape((1, TR, 1, NOUT)))
+
+
+@ct.kernel
+def gate_kernel(A, B_, C, GA, GB, GC, O, TM: ConstInt, HP: ConstInt, DVP: ConstInt, THREE: ConstBool):
+    """``o = g_cmp*cmp_o + g_slc*slc_o (+ g_swa*swa_o)`` in fp32 for TM queries x HP heads."""
+    qt = ct.bid(0)
+    ht = ct.bid(1)
+    b = ct.bid(2)
+    a = ct.load(A, index=(b, qt, ht, 0), shape=(1, TM, HP, DVP), padding_mode=ZERO).astype(np.float32)
+    ga = ct.load(GA, index=(b, qt, ht), shape=(1, TM, HP), padding_mode=ZERO).astype(np.float32)
+    bb = ct.load(B_, index=(b, qt, ht, 0), shape=(1, TM, HP, DVP), padding_mode=ZERO).astype(np.float32)
+    gb = ct.load(GB, index=(b, qt, ht), shape=(1, TM, HP), padding_mode=ZERO).astype(np.float32)
+    o = a * ga.reshape((1, TM, HP, 1)) + bb * gb.reshape((1, TM, HP, 1))
+    if THREE:
+        c = ct.load(C, index=(b, qt, ht, 0), shape=(1, TM, HP, DVP), padding_mode=ZERO).astype(np.float32)
+        gc = ct.load(GC, index=(b, qt, ht), shape=(1, TM, HP), padding_mode=ZERO).astype(np.float32)
+        o = o + c * gc.reshape((1, TM, HP, 1))
+    ct.store(O, index=(b, qt, ht, 0), tile=o.astype(O.dtype))

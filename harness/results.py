@@ -75,8 +75,8 @@ class ResultWriter:
     def __init__(self, out_dir: str | Path, resume: bool = False) -> None:
         self.path = Path(out_dir) / RESULTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if not resume and self.path.exists():  # a fresh run: keep the previous results beside it
+            self.path.replace(self.path.with_name(RESULTS_FILE + ".prev"))
         if self.path.exists() and self.path.stat().st_size:
             with open(self.path, "rb") as f:  # a run killed mid-line: start on a fresh line
                 f.seek(-1, os.SEEK_END)

@@ -112,3 +112,13 @@ def test_plugin_example_loads_and_passes(tmp_path):
     assert rc == 0
     rec = json.loads((tmp_path / "pe" / "results.jsonl").read_text().splitlines()[0])
     assert rec["oracle"] == "my_sdpa_window" and rec["branch"] == "swa_o" and rec["status"] == "PASS"
+
+
+def test_dtype_and_seed_expand_cases(tmp_path, case_file):
+    from harness.cli import _select_cases, build_parser
+
+    args = build_parser().parse_args(["run", "--case", str(case_file), "--dtype", "fp16,fp32", "--seed", "9"])
+    cs = _select_cases(args)
+    assert [(c.dtype, c.seed) for c in cs] == [("float16", 9), ("float32", 9)]
+    args = build_parser().parse_args(["run", "--profile", "smoke", "--seed", "3"])
+    assert [c.seed for c in _select_cases(args)][:2] == [3, 4]

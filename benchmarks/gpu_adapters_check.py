@@ -110,8 +110,8 @@ def main() -> int:
         case = cases[ci]
         x = materialize(case, dev)
         truth = nsa_reference(case, x, dtype=torch.float64)
-        base = nsa_reference(case, x, dtype=None)
         given = x.block_indices if case.block_indices == "random" else truth["topk_idx"]
+        base = nsa_reference(case, x, dtype=None, block_indices=given)  # baseline selection on the truth's blocks
         print(f"\n== case {ci}: {case.id}", flush=True)
         for n, o in oracles.items():
             why = o.check_support(case, dev)

@@ -15,6 +15,7 @@ flex (the Triton kernel) unless ``NSACONF_FLEX_COMPILE=0``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Optional
@@ -87,10 +88,17 @@ class Flex(Oracle):
         flex, kopts = _flex_fn(device)
         l, d, w, scale = case.cmp_block, case.cmp_stride, case.window, case.softmax_scale
         rule, wrule = CMP_MASKS[case.cmp_mask], WINDOW_KEYS[case.window_keys]
+        # mask_mod closures bake (T-TQ, l, d, w) into the compiled graph: each new combination recompiles.
+        # Dynamo's default limit (8 per function) would silently fall back to *eager* flex (measured on the
+        # H100: "hit config.recompile_limit (8)") -- raise it so the Triton kernel stays in use.
+        limits = contextlib.nullcontext()
+        if kopts is not None:
+            import torch._dynamo.config as dcfg
+            limits = dcfg.patch(recompile_limit=max(256, getattr(dcfg, "recompile_limit", 8)))
         dev = inputs.q.device
         outs: dict[str, list[torch.Tensor]] = {"cmp_o": [], "cmp_lse": [], "swa_o": []}
         segs = [(0, case.seq_len, 0, case.q_len)] if case.cu_seqlens is None else [(s, e, s, e) for s, e in case.sequences]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), limits:
             warnings.simplefilter("ignore")
             for k0, k1, q0, q1 in segs:
                 T, TQ = k1 - k0, q1 - q0

@@ -11,7 +11,8 @@
 * ``paper``: the paper's hyper-parameters (G=16, D=192, DV=128, l=32, d=16, l'=64, n=16, w=512) at
   several T, bf16;
 * ``gpu``: paper-like and edge shapes (T not a multiple of the block size, T < block size, decode,
-  varlen, G in {16, 32, 64}, D in {64, 128, 192/128}) in fp16 and bf16.
+  varlen, G in {16, 32, 64}, D in {64, 128, 192/128}) in fp16 and bf16, with the paper's l=32, d=16,
+  l'=64 and again with l = d = l' = 64 (what FLA, nsa-impl and TileLang's kernel implement).
 
 The seed changes the tensors (``Case.seed``) and the sampled part of the cross product, never the
 coverage of the fixed part.
@@ -152,7 +153,25 @@ def gpu(seed: int = 0) -> list[Case]:
         for g, (hq, h) in enumerate(((16, 1), (32, 1), (64, 1), (64, 4))):
             for k, (dk, dv) in enumerate(((64, 64), (128, 128), (192, 128))):
                 out.append(_paper(s + 20 + 3 * g + k, dt, seq_len=2048, heads_q=hq, heads_kv=h, head_dim=dk, head_dim_v=dv))
+        # l = d = l' (FLA, nsa-impl, TileLang's kernel use one block size): the same edges
+        out += [
+            _fla(s + 40, dt, seq_len=2048),
+            _fla(s + 41, dt, seq_len=1000),                            # T not a multiple of the block size
+            _fla(s + 42, dt, seq_len=4096, heads_q=64, heads_kv=4),    # the FLA layer's head layout, G = 16
+            _fla(s + 43, dt, seq_len=2048, heads_q=32, heads_kv=1, head_dim=64, head_dim_v=64),  # G = 32
+            _fla(s + 44, dt, seq_len=4096, q_len=1),                   # decode
+            _fla(s + 45, dt, seq_len=2048, block_indices="random"),    # kernel-level selection check
+            _fla(s + 46, dt, seq_len=3000, cu_seqlens=(0, 1000, 1100, 3000)),  # varlen
+        ]
     return _dedupe(out)
+
+
+def _fla(seed: int, dtype: str, **kw) -> Case:
+    """Paper-like with l = d = l' = 64, n = 16, w = 512, G = 16, D = DV = 128 (the FLA layer's defaults)."""
+    base = dict(batch=1, heads_q=16, heads_kv=1, head_dim=128, head_dim_v=128, block_size=64, top_n=16,
+                window=512, dtype=dtype, seed=seed)
+    base.update(kw)
+    return Case(**base)
 
 
 GENERATORS: dict[str, Callable[[int], list[Case]]] = {"smoke": smoke, "ci": ci, "full": full, "paper": paper, "gpu": gpu}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import json
 import sys
 import time
@@ -297,6 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "config", None):  # adapters and worker processes read the same file
+            os.environ["NSACONF_CONFIG"] = str(Path(args.config).resolve())
         return int(args.func(args) or 0)
     except (UsageError, CaseError, OracleError, ConfigError, ToleranceError) as e:
         return _fail(str(e))

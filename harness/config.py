@@ -30,14 +30,17 @@ class ConfigError(ValueError):
 
 
 def config_path(explicit: Optional[str] = None) -> Optional[Path]:
-    """``explicit``, else ``$NSACONF_CONFIG``, else ``./nsaconf.toml`` if it exists."""
+    """``explicit``, else ``$NSACONF_CONFIG``, else ``./nsaconf.toml``, else ``<repo>/nsaconf.toml``
+    (the first that is given / exists)."""
     if explicit:
         return Path(explicit)
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env)
-    p = Path.cwd() / CONFIG_FILE
-    return p if p.exists() else None
+    for p in (Path.cwd() / CONFIG_FILE, Path(__file__).resolve().parents[1] / CONFIG_FILE):
+        if p.exists():
+            return p
+    return None
 
 
 def load_config(explicit: Optional[str] = None) -> dict[str, Any]:

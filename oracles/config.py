@@ -44,16 +44,13 @@ CHECKOUTS: dict[str, Checkout] = {
 
 
 def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:
-    candidates = [os.environ.get("NSACONF_CONFIG"), "nsaconf.toml", str(REPO_ROOT / "nsaconf.toml")]
-    for c in candidates:
-        if c and Path(c).is_file():
-            try:
-                import tomllib  # Python >= 3.11
-            except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            with open(c, "rb") as f:
-                return tomllib.load(f), Path(c).resolve().parent
-    return {}, None
+    """The config file's contents and folder (``harness.config`` finds and parses it)."""
+    from harness.config import config_path, load_config
+
+    path = config_path()
+    if path is None or not path.is_file():
+        return {}, None
+    return load_config(str(path)), path.resolve().parent
 
 
 def oracle_options(key: str) -> dict[str, Any]:

@@ -97,13 +97,13 @@ def main() -> int:
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
             group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
         for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
-                             (2, True, 2), (2, True, 4)):
-            if args.quick and (ch, tma, occ) != (2, True, None):
+                             (2, True, 2), (2, True, 3), (2, True, 4)):
+            if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):
                 continue
             F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = ch, tma, occ
             run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = 2, True, None
+        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = 2, True, 2
         if not args.quick:
             run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
@@ -127,9 +127,17 @@ def main() -> int:
         run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
             [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
              for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
-        run(case, "inhouse_cutile.top_n (cuTile kernel)", "kernel", ("topk_idx",),
+        run(case, "inhouse_cutile.top_n (cuTile packed-key kernel)", "kernel", ("topk_idx",),
             [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
             cost=hb.Cost(0.0, imp0.numel() * 4.0))
+        F.TOPN_KERNEL = "argmax"
+        run(case, "inhouse_cutile.top_n (cuTile argmax kernel)", "kernel", ("topk_idx",),
+            [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
+            cost=hb.Cost(0.0, imp0.numel() * 4.0))
+        F.TOPN_KERNEL = "packed"
+        run(case, "inhouse_cutile.gates", "kernel", ("o",),
+            [lambda x=x: F.combine_gates(x.q, x.q, x.q, x) for x in xs], group="parts",
+            cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))
         if not args.quick:
             run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),
                 [lambda: F.top_n(imp0, pos, 16, 64, "initial_local")], group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0))

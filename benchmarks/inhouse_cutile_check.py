@@ -71,9 +71,12 @@ def check_case(case_json: str) -> dict:
                                                  case.softmax_scale, want_importance=True)[2],
                                  case.cmp_block, case.cmp_stride, case.block_size, case.seq_len)
             a = fwd.top_n_cutile(imp, case.q_offset, case.top_n, case.block_size, case.forced_blocks)
+            fwd.TOPN_KERNEL = "argmax"
+            a2 = fwd.top_n_cutile(imp, case.q_offset, case.top_n, case.block_size, case.forced_blocks)
+            fwd.TOPN_KERNEL = "packed"
             bq = fwd.top_n(imp, torch.arange(case.q_offset, case.seq_len, device="cuda"), case.top_n, case.block_size,
                            case.forced_blocks)
-            same = bool(torch.equal(a, bq))
+            same = bool(torch.equal(a, bq)) and bool(torch.equal(a2, bq))
             rec["branches"]["topn_kernel_eq_torch"] = {"equal": same}
             rec["ok"] &= same
         torch.cuda.synchronize()

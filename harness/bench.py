@@ -179,7 +179,7 @@ def make_record(case: Case, oracle: str, layer: str, branches: tuple[str, ...], 
     floor = max(cost.flops / (ceil.matmul_tflops * 1e9), cost.bytes / (ceil.copy_gbps * 1e6))
     return BenchRecord(case=case.id, oracle=oracle, layer=layer, branches=list(branches), ms=ms, reps=reps,
                        flops=cost.flops, bytes=cost.bytes, floor_ms=floor, pct_of_floor=100.0 * floor / ms if ms else 0.0,
-                       group=group or f"{case.id}|{','.join(sorted(branches))}", device=ceil.device,
+                       group=f"T{case.seq_len}|{group}" if group else f"{case.id}|{','.join(sorted(branches))}", device=ceil.device,
                        ceilings={"matmul_tflops": round(ceil.matmul_tflops, 1), "copy_gbps": round(ceil.copy_gbps, 1)},
                        versions=versions or {}, note=note)
 

@@ -407,3 +407,34 @@ def gate_kernel(A, B_, C, GA, GB, GC, O, TM: ConstInt, HP: ConstInt, DVP: ConstI
         gc = ct.load(GC, index=(b, qt, ht), shape=(1, TM, HP), padding_mode=ZERO).astype(np.float32)
         o = o + c * gc.reshape((1, TM, HP, 1))
     ct.store(O, index=(b, qt, ht, 0), tile=o.astype(O.dtype))
+
+
+@ct.kernel
+def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
+                       NSP: ConstInt, FORCED: ConstInt):
+    """``topn_kernel`` with one int64 key per block, ``(float bits of the score) << 32 | (NSP-1-j)``
+    (non-negative floats order like their bits; forced = +inf bits; non-candidate = -1): each of the
+    N picks is one max-reduction (the lower index wins ties by construction) + one knock-out."""
+    qt = ct.bid(0)
+    bh = ct.bid(1)
+    H = IMP.shape[2]
+    b = bh // H
+    h = bh % H
+    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
+    j = ct.arange(NSP, dtype=np.int32)[None, :]
+    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    inside = (j < NS) & (p < q_off + TQ)
+    forced = _forced(FORCED, j, p, LS) & inside
+    cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+    bits = ct.bitcast(imp, np.int32).astype(np.int64)
+    bits = ct.where(forced, 0x7F800000, bits)
+    key = (bits << 32) | (NSP - 1 - j).astype(np.int64)
+    key = ct.where(cand, key, -1)
+    cols = ct.arange(NOUT, dtype=np.int32)[None, :]
+    res = ct.full((TR, NOUT), -1, dtype=np.int64)
+    for t in range(N):
+        m = ct.max(key, axis=1, keepdims=True)
+        res = ct.where(cols == t, m, res)
+        key = ct.where(key == m, -1, key)
+    idx = ct.where(res < 0, -1, (NSP - 1) - (res & 0xFFFFFFFF))
+    ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))

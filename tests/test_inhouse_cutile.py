@@ -96,7 +96,7 @@ def test_performance_section_renders():
 def test_kernels_compile_for_sm90():
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile.compile_check import main
-    assert main() == 0
+    assert main([]) == 0
 
 
 GPU_CASES = [
@@ -131,3 +131,26 @@ def test_gpu_matches_fp64_reference(case):
         berr = float((b[fin] - t[fin]).abs().max())
         assert err <= 2 * berr + 1e-2, f"{name}: err {err:.3e} vs baseline {berr:.3e}"
     assert torch.equal(torch.sort(out["topk_idx"].cpu(), -1).values, torch.sort(truth["topk_idx"].cpu(), -1).values)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_bench_command_without_gpu_exits_2(tmp_path, capsys):
+    import argparse
+    from harness.bench import register
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["bench", "--case", "examples/case.json", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_bench_records_and_ratios(tmp_path):
+    from harness.bench import Ceilings, cost_of, fill_ratios, make_record, write_records
+    c = Case(seq_len=256, heads_q=4, heads_kv=1, head_dim=32, block_size=16, top_n=4, dtype="bfloat16")
+    ceil = Ceilings(700.0, 3000.0, "test-card")
+    recs = [make_record(c, n, "e2e", ("o",), ms, 20, cost_of(c, ("o",)), ceil) for n, ms in (("a", 2.0), ("b", 3.0))]
+    fill_ratios(recs)
+    assert [r.ratio_to_fastest for r in recs] == [1.0, 1.5]
+    assert 0 < recs[0].pct_of_floor < 100 and recs[0].floor_ms > 0
+    path = write_records(tmp_path, recs)
+    assert len(path.read_text().splitlines()) == 2 and (tmp_path / "performance.html").exists()

@@ -53,13 +53,15 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``argv``: [dtype (default bfloat16), substring filter of the variant labels]."""
+    argv = sys.argv[1:] if argv is None else argv
     import cuda.tile as ct  # noqa: F401
     from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
     cc = CallingConvention.cutile_python_v1()
     bad = 0
-    only = sys.argv[2] if len(sys.argv) > 2 else ""
-    for label, kern, params in variants(sys.argv[1] if len(sys.argv) > 1 else "bfloat16"):
+    only = argv[1] if len(argv) > 1 else ""
+    for label, kern, params in variants(argv[0] if argv else "bfloat16"):
         if only not in label:
             continue
         t = time.time()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from cases.conventions import eq9_weights
+from cases.conventions import eq9_weights, max_forced
 from cases.model import Case
 from cases.tensors import materialize
 from oracles.base import get_oracle, registry
@@ -39,12 +39,10 @@ def test_supports_reasons(kw, word):
     assert get_oracle("inhouse_cutile").supports(Case(head_dim=192, head_dim_v=128, heads_q=64, heads_kv=1), "cuda") is None
 
 
-@pytest.mark.parametrize("forced", ["none", "current", "initial_local"])
-@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("forced,n", [(f, n) for f in ("none", "current", "initial_local") for n in (1, 3, 16)
+                                      if n >= max_forced(f)])  # fewer is not a valid case
 def test_top_n_matches_reference_rule_with_exact_ties(forced, n):
     from oracles.inhouse_cutile.forward import top_n
-    if n < {"none": 0, "current": 1, "initial_local": 3}[forced]:
-        pytest.skip(f"top_n={n} < forced blocks of {forced} (invalid case)")
     g = torch.Generator().manual_seed(n)
     case = Case(seq_len=120, block_size=8, top_n=n, forced_blocks=forced, heads_q=2, heads_kv=2)
     imp = torch.rand((1, 50, 2, 15), generator=g)

@@ -69,32 +69,46 @@ def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
 
 
 def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, cmp_mask=None,
-            window_keys=None) -> tuple[list[dict], list]:
-    """Probe records for the oracles (skipped ones carry ``skipped``) and the ProbeResults."""
-    from harness.probe import PROBE_BRANCHES, ProbeError, _kind, probe_oracle, skipped_record
-    from oracles.base import get_oracle, registry
+            window_keys=None, emit=None) -> tuple[list[dict], list]:
+    """Probe records for the oracles (skipped ones carry ``skipped``) and the ProbeResults.
+
+    ``emit(record)``, when given, is called for each record as soon as its oracle is done, so that a
+    long run (GPU compiles) killed by a time limit keeps what it had already measured."""
+    from oracles.base import registry
 
     names = oracle_names or sorted(registry())
     records, results = [], []
     for name in names:
-        oracle = get_oracle(name)
-        want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
-        if not want:
-            records.append(skipped_record(name, ",".join(branches or PROBE_BRANCHES), f"{name} returns none of these branches"))
-            continue
-        try:
-            res = probe_oracle(oracle, device, cfg, tuple(want), cmp_mask, window_keys)
-        except ProbeError as e:
-            if str(e).startswith("bad probe parameters"):
-                raise
-            records.extend(skipped_record(name, b, str(e), _kind(e)) for b in want)
-            continue
-        except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
-            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in want)
-            continue
-        results.extend(res)
-        records.extend(r.to_record() for r in res)
+        done = len(records)
+        _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records, results)
+        if emit is not None:
+            for rec in records[done:]:
+                emit(rec)
     return records, results
+
+
+def _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records: list, results: list) -> None:
+    """Probe one oracle, appending its records (and ProbeResults)."""
+    from harness.probe import PROBE_BRANCHES, ProbeError, _kind, probe_oracle, skipped_record
+    from oracles.base import get_oracle
+
+    oracle = get_oracle(name)
+    want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
+    if not want:
+        records.append(skipped_record(name, ",".join(branches or PROBE_BRANCHES), f"{name} returns none of these branches"))
+        return
+    try:
+        res = probe_oracle(oracle, device, cfg, tuple(want), cmp_mask, window_keys)
+    except ProbeError as e:
+        if str(e).startswith("bad probe parameters"):
+            raise
+        records.extend(skipped_record(name, b, str(e), _kind(e)) for b in want)
+        return
+    except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
+        records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in want)
+        return
+    results.extend(res)
+    records.extend(r.to_record() for r in res)
 
 
 def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
@@ -184,17 +198,16 @@ def cmd_masks(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(seq_len=args.seq_len, block_size=args.block_size, window=args.window, cmp_block=args.cmp_block,
                           cmp_stride=args.cmp_stride, top_n=args.top_n, seed=args.seed)
         names = [n.strip() for n in args.oracles.split(",") if n.strip()] if args.oracles else None
-        records, _ = collect(names, args.device, cfg, branches, args.cmp_mask, args.window_keys)
+
+        def emit(r: dict) -> None:  # streamed: a run cut off by a time limit keeps the oracles already probed
+            if args.json:
+                print(json.dumps(r), flush=True)
+            else:
+                print(format_text(r, args.width, diff=not args.summary) + ("" if args.summary else "\n"), flush=True)
+
+        records, _ = collect(names, args.device, cfg, branches, args.cmp_mask, args.window_keys, emit=emit)
     except (ValueError, OracleError, ProbeError) as e:
         return _fail(str(e))
-    if args.json:
-        for r in records:
-            print(json.dumps(r))
-    else:
-        for r in records:
-            print(format_text(r, args.width, diff=not args.summary))
-            if not args.summary:
-                print()
     try:
         if args.html:
             from reports.conventions import render_standalone

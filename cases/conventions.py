@@ -67,6 +67,11 @@ CMP_MASKS: dict[str, Callable] = {
 }
 CAUSAL_CMP_MASKS = ("end_inclusive", "end_exclusive")
 
+def cmp_block_covers(c, s, l, d):
+    """Compressed block c is pooled from key s: ``c*d <= s < c*d + l`` (keys past T do not exist)."""
+    return (c * d <= s) & (s < c * d + l)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sliding-window visibility: may query p attend to key s?
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from cases.model import DTYPES, Case, CaseError
 PROFILES = ("smoke", "ci", "full", "paper", "gpu")
 
 
-def _dedupe(cases: list[Case]) -> list[Case]:
+def dedupe_cases(cases: list[Case]) -> list[Case]:
+    """The cases in order, each id once."""
     seen, out = set(), []
     for c in cases:
         if c.id not in seen:
@@ -46,7 +47,7 @@ def _small(seed: int, **kw) -> Case:
 
 def smoke(seed: int = 0) -> list[Case]:
     s = seed
-    return _dedupe([
+    return dedupe_cases([
         _small(s, dtype="float32"),
         _small(s + 1, dtype="bfloat16", seq_len=77, cmp_mask="end_exclusive", window_keys="w_plus_1"),
         _small(s + 2, dtype="float16", heads_q=8, heads_kv=2, seq_len=64, q_len=5, window=0),
@@ -112,7 +113,7 @@ def ci(seed: int = 0) -> list[Case]:
                               seed=seed + 1000 + i))
         except CaseError:
             continue
-    return _dedupe(cases)
+    return dedupe_cases(cases)
 
 
 def full(seed: int = 0) -> list[Case]:
@@ -124,7 +125,7 @@ def full(seed: int = 0) -> list[Case]:
                 out.append(Case(seq_len=t, heads_q=16, heads_kv=2, head_dim=64, block_size=64, cmp_block=32, cmp_stride=16,
                                 top_n=8, window=128, cmp_mask=m, dtype=dt, window_keys=rng.choice(tuple(WINDOW_KEYS)),
                                 forced_blocks=rng.choice(FORCED_BLOCKS), seed=seed + 2000 + 100 * i + 10 * j + k))
-    return _dedupe(out)
+    return dedupe_cases(out)
 
 
 def _paper(seed: int, dtype: str, **kw) -> Case:
@@ -135,7 +136,7 @@ def _paper(seed: int, dtype: str, **kw) -> Case:
 
 
 def paper(seed: int = 0) -> list[Case]:
-    return _dedupe([_paper(seed + i, "bfloat16", seq_len=t) for i, t in enumerate((1024, 2048, 4096, 8192))])
+    return dedupe_cases([_paper(seed + i, "bfloat16", seq_len=t) for i, t in enumerate((1024, 2048, 4096, 8192))])
 
 
 def gpu(seed: int = 0) -> list[Case]:
@@ -163,7 +164,7 @@ def gpu(seed: int = 0) -> list[Case]:
             _fla(s + 45, dt, seq_len=2048, block_indices="random"),    # kernel-level selection check
             _fla(s + 46, dt, seq_len=3000, cu_seqlens=(0, 1000, 1100, 3000)),  # varlen
         ]
-    return _dedupe(out)
+    return dedupe_cases(out)
 
 
 def _fla(seed: int, dtype: str, **kw) -> Case:

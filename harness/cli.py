@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +64,7 @@ def _parse_dtypes(text: Optional[str]) -> list[str]:
 
 
 def _select_cases(args: argparse.Namespace):
-    from cases.generator import profile_cases
+    from cases.generator import dedupe_cases, profile_cases
     from cases.model import load_cases
 
     cases = []
@@ -80,12 +80,7 @@ def _select_cases(args: argparse.Namespace):
     dtypes = _parse_dtypes(args.dtype)
     if dtypes:
         cases = [c.replace(dtype=dt) for c in cases for dt in dtypes]
-    seen, out = set(), []
-    for c in cases:
-        if c.id not in seen:
-            seen.add(c.id)
-            out.append(c)
-    return out
+    return dedupe_cases(cases)
 
 
 def _select_oracles(spec: Optional[str], device: str) -> list[str]:

@@ -31,8 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_mask_matrix, num_cmp_blocks, selection_key_mask,
-                               window_mask_matrix)
+from cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_block_covers, cmp_mask_matrix, num_cmp_blocks,
+                               selection_key_mask, window_mask_matrix)
 from cases.model import Case, CaseError
 from cases.tensors import Inputs, materialize
 from oracles.base import Oracle, OracleError, get_oracle
@@ -84,12 +84,12 @@ HEAD_SHAPES = ((16, 16, 32), (16, 1, 32), (16, 1, 64), (32, 2, 64), (16, 1, 128)
 
 
 def cmp_dependency_mask(cmp_mask: str, T: int, l: int, d: int) -> torch.Tensor:
-    """Bool ``[T, T]``: ``exists c: CMP_MASKS[cmp_mask](c, p, l, d) and c*d <= s < c*d + l``."""
+    """Bool ``[T, T]``: ``exists c: CMP_MASKS[cmp_mask](c, p, l, d) and cmp_block_covers(c, s, l, d)``."""
     pos = torch.arange(T)
     nc = num_cmp_blocks(T, d)
     vis = cmp_mask_matrix(cmp_mask, pos, nc, l, d).double()  # [T, NC]
     c = torch.arange(nc)[:, None]
-    cover = ((c * d <= pos[None, :]) & (pos[None, :] < c * d + l)).double()  # [NC, T]
+    cover = cmp_block_covers(c, pos[None, :], l, d).double()  # [NC, T]
     return (vis @ cover) > 0
 
 

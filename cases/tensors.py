@@ -7,6 +7,14 @@ machine and device.
 Magnitudes: ``q ~ N(0, 1)``; ``k = 0.8 * N(0, 1) + 0.8 * AR(1, rho=0.95)`` along the sequence, so that
 keys are locally correlated like real ones and mean-pooled blocks keep a spread (compression softmaxes
 are neither flat nor one-hot, top-n has few near-ties); ``v ~ N(0, 1)``; gates in (0.05, 0.95).
+
+**Gradient convention (the one place it is defined).** The loss is ``L = sum(o * dO)`` with the
+output cotangent ``dO = output_cotangent(case, device, dtype)``: ``N(0, 1)`` of shape ``[B,TQ,HQ,DV]``
+drawn on the CPU in float64 from ``torch.Generator().manual_seed(case.seed + 1_000_003)``, then cast,
+then moved. The gradients (``GRAD_INPUTS``) are ``dq [B,TQ,HQ,D]``, ``dk [B,T,H,D]``, ``dv [B,T,H,DV]``
+(the input layouts) and ``dg_cmp``, ``dg_slc``, ``dg_swa`` ``[B,TQ,HQ]`` (``dg_swa`` only when
+``window > 0``). The top-n selection is piecewise constant: no gradient flows through the choice of
+blocks, only through the keys/values of the chosen blocks (and through the compression branch).
 """
 from __future__ import annotations
 
@@ -50,6 +58,24 @@ class Inputs:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+COTANGENT_SEED_OFFSET = 1_000_003
+#: gradient branch -> the ``Inputs`` field it differentiates
+GRAD_INPUTS: dict[str, str] = {"dq": "q", "dk": "k", "dv": "v", "dg_cmp": "g_cmp", "dg_slc": "g_slc", "dg_swa": "g_swa"}
+
+
+def grad_branches(case: Case) -> tuple[str, ...]:
+    """The gradient branches a case has (``dg_swa`` only when ``window > 0``)."""
+    return tuple(b for b in GRAD_INPUTS if b != "dg_swa" or case.window > 0)
+
+
+def output_cotangent(case: Case, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``dO`` of the loss ``L = sum(o * dO)``: ``N(0,1)`` ``[B,TQ,HQ,DV]`` drawn in float64 on the CPU from
+    ``manual_seed(case.seed + 1_000_003)``, cast to ``dtype`` (default: the case dtype), moved to ``device``."""
+    gen = torch.Generator().manual_seed(case.seed + COTANGENT_SEED_OFFSET)
+    d = torch.randn((case.batch, case.q_len, case.heads_q, case.head_dim_v), generator=gen, dtype=torch.float64)
+    return d.to(dtype=dtype or TORCH_DTYPES[case.dtype]).to(device=device)
 
 
 def query_positions(case: Case) -> torch.Tensor:

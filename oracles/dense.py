@@ -34,7 +34,22 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 @torch.no_grad()
 def nsa_dense(case: Case, inputs: Inputs, dtype: torch.dtype = torch.float64,
               block_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    x = inputs.to(dtype=dtype)
+    """The dense forward in ``dtype`` (canonical branches, like ``nsa_reference``)."""
+    return _dense(case, inputs.to(dtype=dtype), block_indices)
+
+
+def nsa_dense_grads(case: Case, inputs: Inputs, dtype: torch.dtype = torch.float64,
+                    block_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Gradients of ``L = sum(o * dO)`` (``cases.tensors.output_cotangent``) by autograd through the dense
+    forward (selection piecewise constant), in ``dtype``: ``dq, dk, dv, dg_cmp, dg_slc`` (+ ``dg_swa``)."""
+    from oracles.reference import autograd_grads  # the shared loss/autograd driver only
+
+    return autograd_grads(lambda xi: _dense(case, xi, block_indices), case, inputs.to(dtype=dtype))
+
+
+def _dense(case: Case, x: Inputs, block_indices: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The dense forward on inputs already in the compute dtype (differentiable in grad mode)."""
+    dtype = x.q.dtype
     B, TQ, HQ, H, G = case.batch, case.q_len, case.heads_q, case.heads_kv, case.group
     l, d, ls, n, w, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.window, case.softmax_scale
     DV = case.head_dim_v
@@ -73,7 +88,8 @@ def nsa_dense(case: Case, inputs: Inputs, dtype: torch.dtype = torch.float64,
                     out["cmp_o"][b, list(qrows), h] = o
                     out["cmp_lse"][b, list(qrows), h] = lse
                     imp += prob @ overlap
-                # top-n, one query at a time
+                # top-n, one query at a time (piecewise constant: ranked on detached values)
+                imp = imp.detach()
                 sel_mask = torch.zeros(len(positions), T, dtype=torch.bool, device=dev)
                 for i, (row, p) in enumerate(zip(qrows, positions)):
                     cands = [j for j in range(NS) if selection_candidate(j, p, ls)

@@ -19,14 +19,14 @@ Queries are processed in chunks so that memory stays bounded (T = 64k in float64
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks,
                                selection_candidate, selection_key_mask, window_mask_matrix)
 from cases.model import Case
-from cases.tensors import Inputs, TORCH_DTYPES, canonical_order
+from cases.tensors import GRAD_INPUTS, Inputs, TORCH_DTYPES, canonical_order, grad_branches, output_cotangent
 
 _ELEMENT_BUDGET = 1 << 21  # elements of the largest per-chunk temporary
 
@@ -140,21 +140,10 @@ def default_chunk(case: Case) -> int:
     return int(max(1, min(4096, _ELEMENT_BUDGET // per_query)))
 
 
-@torch.no_grad()
-def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,
-                  chunk: Optional[int] = None, block_indices: Optional[torch.Tensor] = None,
-                  return_importance: bool = False) -> dict[str, torch.Tensor]:
-    """NSA forward of ``case`` on ``inputs`` computed in ``dtype`` (None: the inputs' dtype).
-
-    Selection uses, in this order: ``block_indices`` if given, ``inputs.block_indices`` when
-    ``case.block_indices == "random"``, else the top-n computed here. ``topk_idx`` is always the
-    top-n computed from the compression branch. Returns canonical branches ``cmp_o``, ``cmp_lse``,
-    ``topk_idx``, ``slc_o``, ``swa_o`` (only when ``window > 0``), ``o`` (+ ``importance``
-    ``[B,TQ,H,NS]`` on request, zero-padded past a short sequence's blocks), all on the inputs'
-    device. Outputs are preallocated and filled chunk by chunk: peak memory is the outputs plus one
-    chunk's temporaries.
-    """
-    x = inputs if dtype is None else inputs.to(dtype=dtype)
+def _forward(case: Case, x: Inputs, chunk: Optional[int], block_indices: Optional[torch.Tensor],
+             return_importance: bool) -> dict[str, torch.Tensor]:
+    """The forward of ``nsa_reference`` on inputs already in the compute dtype; differentiable when
+    grad mode is on (the chunk writes into the preallocated outputs are recorded as ``CopySlices``)."""
     chunk = chunk or default_chunk(case)
     given = block_indices
     if given is None and case.block_indices == "random":
@@ -186,6 +175,55 @@ def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = tor
         o.addcmul_(out["swa_o"], x.g_swa[..., None])
     out["o"] = o
     return out
+
+
+@torch.no_grad()
+def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,
+                  chunk: Optional[int] = None, block_indices: Optional[torch.Tensor] = None,
+                  return_importance: bool = False) -> dict[str, torch.Tensor]:
+    """NSA forward of ``case`` on ``inputs`` computed in ``dtype`` (None: the inputs' dtype).
+
+    Selection uses, in this order: ``block_indices`` if given, ``inputs.block_indices`` when
+    ``case.block_indices == "random"``, else the top-n computed here. ``topk_idx`` is always the
+    top-n computed from the compression branch. Returns canonical branches ``cmp_o``, ``cmp_lse``,
+    ``topk_idx``, ``slc_o``, ``swa_o`` (only when ``window > 0``), ``o`` (+ ``importance``
+    ``[B,TQ,H,NS]`` on request, zero-padded past a short sequence's blocks), all on the inputs'
+    device. Outputs are preallocated and filled chunk by chunk: peak memory is the outputs plus one
+    chunk's temporaries.
+    """
+    x = inputs if dtype is None else inputs.to(dtype=dtype)
+    return _forward(case, x, chunk, block_indices, return_importance)
+
+
+def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: Case, x: Inputs,
+                   return_forward: bool = False) -> dict[str, torch.Tensor]:
+    """Gradients of ``L = sum(o * dO)`` (``dO = output_cotangent``, see ``cases.tensors``) w.r.t. the
+    inputs of ``grad_branches(case)``, by autograd through ``forward(inputs) -> {"o": ...}`` run on
+    detached copies of ``x`` (computed in ``x``'s dtype). An input that ``o`` does not depend on gets a
+    zero gradient. With ``return_forward`` the (detached) forward outputs are included."""
+    names = grad_branches(case)
+    leaves = {f: getattr(x, f).detach().clone().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
+    xi = Inputs(**leaves, block_indices=x.block_indices)
+    with torch.enable_grad():
+        fwd = forward(xi)
+        o = fwd["o"]
+        d_o = output_cotangent(case, o.device, o.dtype)
+        got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], grad_outputs=d_o, allow_unused=True)
+    res = {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}
+    if return_forward:
+        res.update({k: v.detach() for k, v in fwd.items()})
+    return res
+
+
+def nsa_reference_grads(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,
+                        block_indices: Optional[torch.Tensor] = None, chunk: Optional[int] = None,
+                        return_forward: bool = False) -> dict[str, torch.Tensor]:
+    """Gradients ``dq, dk, dv, dg_cmp, dg_slc`` (+ ``dg_swa`` when ``window > 0``) of
+    ``L = sum(o * dO)`` through ``nsa_reference`` (same selection rule and arguments), computed in
+    ``dtype`` (None: the inputs' dtype). The top-n choice is piecewise constant: gradients flow
+    through the chosen blocks only. Memory: autograd keeps every chunk's temporaries (small cases)."""
+    x = inputs if dtype is None else inputs.to(dtype=dtype)
+    return autograd_grads(lambda xi: _forward(case, xi, chunk, block_indices, False), case, x, return_forward)
 
 
 def compute_dtype(case: Case) -> torch.dtype:

@@ -10,8 +10,8 @@ are neither flat nor one-hot, top-n has few near-ties); ``v ~ N(0, 1)``; gates i
 
 **Gradient convention (the one place it is defined).** The loss is ``L = sum(o * dO)`` with the
 output cotangent ``dO = output_cotangent(case, device, dtype)``: ``N(0, 1)`` of shape ``[B,TQ,HQ,DV]``
-drawn on the CPU in float64 from ``torch.Generator().manual_seed(case.seed + 1_000_003)``, then cast,
-then moved. The gradients (``GRAD_INPUTS``) are ``dq [B,TQ,HQ,D]``, ``dk [B,T,H,D]``, ``dv [B,T,H,DV]``
+drawn on the CPU in float64 from ``torch.Generator().manual_seed(case.seed + 1_000_003)``, then cast
+to the case dtype (like the inputs; the float64 truth uses this rounded ``dO``), then moved. The gradients (``GRAD_INPUTS``) are ``dq [B,TQ,HQ,D]``, ``dk [B,T,H,D]``, ``dv [B,T,H,DV]``
 (the input layouts) and ``dg_cmp``, ``dg_slc``, ``dg_swa`` ``[B,TQ,HQ]`` (``dg_swa`` only when
 ``window > 0``). The top-n selection is piecewise constant: no gradient flows through the choice of
 blocks, only through the keys/values of the chosen blocks (and through the compression branch).

@@ -17,6 +17,12 @@ is a tie when its truth importance is within ``tie_tol`` of the n-th selected bl
 non-candidate blocks (``j*l' > p``) and missing forced blocks are never ties. When the oracle's
 selection differs only by ties, its ``slc_o``/``o`` are judged against the truth and baseline
 recomputed with the oracle's own indices, so a legitimate tie-break does not fail ``slc_o``.
+
+Gradients (``dq dk dv dg_cmp dg_slc dg_swa``, loss ``sum(o * dO)``, see ``cases.tensors``): the truth
+is ``nsa_reference_grads`` in float64 and the baseline the same in the case dtype, both on the truth's
+selection (``CaseTruth.grads``, computed lazily, once per case, only when an oracle declares them);
+judged by the same rule with ``k_grad``. A tie-only top-n difference recomputes them with the
+oracle's indices, like ``slc_o``.
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ from cases.conventions import is_forced, selection_candidate
 from cases.model import Case
 from cases.tensors import TORCH_DTYPES, Inputs, canonical_order, query_positions
 from harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
-from oracles.reference import nsa_reference
+from oracles.base import GRAD_BRANCHES
+from oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads  # noqa: F401 (re-exported)
 
-SELECTION_DEPENDENT = ("slc_o", "o")
+SELECTION_DEPENDENT = ("slc_o", "o") + GRAD_BRANCHES
 
 
 @dataclass
@@ -60,6 +67,8 @@ class CaseTruth:
     baseline: dict[str, torch.Tensor]
     given_indices: Optional[torch.Tensor]
     _alt: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
+    _grads: Optional[tuple[dict, dict]] = None
+    _alt_grads: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
 
     @classmethod
     def compute(cls, case: Case, inputs: Optional[Inputs] = None, device: str = "cpu") -> "CaseTruth":
@@ -85,20 +94,46 @@ class CaseTruth:
             self._alt[key] = (t, b)
         return self._alt[key]
 
+    def grads(self) -> tuple[dict, dict]:
+        """Gradient truth (float64) and baseline (case dtype), both on the truth's selection; computed
+        on the first call (on the inputs' device), kept on the CPU."""
+        if self._grads is None:
+            d = None if self.given_indices is None else self.given_indices.to(self.inputs.q.device)
+            t = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=torch.float64, block_indices=d))
+            b = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=None, block_indices=d))
+            self._grads = (t, b)
+        return self._grads
+
+    def grads_with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
+        """Gradient truth and baseline recomputed with the selection ``idx`` (canonical order)."""
+        key = idx.cpu().numpy().tobytes()
+        if key not in self._alt_grads:
+            d = idx.to(self.inputs.q.device)
+            t = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=torch.float64, block_indices=d))
+            b = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=None, block_indices=d))
+            self._alt_grads[key] = (t, b)
+        return self._alt_grads[key]
+
 
 def _cpu(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in d.items()}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _worst_index(case: Case, flat: int, shape: tuple[int, ...]) -> list[int]:
+KEY_LAYOUT = ("dk", "dv")  # [B,T,H,*]: rows are key positions, not queries
+
+
+def _worst_index(case: Case, flat: int, shape: tuple[int, ...], keys: bool = False) -> list[int]:
     """``[b, position, head]`` of a flat index into a ``[B,TQ,heads,...]`` tensor (position = the
-    query's position inside its sequence)."""
+    query's position inside its sequence), or of a ``[B,T,H,...]`` key tensor with ``keys``."""
     idx = []
     for s in reversed(shape):
         idx.append(flat % s)
         flat //= s
     idx = idx[::-1]
+    if keys:
+        starts = [s0 for s0, s1 in case.sequences if s0 <= idx[1] < s1] if case.cu_seqlens is not None else [0]
+        return [int(idx[0]), int(idx[1]) - (starts[0] if starts else 0), int(idx[2])]
     pos = int(query_positions(case)[idx[1]])
     return [int(idx[0]), pos, int(idx[2])]
 
@@ -160,7 +195,7 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
     })
     if diff.numel():
         src = torch.where(nonfinite, torch.full_like(diff, math.inf), diff)
-        metrics["worst_index"] = _worst_index(case, int(src.argmax()), tuple(t.shape))
+        metrics["worst_index"] = _worst_index(case, int(src.argmax()), tuple(t.shape), keys=branch in KEY_LAYOUT)
     if err > bound:
         problems.append(f"max_abs_err {err:.3g} > bound {bound:.3g} ({rule.describe()}; baseline_err {base_err:.3g}, floor {floor:.3g})")
     # zero / constant outputs never pass (KernelBench#165)
@@ -262,11 +297,29 @@ def judge(ct: CaseTruth, oracle: str, layer: str, branches: tuple[str, ...], out
     verdicts: list[Verdict] = []
     truth, base = ct.truth, ct.baseline
     sel_truth, sel_base, recomputed = truth, base, False
+    alt_idx: Optional[torch.Tensor] = None
     order = sorted(branches, key=lambda b: b != "topk_idx")
     for br in order:
         rule = table.rule_for(oracle, layer, br, dtype)
+        if br in GRAD_BRANCHES:
+            if br not in outputs:
+                verdicts.append(Verdict(br, "ERROR", f"oracle {oracle!r} declared branch {br!r} but did not return it", {}, rule_dict(rule)))
+                continue
+            try:
+                gt, gb = ct.grads() if alt_idx is None else ct.grads_with_indices(alt_idx)
+            except Exception as e:  # noqa: BLE001 - reported per gradient cell
+                verdicts.append(Verdict(br, "ERROR", f"gradient truth failed: {type(e).__name__}: {e}", {}, rule_dict(rule)))
+                continue
+            if br not in gt:
+                verdicts.append(Verdict(br, "ERROR", f"no gradient truth for {br!r} on this case", {}, rule_dict(rule)))
+                continue
+            v = compare_numeric(case, br, outputs[br], gt[br], gb[br], rule, dtype)
+            if alt_idx is not None:
+                v.metrics["truth_with_oracle_indices"] = True
+            verdicts.append(v)
+            continue
         if br not in truth:
-            verdicts.append(Verdict(br, "ERROR", f"no truth for branch {br!r} (gradients are not implemented by the engine)", {}, rule_dict(rule)))
+            verdicts.append(Verdict(br, "ERROR", f"no truth for branch {br!r}", {}, rule_dict(rule)))
             continue
         if br not in outputs:
             verdicts.append(Verdict(br, "ERROR", f"oracle {oracle!r} declared branch {br!r} but did not return it", {}, rule_dict(rule)))
@@ -281,7 +334,7 @@ def judge(ct: CaseTruth, oracle: str, layer: str, branches: tuple[str, ...], out
                 if idx.shape[-1] < case.top_n:
                     idx = torch.cat([idx, idx.new_full(idx.shape[:-1] + (case.top_n - idx.shape[-1],), -1)], -1)
                 sel_truth, sel_base = ct.with_indices(idx)
-                recomputed = True
+                recomputed, alt_idx = True, idx
             verdicts.append(v)
             continue
         t, b = (sel_truth[br], sel_base[br]) if br in SELECTION_DEPENDENT else (truth[br], base[br])

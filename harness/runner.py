@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from cases.model import Case
-from harness.comparator import CaseTruth, Verdict, judge
+from harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
 from harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
 from harness.tolerance import ToleranceTable
 from harness.worker import Reply, Worker
@@ -47,8 +47,10 @@ def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
     """Why a declared branch has nothing to compare on this case (None: compare it)."""
     if branch == "swa_o" and case.window == 0:
         return "case has window=0 (no sliding-window branch)"
+    if branch == "dg_swa" and case.window == 0:
+        return "case has window=0 (no sliding-window branch, no g_swa gradient)"
     if branch in GRAD_BRANCHES:
-        return "gradient branches are not compared yet (the engine has no gradient truth)"
+        return grad_truth_skip_reason(case)
     return None
 
 
@@ -214,7 +216,13 @@ class Runner:
             from harness.tensors_io import save_inputs, save_truth
 
             save_inputs(out, case, ct.inputs.to("cpu"))
-            save_truth(out, case, {k: v for k, v in ct.truth.items() if k != "importance"})
+            saved = {k: v for k, v in ct.truth.items() if k != "importance"}
+            if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
+                try:
+                    saved.update(ct.grads()[0])  # computed once here; judge() reuses it
+                except Exception:  # noqa: BLE001 - judge() reports the failure per cell
+                    pass
+            save_truth(out, case, saved)
         for name in pending:
             oracle = self.oracles[name]
             if name in replies:

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
+from cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
+from oracles.base import GRAD_BRANCHES, Oracle, register_oracle
 from oracles.compat import flash_attn_shim
 from oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_window_size, full_queries, given_indices_full,
                                    is_pow2, next_pow2, pad_last, single_thread, window_keys_count)
@@ -175,7 +175,7 @@ class FlaNaive(Oracle):
 
     name = "fla_naive"
     layer = "reference"
-    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o") + GRAD_BRANCHES
     devices = ("cpu", "cuda")
     description = f"FLA fla-core {FLA_VERSION} naive_nsa (pure torch; CPU via stubbed Triton helpers), w via flash-attn shim"
     #: max of B * T * HQ * n * l' * (D + DV) (Python-loop work) -- about 4 s for a whole run on one CPU thread
@@ -223,7 +223,38 @@ class FlaNaive(Oracle):
                "slc_o": _out(o_slc, pad), "o": _out(o, pad)}
         if case.window > 0:
             out["swa_o"] = _swa(case, inputs)
+        if _grads_wanted(case):
+            out.update(self.grads(case, inputs, device, given))
         return out
+
+    def grads(self, case: Case, inputs: Inputs, device: str, given: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gradients of ``sum(o * dO)`` by autograd through ``naive_nsa`` itself (plain torch; the window
+        through the shim's differentiable ``sdpa``/flash-attn backend), with the same padding and given
+        indices as ``run``; no gradient flows through its top-k (piecewise constant)."""
+        mod = _naive_module(device)
+        BS, n, scale = case.block_size, case.top_n, case.softmax_scale
+        wk = window_keys_count(case) if case.window > 0 else 0
+        leaves = {f: getattr(inputs, f).detach().clone().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
+        x = Inputs(**leaves, block_indices=inputs.block_indices)
+        q, g_cmp, g_slc, g_swa, pad = full_queries(case, x)
+        cu = cu_tensor(case, q.device)
+        given_full = None if given is None else given_indices_full(case, given.long(), pad)
+        names = grad_branches(case)
+        with warnings.catch_warnings(), single_thread(device), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            o = mod.naive_nsa(q, x.k, x.v, g_cmp, g_slc, g_swa, block_indices=given_full, block_counts=n, block_size=BS,
+                              window_size=wk, scale=scale, cu_seqlens=cu)
+            o = _out(o, pad)
+            d_o = output_cotangent(case, o.device).to(o.dtype)  # dO rounded to the case dtype, like the inputs
+            got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], d_o, allow_unused=True)
+        return {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}
+
+
+def _grads_wanted(case: Case) -> bool:
+    """Gradients are computed where the engine has a gradient truth (``grad_truth_skip_reason``)."""
+    from oracles.reference import grad_truth_skip_reason
+
+    return grad_truth_skip_reason(case) is None
 
 
 def _swa(case: Case, inputs: Inputs) -> torch.Tensor:
@@ -283,7 +314,7 @@ class FlaParallel(Oracle):
 
     name = "fla_parallel"
     layer = "e2e"
-    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o") + GRAD_BRANCHES
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
     description = f"FLA fla-core {FLA_VERSION} Triton parallel_nsa (compression + top-k + selection), window via flash-attn/shim"
@@ -332,7 +363,30 @@ class FlaParallel(Oracle):
         out = {"cmp_o": o_cmp, "cmp_lse": lse, "topk_idx": topk.long(), "slc_o": o_slc, "o": o}
         if case.window > 0:
             out["swa_o"] = _swa(case, inputs)
+        if _grads_wanted(case):
+            out.update(self.grads(case, inputs, given))
         return out
+
+    def grads(self, case: Case, inputs: Inputs, given: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gradients of ``sum(o * dO)`` through FLA's Triton autograd (``parallel_nsa``: compression,
+        top-k, ``ParallelNSAFunction`` backward kernels; window through flash-attn or the shim), on the
+        same call as ``o``. Untested on this project's CPU CI (needs a GPU)."""
+        par, _, _ = _triton_modules()
+        BS, n, scale = case.block_size, case.top_n, case.softmax_scale
+        cu = None if case.cu_seqlens is None else cu_tensor(case, inputs.q.device)
+        wk = window_keys_count(case) if case.window > 0 else 0
+        sel = None if given is None else pad_last(given.to(torch.int32), next_pow2(given.shape[-1]), -1).contiguous()
+        leaves = {f: getattr(inputs, f).detach().clone().contiguous().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
+        names = grad_branches(case)
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            o = par.parallel_nsa(leaves["q"], leaves["k"], leaves["v"], leaves["g_cmp"], leaves["g_slc"],
+                                 leaves["g_swa"] if wk else None, block_indices=sel,
+                                 block_counts=n if sel is None else sel.shape[-1], block_size=BS, window_size=wk,
+                                 scale=scale, cu_seqlens=cu)
+            d_o = output_cotangent(case, o.device).to(o.dtype)  # dO rounded to the case dtype, like the inputs
+            got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], d_o, allow_unused=True)
+        return {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}
 
 
 @register_oracle

@@ -207,12 +207,27 @@ def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: C
     with torch.enable_grad():
         fwd = forward(xi)
         o = fwd["o"]
-        d_o = output_cotangent(case, o.device, o.dtype)
+        d_o = output_cotangent(case, o.device).to(o.dtype)  # dO in the case dtype (like the inputs), then o.dtype
         got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], grad_outputs=d_o, allow_unused=True)
     res = {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}
     if return_forward:
         res.update({k: v.detach() for k, v in fwd.items()})
     return res
+
+
+#: gradient truth only where B*TQ*(per-query elements of the chunk temporaries) <= this: autograd
+#: through the chunked reference keeps every chunk's temporaries (a few times this many values)
+GRAD_WORK_LIMIT = 1 << 24
+
+
+def grad_truth_skip_reason(case: Case) -> Optional[str]:
+    """Why no gradient truth is computed for ``case`` (None: it is); the engine SKIPs gradient cells."""
+    keys = max(case.top_n * case.block_size, num_cmp_blocks(case.seq_len, case.cmp_stride), case.window + 1, 1)
+    work = case.batch * case.q_len * (case.heads_kv * keys * max(case.head_dim, case.head_dim_v) + case.heads_q * keys)
+    if work > GRAD_WORK_LIMIT:
+        return (f"gradient truth is limited to B*TQ*(H*keys*max(D,DV) + HQ*keys) <= {GRAD_WORK_LIMIT:.3g} "
+                f"(autograd keeps every chunk of the fp64 reference; this case: {work:.3g})")
+    return None
 
 
 def nsa_reference_grads(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,

@@ -7,24 +7,27 @@ import torch
 
 from cases.model import Case
 from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
+from oracles.base import GRAD_BRANCHES, Oracle, register_oracle
 from oracles.dense import nsa_dense
-from oracles.reference import nsa_reference
+from oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads
 
 REFERENCE_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
 
 
 @register_oracle
 class ReferenceOracle(Oracle):
-    """``oracles.reference.nsa_reference`` computed in the case dtype (chunked, vectorised)."""
+    """``oracles.reference.nsa_reference`` computed in the case dtype (chunked, vectorised), and its
+    gradients by autograd (``nsa_reference_grads``, its own top-n) where the engine has a gradient truth."""
 
     name = "reference"
     layer = "reference"
-    branches = REFERENCE_BRANCHES
+    branches = REFERENCE_BRANCHES + GRAD_BRANCHES
     devices = ("cpu", "cuda")
-    description = "in-house chunked PyTorch reference, computed in the case dtype"
+    description = "in-house chunked PyTorch reference (+ autograd gradients), computed in the case dtype"
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        if grad_truth_skip_reason(case) is None:
+            return nsa_reference_grads(case, inputs, dtype=None, return_forward=True)
         return nsa_reference(case, inputs, dtype=None)
 
 

@@ -95,3 +95,36 @@ def test_large_cases_skip_gradients_with_a_reason():
     assert branch_skip_reason(big, "dq") == why
     assert grad_truth_skip_reason(SMALL[0]) is None and branch_skip_reason(SMALL[0], "dq") is None
     assert "window=0" in branch_skip_reason(SMALL[1], "dg_swa")
+
+
+def test_tie_only_selection_difference_rederives_the_gradient_truth():
+    """An e2e oracle that picks a tied block instead of the truth's n-th block: its gradients are judged
+    against the gradient truth recomputed with its own indices (PASS); the same swap without a tie FAILs."""
+    from harness.comparator import judge
+    from harness.tolerance import ToleranceTable
+    from oracles.reference import nsa_reference
+
+    case = Case(batch=1, seq_len=40, q_len=4, heads_q=2, heads_kv=1, head_dim=8, dtype="float16", block_size=4,
+                top_n=3, forced_blocks="none")
+    ct = CaseTruth.compute(case)
+    idx = ct.given_indices.clone()
+    b, i, h = 0, case.q_len - 1, 0
+    imp = ct.truth["importance"][b, i, h]
+    chosen = [int(j) for j in idx[b, i, h] if j >= 0]
+    lowest = min(chosen, key=lambda j: float(imp[j]))
+    other = max((j for j in range(imp.shape[0]) if j not in chosen and imp[j] > 0), key=lambda j: float(imp[j]))
+    swapped = sorted([j for j in chosen if j != lowest] + [other])
+    oidx = idx.clone()
+    oidx[b, i, h] = torch.tensor(swapped)
+    x = ct.inputs
+    outputs = {**nsa_reference(case, x, dtype=None, block_indices=oidx),
+               **nsa_reference_grads(case, x, dtype=None, block_indices=oidx), "topk_idx": oidx}
+    branches = ("topk_idx", "slc_o", "dq", "dk", "dv", "dg_slc")
+    no_tie = {v.branch: v for v in judge(ct, "e2e_swap", "e2e", branches, outputs, ToleranceTable())}
+    assert no_tie["topk_idx"].status == "FAIL" and no_tie["dk"].status == "FAIL"
+    ct.truth["importance"][b, i, h, other] = imp[lowest]  # make the swap a tie
+    tie = {v.branch: v for v in judge(ct, "e2e_swap", "e2e", branches, outputs, ToleranceTable())}
+    assert tie["topk_idx"].status == "PASS" and tie["topk_idx"].metrics["topk_ties"] == 1
+    for br in branches[1:]:
+        assert tie[br].status == "PASS", (br, tie[br].reason)
+    assert tie["dk"].metrics.get("truth_with_oracle_indices") is True

@@ -133,11 +133,16 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, out: dict[str, to
             out["swa_o"][rows] = o_swa.reshape(C, H * G, DV)
 
 
+def _per_query_elements(case: Case) -> int:
+    """Elements of the largest per-query temporaries: ``H*keys*max(D,DV) + HQ*keys`` (gathered K/V and
+    logits), keys = the most any branch looks at."""
+    keys = max(case.top_n * case.block_size, num_cmp_blocks(case.seq_len, case.cmp_stride), case.window + 1, 1)
+    return case.heads_kv * keys * max(case.head_dim, case.head_dim_v) + case.heads_q * keys
+
+
 def default_chunk(case: Case) -> int:
     """Queries per chunk so that the largest temporary stays near ``_ELEMENT_BUDGET`` elements."""
-    keys = max(case.top_n * case.block_size, num_cmp_blocks(case.seq_len, case.cmp_stride), case.window + 1, 1)
-    per_query = case.heads_kv * keys * max(case.head_dim, case.head_dim_v) + case.heads_q * keys
-    return int(max(1, min(4096, _ELEMENT_BUDGET // per_query)))
+    return int(max(1, min(4096, _ELEMENT_BUDGET // _per_query_elements(case))))
 
 
 def _forward(case: Case, x: Inputs, chunk: Optional[int], block_indices: Optional[torch.Tensor],
@@ -222,8 +227,7 @@ GRAD_WORK_LIMIT = 1 << 24
 
 def grad_truth_skip_reason(case: Case) -> Optional[str]:
     """Why no gradient truth is computed for ``case`` (None: it is); the engine SKIPs gradient cells."""
-    keys = max(case.top_n * case.block_size, num_cmp_blocks(case.seq_len, case.cmp_stride), case.window + 1, 1)
-    work = case.batch * case.q_len * (case.heads_kv * keys * max(case.head_dim, case.head_dim_v) + case.heads_q * keys)
+    work = case.batch * case.q_len * _per_query_elements(case)
     if work > GRAD_WORK_LIMIT:
         return (f"gradient truth is limited to B*TQ*(H*keys*max(D,DV) + HQ*keys) <= {GRAD_WORK_LIMIT:.3g} "
                 f"(autograd keeps every chunk of the fp64 reference; this case: {work:.3g})")

@@ -120,13 +120,18 @@ def _aten(q, k, v, scale, causal, window_size, cu_q=None, cu_k=None, max_q=None,
     return out[..., :DV]
 
 
+def _check_and_scale(q, dropout_p, softmax_scale, softcap, alibi_slopes, return_attn_probs) -> float:
+    """Refuse what the shim does not implement; the softmax scale (flash-attn's default 1/sqrt(D))."""
+    if dropout_p or softcap or alibi_slopes is not None or return_attn_probs:
+        raise NotImplementedError("flash_attn shim: dropout, softcap, alibi and attn probs are not supported")
+    return softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+
+
 def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
                     return_attn_probs: bool = False, **_):
     """flash-attn's ``flash_attn_func`` (forward only; no dropout, softcap or alibi)."""
-    if dropout_p or softcap or alibi_slopes is not None or return_attn_probs:
-        raise NotImplementedError("flash_attn shim: dropout, softcap, alibi and attn probs are not supported")
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _check_and_scale(q, dropout_p, softmax_scale, softcap, alibi_slopes, return_attn_probs)
     b = backend(q)
     if b == "flash_attn":
         return _real_flash_attn().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=tuple(window_size))
@@ -140,9 +145,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
                            return_attn_probs: bool = False, **_):
     """flash-attn's ``flash_attn_varlen_func``: packed ``[total, H, D]`` with cumulative lengths."""
-    if dropout_p or softcap or alibi_slopes is not None or return_attn_probs:
-        raise NotImplementedError("flash_attn shim: dropout, softcap, alibi and attn probs are not supported")
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _check_and_scale(q, dropout_p, softmax_scale, softcap, alibi_slopes, return_attn_probs)
     b = backend(q)
     if b == "flash_attn":
         return _real_flash_attn().flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -84,34 +84,33 @@ class CaseTruth:
         baseline = _cpu(nsa_reference(case, inputs, dtype=None, block_indices=dev_given, return_importance=True))
         return cls(case=case, inputs=inputs, truth=truth, baseline=baseline, given_indices=given)
 
+    def _pair(self, fn, idx: Optional[torch.Tensor]) -> tuple[dict, dict]:
+        """(float64 truth, case-dtype baseline) of ``fn`` (``nsa_reference`` or ``nsa_reference_grads``)
+        with the selection ``idx`` (None: the case's own rule), computed on the inputs' device, kept on
+        the CPU."""
+        d = None if idx is None else idx.to(self.inputs.q.device)
+        return (_cpu(fn(self.case, self.inputs, dtype=torch.float64, block_indices=d)),
+                _cpu(fn(self.case, self.inputs, dtype=None, block_indices=d)))
+
     def with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
         """Truth and baseline recomputed with the selection ``idx`` (canonical order)."""
         key = idx.cpu().numpy().tobytes()
         if key not in self._alt:
-            d = idx.to(self.inputs.q.device)
-            t = _cpu(nsa_reference(self.case, self.inputs, dtype=torch.float64, block_indices=d))
-            b = _cpu(nsa_reference(self.case, self.inputs, dtype=None, block_indices=d))
-            self._alt[key] = (t, b)
+            self._alt[key] = self._pair(nsa_reference, idx)
         return self._alt[key]
 
     def grads(self) -> tuple[dict, dict]:
         """Gradient truth (float64) and baseline (case dtype), both on the truth's selection; computed
-        on the first call (on the inputs' device), kept on the CPU."""
+        on the first call."""
         if self._grads is None:
-            d = None if self.given_indices is None else self.given_indices.to(self.inputs.q.device)
-            t = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=torch.float64, block_indices=d))
-            b = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=None, block_indices=d))
-            self._grads = (t, b)
+            self._grads = self._pair(nsa_reference_grads, self.given_indices)
         return self._grads
 
     def grads_with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
         """Gradient truth and baseline recomputed with the selection ``idx`` (canonical order)."""
         key = idx.cpu().numpy().tobytes()
         if key not in self._alt_grads:
-            d = idx.to(self.inputs.q.device)
-            t = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=torch.float64, block_indices=d))
-            b = _cpu(nsa_reference_grads(self.case, self.inputs, dtype=None, block_indices=d))
-            self._alt_grads[key] = (t, b)
+            self._alt_grads[key] = self._pair(nsa_reference_grads, idx)
         return self._alt_grads[key]
 
 

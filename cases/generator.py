@@ -163,6 +163,7 @@ def gpu(seed: int = 0) -> list[Case]:
             _fla(s + 44, dt, seq_len=4096, q_len=1),                   # decode
             _fla(s + 45, dt, seq_len=2048, block_indices="random"),    # kernel-level selection check
             _fla(s + 46, dt, seq_len=3000, cu_seqlens=(0, 1000, 1100, 3000)),  # varlen
+            _fla(s + 47, dt, seq_len=200, head_dim=64, head_dim_v=64),  # small enough for the fp64 gradient truth
         ]
     return dedupe_cases(out)
 

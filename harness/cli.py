@@ -4,6 +4,7 @@
 ``nsaconf list``   every oracle with layer, devices, dtypes, branches and availability
 ``nsaconf repro``  rerun one case (id or file) against some oracles and print the comparison
 ``nsaconf report`` rebuild the reports of DIR from DIR/results.jsonl
+``nsaconf merge``  merge the results of several run directories (e.g. ``--shard`` runs) into one report
 
 Exit codes: 0 nothing FAILed/ERRORed/CRASHed/TIMEOUTed, 1 otherwise, 2 bad usage or input (one line
 ``nsaconf: error: ...`` on stderr).
@@ -80,7 +81,22 @@ def _select_cases(args: argparse.Namespace):
     dtypes = _parse_dtypes(args.dtype)
     if dtypes:
         cases = [c.replace(dtype=dt) for c in cases for dt in dtypes]
-    return dedupe_cases(cases)
+    cases = dedupe_cases(cases)
+    if getattr(args, "shard", None):
+        k, n = parse_shard(args.shard)
+        cases = cases[k::n]
+    return cases
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N): shard K of N takes cases K, K+N, K+2N, ... of the selected list (0 <= K < N)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must be K/N with integers 0 <= K < N, got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise UsageError(f"--shard must be K/N with integers 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def _select_oracles(spec: Optional[str], device: str) -> list[str]:
@@ -99,7 +115,7 @@ def _write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], cas
 
     info = {"command": "nsaconf " + " ".join(sys.argv[1:]) if sys.argv else "nsaconf run",
             "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
-            "n_cases": len(cases), "seed": args.seed, "timeout_s": args.timeout, "plugins": args.plugin,
+            "n_cases": len(cases), "shard": getattr(args, "shard", None), "seed": args.seed, "timeout_s": args.timeout, "plugins": args.plugin,
             "tolerance": table.as_dict(), "versions": base_versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -214,6 +230,18 @@ def cmd_repro(args: argparse.Namespace) -> int:
     return repro(args)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from harness.results import merge_runs
+
+    out = Path(args.out)
+    try:
+        n = merge_runs([Path(d) for d in args.dirs], out)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"nsaconf: merged {n} cells from {len(args.dirs)} run directories into {out / 'results.jsonl'}", file=sys.stderr)
+    return cmd_report(argparse.Namespace(dir=str(out)))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.dir)
     if not (out / "results.jsonl").exists():
@@ -251,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-probe", action="store_true", help="skip the causality-leak probe after a profile run")
     r.add_argument("--no-report", action="store_true", help="do not write summary.md/results.csv/report.html")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--shard", metavar="K/N", help="run only cases K, K+N, K+2N, ... of the selection (parallel "
+                   "runs; combine them with `nsaconf merge`)")
     r.set_defaults(func=cmd_run)
 
     li = sub.add_parser("list", help="list oracles and their availability")
@@ -273,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild DIR/summary.md, results.csv, report.html from DIR/results.jsonl")
     rep.add_argument("dir")
     rep.set_defaults(func=cmd_report)
+
+    mg = sub.add_parser("merge", help="merge run directories (e.g. --shard runs) into OUT and write its reports")
+    mg.add_argument("out", help="output directory (created; its results.jsonl is replaced)")
+    mg.add_argument("dirs", nargs="+", help="run directories, each with results.jsonl (a later one wins a repeated cell)")
+    mg.set_defaults(func=cmd_merge)
 
     for mod_name in SUBCOMMAND_MODULES:
         try:

@@ -149,3 +149,42 @@ def summarize(records: Iterable[CellResult | dict]) -> dict[str, int]:
         s = r.status if isinstance(r, CellResult) else r["status"]
         counts[s] = counts.get(s, 0) + 1
     return counts
+
+
+def merge_runs(dirs: list[Path], out: Path) -> int:
+    """Merge the ``results.jsonl`` (one record per cell; a later directory wins a repeated cell),
+    ``conventions.jsonl`` and ``run.json`` (commands, case counts, oracles; first directory's tolerance
+    table and versions) of run directories into ``out``; returns the number of cells written.
+    Raises ValueError naming a directory without results."""
+    cells: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    conventions: list[str] = []
+    infos: list[dict[str, Any]] = []
+    for d in dirs:
+        if not (Path(d) / RESULTS_FILE).exists():
+            raise ValueError(f"{str(Path(d) / RESULTS_FILE)!r} does not exist")
+        for r in iter_records(d):
+            cells[(r["case_id"], r["oracle"], r["branch"], r["device"])] = r
+        conv = Path(d) / "conventions.jsonl"
+        if conv.exists():
+            conventions += [ln for ln in conv.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        info = Path(d) / "run.json"
+        if info.exists():
+            try:
+                infos.append(json.loads(info.read_text(encoding="utf-8")))
+            except json.JSONDecodeError:
+                pass
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
+        for r in cells.values():
+            f.write(json.dumps(r) + "\n")
+    if conventions:
+        (out / "conventions.jsonl").write_text("\n".join(conventions) + "\n", encoding="utf-8")
+    if infos:
+        merged = dict(infos[0])
+        merged["command"] = [i.get("command") for i in infos]
+        merged["merged_from"] = [str(d) for d in dirs]
+        merged["n_cases"] = len({k[0] for k in cells})
+        merged["oracles"] = sorted({o for i in infos for o in i.get("oracles", [])})
+        merged.pop("shard", None)
+        (out / "run.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    return len(cells)

@@ -109,3 +109,37 @@ def test_resume_skips_recorded_cells(run_dir):
     new = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{") and x.endswith("}")]
     keys = [(r["case_id"], r["oracle"], r["branch"]) for r in new]
     assert len(keys) == len(set(keys)) == len(lines)  # every cell exactly once, nothing rerun twice
+
+
+def test_shards_merge_to_the_full_run(run_dir, tmp_path):
+    """`--shard K/N` splits the case list; `nsaconf merge` of the shards holds exactly the full run's cells
+    with the same verdicts, and writes the reports."""
+    d, _, _ = run_dir
+    base = ["run", "--case", str(d / "cases.json"), "--oracles", "reference,bug_window", "--timeout", "20",
+            "--plugin", str(PLUGINS / "planted_bugs.py"), "--no-report", "--no-progress"]
+    for k in (0, 1):
+        assert main(base + ["--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")]) == 1  # bug_window FAILs
+    shard_cases = [{json.loads(x)["case_id"] for x in (tmp_path / f"s{k}" / "results.jsonl").read_text().splitlines()}
+                   for k in (0, 1)]
+    assert len(shard_cases[0]) == len(shard_cases[1]) == 1 and not shard_cases[0] & shard_cases[1]
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0  # merge itself succeeded
+    merged = {(r["case_id"], r["oracle"], r["branch"]): r["status"]
+              for r in map(json.loads, (tmp_path / "m" / "results.jsonl").read_text().splitlines())}
+    full = {(r["case_id"], r["oracle"], r["branch"]): r["status"]
+            for r in map(json.loads, (d / "out" / "results.jsonl").read_text().splitlines())
+            if r["oracle"] in ("reference", "bug_window")}
+    assert merged == full
+    assert (tmp_path / "m" / "report.html").exists()
+    assert json.loads((tmp_path / "m" / "run.json").read_text())["n_cases"] == 2
+
+
+@pytest.mark.parametrize("bad", ["2/2", "a/b", "1", "0/0", "-1/3"])
+def test_bad_shard_is_one_line_exit_2(bad, capsys, tmp_path):
+    assert main(["run", "--shard", bad, "--oracles", "reference", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shard" in err[0]
+
+
+def test_merge_of_a_missing_dir_is_one_line_exit_2(capsys, tmp_path):
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "nothing")]) == 2
+    assert "results.jsonl" in capsys.readouterr().err

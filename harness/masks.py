@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--md", metavar="FILE", help="write a markdown report")
     p.add_argument("--width", type=int, default=64, help="max ASCII diff width (default 64)")
     p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
+    p.add_argument("--from-json", metavar="FILE", help="no probing: render --md/--html/text from the JSON Lines of "
+                   "earlier `--json` runs (e.g. one run per oracle, each under its own time limit)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
 
 
@@ -78,13 +80,25 @@ def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, 
 
     names = oracle_names or sorted(registry())
     records, results = [], []
+    where = _where(device)
     for name in names:
         done = len(records)
         _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records, results)
-        if emit is not None:
-            for rec in records[done:]:
+        for rec in records[done:]:
+            rec.update(where)
+            if emit is not None:
                 emit(rec)
     return records, results
+
+
+def _where(device: str) -> dict:
+    """Where a probe ran (kept in each record, so that reports rendered later with --from-json say it)."""
+    import platform
+
+    import torch
+
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": device, "device_name": name, "torch": torch.__version__}
 
 
 def _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records: list, results: list) -> None:
@@ -149,8 +163,13 @@ def format_markdown(records: list[dict], device: str, width: int = 64, title: st
 
     import torch
 
-    dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
-    out = [f"# {title}", "", f"`nsaconf masks --device {device}` on {dev}, torch {torch.__version__}.", "",
+    seen = sorted({(r.get("device", device), r.get("device_name", ""), r.get("torch", "")) for r in records
+                   if r.get("device_name")})
+    if not seen:
+        dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
+        seen = [(device, dev, torch.__version__)]
+    where = "; ".join(f"`nsaconf masks --device {d}` on {n}, torch {t}" for d, n, t in seen)
+    out = [f"# {title}", "", f"{where}.", "",
            "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls | dtype |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -168,6 +187,27 @@ def format_markdown(records: list[dict], device: str, width: int = 64, title: st
         if not r.get("skipped"):
             out += ["```", format_text(r, width), "```", ""]
     return "\n".join(out)
+
+
+def _load_records(path: str, names: Optional[list[str]], branches) -> list[dict]:
+    """Probe records from a ``--json`` output file (ValueError naming the file and line when malformed)."""
+    recs = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read --from-json {path!r}: {e.strerror or e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON probe record ({e.msg})") from None
+        if not isinstance(r, dict) or "oracle" not in r or "branch" not in r:
+            raise ValueError(f"{path}:{i}: not a probe record (needs 'oracle' and 'branch')")
+        if (names is None or r["oracle"] in names) and (branches is None or r["branch"] in branches):
+            recs.append(r)
+    return recs
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
@@ -205,7 +245,12 @@ def cmd_masks(args: argparse.Namespace) -> int:
             else:
                 print(format_text(r, args.width, diff=not args.summary) + ("" if args.summary else "\n"), flush=True)
 
-        records, _ = collect(names, args.device, cfg, branches, args.cmp_mask, args.window_keys, emit=emit)
+        if args.from_json:
+            records = _load_records(args.from_json, names, branches)
+            for r in records:
+                emit(r)
+        else:
+            records, _ = collect(names, args.device, cfg, branches, args.cmp_mask, args.window_keys, emit=emit)
     except (ValueError, OracleError, ProbeError) as e:
         return _fail(str(e))
     try:

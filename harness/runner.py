@@ -250,6 +250,9 @@ class Runner:
                 reply = Reply("error", message=truth_error, seconds=reply.seconds)
             for rec in cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name)):
                 emit(rec)
+        if cfg.device.startswith("cuda") and cfg.truth_cache is None:
+            del ct
+            torch.cuda.empty_cache()  # the truth's temporaries: the workers need the card too
 
 
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,

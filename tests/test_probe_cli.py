@@ -72,3 +72,25 @@ def test_masks_bad_option_one_line(capsys):
     assert main(["--seq-len", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nsaconf: error: ")
+
+
+def test_masks_from_json_renders_without_probing(tmp_path, capsys):
+    """Records of separate `--json` runs (one per oracle) render into one markdown/text report; a
+    malformed file is a one-line error naming the file and line."""
+    assert main(["--oracles", "reference", "--branch", "swa", "--json", *SMALL]) == 0
+    first = capsys.readouterr().out
+    assert main(["--oracles", "probe_bug_window_long", "--plugin", str(PLUGIN), "--branch", "swa", "--json", *SMALL]) == 0
+    recs_file = tmp_path / "r.jsonl"
+    recs_file.write_text(first + capsys.readouterr().out)
+    md = tmp_path / "m.md"
+    assert main(["--from-json", str(recs_file), "--md", str(md), "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "w_plus_1" in out
+    text = md.read_text()
+    assert "| reference | swa_o | w | w | ok |" in text and "| probe_bug_window_long | swa_o | w_plus_1 |" in text
+    assert "--device cpu` on" in text  # where the records were measured, from the records
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(first.splitlines()[0] + "\n{not json\n")
+    assert main(["--from-json", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:2" in err[0]

@@ -184,7 +184,7 @@ class Runner:
                 continue
             live = []
             for b in todo:
-                r = branch_skip_reason(case, b)
+                r = branch_skip_reason(case, b) or oracle.branch_supports(case, b)
                 if r:
                     emit(_record(case, oracle, b, cfg.device, "SKIP", r, versions=self.base_versions))
                 else:

@@ -71,6 +71,11 @@ class Oracle:
         """None when ``case`` is supported on ``device``, else a human reason (it becomes the SKIP reason)."""
         return None
 
+    def branch_supports(self, case: Case, branch: str) -> Optional[str]:
+        """None when the declared ``branch`` is computed for this (supported) case, else why not (that
+        branch's cells SKIP with the reason; ``run`` need not return it)."""
+        return None
+
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Compute the declared branches in canonical layouts: ``*_o`` ``[B,TQ,HQ,DV]``, ``cmp_lse``
         ``[B,TQ,HQ]`` natural log (-inf where no block is visible), ``topk_idx`` ``[B,TQ,H,n]`` int

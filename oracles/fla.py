@@ -363,9 +363,15 @@ class FlaParallel(Oracle):
         out = {"cmp_o": o_cmp, "cmp_lse": lse, "topk_idx": topk.long(), "slc_o": o_slc, "o": o}
         if case.window > 0:
             out["swa_o"] = _swa(case, inputs)
-        if _grads_wanted(case):
+        if _grads_wanted(case) and self.branch_supports(case, "dq") is None:
             out.update(self.grads(case, inputs, given))
         return out
+
+    def branch_supports(self, case: Case, branch: str) -> Optional[str]:
+        if branch in GRAD_BRANCHES and case.q_len < case.seq_len:
+            return (f"FLA {FLA_VERSION} parallel_nsa backward with TQ < T (decode/chunked prefill): CUDA illegal memory "
+                    "access on the H100 (docs/results/gpu-matrix.md); its forward is compared")
+        return None
 
     def grads(self, case: Case, inputs: Inputs, given: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Gradients of ``sum(o * dO)`` through FLA's Triton autograd (``parallel_nsa``: compression,

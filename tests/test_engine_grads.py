@@ -128,3 +128,28 @@ def test_tie_only_selection_difference_rederives_the_gradient_truth():
     for br in branches[1:]:
         assert tie[br].status == "PASS", (br, tie[br].reason)
     assert tie["dk"].metrics.get("truth_with_oracle_indices") is True
+
+
+def test_oracle_can_decline_a_branch_per_case():
+    """``Oracle.branch_supports`` turns a declared branch into SKIP cells with the oracle's reason, and
+    the oracle's other branches are still judged (fla_parallel declines gradients for TQ < T)."""
+    from oracles.base import register_oracle
+    from oracles.reference_oracles import ReferenceOracle
+
+    @register_oracle
+    class NoGradsWhenDecoding(ReferenceOracle):
+        name = "test_no_grads_when_decoding"
+
+        def branch_supports(self, case, branch):
+            return "no gradients for TQ < T here" if branch in GRAD_BRANCHES and case.q_len < case.seq_len else None
+
+    cells = _cells(FLA_CASE, ["test_no_grads_when_decoding"])
+    for br in GRAD_BRANCHES:
+        assert cells[("test_no_grads_when_decoding", br)].status == "SKIP"
+        assert cells[("test_no_grads_when_decoding", br)].reason == "no gradients for TQ < T here"
+    assert cells[("test_no_grads_when_decoding", "o")].status == "PASS"
+    full = _cells(SMALL[0], ["test_no_grads_when_decoding"])
+    assert full[("test_no_grads_when_decoding", "dq")].status == "PASS"
+    from oracles.fla import FlaParallel
+
+    assert "TQ < T" in FlaParallel().branch_supports(FLA_CASE, "dk") and FlaParallel().branch_supports(FLA_CASE, "o") is None

@@ -4,7 +4,7 @@
 #   carry: .device/oracles.tar.xz .device/env.sh external   (cuTile: stage .device/cutile.tar.xz in the
 #          call before, see ../shared/tools/device-env.sh)
 #   usage: bash benchmarks/conventions_gpu.sh   (override: ORACLES=a,b  CONFIGS="T:BS:W ..."  DEVICE=cpu
-#          JOBS=4  ORACLE_TIMEOUT=240)
+#          JOBS=4  ORACLE_TIMEOUT=240  KEEP=DIR: reuse DIR/<T>-<BS>-<W>-<oracle>.jsonl of an earlier run)
 # One `nsaconf masks --json` process per (shape, oracle), JOBS at a time, each under its own time limit
 # (first-call compiles dominate: Triton autotune, flex, TileLang, cuTile); an oracle that runs out of
 # time gets an `error` record saying so, the others are unaffected. The report is rendered from the
@@ -20,6 +20,9 @@ DEVICE=${DEVICE:-cuda}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 probe_one() {  # $1 = T:BS:W  $2 = oracle
   IFS=: read -r T BS W <<< "$1"; local f="$OUTD/records/$T-$BS-$W-$2" t0=$(date +%s)
+  if [ -n "${KEEP:-}" ] && [ -f "$KEEP/$T-$BS-$W-$2.jsonl" ]; then   # records of an earlier run: reuse
+    cp "$KEEP/$T-$BS-$W-$2.jsonl" "$f.jsonl"; echo "T=$T l'=$BS w=$W $2: kept from $KEEP"; return
+  fi
   timeout ${ORACLE_TIMEOUT:-240} python -m harness masks --device "$DEVICE" --oracles "$2" --seq-len "$T" --block-size "$BS" \
       --window "$W" --top-n 4 --json > "$f.jsonl" 2> "$f.err"
   local rc=$?
@@ -29,7 +32,7 @@ probe_one() {  # $1 = T:BS:W  $2 = oracle
 'probe did not finish within ${ORACLE_TIMEOUT:-240} s (compiles included)', 'error')))" "$2" >> "$f.jsonl"
   fi
 }
-export -f probe_one; export OUTD DEVICE
+export -f probe_one; export OUTD DEVICE KEEP
 for cfg in $CONFIGS; do for o in ${ORACLES//,/ }; do echo "$cfg $o"; done; done \
   | xargs -P ${JOBS:-4} -L 1 bash -c 'probe_one "$0" "$1"'
 : > "$OUTD/conventions.jsonl"

@@ -215,8 +215,10 @@ def versions() -> dict:
 
 
 # ------------------------------------------------------------------------------------ command
-def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup: int, log=print) -> list[BenchRecord]:
-    """Time ``oracle.run`` for every supported (case, oracle) on CUDA."""
+def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup: int, log=print,
+                  on_record: Optional[Callable[[list[BenchRecord]], None]] = None) -> list[BenchRecord]:
+    """Time ``oracle.run`` for every supported (case, oracle) on CUDA; ``on_record(records so far)``
+    after each timing (the CLI rewrites DIR/bench.jsonl, so a run cut off by a time limit keeps them)."""
     from oracles.base import get_oracle
     from oracles.reference import nsa_reference
     ceil = measure_ceilings()
@@ -248,6 +250,9 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
             rec = make_record(case, o.name, o.layer, branches, ms, reps, cost_of(case, branches), ceil, versions())
             log(f"{case.id} {o.name}: {ms:.3f} ms ({rec.pct_of_floor:.0f} % of floor)")
             records.append(rec)
+            if on_record is not None:
+                fill_ratios(records)
+                on_record(records)
     fill_ratios(records)
     return records
 
@@ -273,7 +278,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from oracles.base import OracleError, registry
     names = args.oracles.split(",") if args.oracles else [n for n, c in sorted(registry().items()) if "cuda" in c.devices]
     try:
-        records = bench_oracles(cases, names, args.reps, args.warmup)
+        records = bench_oracles(cases, names, args.reps, args.warmup, on_record=lambda rs: write_records(Path(args.out), rs))
     except OracleError as e:
         print(f"nsaconf: error: {e}", file=sys.stderr)
         return 2

@@ -159,15 +159,11 @@ def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
 
 def format_markdown(records: list[dict], device: str, width: int = 64, title: str = "Convention probe") -> str:
     """Markdown report: a summary table and the ASCII diffs."""
-    import platform
-
-    import torch
-
     seen = sorted({(r.get("device", device), r.get("device_name", ""), r.get("torch", "")) for r in records
                    if r.get("device_name")})
-    if not seen:
-        dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or "cpu"
-        seen = [(device, dev, torch.__version__)]
+    if not seen:  # records without provenance: this process's device
+        here = _where(device)
+        seen = [(here["device"], here["device_name"], here["torch"])]
     where = "; ".join(f"`nsaconf masks --device {d}` on {n}, torch {t}" for d, n, t in seen)
     out = [f"# {title}", "", f"{where}.", "",
            "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls | dtype |",

@@ -125,9 +125,14 @@ def load_results(path: str | Path) -> list[CellResult]:
     return [CellResult.from_dict(d) for d in iter_records(path)]
 
 
+def record_key(d: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A record's cell: (case_id, oracle, branch, device), as ``CellResult.key``."""
+    return (d["case_id"], d["oracle"], d["branch"], d["device"])
+
+
 def done_keys(path: str | Path) -> set[tuple[str, str, str, str]]:
     """Cells already recorded (for ``--resume``)."""
-    return {(d["case_id"], d["oracle"], d["branch"], d["device"]) for d in iter_records(path)}
+    return {record_key(d) for d in iter_records(path)}
 
 
 def base_versions() -> dict[str, str]:
@@ -163,7 +168,7 @@ def merge_runs(dirs: list[Path], out: Path) -> int:
         if not (Path(d) / RESULTS_FILE).exists():
             raise ValueError(f"{str(Path(d) / RESULTS_FILE)!r} does not exist")
         for r in iter_records(d):
-            cells[(r["case_id"], r["oracle"], r["branch"], r["device"])] = r
+            cells[record_key(r)] = r
         conv = Path(d) / "conventions.jsonl"
         if conv.exists():
             conventions += [ln for ln in conv.read_text(encoding="utf-8").splitlines() if ln.strip()]

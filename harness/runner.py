@@ -20,7 +20,7 @@ from cases.model import Case
 from harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
 from harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
 from harness.tolerance import ToleranceTable
-from harness.worker import Reply, Worker
+from harness.worker import Reply, Worker, release_cuda_cache
 from oracles.base import GRAD_BRANCHES, Oracle, get_oracle
 
 
@@ -252,7 +252,7 @@ class Runner:
                 emit(rec)
         if cfg.device.startswith("cuda") and cfg.truth_cache is None:
             del ct
-            torch.cuda.empty_cache()  # the truth's temporaries: the workers need the card too
+            release_cuda_cache()  # the truth's temporaries: the workers need the card too
 
 
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,

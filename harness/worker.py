@@ -93,13 +93,13 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
         finally:
             inputs = out = idx = cpu = None  # noqa: F841 - drop this case's tensors before the next one
             if device.startswith("cuda"):
-                _release_cuda_cache()
+                release_cuda_cache()
 
 
-def _release_cuda_cache() -> None:
-    """Give cached, unused GPU memory back after each case: a GPU run has one worker process per
-    oracle (and ``--shard`` runs multiply that), and caching allocators that keep every process's peak
-    would exhaust the card between them."""
+def release_cuda_cache() -> None:
+    """Give cached, unused GPU memory back after each case (workers and the runner's truth): a GPU run
+    has one worker process per oracle (and ``--shard`` runs multiply that), and caching allocators that
+    keep every process's peak would exhaust the card between them."""
     try:
         torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - a poisoned context is reported by the next request

@@ -96,6 +96,27 @@ def main() -> int:
             group=g_full)
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
             group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
+        # the previous path (separate gate pass, whole-row top-n, zero-filled importance), same run
+        F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = False, "packed", False
+        run(case, "inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
+        run(case_nw, "inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
+            cost=hb.cost_of(case_nw, ("o",)))
+        F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = True, "stream", True
+        # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
+        try:
+            from selection_probes import run_probe  # benchmarks/ is sys.path[0]
+            for with_mma, what in ((False, "loads only"), (True, "loads + 2 MMA, no softmax")):
+                run(case, f"probe: selection {what}", "kernel", ("slc_o",),
+                    [lambda x=x, m=with_mma: run_probe(x.q, x.k, x.v, idx, 64, m) for x in xs], group=g_sel,
+                    note="probe kernel, not a result")
+        except Exception as e:  # noqa: BLE001
+            print(f"probe unavailable: {type(e).__name__}: {e}", flush=True)
+        gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
+        run(case_nw, "inhouse_cutile.selection + gates in the epilogue", "kernel", ("o",),
+            [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
+             for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
         for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
                              (2, True, 2), (2, True, 3), (2, True, 4)):
             if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):
@@ -127,14 +148,21 @@ def main() -> int:
         run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
             [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
              for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
-        run(case, "inhouse_cutile.top_n (cuTile packed-key kernel)", "kernel", ("topk_idx",),
-            [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
-            cost=hb.Cost(0.0, imp0.numel() * 4.0))
-        F.TOPN_KERNEL = "argmax"
-        run(case, "inhouse_cutile.top_n (cuTile argmax kernel)", "kernel", ("topk_idx",),
-            [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
-            cost=hb.Cost(0.0, imp0.numel() * 4.0))
-        F.TOPN_KERNEL = "packed"
+        run(case, "inhouse_cutile.cmp+importance (uninitialised beyond started blocks)", "kernel", ("cmp_o", "cmp_lse"),
+            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
+                                       importance_fill=None) for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+        for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
+                           ("stream", (16, 64)), ("packed", None), ("argmax", None)):
+            if args.quick and kern == "argmax":
+                continue
+            F.TOPN_KERNEL = kern
+            if tile:
+                F.TOPN_STREAM_TILE = tile
+            label = f"streaming, causal chunks, TR={tile[0]} CW={tile[1]}" if tile else f"{kern}, whole row"
+            run(case, f"inhouse_cutile.top_n ({label})", "kernel", ("topk_idx",),
+                [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
+                cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+        F.TOPN_KERNEL, F.TOPN_STREAM_TILE = "stream", (16, 128)
         run(case, "inhouse_cutile.gates", "kernel", ("o",),
             [lambda x=x: F.combine_gates(x.q, x.q, x.q, x) for x in xs], group="parts",
             cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))

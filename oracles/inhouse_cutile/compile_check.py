@@ -39,14 +39,22 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     for G, GP, TQB, LSP, DP, al in [(16, 16, 4, 64, 128, True), (3, 4, 16, 32, 64, False)]:
         out.append((f"selection_union G{G}/{GP} TQB{TQB} LS{LSP} D{DP} aligned={al}", K.selection_union_kernel,
                     [a4, a4, a4, i32_4, i32_4, i32_3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP, al]))
-    for G, GP, CH, NP, LS, DP in [(16, 16, 4, 16, 64, 128), (3, 16, 2, 4, 32, 64), (1, 16, 1, 8, 16, 256)]:
-        out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP}", K.selection_chunk_kernel,
-                    [a4, a4, a4, i32_4, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True]))
+    a3 = _arr(ct, dt, 3)
+    for G, GP, CH, NP, LS, DP, slc, gates, win in [(16, 16, 4, 16, 64, 128, True, False, False),
+                                                   (16, 16, 2, 16, 64, 128, False, True, False),
+                                                   (3, 16, 2, 4, 32, 64, True, True, True),
+                                                   (1, 16, 1, 8, 16, 256, True, False, False)]:
+        out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",
+                    K.selection_chunk_kernel,
+                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True,
+                     slc, gates, win]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
         out.append((f"topn_packed N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_packed_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
+        out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
+                    [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))

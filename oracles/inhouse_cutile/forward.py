@@ -87,16 +87,22 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
-                cmp_mask: str, scale: float, want_importance: bool = False):
+                cmp_mask: str, scale: float, want_importance: bool = False, importance_fill: Optional[float] = 0.0):
     """Compression attention over the pooled blocks ``c`` with ``CMP_MASKS[cmp_mask](c, p, l, d)``.
     Returns ``cmp_o`` (q dtype), ``cmp_lse`` fp32 natural log (-inf: no visible block) and, on
-    request, ``imp_cmp`` ``[B,TQ,H,NC]`` fp32 (probabilities summed over the group)."""
+    request, ``imp_cmp`` ``[B,TQ,H,NC]`` fp32 (probabilities summed over the group). The kernel
+    writes ``imp_cmp`` on every block started by the last query of each query tile (``c*d <= p``,
+    zero where not visible) and fills the rest with ``importance_fill``; ``None`` leaves it
+    uninitialised (enough for a top-n over the candidates ``j*l' <= p`` when l' = d; saves a pass
+    over the whole buffer)."""
     _, K = _ct()
     B, TQ, HQ, _ = q.shape
     NC, H = k_cmp.shape[1], k_cmp.shape[2]
     o = torch.empty((B, TQ, HQ, v_cmp.shape[-1]), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32)
-    imp = torch.zeros((B, TQ, H, NC) if want_importance else (1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    imp = torch.empty((B, TQ, H, NC) if want_importance else (1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    if importance_fill is not None:
+        imp.fill_(importance_fill)
     _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance)
     return (o, lse, imp) if want_importance else (o, lse)
 
@@ -176,11 +182,19 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
 
 
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
-    ``CH*l'``-key tile (no data-dependent branch); falls back to ``selection`` otherwise."""
+    ``CH*l'``-key tile (no data-dependent branch); falls back to ``selection`` otherwise.
+
+    ``gated = (cmp_o, swa_o or None, g_cmp, g_slc, g_swa)``: the kernel's epilogue also writes
+    ``o = g_cmp*cmp_o + g_slc*slc_o (+ g_swa*swa_o)`` and the call returns ``(slc_o or None, o)``
+    (``want_slc=False``: slc_o is not stored). Non-power-of-two ``l'``: ``selection`` + ``combine_gates``."""
     if pow2(ls) != ls:
-        return selection(q, k, v, idx, ls, scale)
+        slc = selection(q, k, v, idx, ls, scale)
+        if gated is None:
+            return slc
+        cmp_o, swa_o, gc, gs, gw = gated
+        return slc, combine_gates(cmp_o, slc, swa_o, Inputs(q=q, k=k, v=v, g_cmp=gc, g_slc=gs, g_swa=gw))
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -193,18 +207,34 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     if NP != n:
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
-    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+    write_slc = gated is None or want_slc
+    o = torch.empty((B, TQ, HQ, DV) if write_slc else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
+    if gated is None:
+        cmp_o = swa_o = out = o
+        gc = gs = gw = q.new_empty((1, 1, 1))
+    else:
+        cmp_o, swa_o, gc, gs, gw = gated
+        out = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+        gc, gs, gw = (g.contiguous() for g in (gc, gs, gw))
+    window = gated is not None and swa_o is not None
     kern = _hinted(K.selection_chunk_kernel, SEL_OCCUPANCY)
     _launch(kern, (TQ, B * H, 1),
-            (q, k, v, sel, o, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA))
-    return o
+            (q, k, v, sel, o, cmp_o, swa_o if window else cmp_o, gc, gs, gw, out, scale * LOG2E, T - TQ, T, NP, CH, ls,
+             G, GP, pow2(D), pow2(DV), SEL_TMA, write_slc, gated is not None, window))
+    if gated is None:
+        return o
+    return (o if write_slc else None), out
 
 
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
 SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
-TOPN_KERNEL = "packed"  # "packed" (int64 keys, one max per pick) or "argmax" (max + min-index per pick)
+TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
+#                         pick over the whole row) or "argmax" (max + min-index per pick)
+TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-n kernel
+FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
+LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -248,29 +278,42 @@ def top_n(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_bl
 
 
 def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: str) -> torch.Tensor:
-    """``top_n`` as one cuTile kernel (iterative argmax per row tile, same rule and tie order),
-    then the canonical ascending order (a sort of the small ``[B,TQ,H,n]`` result)."""
+    """``top_n`` as one cuTile kernel (``TOPN_KERNEL``; same rule and tie order), then the canonical
+    ascending order (a sort of the small ``[B,TQ,H,n]`` result). ``imp`` needs to be defined only on
+    the candidate columns ``j*l' <= p`` of each row."""
     _, K = _ct()
     B, TQ, H, NS = imp.shape
-    NSP = pow2(NS)
-    TR = max(1, min(64, 8192 // NSP))
     NOUT = pow2(n)
     out = torch.empty((B, TQ, H, NOUT), device=imp.device, dtype=torch.int32)
-    kern = K.topn_packed_kernel if TOPN_KERNEL == "packed" else K.topn_kernel
-    _launch(kern, (-(-TQ // TR), B * H, 1),
-            (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, NSP, K.FORCED_KINDS.index(forced_blocks)))
+    forced = K.FORCED_KINDS.index(forced_blocks)
+    if TOPN_KERNEL == "stream":
+        TR, CW = TOPN_STREAM_TILE
+        CW = min(CW, pow2(NS))
+        _launch(K.topn_stream_kernel, (-(-TQ // TR), B * H, 1),
+                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced))
+    else:
+        NSP = pow2(NS)
+        TR = max(1, min(64, 8192 // NSP))
+        kern = K.topn_packed_kernel if TOPN_KERNEL == "packed" else K.topn_kernel
+        _launch(kern, (-(-TQ // TR), B * H, 1), (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, NSP, forced))
     return canonical_order(out[..., :n].long())
 
 
-def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict[str, torch.Tensor]:
-    """All requested branches for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``)."""
+def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], keep: set[str]
+              ) -> dict[str, torch.Tensor]:
+    """The branches ``want`` for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``, gates
+    ``(g_cmp, g_slc, g_swa)`` ``[B,TQs,HQ]``; ``keep``: the ones the caller returns). ``o`` comes
+    from the selection epilogue when it can gate (``FUSE_GATES``, chunked selection), else the
+    caller combines."""
     l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
-        res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk)
+        identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
+        res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk,
+                          importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0)
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
@@ -278,11 +321,17 @@ def _sequence(case: Case, q, k, v, positions, given_idx, want: set[str]) -> dict
                 out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
-    if "slc_o" in want:
-        idx = given_idx if given_idx is not None else out["topk_idx"]
-        out["slc_o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale)
     if "swa_o" in want and case.window > 0:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
+    if "slc_o" in want:
+        idx = given_idx if given_idx is not None else out["topk_idx"]
+        if "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked":
+            slc, out["o"] = selection_chunked(q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
+                                              gated=(out["cmp_o"], out.get("swa_o"), *gates))
+            if slc is not None:
+                out["slc_o"] = slc
+        else:
+            out["slc_o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale)
     return out
 
 
@@ -310,24 +359,26 @@ def nsa_forward(case: Case, inputs: Inputs, block_indices: Optional[torch.Tensor
     """The NSA forward of ``case`` on CUDA ``inputs`` (case dtype). Selection uses ``block_indices``
     if given, else ``inputs.block_indices`` for ``block_indices="random"`` cases, else the top-n
     computed here. Returns the requested canonical branches (``swa_o`` only when ``window > 0``)."""
-    want = set(branches)
+    keep = set(branches)
+    want = set(keep)
     if "o" in want:
         want |= {"cmp_o", "slc_o", "swa_o"}
     given = block_indices
     if given is None and case.block_indices == "random":
         given = inputs.block_indices
     q, k, v = (t.contiguous() for t in (inputs.q, inputs.k, inputs.v))
+    gates = (inputs.g_cmp, inputs.g_slc, inputs.g_swa)
     if case.cu_seqlens is None:
         pos = torch.arange(case.q_offset, case.seq_len, device=q.device)
-        out = _sequence(case, q, k, v, pos, given, want)
+        out = _sequence(case, q, k, v, gates, pos, given, want, keep)
     else:
         parts = []
         for s0, s1 in case.sequences:
             pos = torch.arange(s1 - s0, device=q.device)
             gi = None if given is None else given[:, s0:s1]
             parts.append(_sequence(case, q[:, s0:s1].contiguous(), k[:, s0:s1].contiguous(),
-                                   v[:, s0:s1].contiguous(), pos, gi, want))
+                                   v[:, s0:s1].contiguous(), tuple(g[:, s0:s1] for g in gates), pos, gi, want, keep))
         out = {name: torch.cat([p[name] for p in parts], 1) for name in parts[0]}
-    if "o" in want:
+    if "o" in want and "o" not in out:
         out["o"] = combine_gates(out["cmp_o"], out["slc_o"], out.get("swa_o"), inputs)
     return {name: t for name, t in out.items() if name in branches}

@@ -44,6 +44,19 @@ def _visible(IS_CMP, mode, key, pos, L, DS, W):
         return ct.where(mode == 4, window_w(pos, key, W), window_w_plus_1(pos, key, W))
 
 
+def _group_view(A, hk, G, GP):
+    """The G heads of kv head ``hk`` along axis 2 of ``A`` and the head-tile index into the result: ``A``
+    itself and ``hk`` when G is the padded group size GP, else a sliced view (padding loads zeros,
+    padded rows are dropped on store) and 0."""
+    if G == GP:
+        view = A
+        hidx = hk
+    else:
+        view = A.slice(axis=2, start=hk * G, stop=hk * G + G)
+        hidx = 0
+    return view, hidx
+
+
 @ct.kernel(occupancy=2)
 def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
@@ -67,14 +80,8 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     row_i = rows // GP                        # local query of each row
     row_g = rows % GP                          # head inside the group
     pos = (p0 + row_i)[:, None]                # [M,1]
-    if G == GP:
-        Qv = Q
-        Ov = O
-        hidx = hk
-    else:
-        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
-        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
-        hidx = 0
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
     # key range touched by this tile (exact masking below)
     lo = 0
@@ -119,13 +126,18 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
     lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
     if IS_CMP:
-        if G == GP:
-            LSEv = LSE
-        else:
-            LSEv = LSE.slice(axis=2, start=hk * G, stop=hk * G + G)
+        LSEv, _ = _group_view(LSE, hk, G, GP)
         ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
     if WRITE_IMP:
         keep = has & (row_g < G)[:, None]
+        # IMP is defined on every block started by the tile's last query (zero where not visible), so
+        # the caller may pass an uninitialised buffer when the selection blocks are these blocks
+        kt_started = ct.cdiv(min(p1 // DS + 1, NKEYS), TN)
+        zeros = ct.full((1, TMQ, 1, TN), 0.0, dtype=np.float32)
+        for kt in range(0, kt_lo):
+            ct.store(IMP, index=(b, qt, hk, kt), tile=zeros)
+        for kt in range(kt_hi, kt_started):
+            ct.store(IMP, index=(b, qt, hk, kt), tile=zeros)
         for kt in range(kt_lo, kt_hi):
             k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
                         padding_mode=ZERO, latency=2).reshape((DP, TN))
@@ -151,14 +163,8 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
     b = bh // H
     hk = bh % H
     p = q_off + i
-    if G == GP:
-        Qv = Q
-        Ov = O
-        hidx = hk
-    else:
-        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
-        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
-        hidx = 0
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LSP, dtype=np.int32)[None, :]
     m_i = ct.full((GP, 1), NEG, dtype=np.float32)
@@ -234,14 +240,8 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, qk_scale2: float, q_off: in
     p0 = q_off + qt * TQB
     rows = ct.arange(M, dtype=np.int32)
     pos = (p0 + rows // GP)[:, None]
-    if G == GP:
-        Qv = Q
-        Ov = O
-        hidx = hk
-    else:
-        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
-        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
-        hidx = 0
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
     sel = ct.load(SEL, index=(b, qt, hk, 0), shape=(1, TQB, 1, NP)).reshape((TQB, NP))
     nu = ct.load(NU, index=(b, qt, hk), shape=())
@@ -293,28 +293,26 @@ def _cat4(ts, axis):
 
 
 @ct.kernel
-def selection_chunk_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int,
+def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool):
+                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool, WRITE_SLC: ConstBool,
+                           GATES: ConstBool, WINDOW: ConstBool):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = padded width, -1 = none), their K/V tiles loaded by tile index and
     concatenated into one ``CH*LS``-key step (one MMA, one softmax update). No data-dependent branch:
-    a -1 slot loads block 0 and is masked, as are keys ``s > p``."""
+    a -1 slot loads block 0 and is masked, as are keys ``s > p``.
+
+    Writes ``slc_o`` to ``O`` (``WRITE_SLC``) and, with ``GATES``, the gated output in fp32 from the
+    unrounded ``slc_o``: ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
     i = ct.bid(0)
     bh = ct.bid(1)
     H = K.shape[2]
     b = bh // H
     hk = bh % H
     p = q_off + i
-    if G == GP:
-        Qv = Q
-        Ov = O
-        hidx = hk
-    else:
-        Qv = Q.slice(axis=2, start=hk * G, stop=hk * G + G)
-        Ov = O.slice(axis=2, start=hk * G, stop=hk * G + G)
-        hidx = 0
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
     m_i = ct.full((GP, 1), NEG, dtype=np.float32)
@@ -345,7 +343,26 @@ def selection_chunk_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int
         m_i = m_new
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
-    ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
+    if WRITE_SLC:
+        ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
+    if GATES:
+        o = out * _gate_of(GS, b, i, hk, G, GP) + _gate_of(GC, b, i, hk, G, GP) * _rows_of(CMP, b, i, hk, G, GP, DVP)
+        if WINDOW:
+            o = o + _gate_of(GW, b, i, hk, G, GP) * _rows_of(SWA, b, i, hk, G, GP, DVP)
+        OUTv, _ = _group_view(OUT, hk, G, GP)
+        ct.store(OUTv, index=(b, i, hidx, 0), tile=o.reshape((1, 1, GP, DVP)).astype(OUT.dtype))
+
+
+def _rows_of(A, b, i, hk, G, GP, DVP):
+    """``A[b, i, heads of kv head hk, :]`` as fp32 ``[GP, DVP]`` (zeros on padded heads)."""
+    Av, hidx = _group_view(A, hk, G, GP)
+    return ct.load(Av, index=(b, i, hidx, 0), shape=(1, 1, GP, DVP), padding_mode=ZERO).reshape((GP, DVP)).astype(np.float32)
+
+
+def _gate_of(A, b, i, hk, G, GP):
+    """Gate ``A[b, i, heads of kv head hk]`` as fp32 ``[GP, 1]``."""
+    Av, hidx = _group_view(A, hk, G, GP)
+    return ct.load(Av, index=(b, i, hidx), shape=(1, 1, GP), padding_mode=ZERO).reshape((GP, 1)).astype(np.float32)
 
 
 FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_kernel
@@ -437,4 +454,46 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
         res = ct.where(cols == t, m, res)
         key = ct.where(key == m, -1, key)
     idx = ct.where(res < 0, -1, (NSP - 1) - (res & 0xFFFFFFFF))
+    ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))
+
+
+
+@ct.kernel
+def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
+                       CW: ConstInt, FORCED: ConstInt):
+    """``topn_packed_kernel`` streamed over column chunks of CW blocks, only up to the tile's last
+    ``selection_candidate`` column (the causal part of the row; IMP beyond it is never read unmasked).
+    Keeps the N best keys of each row in ``best`` (slots >= N hold the int64 maximum, never replaced);
+    a chunk takes as many extraction steps as its rows have keys above their current N-th best
+    (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
+    Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N."""
+    qt = ct.bid(0)
+    bh = ct.bid(1)
+    H = IMP.shape[2]
+    b = bh // H
+    h = bh % H
+    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    p_last = min(q_off + qt * TR + TR - 1, q_off + TQ - 1)
+    n_chunks = ct.cdiv(min(p_last // LS + 1, NS), CW)
+    jc = ct.arange(CW, dtype=np.int32)[None, :]
+    cols = ct.arange(NOUT, dtype=np.int32)[None, :]
+    best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
+    for c in range(n_chunks):
+        imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
+        j = c * CW + jc
+        inside = (j < NS) & (p < q_off + TQ)
+        forced = _forced(FORCED, j, p, LS) & inside
+        cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+        bits = ct.bitcast(imp, np.int32).astype(np.int64)
+        bits = ct.where(forced, 0x7F800000, bits)
+        key = ct.where(cand, (bits << 32) | (NS - 1 - j).astype(np.int64), -1)
+        worst = ct.min(best, axis=1, keepdims=True)
+        steps = ct.minimum(ct.max(ct.sum(ct.where(key > worst, 1, 0), axis=1)), N)
+        for t in range(steps):
+            m = ct.max(key, axis=1, keepdims=True)
+            worst = ct.min(best, axis=1, keepdims=True)
+            slot = ct.min(ct.where(best == worst, cols, NOUT), axis=1, keepdims=True)
+            best = ct.where((cols == slot) & (m > worst), m, best)
+            key = ct.where(key == m, -1, key)
+    idx = ct.where((best < 0) | (cols >= N), -1, (NS - 1) - (best & 0xFFFFFFFF))
     ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))

@@ -1,0 +1,74 @@
+"""Probe kernels that split the time of the chunked selection kernel (benchmark only, not an oracle).
+
+Both do exactly the K/V loads of ``oracles.inhouse_cutile.kernels.selection_chunk_kernel`` (same
+indices, CH blocks per step, TMA, occupancy hint) and write a ``[B,TQ,HQ,DV]`` output, but less
+arithmetic:
+
+* ``gather``: the loaded tiles are only summed (SIMT adds; no MMA, no softmax) -- the time of the
+  data-dependent gather alone;
+* ``mma``: both MMAs ``s = q k^T`` and ``acc += s v`` on the loaded tiles, no masking or softmax.
+
+selection time - ``mma`` = masking + online softmax; ``mma`` - ``gather`` = the tensor-core work the
+loads do not hide. Outputs are meaningless numbers (kept only so the loads cannot be dropped).
+"""
+from __future__ import annotations
+
+import cuda.tile as ct
+import numpy as np
+import torch
+
+from oracles.inhouse_cutile import forward as F
+from oracles.inhouse_cutile.kernels import _cat4, _group_view
+
+ConstInt = ct.Constant[int]
+ConstBool = ct.Constant[bool]
+ZERO = ct.PaddingMode.ZERO
+
+
+@ct.kernel
+def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
+                           DP: ConstInt, DVP: ConstInt, WITH_MMA: ConstBool):
+    i = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
+    q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
+    acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    for c in range(NP // CH):
+        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
+        ks = ()
+        vs = ()
+        for t in ct.static_iter(range(CH)):
+            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
+            ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
+                           padding_mode=ZERO, latency=2).reshape((DP, LS)),)
+            vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
+                           latency=4).reshape((LS, DVP)),)
+        k = _cat4(ks, 1)
+        v = _cat4(vs, 0)
+        if WITH_MMA:
+            s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
+            acc = ct.mma(s.astype(Q.dtype), v, acc)
+        else:
+            acc = acc + ct.sum(v.astype(np.float32), axis=0, keepdims=True) \
+                + ct.sum(k.astype(np.float32), axis=1, keepdims=True).reshape((1, DP))
+    ct.store(Ov, index=(b, i, hidx, 0), tile=acc.reshape((1, 1, GP, DVP)).astype(O.dtype))
+
+
+def run_probe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int, with_mma: bool,
+              ch: int = 2, occupancy: int | None = 2) -> torch.Tensor:
+    """Launch the probe with the chunked selection kernel's grid and tiles (``ls`` a power of two, D = DV)."""
+    B, TQ, HQ, D = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    GP = max(F.pow2(G), F.MIN_SEL_ROWS)
+    n = idx.shape[-1]
+    NP = -(-n // ch) * ch
+    sel = torch.nn.functional.pad(idx.to(torch.int32), (0, NP - n), value=-1).contiguous()
+    o = torch.empty_like(q)
+    kern = F._hinted(selection_probe_kernel, occupancy)
+    F._launch(kern, (TQ, B * H, 1), (q, k, v, sel, o, NP, ch, ls, G, GP, F.pow2(D), F.pow2(D), with_mma))
+    return o

@@ -104,6 +104,15 @@ def main() -> int:
             [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
             cost=hb.cost_of(case_nw, ("o",)))
         F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = True, "stream", True
+        # the other selection kernel (keys on the MMA rows) in the whole forward
+        F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
+        other = "keys-on-rows selection" if F.SEL_KEY_ROWS else "heads-on-rows selection"
+        run(case, f"inhouse_cutile ({other})", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
+        run(case_nw, f"inhouse_cutile ({other})", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
+            cost=hb.cost_of(case_nw, ("o",)))
+        F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
         # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
         try:
             from selection_probes import run_probe  # benchmarks/ is sys.path[0]
@@ -114,9 +123,21 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             print(f"probe unavailable: {type(e).__name__}: {e}", flush=True)
         gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
-        run(case_nw, "inhouse_cutile.selection + gates in the epilogue", "kernel", ("o",),
-            [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
-             for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
+        for key_rows in (False, True):
+            F.SEL_KEY_ROWS = key_rows
+            rows = "keys" if key_rows else "heads"
+            run(case_nw, f"inhouse_cutile.selection ({rows} on MMA rows) + gates in the epilogue", "kernel", ("o",),
+                [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
+                 for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
+            if key_rows:
+                run(case, "inhouse_cutile.selection (keys on MMA rows, CH=2 occ=2)", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+                for ch, occ in ((4, 2), (2, None), (2, 1)):
+                    F.CHUNK_BLOCKS, F.SEL_OCCUPANCY = ch, occ
+                    run(case, f"inhouse_cutile.selection (keys on MMA rows, CH={ch} occ={occ})", "kernel", ("slc_o",),
+                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+                F.CHUNK_BLOCKS, F.SEL_OCCUPANCY = 2, 2
+        F.SEL_KEY_ROWS = False
         for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
                              (2, True, 2), (2, True, 3), (2, True, 4)):
             if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):

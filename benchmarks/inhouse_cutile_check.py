@@ -45,6 +45,11 @@ def check_case(case_json: str) -> dict:
     from cases.tensors import TORCH_DTYPES, materialize
     from oracles.inhouse_cutile.forward import nsa_forward
     from oracles.reference import nsa_reference
+    import oracles.inhouse_cutile.forward as fwd
+    for name, value in json.loads(os.environ.get("NSACONF_CHECK_FLAGS", "{}")).items():
+        if not hasattr(fwd, name):
+            raise SystemExit(f"--set: no flag {name} in oracles.inhouse_cutile.forward")
+        setattr(fwd, name, value)
     case = Case.from_json(case_json)
     rec = {"case": case.id, "ok": True, "branches": {}}
     try:
@@ -58,7 +63,6 @@ def check_case(case_json: str) -> dict:
         t0 = time.time()
         e2e = nsa_forward(case, x)
         ker = nsa_forward(case, x, block_indices=given, branches=("cmp_o", "cmp_lse", "slc_o", "swa_o"))
-        import oracles.inhouse_cutile.forward as fwd
         oo = nsa_forward(case, x, block_indices=given, branches=("o",))          # gates in the selection epilogue
         fwd.DEFAULT_SELECTION = "per_query"
         pq = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))  # separate gate kernel
@@ -124,7 +128,16 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "out") + "/inhouse_check.jsonl")
     ap.add_argument("--max-cases", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a module flag of oracles.inhouse_cutile.forward in every worker (Python literal)")
     args = ap.parse_args()
+    import ast
+    flags = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        flags[name] = ast.literal_eval(value)
+    os.environ["NSACONF_CHECK_FLAGS"] = json.dumps(flags)   # spawn workers inherit the environment
+    print(f"flags: {flags}", flush=True)
     from cases.generator import profile_cases
     cases = [c for p in args.profile.split(",") for c in profile_cases(p)]
     cases = [c for c in cases if c.dtype != "float64"]

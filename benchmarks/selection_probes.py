@@ -4,8 +4,8 @@ Both do exactly the K/V loads of ``oracles.inhouse_cutile.kernels.selection_chun
 indices, CH blocks per step, TMA, occupancy hint) and write a ``[B,TQ,HQ,DV]`` output, but less
 arithmetic:
 
-* ``gather``: the loaded tiles are only summed (SIMT adds; no MMA, no softmax) -- the time of the
-  data-dependent gather alone;
+* ``gather``: one row of each loaded V tile and one column of each K tile are added up (no MMA, no
+  softmax; the loads stay whole TMA tiles) -- the time of the data-dependent gather alone;
 * ``mma``: both MMAs ``s = q k^T`` and ``acc += s v`` on the loaded tiles, no masking or softmax.
 
 selection time - ``mma`` = masking + online softmax; ``mma`` - ``gather`` = the tensor-core work the
@@ -52,9 +52,9 @@ def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: Cons
         if WITH_MMA:
             s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
             acc = ct.mma(s.astype(Q.dtype), v, acc)
-        else:
-            acc = acc + ct.sum(v.astype(np.float32), axis=0, keepdims=True) \
-                + ct.sum(k.astype(np.float32), axis=1, keepdims=True).reshape((1, DP))
+        else:   # touch one row of v and one column of k: the loads stay whole tiles, the arithmetic is nil
+            acc = acc + v.extract((0, 0), (1, DVP)).astype(np.float32) \
+                + k.extract((0, 0), (DP, 1)).reshape((1, DP)).astype(np.float32)
     ct.store(Ov, index=(b, i, hidx, 0), tile=acc.reshape((1, 1, GP, DVP)).astype(O.dtype))
 
 

@@ -184,7 +184,8 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
                       scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
-    ``CH*l'``-key tile (no data-dependent branch); falls back to ``selection`` otherwise.
+    ``CH*l'``-key tile (no data-dependent branch; ``SEL_KEY_ROWS``: the keys-on-rows kernel); falls
+    back to ``selection`` otherwise.
 
     ``gated = (cmp_o, swa_o or None, g_cmp, g_slc, g_swa)``: the kernel's epilogue also writes
     ``o = g_cmp*cmp_o + g_slc*slc_o (+ g_swa*swa_o)`` and the call returns ``(slc_o or None, o)``
@@ -217,7 +218,7 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         out = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
         gc, gs, gw = (g.contiguous() for g in (gc, gs, gw))
     window = gated is not None and swa_o is not None
-    kern = _hinted(K.selection_chunk_kernel, SEL_OCCUPANCY)
+    kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY)
     _launch(kern, (TQ, B * H, 1),
             (q, k, v, sel, o, cmp_o, swa_o if window else cmp_o, gc, gs, gw, out, scale * LOG2E, T - TQ, T, NP, CH, ls,
              G, GP, pow2(D), pow2(DV), SEL_TMA, write_slc, gated is not None, window))
@@ -229,6 +230,7 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
 SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
+SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)

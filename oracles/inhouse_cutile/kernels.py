@@ -312,7 +312,6 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
     hk = bh % H
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
     m_i = ct.full((GP, 1), NEG, dtype=np.float32)
@@ -343,14 +342,70 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
         m_i = m_new
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW)
+
+
+def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW):
+    """Store ``slc_o`` = ``out`` ``[GP, DVP]`` fp32 of query ``i`` (``WRITE_SLC``) and/or the gated
+    ``OUT = GC*CMP + GS*out (+ GW*SWA)`` computed from the unrounded ``out`` (``GATES``)."""
     if WRITE_SLC:
+        Ov, hidx = _group_view(O, hk, G, GP)
         ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
     if GATES:
         o = out * _gate_of(GS, b, i, hk, G, GP) + _gate_of(GC, b, i, hk, G, GP) * _rows_of(CMP, b, i, hk, G, GP, DVP)
         if WINDOW:
             o = o + _gate_of(GW, b, i, hk, G, GP) * _rows_of(SWA, b, i, hk, G, GP, DVP)
-        OUTv, _ = _group_view(OUT, hk, G, GP)
+        OUTv, hidx = _group_view(OUT, hk, G, GP)
         ct.store(OUTv, index=(b, i, hidx, 0), tile=o.reshape((1, 1, GP, DVP)).astype(OUT.dtype))
+
+
+@ct.kernel
+def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
+                             NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
+                             DP: ConstInt, DVP: ConstInt, TMA: ConstBool, WRITE_SLC: ConstBool,
+                             GATES: ConstBool, WINDOW: ConstBool):
+    """``selection_chunk_kernel`` with the keys on the rows of both MMAs and the G heads on the narrow
+    side: ``S^T = K_sel Q^T`` ``[CH*LS, GP]``, ``O^T += V_sel^T P^T`` ``[DVP, GP]`` (Hopper's tensor-core
+    MMA takes 64-row operands; with heads on the rows G = 16 would fill a quarter of each). The
+    online softmax runs down the columns (one column per head); same result, same epilogue."""
+    i = ct.bid(0)
+    bh = ct.bid(1)
+    H = K.shape[2]
+    b = bh // H
+    hk = bh % H
+    p = q_off + i
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    qT = ct.transpose(ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP)))
+    offs = ct.arange(LS, dtype=np.int32)[None, :]
+    m_i = ct.full((1, GP), NEG, dtype=np.float32)
+    l_i = ct.full((1, GP), 0.0, dtype=np.float32)
+    accT = ct.full((DVP, GP), 0.0, dtype=np.float32)
+    for c in range(NP // CH):
+        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
+        ks = ()
+        vs = ()
+        for t in ct.static_iter(range(CH)):
+            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
+            ks += (ct.load(K, index=(b, j, hk, 0), shape=(1, LS, 1, DP), padding_mode=ZERO,
+                           latency=2, allow_tma=TMA).reshape((LS, DP)),)
+            vs += (ct.load(V, index=(b, hk, 0, j), shape=(1, 1, DVP, LS), order=(0, 2, 3, 1), padding_mode=ZERO,
+                           latency=4, allow_tma=TMA).reshape((DVP, LS)),)
+        k = _cat4(ks, 0)
+        vT = _cat4(vs, 1)
+        key = (jv * LS + offs).reshape((CH * LS, 1))
+        ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((CH * LS, 1))
+        sT = ct.mma(k, qT, ct.full((CH * LS, GP), 0.0, dtype=np.float32))
+        vis = ok & selection_causal(p, key) & (key < T)
+        sT = ct.where(vis, sT * qk_scale2, -np.inf)
+        m_new = ct.maximum(m_i, ct.max(sT, axis=0, keepdims=True))
+        pT = ct.exp2(sT - m_new, flush_to_zero=True)
+        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+        l_i = l_i * alpha + ct.sum(pT, axis=0, keepdims=True)
+        accT = ct.mma(vT, pT.astype(Q.dtype), accT * alpha)
+        m_i = m_new
+    has = l_i > 0.0
+    out = ct.transpose(ct.where(has, accT / ct.where(has, l_i, 1.0), 0.0))
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW)
 
 
 def _rows_of(A, b, i, hk, G, GP, DVP):

@@ -46,6 +46,47 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
     return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
 
 
+TUNABLES = ("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
+
+
+def config_note() -> str:
+    """The in-house kernel configuration in effect (module flags of ``forward``)."""
+    from oracles.inhouse_cutile import forward as F
+    return " ".join(f"{n}={getattr(F, n)!r}".replace(" ", "") for n in TUNABLES)
+
+
+def tune(case: Case, xs: list, idx, run) -> None:
+    """Time a few configurations of each in-house kernel on this case and keep the fastest
+    (``forward`` module flags; every timing is a record of group "tuning"); prints ``TUNED ...``."""
+    from oracles.inhouse_cutile import forward as F
+    T, scale = case.seq_len, case.softmax_scale
+    kc, vc = F.mean_pool(xs[0].k, xs[0].v, 64, 64)
+
+    def best_of(flags: tuple, options: list, label: str, fns) -> None:
+        times = {}
+        for opt in options:
+            for name, val in zip(flags, opt):
+                setattr(F, name, val)
+            ms = run(case, f"tune {label} {opt}", "kernel", (), fns, group="tuning", note="tuning")
+            if ms is not None:
+                times[opt] = ms
+        win = min(times, key=times.get)
+        for name, val in zip(flags, win):
+            setattr(F, name, val)
+        print(f"TUNED {label}: {win} ({times[win]:.3f} ms of {len(times)} tried)", flush=True)
+
+    best_of(("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY"),
+            [(2, 2, (2, 4)), (2, 2, (1, 2)), (2, 2, (3, 3)), (2, 2, (4, 6)), (1, 2, (2, 4)), (1, 3, (2, 4)),
+             (1, 4, (2, 4)), (1, 4, (3, 5))],
+            "selection (CH, occupancy, latency)",
+            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs])
+    best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
+            [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
+                                       importance_fill=None) for x in xs])
+    best_of(("WINDOW_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "window tile",
+            [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="4096,16384,65536")
@@ -54,9 +95,19 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     ap.add_argument("--quick", action="store_true", help="default variants only")
     ap.add_argument("--skip", default="", help="comma list of: fla,tilelang,dense")
+    ap.add_argument("--tune", action="store_true", help="time kernel configurations first and keep the fastest")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a module flag of oracles.inhouse_cutile.forward (Python literal) before timing")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from oracles.inhouse_cutile import forward as F
+    import ast
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(F, name):
+            print(f"bench_paper: error: --set: no flag {name} in oracles.inhouse_cutile.forward", file=sys.stderr)
+            return 2
+        setattr(F, name, ast.literal_eval(value))
     ceil = hb.measure_ceilings()
     print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
     vers = hb.versions()
@@ -92,10 +143,14 @@ def main() -> int:
         idx32 = idx.to(torch.int32).contiguous()
         g_full, g_nw, g_sel, g_cmp, g_dense = "full fwd (cmp+topk+slc+swa+gates)", "fwd w/o window (cmp+topk+slc+gates)", \
             "selection on given idx (bf16)", "cmp+topk", "dense causal"
+        if args.tune:
+            tune(case, xs, idx, run)
+        cfg = config_note()
+        print(f"T={T} config: {cfg}", flush=True)
         run(case, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
-            group=g_full)
+            group=g_full, note=cfg)
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
-            group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
+            group=g_nw, cost=hb.cost_of(case_nw, ("o",)), note=cfg)
         # the previous path (separate gate pass, whole-row top-n, zero-filled importance), same run
         F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = False, "packed", False
         run(case, "inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)", "e2e", ("o",),
@@ -130,14 +185,10 @@ def main() -> int:
                 [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
                  for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
             if key_rows:
-                run(case, "inhouse_cutile.selection (keys on MMA rows, CH=2 occ=2)", "kernel", ("slc_o",),
+                run(case, "inhouse_cutile.selection (keys on MMA rows)", "kernel", ("slc_o",),
                     [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-                for ch, occ in ((4, 2), (2, None), (2, 1)):
-                    F.CHUNK_BLOCKS, F.SEL_OCCUPANCY = ch, occ
-                    run(case, f"inhouse_cutile.selection (keys on MMA rows, CH={ch} occ={occ})", "kernel", ("slc_o",),
-                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-                F.CHUNK_BLOCKS, F.SEL_OCCUPANCY = 2, 2
         F.SEL_KEY_ROWS = False
+        saved = (F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY)
         for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
                              (2, True, 2), (2, True, 3), (2, True, 4)):
             if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):
@@ -145,7 +196,7 @@ def main() -> int:
             F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = ch, tma, occ
             run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = 2, True, 2
+        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = saved
         if not args.quick:
             run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
@@ -172,6 +223,7 @@ def main() -> int:
         run(case, "inhouse_cutile.cmp+importance (uninitialised beyond started blocks)", "kernel", ("cmp_o", "cmp_lse"),
             [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                        importance_fill=None) for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+        topn_tile = F.TOPN_STREAM_TILE
         for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
                            ("stream", (16, 64)), ("packed", None), ("argmax", None)):
             if args.quick and kern == "argmax":
@@ -183,7 +235,7 @@ def main() -> int:
             run(case, f"inhouse_cutile.top_n ({label})", "kernel", ("topk_idx",),
                 [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
                 cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
-        F.TOPN_KERNEL, F.TOPN_STREAM_TILE = "stream", (16, 128)
+        F.TOPN_KERNEL, F.TOPN_STREAM_TILE = "stream", topn_tile
         run(case, "inhouse_cutile.gates", "kernel", ("o",),
             [lambda x=x: F.combine_gates(x.q, x.q, x.q, x) for x in xs], group="parts",
             cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))

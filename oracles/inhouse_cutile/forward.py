@@ -26,8 +26,9 @@ from cases.model import Case
 from cases.tensors import Inputs, canonical_order
 
 LOG2E = 1.0 / math.log(2.0)
-ROWS = 64          # rows (query x head) of a compression / window tile
-KEY_TILE = 64      # keys (or compressed blocks) per inner step
+ROWS = 64          # rows (query x head) of a tile of the union selection kernel
+CMP_TILE = (64, 64)     # (rows = queries x heads, compressed blocks per step) of the compression kernel
+WINDOW_TILE = (64, 64)  # (rows, keys per step) of the sliding-window kernel
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
 
 
@@ -79,11 +80,12 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     H, DV = k.shape[2], v.shape[-1]
     G = HQ // H
     GP = pow2(G)
-    TMQ = max(1, ROWS // GP)
+    rows, key_tile = CMP_TILE if is_cmp else WINDOW_TILE
+    TMQ = max(1, rows // GP)
     grid = (-(-TQ // TMQ), B * H, 1)
     _launch(K.dense_branch_kernel, grid,
             (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
-             G, GP, TMQ, KEY_TILE, pow2(D), pow2(DV), is_cmp, want_imp))
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
@@ -221,7 +223,7 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY)
     _launch(kern, (TQ, B * H, 1),
             (q, k, v, sel, o, cmp_o, swa_o if window else cmp_o, gc, gs, gw, out, scale * LOG2E, T - TQ, T, NP, CH, ls,
-             G, GP, pow2(D), pow2(DV), SEL_TMA, write_slc, gated is not None, window))
+             G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY, write_slc, gated is not None, window))
     if gated is None:
         return o
     return (o if write_slc else None), out
@@ -231,6 +233,7 @@ CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel
 SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
+SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
@@ -279,10 +282,12 @@ def top_n(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_bl
     return canonical_order(idx)
 
 
-def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: str) -> torch.Tensor:
+def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: str,
+                 canonical: bool = True) -> torch.Tensor:
     """``top_n`` as one cuTile kernel (``TOPN_KERNEL``; same rule and tie order), then the canonical
     ascending order (a sort of the small ``[B,TQ,H,n]`` result). ``imp`` needs to be defined only on
-    the candidate columns ``j*l' <= p`` of each row."""
+    the candidate columns ``j*l' <= p`` of each row. ``canonical=False``: the kernel's int32
+    ``[B,TQ,H,pow2(n)]`` in pick order, -1 padded (enough for the selection kernels; no sort)."""
     _, K = _ct()
     B, TQ, H, NS = imp.shape
     NOUT = pow2(n)
@@ -298,7 +303,7 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
         TR = max(1, min(64, 8192 // NSP))
         kern = K.topn_packed_kernel if TOPN_KERNEL == "packed" else K.topn_kernel
         _launch(kern, (-(-TQ // TR), B * H, 1), (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, NSP, forced))
-    return canonical_order(out[..., :n].long())
+    return canonical_order(out[..., :n].long()) if canonical else out
 
 
 def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], keep: set[str]
@@ -320,7 +325,8 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
             if TOPN_IMPL == "cutile":
-                out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks)
+                out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks,
+                                               canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "swa_o" in want and case.window > 0:

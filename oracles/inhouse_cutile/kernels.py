@@ -295,8 +295,8 @@ def _cat4(ts, axis):
 @ct.kernel
 def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool, WRITE_SLC: ConstBool,
-                           GATES: ConstBool, WINDOW: ConstBool):
+                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
+                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = padded width, -1 = none), their K/V tiles loaded by tile index and
@@ -324,9 +324,9 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
         for t in ct.static_iter(range(CH)):
             j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
             ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                           padding_mode=ZERO, latency=2, allow_tma=TMA).reshape((DP, LS)),)
+                           padding_mode=ZERO, latency=LAT_K, allow_tma=TMA).reshape((DP, LS)),)
             vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                           latency=4, allow_tma=TMA).reshape((LS, DVP)),)
+                           latency=LAT_V, allow_tma=TMA).reshape((LS, DVP)),)
         k = _cat4(ks, 1)
         v = _cat4(vs, 0)
         key = (jv * LS + offs).reshape((1, CH * LS))
@@ -362,8 +362,8 @@ def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP,
 @ct.kernel
 def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
                              NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                             DP: ConstInt, DVP: ConstInt, TMA: ConstBool, WRITE_SLC: ConstBool,
-                             GATES: ConstBool, WINDOW: ConstBool):
+                             DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
+                             WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool):
     """``selection_chunk_kernel`` with the keys on the rows of both MMAs and the G heads on the narrow
     side: ``S^T = K_sel Q^T`` ``[CH*LS, GP]``, ``O^T += V_sel^T P^T`` ``[DVP, GP]`` (Hopper's tensor-core
     MMA takes 64-row operands; with heads on the rows G = 16 would fill a quarter of each). The
@@ -387,9 +387,9 @@ def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scal
         for t in ct.static_iter(range(CH)):
             j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
             ks += (ct.load(K, index=(b, j, hk, 0), shape=(1, LS, 1, DP), padding_mode=ZERO,
-                           latency=2, allow_tma=TMA).reshape((LS, DP)),)
+                           latency=LAT_K, allow_tma=TMA).reshape((LS, DP)),)
             vs += (ct.load(V, index=(b, hk, 0, j), shape=(1, 1, DVP, LS), order=(0, 2, 3, 1), padding_mode=ZERO,
-                           latency=4, allow_tma=TMA).reshape((DVP, LS)),)
+                           latency=LAT_V, allow_tma=TMA).reshape((DVP, LS)),)
         k = _cat4(ks, 0)
         vT = _cat4(vs, 1)
         key = (jv * LS + offs).reshape((CH * LS, 1))

@@ -46,7 +46,8 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
     return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
 
 
-TUNABLES = ("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
+TUNABLES = ("OVERLAP_WINDOW", "DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
+            "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
 
 
 def config_note() -> str:
@@ -80,6 +81,12 @@ def tune(case: Case, xs: list, idx, run) -> None:
              (1, 4, (2, 4)), (1, 4, (3, 5))],
             "selection (CH, occupancy, latency)",
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs])
+    chunked = (F.CHUNK_BLOCKS, F.SEL_OCCUPANCY, F.SEL_LATENCY)
+    best_of(("DEFAULT_SELECTION", "UNION_ROWS", "UNION_OCCUPANCY"),
+            [("chunked", 64, 2), ("union", 64, None), ("union", 64, 1), ("union", 64, 2), ("union", 128, None),
+             ("union", 128, 1), ("union", 128, 2)],
+            f"selection kernel (chunked = {chunked}, or union of UNION_ROWS // 16 queries)",
+            [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
     best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
             [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                        importance_fill=None) for x in xs])
@@ -159,6 +166,10 @@ def main() -> int:
             [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
             cost=hb.cost_of(case_nw, ("o",)))
         F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = True, "stream", True
+        F.OVERLAP_WINDOW = False
+        run(case, "inhouse_cutile (window on the same stream)", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
+        F.OVERLAP_WINDOW = True
         # the other selection kernel (keys on the MMA rows) in the whole forward
         F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
         other = "keys-on-rows selection" if F.SEL_KEY_ROWS else "heads-on-rows selection"
@@ -197,9 +208,21 @@ def main() -> int:
             run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
         F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = saved
-        if not args.quick:
-            run(case, "inhouse_cutile.selection (union tiles)", "kernel", ("slc_o",),
+        saved = F.UNION_OCCUPANCY
+        for occ in (None, 1, 2, 3, 4):
+            F.UNION_OCCUPANCY = occ
+            run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        F.UNION_OCCUPANCY = saved
+        saved_sel = F.DEFAULT_SELECTION
+        F.DEFAULT_SELECTION = "chunked" if saved_sel == "union" else "union"
+        run(case, f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
+        run(case_nw, f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)", "e2e", ("o",),
+            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
+            cost=hb.cost_of(case_nw, ("o",)))
+        F.DEFAULT_SELECTION = saved_sel
+        if not args.quick:
             run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
                 [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
         uni, cnt = F.block_union(idx, 4)

@@ -65,11 +65,14 @@ def check_case(case_json: str) -> dict:
         ker = nsa_forward(case, x, block_indices=given, branches=("cmp_o", "cmp_lse", "slc_o", "swa_o"))
         oo = nsa_forward(case, x, block_indices=given, branches=("o",))          # gates in the selection epilogue
         eo = nsa_forward(case, x, branches=("o",))   # own top-n handed to the selection unsorted (no topk_idx)
+        configured = fwd.DEFAULT_SELECTION
         fwd.DEFAULT_SELECTION = "per_query"
         pq = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))  # separate gate kernel
         fwd.DEFAULT_SELECTION = "union"
-        un = nsa_forward(case, x, block_indices=given, branches=("slc_o",))
+        un = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))   # union tiles, gated epilogue
         fwd.DEFAULT_SELECTION = "chunked"
+        ch = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))   # chunked, gated epilogue
+        fwd.DEFAULT_SELECTION = configured
         # the cuTile top-n kernels against the torch implementation of the same rule, same importance;
         # with l = d = l' the kernels read an importance buffer whose unwritten part holds 3e38
         # (the production path leaves it uninitialised): a read outside the candidates would show
@@ -94,7 +97,8 @@ def check_case(case_json: str) -> dict:
         torch.cuda.synchronize()
         rec["first_call_s"] = round(time.time() - t0, 2)
         for label, out, ref in (("e2e", e2e, base), ("e2e_o_only", eo, base), ("kernel", ker, base_k),
-                                ("o_only", oo, base_k), ("per_query", pq, base_k), ("union", un, base_k)):
+                                ("o_only", oo, base_k), ("per_query", pq, base_k), ("union", un, base_k),
+                                ("chunked", ch, base_k)):
             for name, got in out.items():
                 if name == "topk_idx":
                     t, g = truth["topk_idx"], got

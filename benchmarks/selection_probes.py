@@ -4,8 +4,9 @@ Both do exactly the K/V loads of ``oracles.inhouse_cutile.kernels.selection_chun
 indices, CH blocks per step, TMA, occupancy hint) and write a ``[B,TQ,HQ,DV]`` output, but less
 arithmetic:
 
-* ``gather``: one row of each loaded V tile and one column of each K tile are added up (no MMA, no
-  softmax; the loads stay whole TMA tiles) -- the time of the data-dependent gather alone;
+* ``gather``: every loaded element goes into an elementwise running maximum (no MMA, no softmax,
+  no reduction inside the loop; a probe that touched only part of the tiles was compiled into
+  narrowed plain loads, so every element is used) -- the time of the data-dependent gather;
 * ``mma``: both MMAs ``s = q k^T`` and ``acc += s v`` on the loaded tiles, no masking or softmax.
 
 selection time - ``mma`` = masking + online softmax; ``mma`` - ``gather`` = the tensor-core work the
@@ -37,6 +38,7 @@ def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: Cons
     Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    seen = ct.full((CH * LS, DVP), 0.0, dtype=Q.dtype)
     for c in range(NP // CH):
         jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
         ks = ()
@@ -52,15 +54,17 @@ def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: Cons
         if WITH_MMA:
             s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
             acc = ct.mma(s.astype(Q.dtype), v, acc)
-        else:   # touch one row of v and one column of k: the loads stay whole tiles, the arithmetic is nil
-            acc = acc + v.extract((0, 0), (1, DVP)).astype(np.float32) \
-                + k.extract((0, 0), (DP, 1)).reshape((1, DP)).astype(np.float32)
+        else:   # elementwise running max of every loaded element (no reduction, no MMA, no softmax)
+            seen = ct.maximum(seen, ct.maximum(v, ct.transpose(k)))
+    if not WITH_MMA:
+        acc = acc + ct.sum(seen.astype(np.float32), axis=0, keepdims=True)
     ct.store(Ov, index=(b, i, hidx, 0), tile=acc.reshape((1, 1, GP, DVP)).astype(O.dtype))
 
 
 def run_probe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int, with_mma: bool,
               ch: int = 2, occupancy: int | None = 2) -> torch.Tensor:
-    """Launch the probe with the chunked selection kernel's grid and tiles (``ls`` a power of two, D = DV)."""
+    """Launch the probe with the chunked selection kernel's grid and tiles (``ls`` a power of two,
+    D = DV, ``ch*ls`` = D for the gather probe's elementwise K/V maximum)."""
     B, TQ, HQ, D = q.shape
     H = k.shape[2]
     G = HQ // H

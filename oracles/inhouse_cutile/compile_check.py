@@ -36,10 +36,14 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
     i32_3 = _arr(ct, ct.int32, 3)
-    for G, GP, TQB, LSP, DP, al in [(16, 16, 4, 64, 128, True), (3, 4, 16, 32, 64, False)]:
-        out.append((f"selection_union G{G}/{GP} TQB{TQB} LS{LSP} D{DP} aligned={al}", K.selection_union_kernel,
-                    [a4, a4, a4, i32_4, i32_4, i32_3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP, al]))
     a3 = _arr(ct, dt, 3)
+    for G, GP, TQB, LSP, DP, al, gates, win in [(16, 16, 4, 64, 128, True, True, False), (16, 16, 8, 64, 128, True, True, False),
+                                                (3, 4, 16, 32, 64, False, False, False),
+                                                (3, 4, 16, 32, 64, False, True, True)]:
+        out.append((f"selection_union G{G}/{GP} TQB{TQB} LS{LSP} D{DP} aligned={al} gates={gates} window={win}",
+                    K.selection_union_kernel,
+                    [a4, a4, a4, i32_4, i32_4, i32_3, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP,
+                     al, not gates, gates, win]))
     for G, GP, CH, NP, LS, DP, slc, gates, win in [(16, 16, 4, 16, 64, 128, True, False, False),
                                                    (16, 16, 2, 16, 64, 128, False, True, False),
                                                    (3, 16, 2, 4, 32, 64, True, True, True),

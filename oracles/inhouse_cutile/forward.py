@@ -26,7 +26,6 @@ from cases.model import Case
 from cases.tensors import Inputs, canonical_order
 
 LOG2E = 1.0 / math.log(2.0)
-ROWS = 64          # rows (query x head) of a tile of the union selection kernel
 CMP_TILE = (64, 64)     # (rows = queries x heads, compressed blocks per step) of the compression kernel
 WINDOW_TILE = (64, 64)  # (rows, keys per step) of the sliding-window kernel
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
@@ -158,16 +157,38 @@ def block_union(idx: torch.Tensor, tqb: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.where(x == big, torch.full_like(x, -1), x).to(torch.int32).contiguous(), count.contiguous()
 
 
+def _gate_args(q: torch.Tensor, shape: tuple, gated: Optional[tuple], want_slc: bool):
+    """Output buffers and epilogue arguments of a gating selection kernel: ``(slc buffer, cmp_o,
+    swa_o, g_cmp, g_slc, g_swa, o buffer, write_slc, gates, window)`` (unused slots get small dummies)."""
+    write_slc = gated is None or want_slc
+    slc = torch.empty(shape if write_slc else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
+    if gated is None:
+        g = q.new_empty((1, 1, 1))
+        return slc, slc, slc, g, g, g, slc, True, False, False
+    cmp_o, swa_o, gc, gs, gw = gated
+    o = torch.empty(shape, device=q.device, dtype=q.dtype)
+    gc, gs, gw = (t.contiguous() for t in (gc, gs, gw))
+    window = swa_o is not None
+    return slc, cmp_o, swa_o if window else cmp_o, gc, gs, gw, o, write_slc, True, window
+
+
+def _gate_result(args: tuple, gated: Optional[tuple]):
+    """What a selection function returns: ``slc_o``, or ``(slc_o or None, o)`` when gating."""
+    slc, o, write_slc = args[0], args[6], args[7]
+    return slc if gated is None else ((slc if write_slc else None), o)
+
+
 def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
-                    scale: float) -> torch.Tensor:
+                    scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` computed per tile of consecutive queries over the union of their blocks (each
-    block loaded once per tile, 64-row MMA tiles); same result."""
+    block loaded once per tile, 64-row MMA tiles); same result. ``gated``/``want_slc`` as in
+    ``selection_chunked``."""
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     GP = pow2(G)
-    TQB = max(1, ROWS // GP)
+    TQB = max(1, UNION_ROWS // GP)
     n = idx.shape[-1]
     NP = pow2(n)
     sel = idx.to(device=q.device, dtype=torch.int32)
@@ -176,11 +197,11 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     sel = sel.contiguous()
     uni, count = block_union(idx.to(q.device), TQB)
     LSP = pow2(ls)
-    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
-    _launch(K.selection_union_kernel, (-(-TQ // TQB), B * H, 1),
-            (q, k, v, sel, uni, count, o, scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
-             LSP == ls))
-    return o
+    ga = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
+    _launch(_hinted(K.selection_union_kernel, UNION_OCCUPANCY), (-(-TQ // TQB), B * H, 1),
+            (q, k, v, sel, uni, count, *ga[:7], scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
+             LSP == ls, *ga[7:]))
+    return _gate_result(ga, gated)
 
 
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
@@ -210,23 +231,12 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     if NP != n:
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
-    write_slc = gated is None or want_slc
-    o = torch.empty((B, TQ, HQ, DV) if write_slc else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
-    if gated is None:
-        cmp_o = swa_o = out = o
-        gc = gs = gw = q.new_empty((1, 1, 1))
-    else:
-        cmp_o, swa_o, gc, gs, gw = gated
-        out = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
-        gc, gs, gw = (g.contiguous() for g in (gc, gs, gw))
-    window = gated is not None and swa_o is not None
+    ga = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY)
     _launch(kern, (TQ, B * H, 1),
-            (q, k, v, sel, o, cmp_o, swa_o if window else cmp_o, gc, gs, gw, out, scale * LOG2E, T - TQ, T, NP, CH, ls,
-             G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY, write_slc, gated is not None, window))
-    if gated is None:
-        return o
-    return (o if write_slc else None), out
+            (q, k, v, sel, *ga[:7], scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
+             *SEL_LATENCY, *ga[7:]))
+    return _gate_result(ga, gated)
 
 
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
@@ -234,6 +244,9 @@ SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
 SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
+UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
+OVERLAP_WINDOW = True  # run the window kernel on a second stream, beside pooling, compression and top-n
+UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
@@ -306,16 +319,37 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
     return canonical_order(out[..., :n].long()) if canonical else out
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One extra CUDA stream per device (the window branch runs on it, ``OVERLAP_WINDOW``)."""
+    key = str(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
 def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], keep: set[str]
               ) -> dict[str, torch.Tensor]:
     """The branches ``want`` for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``, gates
     ``(g_cmp, g_slc, g_swa)`` ``[B,TQs,HQ]``; ``keep``: the ones the caller returns). ``o`` comes
-    from the selection epilogue when it can gate (``FUSE_GATES``, chunked selection), else the
+    from the selection epilogue when it can gate (``FUSE_GATES``, chunked or union selection), else the
     caller combines."""
     l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
+    side = main = None
+    if "swa_o" in want and case.window > 0:
+        if OVERLAP_WINDOW:
+            main = torch.cuda.current_stream(q.device)
+            side = _side_stream(q.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
+        else:
+            out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
         identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
@@ -329,13 +363,14 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
-    if "swa_o" in want and case.window > 0:
-        out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
+    if side is not None:      # the window branch ran beside pooling, compression and top-n
+        main.wait_stream(side)
+        out["swa_o"].record_stream(main)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
-        if "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked":
-            slc, out["o"] = selection_chunked(q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
-                                              gated=(out["cmp_o"], out.get("swa_o"), *gates))
+        if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
+            slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
+                                                              gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:
                 out["slc_o"] = slc
         else:

@@ -224,13 +224,15 @@ def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: Co
 
 
 @ct.kernel
-def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, qk_scale2: float, q_off: int, T: int, LS: int,
-                           NP: ConstInt, TQB: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt, ALIGNED: ConstBool):
+def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int,
+                           T: int, LS: int, NP: ConstInt, TQB: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt,
+                           DP: ConstInt, DVP: ConstInt, ALIGNED: ConstBool, WRITE_SLC: ConstBool,
+                           GATES: ConstBool, WINDOW: ConstBool):
     """Selection attention for TQB consecutive queries x G heads of kv head ``bid(1) % H`` (rows
     ``TQB*GP``): loops over the union ``UNI[b,qt,h,:NU]`` of the blocks the TQB queries selected, so a
     block chosen by several neighbours is loaded once; row r uses block j iff its query lists j in
-    ``SEL[b,i,h,:]`` (``[B,TQ,H,NP]``, -1 padded) and the key satisfies ``selection_causal``."""
+    ``SEL[b,i,h,:]`` (``[B,TQ,H,NP]``, -1 padded) and the key satisfies ``selection_causal``.
+    Epilogue as ``selection_chunk_kernel`` (slc_o and/or the gated output)."""
     qt = ct.bid(0)
     bh = ct.bid(1)
     H = K.shape[2]
@@ -241,7 +243,6 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, qk_scale2: float, q_off: in
     rows = ct.arange(M, dtype=np.int32)
     pos = (p0 + rows // GP)[:, None]
     Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
     sel = ct.load(SEL, index=(b, qt, hk, 0), shape=(1, TQB, 1, NP)).reshape((TQB, NP))
     nu = ct.load(NU, index=(b, qt, hk), shape=())
@@ -279,7 +280,7 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, qk_scale2: float, q_off: in
         m_i = m_new
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
-    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TQB, GP, DVP)).astype(O.dtype))
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
 
 
 def _cat4(ts, axis):
@@ -342,21 +343,36 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
         m_i = m_new
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW)
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
 
 
-def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW):
-    """Store ``slc_o`` = ``out`` ``[GP, DVP]`` fp32 of query ``i`` (``WRITE_SLC``) and/or the gated
-    ``OUT = GC*CMP + GS*out (+ GW*SWA)`` computed from the unrounded ``out`` (``GATES``)."""
+def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):
+    """Store ``slc_o`` = ``out`` ``[NQ*GP, DVP]`` fp32 (rows ``(query, head)``) of query tile ``qt``
+    (``WRITE_SLC``) and/or the gated ``OUT = GC*CMP + GS*out (+ GW*SWA)`` computed from the unrounded
+    ``out`` (``GATES``)."""
     if WRITE_SLC:
         Ov, hidx = _group_view(O, hk, G, GP)
-        ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
+        ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, NQ, GP, DVP)).astype(O.dtype))
     if GATES:
-        o = out * _gate_of(GS, b, i, hk, G, GP) + _gate_of(GC, b, i, hk, G, GP) * _rows_of(CMP, b, i, hk, G, GP, DVP)
+        o = out * _gate_of(GS, b, qt, hk, G, GP, NQ) \
+            + _gate_of(GC, b, qt, hk, G, GP, NQ) * _rows_of(CMP, b, qt, hk, G, GP, NQ, DVP)
         if WINDOW:
-            o = o + _gate_of(GW, b, i, hk, G, GP) * _rows_of(SWA, b, i, hk, G, GP, DVP)
+            o = o + _gate_of(GW, b, qt, hk, G, GP, NQ) * _rows_of(SWA, b, qt, hk, G, GP, NQ, DVP)
         OUTv, hidx = _group_view(OUT, hk, G, GP)
-        ct.store(OUTv, index=(b, i, hidx, 0), tile=o.reshape((1, 1, GP, DVP)).astype(OUT.dtype))
+        ct.store(OUTv, index=(b, qt, hidx, 0), tile=o.reshape((1, NQ, GP, DVP)).astype(OUT.dtype))
+
+
+def _rows_of(A, b, qt, hk, G, GP, NQ, DVP):
+    """``A[b, NQ queries of tile qt, heads of kv head hk, :]`` as fp32 ``[NQ*GP, DVP]`` (zeros on padding)."""
+    Av, hidx = _group_view(A, hk, G, GP)
+    return ct.load(Av, index=(b, qt, hidx, 0), shape=(1, NQ, GP, DVP),
+                   padding_mode=ZERO).reshape((NQ * GP, DVP)).astype(np.float32)
+
+
+def _gate_of(A, b, qt, hk, G, GP, NQ):
+    """Gates ``A[b, NQ queries of tile qt, heads of kv head hk]`` as fp32 ``[NQ*GP, 1]``."""
+    Av, hidx = _group_view(A, hk, G, GP)
+    return ct.load(Av, index=(b, qt, hidx), shape=(1, NQ, GP), padding_mode=ZERO).reshape((NQ * GP, 1)).astype(np.float32)
 
 
 @ct.kernel
@@ -405,19 +421,7 @@ def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scal
         m_i = m_new
     has = l_i > 0.0
     out = ct.transpose(ct.where(has, accT / ct.where(has, l_i, 1.0), 0.0))
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-def _rows_of(A, b, i, hk, G, GP, DVP):
-    """``A[b, i, heads of kv head hk, :]`` as fp32 ``[GP, DVP]`` (zeros on padded heads)."""
-    Av, hidx = _group_view(A, hk, G, GP)
-    return ct.load(Av, index=(b, i, hidx, 0), shape=(1, 1, GP, DVP), padding_mode=ZERO).reshape((GP, DVP)).astype(np.float32)
-
-
-def _gate_of(A, b, i, hk, G, GP):
-    """Gate ``A[b, i, heads of kv head hk]`` as fp32 ``[GP, 1]``."""
-    Av, hidx = _group_view(A, hk, G, GP)
-    return ct.load(Av, index=(b, i, hidx), shape=(1, 1, GP), padding_mode=ZERO).reshape((GP, 1)).astype(np.float32)
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
 
 
 FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_kernel

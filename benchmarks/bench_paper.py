@@ -169,10 +169,10 @@ def main() -> int:
             [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
             cost=hb.cost_of(case_nw, ("o",)))
         F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = True, "stream", True
-        F.OVERLAP_WINDOW = False
-        run(case, "inhouse_cutile (window on the same stream)", "e2e", ("o",),
+        F.OVERLAP_WINDOW = not F.OVERLAP_WINDOW
+        run(case, f"inhouse_cutile (window on {'a side' if F.OVERLAP_WINDOW else 'the same'} stream)", "e2e", ("o",),
             [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        F.OVERLAP_WINDOW = True
+        F.OVERLAP_WINDOW = not F.OVERLAP_WINDOW
         # the other selection kernel (keys on the MMA rows) in the whole forward
         F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
         other = "keys-on-rows selection" if F.SEL_KEY_ROWS else "heads-on-rows selection"

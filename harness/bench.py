@@ -217,9 +217,10 @@ def versions() -> dict:
 # ------------------------------------------------------------------------------------ command
 def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup: int, log=print,
                   on_record: Optional[Callable[[list[BenchRecord]], None]] = None) -> list[BenchRecord]:
-    """Time ``oracle.run`` for every supported (case, oracle) on CUDA; ``on_record(records so far)``
+    """Time ``oracle.run`` (forward branches: inside ``forward_only()``) for every supported (case,
+    oracle) on CUDA; ``on_record(records so far)``
     after each timing (the CLI rewrites DIR/bench.jsonl, so a run cut off by a time limit keeps them)."""
-    from oracles.base import get_oracle
+    from oracles.base import GRAD_BRANCHES, forward_only, get_oracle
     from oracles.reference import nsa_reference
     ceil = measure_ceilings()
     log(f"ceilings on {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s")
@@ -240,10 +241,11 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
                     given = (inputs.block_indices if case.block_indices == "random"
                              else nsa_reference(case, inputs, dtype=None)["topk_idx"])
                 bi = given
-            branches = tuple(b for b in o.branches if b != "swa_o" or case.window > 0)
+            branches = tuple(b for b in o.branches if (b != "swa_o" or case.window > 0) and b not in GRAD_BRANCHES)
             fns = [lambda x=x, o=o, bi=bi: o.run(case, x, "cuda", block_indices=bi) for x in copies]
             try:
-                ms = time_fn(fns[0], reps=reps, warmup=warmup, rotate=fns)
+                with forward_only():      # oracles that also compute gradients time their forward only
+                    ms = time_fn(fns[0], reps=reps, warmup=warmup, rotate=fns)
             except Exception as e:  # noqa: BLE001  (a failing oracle is reported, not fatal)
                 log(f"FAIL {case.id} {o.name}: {type(e).__name__}: {str(e)[:200]}")
                 continue

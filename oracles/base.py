@@ -16,6 +16,8 @@ Third parties add oracles from a Python file (``--plugin path.py``) or the entry
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import sys
 from pathlib import Path
@@ -30,6 +32,27 @@ LAYERS = ("reference", "kernel", "e2e")
 FORWARD_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
 GRAD_BRANCHES = ("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa")
 ALL_BRANCHES = FORWARD_BRANCHES + GRAD_BRANCHES
+
+
+_FORWARD_ONLY: "contextvars.ContextVar[bool]" = contextvars.ContextVar("nsaconf_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Inside this block oracles compute their forward branches only (``gradients_wanted`` is False);
+    ``nsaconf bench`` times forward passes this way."""
+    token = _FORWARD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY.reset(token)
+
+
+def gradients_wanted(case: Case) -> bool:
+    """Whether an oracle declaring gradient branches computes them for ``case``: the engine has a
+    gradient truth for it (``grad_truth_skip_reason``) and no ``forward_only()`` block is active."""
+    from oracles.reference import grad_truth_skip_reason
+    return not _FORWARD_ONLY.get() and grad_truth_skip_reason(case) is None
 
 
 class OracleError(Exception):

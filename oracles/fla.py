@@ -251,10 +251,11 @@ class FlaNaive(Oracle):
 
 
 def _grads_wanted(case: Case) -> bool:
-    """Gradients are computed where the engine has a gradient truth (``grad_truth_skip_reason``)."""
-    from oracles.reference import grad_truth_skip_reason
+    """Gradients are computed where the engine has a gradient truth (``grad_truth_skip_reason``),
+    outside ``forward_only()`` (``nsaconf bench``)."""
+    from oracles.base import gradients_wanted
 
-    return grad_truth_skip_reason(case) is None
+    return gradients_wanted(case)
 
 
 def _swa(case: Case, inputs: Inputs) -> torch.Tensor:

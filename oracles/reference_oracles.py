@@ -7,9 +7,9 @@ import torch
 
 from cases.model import Case
 from cases.tensors import Inputs
-from oracles.base import GRAD_BRANCHES, Oracle, register_oracle
+from oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
 from oracles.dense import nsa_dense
-from oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads
+from oracles.reference import nsa_reference, nsa_reference_grads
 
 REFERENCE_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
 
@@ -26,7 +26,7 @@ class ReferenceOracle(Oracle):
     description = "in-house chunked PyTorch reference (+ autograd gradients), computed in the case dtype"
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
-        if grad_truth_skip_reason(case) is None:
+        if gradients_wanted(case):
             return nsa_reference_grads(case, inputs, dtype=None, return_forward=True)
         return nsa_reference(case, inputs, dtype=None)
 

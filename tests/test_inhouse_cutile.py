@@ -89,12 +89,32 @@ def test_performance_section_renders():
     assert "c&lt;1&gt;" in html and "2.00&times;" in html and "75.0 %" in html and "<b>2.000</b>" in html
 
 
+def _tileiras() -> bool:
+    """tileiras 13.4 on PATH or from the ``nvidia-cuda-tileiras`` wheel (where cuda.tile finds it)."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("nvidia")
+    wheel = any(os.path.exists(os.path.join(p, "cu13", "bin", "tileiras")) for p in (spec.submodule_search_locations or [])) \
+        if spec else False
+    return shutil.which("tileiras") is not None or wheel
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("tileiras") is None, reason="needs tileiras 13.4 on PATH to compile sm_90 cubins on the CPU")
-def test_kernels_compile_for_sm90():
+@pytest.mark.skipif(not _tileiras(), reason="needs tileiras 13.4 (PATH or nvidia-cuda-tileiras) to compile sm_90 cubins on the CPU")
+def test_kernels_compile_for_sm90(capsys):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile.compile_check import main
     assert main([]) == 0
+    # with run-time alignment: TMA loads; heads-on-rows selection = mma.sync m16n8k16 (16-row tiles are
+    # below wgmma's 64), keys-on-rows = wgmma m64n16k16; both fit two CTAs per SM (<= 114 KB smem)
+    capsys.readouterr()
+    assert main(["bfloat16", "CH2 NP16 LS64 D128 slc=False", "--stats"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stats = [dict(kv.split("=", 1) for kv in line.split()) for line in lines if line.startswith("     ")]
+    assert len(stats) == 2
+    assert stats[0]["mma_shapes"] == "m16n8k16" and int(stats[0]["tma"]) > 0 and stats[0]["wgmma"] == "0"
+    assert stats[1]["mma_shapes"] == "m64n16k16" and int(stats[1]["tma"]) > 0
+    assert all(int(s["smem_bytes"]) <= 114 * 1024 for s in stats)
 
 
 GPU_CASES = [

@@ -1,22 +1,54 @@
 """Ahead-of-time compile of every in-house kernel variant to an sm_90 cubin, without a GPU.
 
-``python -m oracles.inhouse_cutile.compile_check`` needs ``cuda-tile`` and tileiras/ptxas 13.4 on PATH
-(``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.92 nvidia-cuda-nvcc==13.4.92
-nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any device time is spent.
+``python -m oracles.inhouse_cutile.compile_check [dtype] [label filter] [--stats]`` needs ``cuda-tile``
+and tileiras/ptxas 13.4 (``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.92
+nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any
+device time is spent. ``--stats`` compiles with the alignment the runtime sees for contiguous
+tensors (strides divisible by 8 elements; without it cuTile falls back to plain 16-bit loads, no
+TMA) and prints, from the PTX embedded in each cubin, the static shared memory per CTA and the
+counts of ``wgmma`` / ``mma.sync`` / ``ldmatrix`` / TMA (``cp.async.bulk.tensor``) instructions.
 """
 from __future__ import annotations
 
 import io
+import re
+import struct
 import sys
 import time
 from typing import Any
+
+ALIGNED = False   # --stats: strides divisible by 8 elements, as contiguous tensors are at run time
 
 
 def _arr(ct, dtype, ndim: int):
     from cuda.tile.compilation import ArrayConstraint
     return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
                            may_alias_internally=False, stride_constant=[None] * (ndim - 1) + [1],
+                           stride_divisible_by=([8] * (ndim - 1) + [1]) if ALIGNED else 1,
                            base_addr_divisible_by=16)
+
+
+def cubin_stats(cubin: bytes) -> dict:
+    """Static shared memory per CTA and instruction counts from the PTX that cuTile embeds in a cubin
+    (ELF section ``.nv_debug_ptx_txt``)."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = secs[shstrndx][4]
+    out = {"smem_bytes": 0, "ptx": ""}
+    for sec in secs:
+        name = cubin[names + sec[0]:cubin.index(b"\0", names + sec[0])].decode()
+        if name.startswith(".nv.shared.") and "reserved" not in name:
+            out["smem_bytes"] += sec[5]
+        elif name == ".nv_debug_ptx_txt":
+            out["ptx"] = cubin[sec[4]:sec[4] + sec[5]].decode(errors="replace")
+    ptx = out.pop("ptx")
+    for key, pat in (("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"), ("ldmatrix", r"ldmatrix"),
+                     ("tma", r"cp\.async\.bulk\.tensor"), ("ld.global", r"ld\.global")):
+        out[key] = len(re.findall(pat, ptx))
+    shapes = sorted(set(re.findall(r"(?:wgmma\.mma_async\.sync|mma\.sync)\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    out["mma_shapes"] = ",".join(shapes)
+    return out
 
 
 def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
@@ -69,9 +101,23 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     return out
 
 
+def _runtime_occupancy(label: str):
+    """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
+    from oracles.inhouse_cutile import forward as F
+    if label.startswith(("selection_chunk", "selection_keyrows")):
+        return F.SEL_OCCUPANCY
+    if label.startswith("selection_union"):
+        return F.UNION_OCCUPANCY
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``argv``: [dtype (default bfloat16), substring filter of the variant labels]."""
-    argv = sys.argv[1:] if argv is None else argv
+    """``argv``: [dtype (default bfloat16), substring filter of the variant labels] [--stats]."""
+    global ALIGNED
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stats = "--stats" in argv
+    argv = [a for a in argv if a != "--stats"]
+    ALIGNED = stats
     import cuda.tile as ct  # noqa: F401
     from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
     cc = CallingConvention.cutile_python_v1()
@@ -83,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         try:
             sig = KernelSignature(params, cc).with_mangled_symbol(kern._annotated_function.pyfunc.__name__)
+            occ = _runtime_occupancy(label)
+            if stats and occ is not None:      # the hint the forward launches these kernels with
+                kern = kern.replace_hints(occupancy=occ)
+                label += f" occupancy={occ}"
             buf = io.BytesIO()
             export_kernel(kern, [sig], buf, gpu_code="sm_90", output_format="cubin")
             print(f"ok   {label}: {len(buf.getvalue())} B cubin in {time.time() - t:.1f}s")
+            if stats:
+                print("     " + " ".join(f"{k}={v}" for k, v in cubin_stats(buf.getvalue()).items()))
         except Exception as e:  # report every variant
             bad += 1
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[:3000]}")

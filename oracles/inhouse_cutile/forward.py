@@ -245,7 +245,8 @@ SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
 SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
-OVERLAP_WINDOW = True  # run the window kernel on a second stream, beside pooling, compression and top-n
+OVERLAP_WINDOW = False  # window kernel on a second stream beside pooling/compression/top-n (measured on the
+#                          H100: no gain at 64k, slower at 4k and 16k; kept as an option)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per

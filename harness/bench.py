@@ -259,6 +259,21 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
     return records
 
 
+def default_bench_oracles() -> tuple[list[str], list[tuple[str, str]]]:
+    """The oracles ``nsaconf bench`` times without ``--oracles``: every registered CUDA oracle except
+    those declaring ``not_timed_by_default``; returns (names, [(left-out name, reason)])."""
+    from oracles.base import registry
+    names, left_out = [], []
+    for name, cls in sorted(registry().items()):
+        if "cuda" not in cls.devices:
+            continue
+        if cls.not_timed_by_default:
+            left_out.append((name, cls.not_timed_by_default))
+        else:
+            names.append(name)
+    return names, left_out
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("nsaconf: error: bench needs a CUDA device", file=sys.stderr)
@@ -277,8 +292,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not cases:
         print("nsaconf: error: no cases (give --case FILE or --profile NAME)", file=sys.stderr)
         return 2
-    from oracles.base import OracleError, registry
-    names = args.oracles.split(",") if args.oracles else [n for n, c in sorted(registry().items()) if "cuda" in c.devices]
+    from oracles.base import OracleError
+    if args.oracles:
+        names = args.oracles.split(",")
+    else:
+        names, left_out = default_bench_oracles()
+        for name, why in left_out:
+            print(f"nsaconf bench: not timed by default: {name} ({why}); name it in --oracles to time it")
     try:
         records = bench_oracles(cases, names, args.reps, args.warmup, on_record=lambda rs: write_records(Path(args.out), rs))
     except OracleError as e:

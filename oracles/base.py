@@ -71,7 +71,8 @@ class Oracle:
       ``fixed_conventions``: for an implementation that computes one convention whatever the case says,
       the conventions it claims, e.g. ``{"cmp_mask": "end_inclusive", "window_keys": "w"}`` (None: it
       follows the case's ``cmp_mask``/``window_keys``). The receptive-field probe (``nsaconf masks``)
-      probes it with these first and classifies from behaviour only.
+      probes it with these first and classifies from behaviour only; ``not_timed_by_default``: why
+      ``nsaconf bench`` leaves the oracle out unless ``--oracles`` names it (None: timed).
 
     Methods to override: ``run`` (required), ``supports`` (shape limits), ``availability``
     (missing package / checkout, with what to install or configure).
@@ -85,6 +86,7 @@ class Oracle:
     needs_block_indices: ClassVar[bool] = False
     description: ClassVar[str] = ""
     fixed_conventions: ClassVar[Optional[dict[str, str]]] = None
+    not_timed_by_default: ClassVar[Optional[str]] = None
 
     def availability(self) -> Optional[str]:
         """None when usable here, else why not and exactly how to enable it."""

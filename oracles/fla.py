@@ -180,6 +180,7 @@ class FlaNaive(Oracle):
     description = f"FLA fla-core {FLA_VERSION} naive_nsa (pure torch; CPU via stubbed Triton helpers), w via flash-attn shim"
     #: max of B * T * HQ * n * l' * (D + DV) (Python-loop work) -- about 4 s for a whole run on one CPU thread
     max_work = 2 ** 26
+    not_timed_by_default = "loops over queries in Python (10-66 s per call on the GPU cases measured)"
 
     def availability(self) -> Optional[str]:
         if _fla_root() is None:

@@ -123,6 +123,7 @@ class TilelangRef(Oracle):
     needs_block_indices = True
     description = "TileLang examples/deepseek_nsa reference.py naive_nsa (selection + window, given indices; needs checkout)"
     max_work = 2 ** 26
+    not_timed_by_default = "loops over queries in Python (10-66 s per call on the GPU cases measured)"
 
     def availability(self) -> Optional[str]:
         why = _checkout_availability()

@@ -1,4 +1,5 @@
-"""``nsaconf bench`` times forward passes: ``forward_only()`` switches oracle gradients off (CPU)."""
+"""``nsaconf bench`` times forward passes (``forward_only()`` switches oracle gradients off) of the
+CUDA oracles it times by default (CPU tests)."""
 from __future__ import annotations
 
 import harness.bench as hb
@@ -39,3 +40,12 @@ def test_bench_times_forward_branches_inside_forward_only(monkeypatch):
     assert seen == [False]
     assert len(recs) == 1 and recs[0].ms == 1.25
     assert not set(recs[0].branches) & set(GRAD_BRANCHES) and "o" in recs[0].branches
+
+
+def test_default_bench_oracles_leave_out_the_python_loop_oracles_with_a_reason():
+    names, left_out = hb.default_bench_oracles()
+    out = dict(left_out)
+    assert {"fla_naive", "tilelang_ref"} <= set(out) and all(out.values())
+    assert not set(names) & set(out)
+    assert {"reference", "inhouse_cutile", "fla_parallel"} <= set(names)
+    assert "dense" not in names and "dense" not in out        # CPU-only oracles are not bench candidates

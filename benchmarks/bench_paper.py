@@ -46,8 +46,8 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
     return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
 
 
-TUNABLES = ("OVERLAP_WINDOW", "DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS",
-            "UNION_OCCUPANCY", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE", "TOPN_PREFILTER")
+TUNABLES = ("OVERLAP_WINDOW", "DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
+            "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
 
 
 def config_note() -> str:
@@ -86,12 +86,6 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False) -> None:
             [("chunked", 64, 2), ("union", 64, None), ("union", 64, 2), ("union", 128, None), ("union", 128, 2)],
             f"selection kernel (chunked = {chunked}, or union of UNION_ROWS // 16 queries)",
             [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
-    imp = F.compression(xs[0].q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
-                        importance_fill=None)[2]
-    best_of(("TOPN_KERNEL", "TOPN_STREAM_TILE", "TOPN_PREFILTER"),
-            [("stream", (16, 128), False), ("stream", (16, 128), True), ("stream", (32, 128), True)],
-            "top-n (kernel, tile, prefilter)", [lambda: F.top_n_cutile(imp, 0, 16, 64, "initial_local", canonical=False)])
-    del imp
     if not tiles:
         return
     best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
@@ -256,21 +250,18 @@ def main() -> int:
             [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                        importance_fill=None) for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
         topn_tile = F.TOPN_STREAM_TILE
-        topn_pre = F.TOPN_PREFILTER
-        for kern, tile, pre in (("stream", (16, 128), False), ("stream", (16, 128), True), ("stream", (32, 128), True),
-                                ("stream", (8, 128), False), ("stream", (32, 128), False), ("stream", (16, 256), False),
-                                ("stream", (16, 64), False), ("packed", None, False), ("argmax", None, False)):
+        for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
+                           ("stream", (16, 64)), ("packed", None), ("argmax", None)):
             if args.quick and kern == "argmax":
                 continue
-            F.TOPN_KERNEL, F.TOPN_PREFILTER = kern, pre
+            F.TOPN_KERNEL = kern
             if tile:
                 F.TOPN_STREAM_TILE = tile
-            label = (f"streaming, causal chunks, TR={tile[0]} CW={tile[1]}{', prefilter' if pre else ''}" if tile
-                     else f"{kern}, whole row")
+            label = f"streaming, causal chunks, TR={tile[0]} CW={tile[1]}" if tile else f"{kern}, whole row"
             run(case, f"inhouse_cutile.top_n ({label})", "kernel", ("topk_idx",),
                 [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
                 cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
-        F.TOPN_KERNEL, F.TOPN_STREAM_TILE, F.TOPN_PREFILTER = "stream", topn_tile, topn_pre
+        F.TOPN_KERNEL, F.TOPN_STREAM_TILE = "stream", topn_tile
         run(case, "inhouse_cutile.gates", "kernel", ("o",),
             [lambda x=x: F.combine_gates(x.q, x.q, x.q, x) for x in xs], group="parts",
             cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))

@@ -93,9 +93,8 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
         out.append((f"topn_packed N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_packed_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
-        for pre in (False, True) if N <= 16 else (False,):
-            out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED} prefilter={pre}", K.topn_stream_kernel,
-                        [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, pre]))
+        out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
+                    [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))

@@ -252,8 +252,6 @@ TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
 TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-n kernel
-TOPN_PREFILTER = False  # streaming top-n, n <= 16: drop keys below a cheap lower bound of the n-th best first
-#                         (compile-checked and exact by construction; not yet timed or run on a GPU)
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
@@ -312,9 +310,8 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
     if TOPN_KERNEL == "stream":
         TR, CW = TOPN_STREAM_TILE
         CW = min(CW, pow2(NS))
-        prefilter = TOPN_PREFILTER and n <= 16 and CW % 16 == 0
         _launch(K.topn_stream_kernel, (-(-TQ // TR), B * H, 1),
-                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced, prefilter))
+                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced))
     else:
         NSP = pow2(NS)
         TR = max(1, min(64, 8192 // NSP))

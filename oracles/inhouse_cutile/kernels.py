@@ -519,18 +519,13 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
 
 @ct.kernel
 def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
-                       CW: ConstInt, FORCED: ConstInt, PREFILTER: ConstBool):
+                       CW: ConstInt, FORCED: ConstInt):
     """``topn_packed_kernel`` streamed over column chunks of CW blocks, only up to the tile's last
     ``selection_candidate`` column (the causal part of the row; IMP beyond it is never read unmasked).
     Keeps the N best keys of each row in ``best`` (slots >= N hold the int64 maximum, never replaced);
     a chunk takes as many extraction steps as its rows have keys above their current N-th best
     (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
-    Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N.
-
-    ``PREFILTER`` (N <= 16, CW a multiple of 16): a first pass takes the maximum key of each of the 16
-    column classes ``j mod 16`` of the row; when all 16 exist, their minimum ``tau`` is a key with 16
-    distinct keys >= it, so every top-N key is >= tau and keys below it are dropped before counting
-    extraction steps (a class without a candidate makes tau = -1: no filtering)."""
+    Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N."""
     qt = ct.bid(0)
     bh = ct.bid(1)
     H = IMP.shape[2]
@@ -542,16 +537,15 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     jc = ct.arange(CW, dtype=np.int32)[None, :]
     cols = ct.arange(NOUT, dtype=np.int32)[None, :]
     best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
-    tau = ct.full((TR, 1), -1, dtype=np.int64)
-    if PREFILTER:
-        class_max = ct.full((TR, 16), -1, dtype=np.int64)
-        for c in range(n_chunks):
-            key = _topn_keys(IMP, b, qt, h, c, p, jc, q_off, TQ, NS, LS, TR, CW, FORCED)
-            class_max = ct.maximum(class_max, ct.max(key.reshape((TR, CW // 16, 16)), axis=1))
-        tau = ct.min(class_max, axis=1, keepdims=True)
     for c in range(n_chunks):
-        key = _topn_keys(IMP, b, qt, h, c, p, jc, q_off, TQ, NS, LS, TR, CW, FORCED)
-        key = ct.where(key >= tau, key, -1)
+        imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
+        j = c * CW + jc
+        inside = (j < NS) & (p < q_off + TQ)
+        forced = _forced(FORCED, j, p, LS) & inside
+        cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+        bits = ct.bitcast(imp, np.int32).astype(np.int64)
+        bits = ct.where(forced, 0x7F800000, bits)
+        key = ct.where(cand, (bits << 32) | (NS - 1 - j).astype(np.int64), -1)
         worst = ct.min(best, axis=1, keepdims=True)
         steps = ct.minimum(ct.max(ct.sum(ct.where(key > worst, 1, 0), axis=1)), N)
         for t in range(steps):
@@ -562,16 +556,3 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
             key = ct.where(key == m, -1, key)
     idx = ct.where((best < 0) | (cols >= N), -1, (NS - 1) - (best & 0xFFFFFFFF))
     ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))
-
-
-def _topn_keys(IMP, b, qt, h, c, p, jc, q_off, TQ, NS, LS, TR, CW, FORCED):
-    """Packed int64 keys ``(score bits) << 32 | (NS-1-j)`` of column chunk ``c`` (``[TR, CW]``; forced =
-    +inf bits, non-candidates -1), as in ``topn_packed_kernel``."""
-    imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
-    j = c * CW + jc
-    inside = (j < NS) & (p < q_off + TQ)
-    forced = _forced(FORCED, j, p, LS) & inside
-    cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
-    bits = ct.bitcast(imp, np.int32).astype(np.int64)
-    bits = ct.where(forced, 0x7F800000, bits)
-    return ct.where(cand, (bits << 32) | (NS - 1 - j).astype(np.int64), -1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from oracles.inhouse_cutile import forward as F
-from oracles.inhouse_cutile.kernels import _cat4, _group_view
+from oracles.inhouse_cutile.kernels import _chunk_kv, _group_view
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -40,17 +40,7 @@ def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: Cons
     acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
     seen = ct.full((CH * LS, DVP), 0.0, dtype=Q.dtype)
     for c in range(NP // CH):
-        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
-        ks = ()
-        vs = ()
-        for t in ct.static_iter(range(CH)):
-            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
-            ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                           padding_mode=ZERO, latency=2).reshape((DP, LS)),)
-            vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                           latency=4).reshape((LS, DVP)),)
-        k = _cat4(ks, 1)
-        v = _cat4(vs, 0)
+        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, True, 2, 4)   # the selection kernel's loads
         if WITH_MMA:
             s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
             acc = ct.mma(s.astype(Q.dtype), v, acc)

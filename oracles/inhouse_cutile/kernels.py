@@ -57,6 +57,39 @@ def _group_view(A, hk, G, GP):
     return view, hidx
 
 
+def _selected_kv(K, V, b, hk, j, start, T, LS, LSP, DP, DVP, ALIGNED):
+    """``K^T`` ``[DP, LSP]`` and ``V`` ``[LSP, DVP]`` of selection block ``j`` (keys ``start ..
+    start+LS-1``) of kv head ``hk``: by tile index when ``ALIGNED`` (LS = LSP), else through views
+    sliced to the block (and to T), padded with zeros."""
+    if ALIGNED:
+        k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                    padding_mode=ZERO, latency=2).reshape((DP, LSP))
+        v = ct.load(V, index=(b, j, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                    latency=4).reshape((LSP, DVP))
+    else:
+        stop = min(start + LS, T)
+        Ks = K.slice(axis=1, start=start, stop=stop)
+        Vs = V.slice(axis=1, start=start, stop=stop)
+        k = ct.load(Ks, index=(b, hk, 0, 0), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
+                    padding_mode=ZERO, latency=2).reshape((DP, LSP))
+        v = ct.load(Vs, index=(b, 0, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
+                    latency=4).reshape((LSP, DVP))
+    return k, v
+
+
+def _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, dtype):
+    """One online-softmax step in base 2 over the keys on the last axis: scores ``s`` (masked by
+    ``vis``), values ``v``; returns the new running max ``m_i``, sum ``l_i`` and ``acc``."""
+    s = ct.where(vis, s * qk_scale2, -np.inf)
+    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+    pr = ct.exp2(s - m_new, flush_to_zero=True)
+    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+    l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
+    acc = ct.mma(pr.astype(dtype), v, acc * alpha)
+    return m_new, l_i, acc
+
+
+
 @ct.kernel(occupancy=2)
 def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
@@ -174,29 +207,11 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
         j = ct.load(IDX, index=(b, i, hk, t), shape=())
         start = j * LS
         if (j >= 0) & (start <= p):
-            if ALIGNED:
-                k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
-                            padding_mode=ZERO, latency=2).reshape((DP, LSP))
-                v = ct.load(V, index=(b, j, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
-                            latency=4).reshape((LSP, DVP))
-            else:
-                stop = min(start + LS, T)
-                Ks = K.slice(axis=1, start=start, stop=stop)
-                Vs = V.slice(axis=1, start=start, stop=stop)
-                k = ct.load(Ks, index=(b, hk, 0, 0), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
-                            padding_mode=ZERO, latency=2).reshape((DP, LSP))
-                v = ct.load(Vs, index=(b, 0, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
-                            latency=4).reshape((LSP, DVP))
+            k, v = _selected_kv(K, V, b, hk, j, start, T, LS, LSP, DP, DVP, ALIGNED)
             s = ct.mma(q, k, ct.full((GP, LSP), 0.0, dtype=np.float32))
             key = start + offs
             vis = selection_causal(p, key) & (offs < LS) & (key < T)
-            s = ct.where(vis, s * qk_scale2, -np.inf)
-            m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-            pr = ct.exp2(s - m_new, flush_to_zero=True)
-            alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-            l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
-            acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
     ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
@@ -255,29 +270,11 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
         start = j * LS
         member = ct.sum(ct.where(sel == j, 1, 0), axis=1, keepdims=True)            # [TQB,1]
         member = ct.broadcast_to(member, (TQB, GP)).reshape((M, 1))
-        if ALIGNED:
-            k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
-                        padding_mode=ZERO, latency=2).reshape((DP, LSP))
-            v = ct.load(V, index=(b, j, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
-                        latency=4).reshape((LSP, DVP))
-        else:
-            stop = min(start + LS, T)
-            Ks = K.slice(axis=1, start=start, stop=stop)
-            Vs = V.slice(axis=1, start=start, stop=stop)
-            k = ct.load(Ks, index=(b, hk, 0, 0), shape=(1, 1, DP, LSP), order=(0, 2, 3, 1),
-                        padding_mode=ZERO, latency=2).reshape((DP, LSP))
-            v = ct.load(Vs, index=(b, 0, hk, 0), shape=(1, LSP, 1, DVP), padding_mode=ZERO,
-                        latency=4).reshape((LSP, DVP))
+        k, v = _selected_kv(K, V, b, hk, j, start, T, LS, LSP, DP, DVP, ALIGNED)
         s = ct.mma(q, k, ct.full((M, LSP), 0.0, dtype=np.float32))
         key = start + offs
         vis = (member > 0) & selection_causal(pos, key) & (offs < LS) & (key < T)
-        s = ct.where(vis, s * qk_scale2, -np.inf)
-        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-        pr = ct.exp2(s - m_new, flush_to_zero=True)
-        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-        l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
-        acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
@@ -291,6 +288,22 @@ def _cat4(ts, axis):
         return ct.cat((ts[0], ts[1]), axis)
     else:
         return ct.cat((ct.cat((ts[0], ts[1]), axis), ct.cat((ts[2], ts[3]), axis)), axis)
+
+
+def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
+    """Step ``c`` of the chunked selection: the CH block indices ``jv`` ``[CH, 1]`` of query ``i`` (-1 =
+    none) and their tiles concatenated, ``K^T`` ``[DP, CH*LS]`` and ``V`` ``[CH*LS, DVP]`` (a -1 slot
+    loads block 0; the caller masks it)."""
+    jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
+    ks = ()
+    vs = ()
+    for t in ct.static_iter(range(CH)):
+        j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
+        ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
+                       padding_mode=ZERO, latency=LAT_K, allow_tma=TMA).reshape((DP, LS)),)
+        vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
+                       latency=LAT_V, allow_tma=TMA).reshape((LS, DVP)),)
+    return jv, _cat4(ks, 1), _cat4(vs, 0)
 
 
 @ct.kernel
@@ -319,28 +332,12 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
     l_i = ct.full((GP, 1), 0.0, dtype=np.float32)
     acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
     for c in range(NP // CH):
-        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
-        ks = ()
-        vs = ()
-        for t in ct.static_iter(range(CH)):
-            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
-            ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                           padding_mode=ZERO, latency=LAT_K, allow_tma=TMA).reshape((DP, LS)),)
-            vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                           latency=LAT_V, allow_tma=TMA).reshape((LS, DVP)),)
-        k = _cat4(ks, 1)
-        v = _cat4(vs, 0)
+        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
         key = (jv * LS + offs).reshape((1, CH * LS))
         ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
         s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
         vis = ok & selection_causal(p, key) & (key < T)
-        s = ct.where(vis, s * qk_scale2, -np.inf)
-        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-        pr = ct.exp2(s - m_new, flush_to_zero=True)
-        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-        l_i = l_i * alpha + ct.sum(pr, axis=-1, keepdims=True)
-        acc = ct.mma(pr.astype(Q.dtype), v, acc * alpha)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     has = l_i > 0.0
     out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from oracles.inhouse_cutile import forward as F
-from oracles.inhouse_cutile.kernels import _chunk_kv, _group_view
+from oracles.inhouse_cutile.kernels import _batch_head, _chunk_kv, _group_view
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -30,10 +30,7 @@ ZERO = ct.PaddingMode.ZERO
 def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, WITH_MMA: ConstBool):
     i = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     Qv, hidx = _group_view(Q, hk, G, GP)
     Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))

@@ -138,7 +138,7 @@ def _tileiras() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _tileiras(), reason="needs tileiras 13.4 (PATH or nvidia-cuda-tileiras) to compile sm_90 cubins on the CPU")
-def test_kernels_compile_for_sm90(capsys):
+def test_kernels_compile_for_sm90(capsys, tmp_path):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile.compile_check import main
     assert main([]) == 0
@@ -152,6 +152,12 @@ def test_kernels_compile_for_sm90(capsys):
     assert stats[0]["mma_shapes"] == "m16n8k16" and int(stats[0]["tma"]) > 0 and stats[0]["wgmma"] == "0"
     assert stats[1]["mma_shapes"] == "m64n16k16" and int(stats[1]["tma"]) > 0
     assert all(int(s["smem_bytes"]) <= 114 * 1024 for s in stats)
+    # --ptx: the PTX body of each variant, for diffing a kernel refactor
+    out = tmp_path / "ptx"
+    assert main(["bfloat16", "CH2 NP16 LS64 D128 slc=False", "--ptx", str(out)]) == 0
+    bodies = sorted(out.glob("*.ptx"))
+    assert len(bodies) == 2 and all("mma" in b.read_text() and ".loc" not in b.read_text() for b in bodies)
+    assert main(["bfloat16", "x", "--ptx"]) == 2
 
 
 GPU_CASES = [

@@ -1,12 +1,14 @@
 """Ahead-of-time compile of every in-house kernel variant to an sm_90 cubin, without a GPU.
 
-``python -m oracles.inhouse_cutile.compile_check [dtype] [label filter] [--stats]`` needs ``cuda-tile``
+``python -m oracles.inhouse_cutile.compile_check [dtype] [label filter] [--stats] [--ptx DIR]`` needs ``cuda-tile``
 and tileiras/ptxas 13.4 (``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.92
 nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any
 device time is spent. ``--stats`` compiles with the alignment the runtime sees for contiguous
 tensors (strides divisible by 8 elements; without it cuTile falls back to plain 16-bit loads, no
 TMA) and prints, from the PTX embedded in each cubin, the static shared memory per CTA and the
 counts of ``wgmma`` / ``mma.sync`` / ``ldmatrix`` / TMA (``cp.async.bulk.tensor``) instructions.
+``--ptx DIR`` writes each variant's PTX without its debug part (same alignment) to ``DIR/NN.ptx``:
+run it before and after a kernel refactor and ``diff -r`` the folders.
 """
 from __future__ import annotations
 
@@ -28,21 +30,32 @@ def _arr(ct, dtype, ndim: int):
                            base_addr_divisible_by=16)
 
 
-def cubin_stats(cubin: bytes) -> dict:
-    """Static shared memory per CTA and instruction counts from the PTX that cuTile embeds in a cubin
-    (ELF section ``.nv_debug_ptx_txt``)."""
+def _sections(cubin: bytes) -> list[tuple[str, bytes, int]]:
+    """(name, contents, size) of each ELF section of a cubin."""
     shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
     secs = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
     names = secs[shstrndx][4]
-    out = {"smem_bytes": 0, "ptx": ""}
-    for sec in secs:
-        name = cubin[names + sec[0]:cubin.index(b"\0", names + sec[0])].decode()
-        if name.startswith(".nv.shared.") and "reserved" not in name:
-            out["smem_bytes"] += sec[5]
-        elif name == ".nv_debug_ptx_txt":
-            out["ptx"] = cubin[sec[4]:sec[4] + sec[5]].decode(errors="replace")
-    ptx = out.pop("ptx")
+    return [(cubin[names + sec[0]:cubin.index(b"\0", names + sec[0])].decode(), cubin[sec[4]:sec[4] + sec[5]], sec[5])
+            for sec in secs]
+
+
+def ptx_body(cubin: bytes) -> str:
+    """The PTX that cuTile embeds in a cubin (section ``.nv_debug_ptx_txt``) without its debug part
+    (source locations, comments, the embedded Tile IR source): one statement per line. Equal bodies =
+    the same machine code was asked for, so a kernel refactor can be checked on a CPU."""
+    ptx = next((data for name, data, _ in _sections(cubin) if name == ".nv_debug_ptx_txt"), b"")
+    ptx = ptx.decode(errors="replace").replace("\0", "")
+    cut = ptx.find(".section")
+    ptx = re.sub(r"//[^\n]*", "", re.sub(r"\.loc[^;\n]*", "", ptx[:cut] if cut >= 0 else ptx))
+    return "\n".join(s.strip() for s in re.split(r"[;\n]", ptx) if s.strip() and not s.strip().startswith(".file"))
+
+
+def cubin_stats(cubin: bytes) -> dict:
+    """Static shared memory per CTA and instruction counts from the PTX that cuTile embeds in a cubin."""
+    out = {"smem_bytes": sum(size for name, _, size in _sections(cubin)
+                             if name.startswith(".nv.shared.") and "reserved" not in name)}
+    ptx = ptx_body(cubin)
     for key, pat in (("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"), ("ldmatrix", r"ldmatrix"),
                      ("tma", r"cp\.async\.bulk\.tensor"), ("ld.global", r"ld\.global")):
         out[key] = len(re.findall(pat, ptx))
@@ -112,25 +125,37 @@ def _runtime_occupancy(label: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``argv``: [dtype (default bfloat16), substring filter of the variant labels] [--stats]."""
+    """``argv``: [dtype (default bfloat16), substring filter of the variant labels] [--stats]
+    [--ptx DIR] (write each variant's ``ptx_body`` to DIR/NN.ptx: diff two such folders around a
+    kernel refactor)."""
     global ALIGNED
     argv = list(sys.argv[1:] if argv is None else argv)
+    ptx_dir = None
+    if "--ptx" in argv:
+        k = argv.index("--ptx")
+        ptx_dir = argv[k + 1] if k + 1 < len(argv) else None
+        if ptx_dir is None:
+            print("compile_check: error: --ptx needs a folder", file=sys.stderr)
+            return 2
+        del argv[k:k + 2]
+        import os
+        os.makedirs(ptx_dir, exist_ok=True)
     stats = "--stats" in argv
     argv = [a for a in argv if a != "--stats"]
-    ALIGNED = stats
+    ALIGNED = stats or ptx_dir is not None
     import cuda.tile as ct  # noqa: F401
     from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
     cc = CallingConvention.cutile_python_v1()
     bad = 0
     only = argv[1] if len(argv) > 1 else ""
-    for label, kern, params in variants(argv[0] if argv else "bfloat16"):
+    for n, (label, kern, params) in enumerate(variants(argv[0] if argv else "bfloat16")):
         if only not in label:
             continue
         t = time.time()
         try:
             sig = KernelSignature(params, cc).with_mangled_symbol(kern._annotated_function.pyfunc.__name__)
             occ = _runtime_occupancy(label)
-            if stats and occ is not None:      # the hint the forward launches these kernels with
+            if ALIGNED and occ is not None:    # the hint the forward launches these kernels with
                 kern = kern.replace_hints(occupancy=occ)
                 label += f" occupancy={occ}"
             buf = io.BytesIO()
@@ -138,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok   {label}: {len(buf.getvalue())} B cubin in {time.time() - t:.1f}s")
             if stats:
                 print("     " + " ".join(f"{k}={v}" for k, v in cubin_stats(buf.getvalue()).items()))
+            if ptx_dir is not None:
+                with open(f"{ptx_dir}/{n:02d}.ptx", "w") as f:
+                    f.write(label + "\n" + ptx_body(buf.getvalue()) + "\n")
         except Exception as e:  # report every variant
             bad += 1
             print(f"FAIL {label}: {type(e).__name__}: {str(e)[:3000]}")

@@ -57,6 +57,26 @@ def _group_view(A, hk, G, GP):
     return view, hidx
 
 
+def _batch_head(A):
+    """(batch, head) of this program: grid axis 1 runs over ``B * H`` with ``H = A.shape[2]``."""
+    bh = ct.bid(1)
+    H = A.shape[2]
+    return bh // H, bh % H
+
+
+def _softmax_state(M, DVP):
+    """Initial online-softmax state of M rows: running max ``NEG`` (finite, so a row that never sees a
+    key gives no ``inf - inf``), sum 0, accumulator ``[M, DVP]`` 0."""
+    return (ct.full((M, 1), NEG, dtype=np.float32), ct.full((M, 1), 0.0, dtype=np.float32),
+            ct.full((M, DVP), 0.0, dtype=np.float32))
+
+
+def _softmax_finish(acc, l_i):
+    """``acc / l_i`` for rows that saw a key, exactly 0 for rows that saw none (``l_i = 0``)."""
+    has = l_i > 0.0
+    return ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+
+
 def _selected_kv(K, V, b, hk, j, start, T, LS, LSP, DP, DVP, ALIGNED):
     """``K^T`` ``[DP, LSP]`` and ``V`` ``[LSP, DVP]`` of selection block ``j`` (keys ``start ..
     start+LS-1``) of kv head ``hk``: by tile index when ``ALIGNED`` (LS = LSP), else through views
@@ -101,10 +121,7 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
     (second pass over the same key tiles reusing the LSE; compression only)."""
     qt = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     M = TMQ * GP
     # queries of this tile and their positions
     p0 = q_off + qt * TMQ
@@ -135,9 +152,7 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     if hi <= lo:
         kt_hi = kt_lo
     offs_n = ct.arange(TN, dtype=np.int32)[None, :]
-    m_i = ct.full((M, 1), NEG, dtype=np.float32)
-    l_i = ct.full((M, 1), 0.0, dtype=np.float32)
-    acc = ct.full((M, DVP), 0.0, dtype=np.float32)
+    m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(kt_lo, kt_hi):
         k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
                     padding_mode=ZERO, latency=2).reshape((DP, TN))
@@ -191,18 +206,13 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
     ``LS`` keys loaded once (``ALIGNED``: LS is the power-of-two tile, loaded by tile index; else
     a sliced view padded to LSP)."""
     i = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LSP, dtype=np.int32)[None, :]
-    m_i = ct.full((GP, 1), NEG, dtype=np.float32)
-    l_i = ct.full((GP, 1), 0.0, dtype=np.float32)
-    acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    m_i, l_i, acc = _softmax_state(GP, DVP)
     for t in range(NSEL):
         j = ct.load(IDX, index=(b, i, hk, t), shape=())
         start = j * LS
@@ -212,8 +222,7 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
             key = start + offs
             vis = selection_causal(p, key) & (offs < LS) & (key < T)
             m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    has = l_i > 0.0
-    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    out = _softmax_finish(acc, l_i)
     ct.store(Ov, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(O.dtype))
 
 
@@ -221,10 +230,7 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
 def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: ConstInt, DVP: ConstInt):
     """``KC[b,c,h] = mean(K[b, c*d : min(c*d+l, T), h])`` (same for V), accumulated in fp32."""
     c = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    h = bh % H
+    b, h = _batch_head(K)
     start = c * DS
     stop = min(start + L, T)
     Ks = K.slice(axis=1, start=start, stop=stop)
@@ -249,10 +255,7 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
     ``SEL[b,i,h,:]`` (``[B,TQ,H,NP]``, -1 padded) and the key satisfies ``selection_causal``.
     Epilogue as ``selection_chunk_kernel`` (slc_o and/or the gated output)."""
     qt = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     M = TQB * GP
     p0 = q_off + qt * TQB
     rows = ct.arange(M, dtype=np.int32)
@@ -262,9 +265,7 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
     sel = ct.load(SEL, index=(b, qt, hk, 0), shape=(1, TQB, 1, NP)).reshape((TQB, NP))
     nu = ct.load(NU, index=(b, qt, hk), shape=())
     offs = ct.arange(LSP, dtype=np.int32)[None, :]
-    m_i = ct.full((M, 1), NEG, dtype=np.float32)
-    l_i = ct.full((M, 1), 0.0, dtype=np.float32)
-    acc = ct.full((M, DVP), 0.0, dtype=np.float32)
+    m_i, l_i, acc = _softmax_state(M, DVP)
     for u in range(nu):
         j = ct.load(UNI, index=(b, qt, hk, u), shape=())
         start = j * LS
@@ -275,8 +276,7 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
         key = start + offs
         vis = (member > 0) & selection_causal(pos, key) & (offs < LS) & (key < T)
         m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    has = l_i > 0.0
-    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
 
 
@@ -320,17 +320,12 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
     Writes ``slc_o`` to ``O`` (``WRITE_SLC``) and, with ``GATES``, the gated output in fp32 from the
     unrounded ``slc_o``: ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
     i = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i = ct.full((GP, 1), NEG, dtype=np.float32)
-    l_i = ct.full((GP, 1), 0.0, dtype=np.float32)
-    acc = ct.full((GP, DVP), 0.0, dtype=np.float32)
+    m_i, l_i, acc = _softmax_state(GP, DVP)
     for c in range(NP // CH):
         jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
         key = (jv * LS + offs).reshape((1, CH * LS))
@@ -338,8 +333,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
         s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
         vis = ok & selection_causal(p, key) & (key < T)
         m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    has = l_i > 0.0
-    out = ct.where(has, acc / ct.where(has, l_i, 1.0), 0.0)
+    out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
 
 
@@ -382,10 +376,7 @@ def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scal
     MMA takes 64-row operands; with heads on the rows G = 16 would fill a quarter of each). The
     online softmax runs down the columns (one column per head); same result, same epilogue."""
     i = ct.bid(0)
-    bh = ct.bid(1)
-    H = K.shape[2]
-    b = bh // H
-    hk = bh % H
+    b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     qT = ct.transpose(ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP)))
@@ -442,10 +433,7 @@ def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NO
     index attaining the max); -1 when fewer than N candidates. Writes ``OUT [B,TQ,H,NOUT]`` in pick
     order (the caller sorts into canonical order)."""
     qt = ct.bid(0)
-    bh = ct.bid(1)
-    H = IMP.shape[2]
-    b = bh // H
-    h = bh % H
+    b, h = _batch_head(IMP)
     imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
     j = ct.arange(NSP, dtype=np.int32)[None, :]
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
@@ -489,10 +477,7 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     (non-negative floats order like their bits; forced = +inf bits; non-candidate = -1): each of the
     N picks is one max-reduction (the lower index wins ties by construction) + one knock-out."""
     qt = ct.bid(0)
-    bh = ct.bid(1)
-    H = IMP.shape[2]
-    b = bh // H
-    h = bh % H
+    b, h = _batch_head(IMP)
     imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
     j = ct.arange(NSP, dtype=np.int32)[None, :]
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
@@ -524,10 +509,7 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
     Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N."""
     qt = ct.bid(0)
-    bh = ct.bid(1)
-    H = IMP.shape[2]
-    b = bh // H
-    h = bh % H
+    b, h = _batch_head(IMP)
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
     p_last = min(q_off + qt * TR + TR - 1, q_off + TQ - 1)
     n_chunks = ct.cdiv(min(p_last // LS + 1, NS), CW)

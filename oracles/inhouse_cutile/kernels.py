@@ -424,6 +424,14 @@ def _forced(FORCED, j, p, LS):
         return forced_initial_local(j, p, LS)
 
 
+def _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED):
+    """Masks of the forced blocks and of the candidates (``selection_candidate`` with importance > 0,
+    or forced) for blocks ``j`` ``[1, W]`` of the positions ``p`` ``[TR, 1]`` inside the array."""
+    inside = (j < NS) & (p < q_off + TQ)
+    forced = _forced(FORCED, j, p, LS) & inside
+    return forced, selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+
+
 @ct.kernel
 def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
                 NSP: ConstInt, FORCED: ConstInt):
@@ -437,9 +445,7 @@ def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NO
     imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
     j = ct.arange(NSP, dtype=np.int32)[None, :]
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
-    inside = (j < NS) & (p < q_off + TQ)
-    forced = _forced(FORCED, j, p, LS) & inside
-    cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+    forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
     score = ct.where(forced, np.inf, imp)
     score = ct.where(cand, score, -np.inf)
     cols = ct.arange(NOUT, dtype=np.int32)[None, :]
@@ -481,9 +487,7 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
     j = ct.arange(NSP, dtype=np.int32)[None, :]
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
-    inside = (j < NS) & (p < q_off + TQ)
-    forced = _forced(FORCED, j, p, LS) & inside
-    cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+    forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
     bits = ct.bitcast(imp, np.int32).astype(np.int64)
     bits = ct.where(forced, 0x7F800000, bits)
     key = (bits << 32) | (NSP - 1 - j).astype(np.int64)
@@ -519,9 +523,7 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     for c in range(n_chunks):
         imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
         j = c * CW + jc
-        inside = (j < NS) & (p < q_off + TQ)
-        forced = _forced(FORCED, j, p, LS) & inside
-        cand = selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
+        forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
         bits = ct.bitcast(imp, np.int32).astype(np.int64)
         bits = ct.where(forced, 0x7F800000, bits)
         key = ct.where(cand, (bits << 32) | (NS - 1 - j).astype(np.int64), -1)

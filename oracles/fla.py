@@ -29,7 +29,7 @@ import torch
 
 from cases.model import Case
 from cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
-from oracles.base import GRAD_BRANCHES, Oracle, register_oracle
+from oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
 from oracles.compat import flash_attn_shim
 from oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_window_size, full_queries, given_indices_full,
                                    is_pow2, next_pow2, pad_last, single_thread, window_keys_count)
@@ -224,7 +224,7 @@ class FlaNaive(Oracle):
                "slc_o": _out(o_slc, pad), "o": _out(o, pad)}
         if case.window > 0:
             out["swa_o"] = _swa(case, inputs)
-        if _grads_wanted(case):
+        if gradients_wanted(case):
             out.update(self.grads(case, inputs, device, given))
         return out
 
@@ -249,14 +249,6 @@ class FlaNaive(Oracle):
             d_o = output_cotangent(case, o.device).to(o.dtype)  # dO rounded to the case dtype, like the inputs
             got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], d_o, allow_unused=True)
         return {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}
-
-
-def _grads_wanted(case: Case) -> bool:
-    """Gradients are computed where the engine has a gradient truth (``grad_truth_skip_reason``),
-    outside ``forward_only()`` (``nsaconf bench``)."""
-    from oracles.base import gradients_wanted
-
-    return gradients_wanted(case)
 
 
 def _swa(case: Case, inputs: Inputs) -> torch.Tensor:
@@ -365,7 +357,7 @@ class FlaParallel(Oracle):
         out = {"cmp_o": o_cmp, "cmp_lse": lse, "topk_idx": topk.long(), "slc_o": o_slc, "o": o}
         if case.window > 0:
             out["swa_o"] = _swa(case, inputs)
-        if _grads_wanted(case) and self.branch_supports(case, "dq") is None:
+        if gradients_wanted(case) and self.branch_supports(case, "dq") is None:
             out.update(self.grads(case, inputs, given))
         return out
 

@@ -46,7 +46,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
     return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
 
 
-TUNABLES = ("OVERLAP_WINDOW", "DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
+TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
 
 
@@ -64,17 +64,15 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False) -> None:
     T, scale = case.seq_len, case.softmax_scale
     kc, vc = F.mean_pool(xs[0].k, xs[0].v, 64, 64)
 
-    def best_of(flags: tuple, options: list, label: str, fns) -> None:
+    def best_of(names: tuple, options: list, label: str, fns) -> None:
         times = {}
         for opt in options:
-            for name, val in zip(flags, opt):
-                setattr(F, name, val)
-            ms = run(case, f"tune {label} {opt}", "kernel", (), fns, group="tuning", note="tuning")
+            with F.flags(**dict(zip(names, opt))):
+                ms = run(case, f"tune {label} {opt}", "kernel", (), fns, group="tuning", note="tuning")
             if ms is not None:
                 times[opt] = ms
         win = min(times, key=times.get)
-        for name, val in zip(flags, win):
-            setattr(F, name, val)
+        F.set_flags(**dict(zip(names, win)))
         print(f"TUNED {label}: {win} ({times[win]:.3f} ms of {len(times)} tried)", flush=True)
 
     best_of(("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY"),
@@ -110,13 +108,11 @@ def main() -> int:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from oracles.inhouse_cutile import forward as F
-    import ast
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(F, name):
-            print(f"bench_paper: error: --set: no flag {name} in oracles.inhouse_cutile.forward", file=sys.stderr)
-            return 2
-        setattr(F, name, ast.literal_eval(value))
+    try:
+        F.set_flags(**F.parse_flags(args.set))
+    except ValueError as e:
+        print(f"bench_paper: error: {e}", file=sys.stderr)
+        return 2
     ceil = hb.measure_ceilings()
     print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
     vers = hb.versions()
@@ -162,26 +158,18 @@ def main() -> int:
         run(case_nw, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
             group=g_nw, cost=hb.cost_of(case_nw, ("o",)), note=cfg)
         # the previous path (separate gate pass, whole-row top-n, zero-filled importance), same run
-        F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = False, "packed", False
-        run(case, "inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        run(case_nw, "inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
-            cost=hb.cost_of(case_nw, ("o",)))
-        F.FUSE_GATES, F.TOPN_KERNEL, F.LAZY_IMPORTANCE = True, "stream", True
-        F.OVERLAP_WINDOW = not F.OVERLAP_WINDOW
-        run(case, f"inhouse_cutile (window on {'a side' if F.OVERLAP_WINDOW else 'the same'} stream)", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        F.OVERLAP_WINDOW = not F.OVERLAP_WINDOW
-        # the other selection kernel (keys on the MMA rows) in the whole forward
-        F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
-        other = "keys-on-rows selection" if F.SEL_KEY_ROWS else "heads-on-rows selection"
-        run(case, f"inhouse_cutile ({other})", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        run(case_nw, f"inhouse_cutile ({other})", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
-            cost=hb.cost_of(case_nw, ("o",)))
-        F.SEL_KEY_ROWS = not F.SEL_KEY_ROWS
+        def both_forwards(label: str) -> None:
+            """The full forward and the one without window, under the flags in effect."""
+            run(case, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
+                group=g_full)
+            run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
+                group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
+        # the previous path (separate gate pass, whole-row top-n, zero-filled importance), same run
+        with F.flags(FUSE_GATES=False, TOPN_KERNEL="packed", LAZY_IMPORTANCE=False):
+            both_forwards("inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)")
+        # the other selection kernel (keys or heads on the MMA rows) in the whole forward
+        with F.flags(SEL_KEY_ROWS=not F.SEL_KEY_ROWS):
+            both_forwards(f"inhouse_cutile ({'keys' if F.SEL_KEY_ROWS else 'heads'}-on-rows selection)")
         # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
         try:
             from selection_probes import run_probe  # benchmarks/ is sys.path[0]
@@ -193,38 +181,27 @@ def main() -> int:
             print(f"probe unavailable: {type(e).__name__}: {e}", flush=True)
         gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
         for key_rows in (False, True):
-            F.SEL_KEY_ROWS = key_rows
-            rows = "keys" if key_rows else "heads"
-            run(case_nw, f"inhouse_cutile.selection ({rows} on MMA rows) + gates in the epilogue", "kernel", ("o",),
-                [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
-                 for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
-            if key_rows:
-                run(case, "inhouse_cutile.selection (keys on MMA rows)", "kernel", ("slc_o",),
-                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.SEL_KEY_ROWS = False
-        saved = (F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY)
+            with F.flags(SEL_KEY_ROWS=key_rows):
+                rows = "keys" if key_rows else "heads"
+                run(case_nw, f"inhouse_cutile.selection ({rows} on MMA rows) + gates in the epilogue", "kernel",
+                    ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
+                             for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
+                if key_rows:
+                    run(case, "inhouse_cutile.selection (keys on MMA rows)", "kernel", ("slc_o",),
+                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
         for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
                              (2, True, 2), (2, True, 3), (2, True, 4)):
             if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):
                 continue
-            F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = ch, tma, occ
-            run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
-                [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.CHUNK_BLOCKS, F.SEL_TMA, F.SEL_OCCUPANCY = saved
-        saved = F.UNION_OCCUPANCY
+            with F.flags(CHUNK_BLOCKS=ch, SEL_TMA=tma, SEL_OCCUPANCY=occ):
+                run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
         for occ in (None, 1, 2, 3, 4):
-            F.UNION_OCCUPANCY = occ
-            run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
-                [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        F.UNION_OCCUPANCY = saved
-        saved_sel = F.DEFAULT_SELECTION
-        F.DEFAULT_SELECTION = "chunked" if saved_sel == "union" else "union"
-        run(case, f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        run(case_nw, f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)", "e2e", ("o",),
-            [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
-            cost=hb.cost_of(case_nw, ("o",)))
-        F.DEFAULT_SELECTION = saved_sel
+            with F.flags(UNION_OCCUPANCY=occ):
+                run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        with F.flags(DEFAULT_SELECTION="chunked" if F.DEFAULT_SELECTION == "union" else "union"):
+            both_forwards(f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)")
         if not args.quick:
             run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
                 [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
@@ -249,21 +226,17 @@ def main() -> int:
         run(case, "inhouse_cutile.cmp+importance (uninitialised beyond started blocks)", "kernel", ("cmp_o", "cmp_lse"),
             [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                        importance_fill=None) for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
-        topn_tile = F.TOPN_STREAM_TILE
         for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
                            ("stream", (16, 64)), ("packed", None), ("argmax", None)):
             if args.quick and kern == "argmax":
                 continue
-            F.TOPN_KERNEL = kern
-            if tile:
-                F.TOPN_STREAM_TILE = tile
             label = f"streaming, causal chunks, TR={tile[0]} CW={tile[1]}" if tile else f"{kern}, whole row"
-            run(case, f"inhouse_cutile.top_n ({label})", "kernel", ("topk_idx",),
-                [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
-                cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
-        F.TOPN_KERNEL, F.TOPN_STREAM_TILE = "stream", topn_tile
+            with F.flags(TOPN_KERNEL=kern, **({"TOPN_STREAM_TILE": tile} if tile else {})):
+                run(case, f"inhouse_cutile.top_n ({label})", "kernel", ("topk_idx",),
+                    [lambda: F.top_n_cutile(imp0, 0, 16, 64, "initial_local")], group="top-n",
+                    cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
         run(case, "inhouse_cutile.gates", "kernel", ("o",),
-            [lambda x=x: F.combine_gates(x.q, x.q, x.q, x) for x in xs], group="parts",
+            [lambda x=x: F.combine_gates(x.q, x.q, x.q, (x.g_cmp, x.g_slc, x.g_swa)) for x in xs], group="parts",
             cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))
         if not args.quick:
             run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),

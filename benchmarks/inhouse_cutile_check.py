@@ -46,10 +46,7 @@ def check_case(case_json: str) -> dict:
     from oracles.inhouse_cutile.forward import nsa_forward
     from oracles.reference import nsa_reference
     import oracles.inhouse_cutile.forward as fwd
-    for name, value in json.loads(os.environ.get("NSACONF_CHECK_FLAGS", "{}")).items():
-        if not hasattr(fwd, name):
-            raise SystemExit(f"--set: no flag {name} in oracles.inhouse_cutile.forward")
-        setattr(fwd, name, value)
+    fwd.set_flags(**json.loads(os.environ.get("NSACONF_CHECK_FLAGS", "{}")))   # names checked by main
     case = Case.from_json(case_json)
     rec = {"case": case.id, "ok": True, "branches": {}}
     try:
@@ -65,14 +62,10 @@ def check_case(case_json: str) -> dict:
         ker = nsa_forward(case, x, block_indices=given, branches=("cmp_o", "cmp_lse", "slc_o", "swa_o"))
         oo = nsa_forward(case, x, block_indices=given, branches=("o",))          # gates in the selection epilogue
         eo = nsa_forward(case, x, branches=("o",))   # own top-n handed to the selection unsorted (no topk_idx)
-        configured = fwd.DEFAULT_SELECTION
-        fwd.DEFAULT_SELECTION = "per_query"
-        pq = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))  # separate gate kernel
-        fwd.DEFAULT_SELECTION = "union"
-        un = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))   # union tiles, gated epilogue
-        fwd.DEFAULT_SELECTION = "chunked"
-        ch = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))   # chunked, gated epilogue
-        fwd.DEFAULT_SELECTION = configured
+        other = {}
+        for sel in ("per_query", "union", "chunked"):   # per query: separate gate kernel; else gated epilogue
+            with fwd.flags(DEFAULT_SELECTION=sel):
+                other[sel] = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))
         # the cuTile top-n kernels against the torch implementation of the same rule, same importance;
         # with l = d = l' the kernels read an importance buffer whose unwritten part holds 3e38
         # (the production path leaves it uninitialised): a read outside the candidates would show
@@ -87,18 +80,16 @@ def check_case(case_json: str) -> dict:
                            case.forced_blocks)
             same = True
             for kern in ("stream", "packed", "argmax"):
-                fwd.TOPN_KERNEL = kern
-                a = fwd.top_n_cutile(imp_k, case.q_offset, case.top_n, case.block_size, case.forced_blocks)
+                with fwd.flags(TOPN_KERNEL=kern):
+                    a = fwd.top_n_cutile(imp_k, case.q_offset, case.top_n, case.block_size, case.forced_blocks)
                 ok_k = bool(torch.equal(a, bq))
                 rec["branches"][f"topn_{kern}_eq_torch"] = {"equal": ok_k}
                 same &= ok_k
-            fwd.TOPN_KERNEL = "stream"
             rec["ok"] &= same
         torch.cuda.synchronize()
         rec["first_call_s"] = round(time.time() - t0, 2)
         for label, out, ref in (("e2e", e2e, base), ("e2e_o_only", eo, base), ("kernel", ker, base_k),
-                                ("o_only", oo, base_k), ("per_query", pq, base_k), ("union", un, base_k),
-                                ("chunked", ch, base_k)):
+                                ("o_only", oo, base_k), *((sel, res, base_k) for sel, res in other.items())):
             for name, got in out.items():
                 if name == "topk_idx":
                     t, g = truth["topk_idx"], got
@@ -136,11 +127,12 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="set a module flag of oracles.inhouse_cutile.forward in every worker (Python literal)")
     args = ap.parse_args()
-    import ast
-    flags = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        flags[name] = ast.literal_eval(value)
+    from oracles.inhouse_cutile.forward import parse_flags
+    try:
+        flags = parse_flags(args.set)
+    except ValueError as e:
+        print(f"inhouse_cutile_check: error: {e}", file=sys.stderr)
+        return 2
     os.environ["NSACONF_CHECK_FLAGS"] = json.dumps(flags)   # spawn workers inherit the environment
     print(f"flags: {flags}", flush=True)
     from cases.generator import profile_cases

@@ -215,3 +215,104 @@ def test_bench_records_and_ratios(tmp_path):
     assert 0 < recs[0].pct_of_floor < 100 and recs[0].floor_ms > 0
     path = write_records(tmp_path, recs)
     assert len(path.read_text().splitlines()) == 2 and (tmp_path / "performance.html").exists()
+
+
+def test_forward_flags_set_restore_and_parse():
+    from oracles.inhouse_cutile import forward as F
+    before = (F.CHUNK_BLOCKS, F.TOPN_KERNEL)
+    with F.flags(CHUNK_BLOCKS=4, TOPN_KERNEL="packed"):
+        assert (F.CHUNK_BLOCKS, F.TOPN_KERNEL) == (4, "packed")
+    assert (F.CHUNK_BLOCKS, F.TOPN_KERNEL) == before
+    with pytest.raises(ValueError, match="no flag NOPE"):
+        with F.flags(NOPE=1):
+            pass
+    assert F.parse_flags(["SEL_LATENCY=(3, 3)", "DEFAULT_SELECTION='union'"]) == {
+        "SEL_LATENCY": (3, 3), "DEFAULT_SELECTION": "union"}
+    for bad, why in (("CHUNK_BLOCKS", "NAME=VALUE"), ("pow2=1", "no flag pow2"), ("CHUNK_BLOCKS=x", "not a Python literal")):
+        with pytest.raises(ValueError, match=why):
+            F.parse_flags([bad])
+
+
+def _launches(monkeypatch):
+    """Record ``forward._launch(kernel, grid, args)`` calls instead of launching (CPU)."""
+    from oracles.inhouse_cutile import forward as F
+    calls = []
+    monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, args)))
+    return calls
+
+
+def _params(kernel) -> list[str]:
+    import inspect
+    return list(inspect.signature(kernel._annotated_function.pyfunc).parameters)
+
+
+@pytest.mark.parametrize("gated,want_slc,window", [(False, True, False), (True, False, False), (True, True, True)])
+@pytest.mark.parametrize("impl", ["chunked", "union"])
+def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, gated, want_slc, window):
+    """The host side of the gated selection kernels: one argument per kernel parameter, the epilogue
+    flags in place, and the buffers it returns are the ones the kernel writes (CPU, no launch)."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    calls = _launches(monkeypatch)
+    B, T, HQ, H, D, n = 1, 256, 16, 1, 64, 4
+    q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    idx = torch.randint(0, T // 64, (B, T, H, n))
+    g = [torch.rand(B, T, HQ) for _ in range(3)]
+    cmp_o, swa_o = torch.randn(B, T, HQ, D), (torch.randn(B, T, HQ, D) if window else None)
+    fn = F.selection_chunked if impl == "chunked" else F.selection_union
+    res = fn(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
+    (kernel, args), = calls
+    names = _params(kernel)
+    assert len(args) == len(names)
+    a = dict(zip(names, args))
+    assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == (want_slc or not gated, gated, window)
+    if gated:
+        slc, o = res
+        assert a["OUT"] is o and a["CMP"] is cmp_o and a["SWA"] is (swa_o if window else cmp_o)
+        assert torch.equal(a["GC"], g[0]) and torch.equal(a["GS"], g[1]) and torch.equal(a["GW"], g[2])
+        assert (slc is a["O"]) if want_slc else slc is None
+    else:
+        assert res is a["O"] and res.shape == (B, T, HQ, D)
+
+
+def test_combine_gates_passes_the_three_gates(monkeypatch):
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    calls = _launches(monkeypatch)
+    x = torch.randn(1, 8, 4, 16)
+    g = [torch.full((1, 8, 4), float(i)) for i in range(3)]
+    F.combine_gates(x, x, None, g)
+    (kernel, args), = calls
+    a = dict(zip(_params(kernel), args))
+    assert len(args) == len(a) and [float(a[n][0, 0, 0]) for n in ("GA", "GB", "GC")] == [0.0, 1.0, 2.0]
+    assert a["THREE"] is False
+
+
+@pytest.mark.parametrize("branches,selection,window", [(("o",), "chunked", 32), (("o",), "chunked", 0),
+                                                       (("slc_o", "o"), "union", 32), (("o",), "per_query", 32)])
+def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window):
+    """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated
+    selection epilogue writes o (slc_o only when asked for), the gate kernel runs only for the
+    per-query kernel, the window kernel only when w > 0."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    from oracles.inhouse_cutile import kernels as K
+    calls = _launches(monkeypatch)
+    case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
+    with F.flags(DEFAULT_SELECTION=selection):
+        out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
+    assert set(out) == set(branches)
+    names = [kernel for kernel, _ in calls]
+    sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
+                  "per_query": K.selection_kernel}[selection]
+    dense = [args for kernel, args in calls if kernel is K.dense_branch_kernel]
+    assert len(dense) == (2 if window else 1)                          # compression (+ window)
+    assert K.mean_pool_kernel in names and K.topn_stream_kernel in names
+    (sel_args,) = [args for kernel, args in calls          # occupancy-hinted kernels are copies of the same function
+                   if kernel._annotated_function.pyfunc is sel_kernel._annotated_function.pyfunc]
+    if selection == "per_query":
+        assert K.gate_kernel in names
+    else:
+        a = dict(zip(_params(sel_kernel), sel_args))
+        assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
+        assert K.gate_kernel not in names and out["o"] is a["OUT"]

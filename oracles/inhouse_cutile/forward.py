@@ -15,9 +15,12 @@ queries are the last TQ positions ``p = T - TQ + i``):
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import math
+import sys
 from functools import lru_cache
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -158,24 +161,20 @@ def block_union(idx: torch.Tensor, tqb: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _gate_args(q: torch.Tensor, shape: tuple, gated: Optional[tuple], want_slc: bool):
-    """Output buffers and epilogue arguments of a gating selection kernel: ``(slc buffer, cmp_o,
-    swa_o, g_cmp, g_slc, g_swa, o buffer, write_slc, gates, window)`` (unused slots get small dummies)."""
+    """What a selection kernel with the gated epilogue takes and what its entry point returns:
+    ``(arrays, flags, result)`` with ``arrays = (slc_o, cmp_o, swa_o, g_cmp, g_slc, g_swa, o)`` (new
+    output buffers; unused slots hold small dummies), ``flags = (WRITE_SLC, GATES, WINDOW)`` and
+    ``result`` = ``slc_o``, or ``(slc_o or None, o)`` when ``gated``."""
     write_slc = gated is None or want_slc
     slc = torch.empty(shape if write_slc else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
     if gated is None:
         g = q.new_empty((1, 1, 1))
-        return slc, slc, slc, g, g, g, slc, True, False, False
+        return (slc, slc, slc, g, g, g, slc), (True, False, False), slc
     cmp_o, swa_o, gc, gs, gw = gated
     o = torch.empty(shape, device=q.device, dtype=q.dtype)
-    gc, gs, gw = (t.contiguous() for t in (gc, gs, gw))
     window = swa_o is not None
-    return slc, cmp_o, swa_o if window else cmp_o, gc, gs, gw, o, write_slc, True, window
-
-
-def _gate_result(args: tuple, gated: Optional[tuple]):
-    """What a selection function returns: ``slc_o``, or ``(slc_o or None, o)`` when gating."""
-    slc, o, write_slc = args[0], args[6], args[7]
-    return slc if gated is None else ((slc if write_slc else None), o)
+    arrays = (slc, cmp_o, swa_o if window else cmp_o, gc.contiguous(), gs.contiguous(), gw.contiguous(), o)
+    return arrays, (write_slc, True, window), ((slc if write_slc else None), o)
 
 
 def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
@@ -197,11 +196,11 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     sel = sel.contiguous()
     uni, count = block_union(idx.to(q.device), TQB)
     LSP = pow2(ls)
-    ga = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
+    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     _launch(_hinted(K.selection_union_kernel, UNION_OCCUPANCY), (-(-TQ // TQB), B * H, 1),
-            (q, k, v, sel, uni, count, *ga[:7], scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
-             LSP == ls, *ga[7:]))
-    return _gate_result(ga, gated)
+            (q, k, v, sel, uni, count, *arrays, scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
+             LSP == ls, *flags))
+    return result
 
 
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
@@ -217,8 +216,8 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         slc = selection(q, k, v, idx, ls, scale)
         if gated is None:
             return slc
-        cmp_o, swa_o, gc, gs, gw = gated
-        return slc, combine_gates(cmp_o, slc, swa_o, Inputs(q=q, k=k, v=v, g_cmp=gc, g_slc=gs, g_swa=gw))
+        cmp_o, swa_o, *gates = gated
+        return slc, combine_gates(cmp_o, slc, swa_o, gates)
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -231,12 +230,12 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     if NP != n:
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
-    ga = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
+    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY)
     _launch(kern, (TQ, B * H, 1),
-            (q, k, v, sel, *ga[:7], scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
-             *SEL_LATENCY, *ga[7:]))
-    return _gate_result(ga, gated)
+            (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
+             *SEL_LATENCY, *flags))
+    return result
 
 
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
@@ -245,8 +244,6 @@ SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
 SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
-OVERLAP_WINDOW = False  # window kernel on a second stream beside pooling/compression/top-n (measured on the
-#                          H100: no gain at 64k, slower at 4k and 16k; kept as an option)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
@@ -256,6 +253,50 @@ FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epi
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
+
+
+def _flag(name: str) -> str:
+    """``name`` if it is a module flag (one of the upper-case settings above), else ValueError."""
+    if not (name.isupper() and hasattr(sys.modules[__name__], name)):
+        raise ValueError(f"no flag {name} in oracles.inhouse_cutile.forward")
+    return name
+
+
+def set_flags(**values) -> None:
+    """Set module flags, e.g. ``set_flags(CHUNK_BLOCKS=2)``; an unknown name is a ValueError (nothing set)."""
+    for name in values:
+        _flag(name)
+    for name, value in values.items():
+        setattr(sys.modules[__name__], name, value)
+
+
+@contextlib.contextmanager
+def flags(**values):
+    """``set_flags(**values)`` for the block; the previous values are restored after it."""
+    saved = {_flag(name): getattr(sys.modules[__name__], name) for name in values}
+    set_flags(**values)
+    try:
+        yield
+    finally:
+        set_flags(**saved)
+
+
+def parse_flags(items: Iterable[str]) -> dict:
+    """``["NAME=VALUE", ...]`` (VALUE a Python literal) -> ``{NAME: value}``; ValueError names the bad item."""
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected NAME=VALUE")
+            _flag(name)
+        except ValueError as e:
+            raise ValueError(f"--set {item!r}: {e}") from None
+        try:
+            out[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {item!r}: {text!r} is not a Python literal") from None
+    return out
 
 
 @lru_cache(maxsize=32)
@@ -320,17 +361,6 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
     return canonical_order(out[..., :n].long()) if canonical else out
 
 
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One extra CUDA stream per device (the window branch runs on it, ``OVERLAP_WINDOW``)."""
-    key = str(device)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[key]
-
-
 def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], keep: set[str]
               ) -> dict[str, torch.Tensor]:
     """The branches ``want`` for one sequence (q ``[B,TQs,HQ,D]``, k/v ``[B,Ts,H,*]``, gates
@@ -341,16 +371,8 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
-    side = main = None
     if "swa_o" in want and case.window > 0:
-        if OVERLAP_WINDOW:
-            main = torch.cuda.current_stream(q.device)
-            side = _side_stream(q.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
-        else:
-            out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
+        out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
         identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
@@ -364,9 +386,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
-    if side is not None:      # the window branch ran beside pooling, compression and top-n
-        main.wait_stream(side)
-        out["swa_o"].record_stream(main)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
@@ -382,14 +401,15 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
 SELECTION_IMPL["per_query"] = selection
 
 
-def combine_gates(cmp_o: torch.Tensor, slc_o: torch.Tensor, swa_o: Optional[torch.Tensor], x: Inputs) -> torch.Tensor:
-    """``o = g_cmp*cmp_o + g_slc*slc_o + g_swa*swa_o`` (fp32 arithmetic, one cuTile pass)."""
+def combine_gates(cmp_o: torch.Tensor, slc_o: torch.Tensor, swa_o: Optional[torch.Tensor], gates) -> torch.Tensor:
+    """``o = g_cmp*cmp_o + g_slc*slc_o + g_swa*swa_o`` with ``gates = (g_cmp, g_slc, g_swa)``
+    ``[B,TQ,HQ]`` (fp32 arithmetic, one cuTile pass)."""
     _, K = _ct()
     B, TQ, HQ, DV = cmp_o.shape
     HP = min(pow2(HQ), 16)
     TM = max(1, 64 // HP)
     o = torch.empty_like(cmp_o)
-    g = [t.contiguous() for t in (x.g_cmp, x.g_slc, x.g_swa)]
+    g = [t.contiguous() for t in gates]
     three = swa_o is not None
     _launch(K.gate_kernel, (-(-TQ // TM), -(-HQ // HP), B),
             (cmp_o, slc_o, swa_o if three else cmp_o, g[0], g[1], g[2], o, TM, HP, pow2(DV), three))
@@ -424,5 +444,5 @@ def nsa_forward(case: Case, inputs: Inputs, block_indices: Optional[torch.Tensor
                                    v[:, s0:s1].contiguous(), tuple(g[:, s0:s1] for g in gates), pos, gi, want, keep))
         out = {name: torch.cat([p[name] for p in parts], 1) for name in parts[0]}
     if "o" in want and "o" not in out:
-        out["o"] = combine_gates(out["cmp_o"], out["slc_o"], out.get("swa_o"), inputs)
+        out["o"] = combine_gates(out["cmp_o"], out["slc_o"], out.get("swa_o"), gates)
     return {name: t for name, t in out.items() if name in branches}

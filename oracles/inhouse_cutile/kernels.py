@@ -432,6 +432,17 @@ def _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED):
     return forced, selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
 
 
+def _topn_whole_rows(IMP, q_off, TR, NSP):
+    """This program's rows of the whole-row top-n kernels: query tile ``qt``, batch, kv head, the
+    importance ``[TR, NSP]`` (zero-padded), block indices ``j`` ``[1, NSP]``, positions ``p`` ``[TR, 1]``."""
+    qt = ct.bid(0)
+    b, h = _batch_head(IMP)
+    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
+    j = ct.arange(NSP, dtype=np.int32)[None, :]
+    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    return qt, b, h, imp, j, p
+
+
 @ct.kernel
 def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
                 NSP: ConstInt, FORCED: ConstInt):
@@ -440,11 +451,7 @@ def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NO
     forced first (score +inf), then by importance, ties to the lower index (argmax = smallest
     index attaining the max); -1 when fewer than N candidates. Writes ``OUT [B,TQ,H,NOUT]`` in pick
     order (the caller sorts into canonical order)."""
-    qt = ct.bid(0)
-    b, h = _batch_head(IMP)
-    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
-    j = ct.arange(NSP, dtype=np.int32)[None, :]
-    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    qt, b, h, imp, j, p = _topn_whole_rows(IMP, q_off, TR, NSP)
     forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
     score = ct.where(forced, np.inf, imp)
     score = ct.where(cand, score, -np.inf)
@@ -482,11 +489,7 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     """``topn_kernel`` with one int64 key per block, ``(float bits of the score) << 32 | (NSP-1-j)``
     (non-negative floats order like their bits; forced = +inf bits; non-candidate = -1): each of the
     N picks is one max-reduction (the lower index wins ties by construction) + one knock-out."""
-    qt = ct.bid(0)
-    b, h = _batch_head(IMP)
-    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
-    j = ct.arange(NSP, dtype=np.int32)[None, :]
-    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
+    qt, b, h, imp, j, p = _topn_whole_rows(IMP, q_off, TR, NSP)
     forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
     bits = ct.bitcast(imp, np.int32).astype(np.int64)
     bits = ct.where(forced, 0x7F800000, bits)

@@ -47,7 +47,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
-            "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
+            "SHARE_FORCED", "FORCED_TILE_QUERIES", "FORCED_HINTS", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
 
 
 def config_note() -> str:
@@ -56,34 +56,46 @@ def config_note() -> str:
     return " ".join(f"{n}={getattr(F, n)!r}".replace(" ", "") for n in TUNABLES)
 
 
-def tune(case: Case, xs: list, idx, run, tiles: bool = False) -> None:
+def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = False) -> None:
     """Time a few configurations of each in-house kernel on this case and keep the fastest
     (``forward`` module flags; every timing is a record of group "tuning"); prints ``TUNED ...``.
-    ``tiles``: also the compression and window tiles (64x64 won every earlier H100 run)."""
+    ``tiles``: also the compression and window tiles; ``quick``: not the union kernel (slower in every
+    earlier H100 run)."""
     from oracles.inhouse_cutile import forward as F
     T, scale = case.seq_len, case.softmax_scale
     kc, vc = F.mean_pool(xs[0].k, xs[0].v, 64, 64)
 
     def best_of(names: tuple, options: list, label: str, fns) -> None:
         times = {}
-        for opt in options:
+        for k, opt in enumerate(options):
             with F.flags(**dict(zip(names, opt))):
                 ms = run(case, f"tune {label} {opt}", "kernel", (), fns, group="tuning", note="tuning")
             if ms is not None:
-                times[opt] = ms
+                times[k] = ms
+        if not times:
+            print(f"TUNED {label}: every option failed; flags unchanged", flush=True)
+            return
         win = min(times, key=times.get)
-        F.set_flags(**dict(zip(names, win)))
-        print(f"TUNED {label}: {win} ({times[win]:.3f} ms of {len(times)} tried)", flush=True)
+        F.set_flags(**dict(zip(names, options[win])))
+        print(f"TUNED {label}: {options[win]} ({times[win]:.3f} ms of {len(times)} tried)", flush=True)
 
     best_of(("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY"),
             [(2, 2, (2, 4)), (2, 2, (3, 3)), (1, 4, (2, 4))],
             "selection (CH, occupancy, latency)",
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs])
     chunked = (F.CHUNK_BLOCKS, F.SEL_OCCUPANCY, F.SEL_LATENCY)
-    best_of(("DEFAULT_SELECTION", "UNION_ROWS", "UNION_OCCUPANCY"),
-            [("chunked", 64, 2), ("union", 64, None), ("union", 64, 2), ("union", 128, None), ("union", 128, 2)],
-            f"selection kernel (chunked = {chunked}, or union of UNION_ROWS // 16 queries)",
-            [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
+    if not quick:
+        best_of(("DEFAULT_SELECTION", "UNION_ROWS", "UNION_OCCUPANCY"),
+                [("chunked", 64, 2), ("union", 64, None), ("union", 64, 2), ("union", 128, None), ("union", 128, 2)],
+                f"selection kernel (chunked = {chunked}, or union of UNION_ROWS // 16 queries)",
+                [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
+    others = F.top_n_cutile(F.compression(xs[0].q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2],
+                            0, 13, 64, "initial_local", canonical=False, others=True)
+    best_of(("FORCED_TILE_QUERIES", "FORCED_HINTS"),
+            [(4, {"occupancy": 2}), (4, {}), (4, {"occupancy": 1, "num_worker_warps": 8}), (2, {"occupancy": 2}),
+             (2, {}), (2, {"occupancy": 1}), (8, {"occupancy": 1, "num_worker_warps": 8})],
+            "shared-forced selection (queries per tile, hints)",
+            [lambda x=x: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local") for x in xs])
     if not tiles:
         return
     best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
@@ -91,6 +103,43 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False) -> None:
                                        importance_fill=None) for x in xs])
     best_of(("WINDOW_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "window tile",
             [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs])
+
+
+def selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel) -> None:
+    """The selection kernel variants and probes of earlier runs (not with --quick)."""
+    from oracles.inhouse_cutile import forward as F
+    scale = case.softmax_scale
+    # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
+    try:
+        from selection_probes import run_probe  # benchmarks/ is sys.path[0]
+        for with_mma, what in ((False, "loads only"), (True, "loads + 2 MMA, no softmax")):
+            run(case, f"probe: selection {what}", "kernel", ("slc_o",),
+                [lambda x=x, m=with_mma: run_probe(x.q, x.k, x.v, idx, 64, m) for x in xs], group=g_sel,
+                note="probe kernel, not a result")
+    except Exception as e:  # noqa: BLE001
+        print(f"probe unavailable: {type(e).__name__}: {e}", flush=True)
+    for key_rows in (False, True):
+        with F.flags(SEL_KEY_ROWS=key_rows):
+            rows = "keys" if key_rows else "heads"
+            run(case_nw, f"inhouse_cutile.selection ({rows} on MMA rows) + gates in the epilogue", "kernel",
+                ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
+                         for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
+            if key_rows:
+                run(case, "inhouse_cutile.selection (keys on MMA rows)", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+    for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
+                         (2, True, 2), (2, True, 3), (2, True, 4)):
+        with F.flags(CHUNK_BLOCKS=ch, SEL_TMA=tma, SEL_OCCUPANCY=occ):
+            run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
+                [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+    for occ in (None, 1, 2, 3, 4):
+        with F.flags(UNION_OCCUPANCY=occ):
+            run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
+                [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+    with F.flags(DEFAULT_SELECTION="chunked" if F.DEFAULT_SELECTION == "union" else "union", SHARE_FORCED=False):
+        both_forwards(f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)")
+    run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
+        [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
 
 
 def main() -> int:
@@ -103,6 +152,7 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of: fla,tilelang,dense")
     ap.add_argument("--tune", action="store_true",
                     help="time kernel configurations on the first --T and keep the fastest for every T")
+    ap.add_argument("--tune-tiles", action="store_true", help="--tune also the compression and window tiles")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="set a module flag of oracles.inhouse_cutile.forward (Python literal) before timing")
     args = ap.parse_args()
@@ -150,7 +200,7 @@ def main() -> int:
         g_full, g_nw, g_sel, g_cmp, g_dense = "full fwd (cmp+topk+slc+swa+gates)", "fwd w/o window (cmp+topk+slc+gates)", \
             "selection on given idx (bf16)", "cmp+topk", "dense causal"
         if args.tune and T == Ts[0]:     # tune once, on the first (largest) T; later T use the same flags
-            tune(case, xs, idx, run)
+            tune(case, xs, idx, run, tiles=args.tune_tiles, quick=args.quick)
         cfg = config_note()
         print(f"T={T} config: {cfg}", flush=True)
         run(case, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
@@ -164,47 +214,38 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        # the previous path (separate gate pass, whole-row top-n, zero-filled importance), same run
-        with F.flags(FUSE_GATES=False, TOPN_KERNEL="packed", LAZY_IMPORTANCE=False):
-            both_forwards("inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)")
-        # the other selection kernel (keys or heads on the MMA rows) in the whole forward
-        with F.flags(SEL_KEY_ROWS=not F.SEL_KEY_ROWS):
-            both_forwards(f"inhouse_cutile ({'keys' if F.SEL_KEY_ROWS else 'heads'}-on-rows selection)")
-        # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
-        try:
-            from selection_probes import run_probe  # benchmarks/ is sys.path[0]
-            for with_mma, what in ((False, "loads only"), (True, "loads + 2 MMA, no softmax")):
-                run(case, f"probe: selection {what}", "kernel", ("slc_o",),
-                    [lambda x=x, m=with_mma: run_probe(x.q, x.k, x.v, idx, 64, m) for x in xs], group=g_sel,
-                    note="probe kernel, not a result")
-        except Exception as e:  # noqa: BLE001
-            print(f"probe unavailable: {type(e).__name__}: {e}", flush=True)
-        gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
-        for key_rows in (False, True):
-            with F.flags(SEL_KEY_ROWS=key_rows):
-                rows = "keys" if key_rows else "heads"
-                run(case_nw, f"inhouse_cutile.selection ({rows} on MMA rows) + gates in the epilogue", "kernel",
-                    ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
-                             for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
-                if key_rows:
-                    run(case, "inhouse_cutile.selection (keys on MMA rows)", "kernel", ("slc_o",),
-                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        for ch, tma, occ in ((2, True, None), (4, True, None), (1, True, None), (2, False, None), (2, True, 1),
-                             (2, True, 2), (2, True, 3), (2, True, 4)):
-            if args.quick and (ch, tma, occ) not in ((2, True, 2), (2, True, 3), (4, True, 2)):
-                continue
-            with F.flags(CHUNK_BLOCKS=ch, SEL_TMA=tma, SEL_OCCUPANCY=occ):
-                run(case, f"inhouse_cutile.selection (chunked CH={ch} tma={tma} occ={occ})", "kernel", ("slc_o",),
-                    [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        for occ in (None, 1, 2, 3, 4):
-            with F.flags(UNION_OCCUPANCY=occ):
-                run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
-                    [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        with F.flags(DEFAULT_SELECTION="chunked" if F.DEFAULT_SELECTION == "union" else "union"):
-            both_forwards(f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)")
+        # the previous path, same run: forced blocks loaded per query, every key tile of the dense kernels masked
+        with F.flags(SHARE_FORCED=False, DENSE_MASK_ALL=True):
+            both_forwards("inhouse_cutile (previous: forced blocks per query, all key tiles masked)")
+        with F.flags(SHARE_FORCED=not F.SHARE_FORCED):
+            both_forwards(f"inhouse_cutile (SHARE_FORCED={not F.SHARE_FORCED})")
+        with F.flags(DENSE_MASK_ALL=not F.DENSE_MASK_ALL):
+            both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={not F.DENSE_MASK_ALL})")
         if not args.quick:
-            run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
-                [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
+            # the previous paths of earlier runs (separate gate pass, whole-row top-n, zero-filled importance)
+            with F.flags(FUSE_GATES=False, TOPN_KERNEL="packed", LAZY_IMPORTANCE=False, SHARE_FORCED=False):
+                both_forwards("inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)")
+            with F.flags(SEL_KEY_ROWS=not F.SEL_KEY_ROWS, SHARE_FORCED=False):
+                both_forwards(f"inhouse_cutile ({'keys' if F.SEL_KEY_ROWS else 'heads'}-on-rows selection)")
+        # the selection kernels on the same blocks: all 16 per query, or 13 per query + the forced ones per tile
+        others = F.top_n_cutile(F.compression(base.q, *F.mean_pool(base.k, base.v, 64, 64), T, 64, 64, "end_inclusive",
+                                              scale, want_importance=True)[2], 0, 13, 64, "initial_local",
+                                canonical=False, others=True)
+        run(case_nw, "inhouse_cutile.selection_forced + gates in the epilogue", "kernel", ("o",),
+            [lambda x=x, g=g: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local", gated=g,
+                                                 want_slc=False) for x, g in zip(xs, [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs])],
+            group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)), note="forced blocks once per query tile")
+        run(case, "inhouse_cutile.selection_forced", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local") for x in xs],
+            group=g_sel, note="forced blocks once per query tile")
+        gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
+        run(case_nw, "inhouse_cutile.selection (heads on MMA rows) + gates in the epilogue", "kernel",
+            ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
+                     for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
+        run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
+        if not args.quick:       # variants measured slower in earlier runs, and the probes
+            selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel)
         uni, cnt = F.block_union(idx, 4)
         print(f"T={T}: mean union size per 4-query tile {cnt.float().mean().item():.1f} blocks (of 64 selections)", flush=True)
 
@@ -218,17 +259,24 @@ def main() -> int:
         imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
         run(case, "inhouse_cutile.pool", "kernel", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs],
             group="parts", cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
-        run(case, "inhouse_cutile.cmp (o+lse)", "kernel", ("cmp_o", "cmp_lse"),
-            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs], group="parts")
-        run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
-            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)
-             for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
-        run(case, "inhouse_cutile.cmp+importance (uninitialised beyond started blocks)", "kernel", ("cmp_o", "cmp_lse"),
-            [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
-                                       importance_fill=None) for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+        for mask_all in (False, True):
+            with F.flags(DENSE_MASK_ALL=mask_all):
+                how = " (every key tile masked)" if mask_all else ""
+                run(case, "inhouse_cutile.cmp (o+lse)" + how, "kernel", ("cmp_o", "cmp_lse"),
+                    [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs],
+                    group="parts")
+                run(case, "inhouse_cutile.cmp+importance (uninitialised beyond started blocks)" + how, "kernel",
+                    ("cmp_o", "cmp_lse"), [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale,
+                                                                     want_importance=True, importance_fill=None)
+                                           for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
+                run(case, "inhouse_cutile.window" + how, "kernel", ("swa_o",),
+                    [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
+        run(case, "inhouse_cutile.top_n (streaming, others only: 13 of the non-forced blocks)", "kernel", ("topk_idx",),
+            [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)], group="top-n",
+            cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
         for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
                            ("stream", (16, 64)), ("packed", None), ("argmax", None)):
-            if args.quick and kern == "argmax":
+            if args.quick and (kern == "argmax" or tile not in (None, (16, 128))):
                 continue
             label = f"streaming, causal chunks, TR={tile[0]} CW={tile[1]}" if tile else f"{kern}, whole row"
             with F.flags(TOPN_KERNEL=kern, **({"TOPN_STREAM_TILE": tile} if tile else {})):
@@ -242,8 +290,6 @@ def main() -> int:
             run(case, "inhouse_cutile.top_n (torch ops)", "kernel", ("topk_idx",),
                 [lambda: F.top_n(imp0, pos, 16, 64, "initial_local")], group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0))
         del kc0, vc0, imp0
-        run(case, "inhouse_cutile.window", "kernel", ("swa_o",),
-            [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
         if "fla" not in skip:
             try:
                 from oracles.fla import _triton_modules

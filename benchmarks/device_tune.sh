@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# One device call (issue 6): the paper benchmark at T = 64k, 16k, 4k in one run, tuning the in-house
-# kernel flags on the first T (bench_paper.py --tune), then the correctness check of the tuned flags
-# against the fp64 reference on the gpu profile.
+# One device call (issue 6): the correctness check of the in-house kernels against the fp64 reference on
+# the gpu profile, then the paper benchmark (bench_paper.py --quick), tuning the kernel flags on the first
+# T when TUNE=1 (and the compression/window tiles when TUNE_TILES=1).
 #   carry: .device/env.sh (+ .device/oracles.tar.xz and external/ after a cutile staging call)
-#   env: TS (65536,16384,4096), BENCH_TIMEOUT, CHECK_TIMEOUT (seconds; 0 skips the check)
+#   env: TS (65536,16384,4096), TUNE (1), TUNE_TILES (0), SETS ("NAME=VALUE ..." flags for both steps),
+#        BENCH_TIMEOUT, CHECK_TIMEOUT (seconds; 0 skips that step)
 set -u
 source .device/env.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} CUDA_TILE_CACHE_DIR=/tmp/cutile-cache
 OUTD=${OUT:-out}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout ${BENCH_TIMEOUT:-330} python benchmarks/bench_paper.py --T ${TS:-65536,16384,4096} --quick --tune --out $OUTD \
-  > $OUTD/bench.log 2>&1
-echo "bench rc=$?"
-grep -E "TUNED|config:" $OUTD/bench.log
-SETS=$(grep "config:" $OUTD/bench.log | head -1 | sed 's/.*config: //' | tr ' ' '\n' | sed 's/^/--set /' | tr '\n' ' ')
-echo "$SETS" > $OUTD/tuned_flags.txt
+SETARGS=""
+for s in ${SETS:-}; do SETARGS="$SETARGS --set $s"; done
 if [ "${CHECK_TIMEOUT:-150}" != 0 ]; then
-  timeout ${CHECK_TIMEOUT:-150} python benchmarks/inhouse_cutile_check.py --profile gpu --workers 12 $SETS \
+  timeout ${CHECK_TIMEOUT:-150} python benchmarks/inhouse_cutile_check.py --profile gpu --workers 12 $SETARGS \
     --out $OUTD/check.jsonl > $OUTD/check.log 2>&1
+  echo "check rc=$?"
   grep -v "^PASS" $OUTD/check.log | head -20
 fi
-grep -v "^|" $OUTD/bench.log | grep -E "inhouse_cutile  |inhouse_cutile \(|fla.parallel_nsa  |dense|union|probe|selection \(|FAIL" | tail -50
+if [ "${BENCH_TIMEOUT:-330}" != 0 ]; then
+  TUNEARGS=""
+  [ "${TUNE:-1}" = 1 ] && TUNEARGS="--tune"
+  [ "${TUNE_TILES:-0}" = 1 ] && TUNEARGS="$TUNEARGS --tune-tiles"
+  timeout ${BENCH_TIMEOUT:-330} python benchmarks/bench_paper.py --T ${TS:-65536,16384,4096} --quick $TUNEARGS $SETARGS \
+    --out $OUTD > $OUTD/bench.log 2>&1
+  echo "bench rc=$?"
+  grep -E "TUNED|config:" $OUTD/bench.log
+  grep -v "^|" $OUTD/bench.log | grep -E "inhouse_cutile|fla.parallel_nsa  |dense|tilelang|FAIL|Error" | tail -60
+fi

@@ -73,10 +73,13 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
     out = []
-    for cmp, G, GP, TMQ, TN, DP in [(True, 16, 16, 4, 64, 128), (True, 3, 4, 16, 64, 64), (False, 16, 16, 4, 64, 128),
-                                    (False, 1, 1, 64, 64, 32)]:
-        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}", K.dense_branch_kernel,
-                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp]))
+    for cmp, G, GP, TMQ, TN, DP, mask_all in [(True, 16, 16, 4, 64, 128, False), (True, 3, 4, 16, 64, 64, False),
+                                              (False, 16, 16, 4, 64, 128, False), (False, 1, 1, 64, 64, 32, False),
+                                              (True, 16, 16, 4, 64, 128, True), (True, 16, 16, 8, 64, 128, False),
+                                              (False, 16, 16, 8, 64, 128, False)]:
+        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else ""),
+                    K.dense_branch_kernel,
+                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all]))
     for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
@@ -101,13 +104,26 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win]))
+    i32_2 = _arr(ct, ct.int32, 2)
+    for G, GP, TQB, CH, NO, NFU, LS, DP, FORCED, slc, gates, win in [
+            (16, 16, 4, 2, 13, 3, 64, 128, 2, False, True, False), (16, 16, 8, 2, 13, 3, 64, 128, 2, False, True, False),
+            (16, 16, 2, 2, 13, 3, 64, 128, 2, False, True, False),
+            (3, 16, 2, 2, 3, 2, 32, 64, 1, True, True, True), (1, 16, 4, 1, 4, 6, 16, 256, 2, True, False, False)]:
+        for name, kern in (("selection_forced", K.selection_forced_kernel),
+                           ("selection_forced_batched", K.selection_forced_batched_kernel)):
+            out.append((f"{name} G{G}/{GP} TQB{TQB} CH{CH} NO{NO} NFU{NFU} LS{LS} D{DP} forced{FORCED} slc={slc} "
+                        f"gates={gates} window={win}", kern,
+                        [a4, a4, a4, i32_4, i32_2, a4, a4, a4, a3, a3, a3, a4, f, i, i, NO, NFU, TQB, CH, LS, G, GP, DP,
+                         DP, FORCED, True, 2, 4, slc, gates, win]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
         out.append((f"topn_packed N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_packed_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
         out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
-                    [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED]))
+                    [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False]))
+        out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
+                    [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
@@ -117,6 +133,8 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
 def _runtime_occupancy(label: str):
     """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
     from oracles.inhouse_cutile import forward as F
+    if label.startswith("selection_forced"):
+        return F.FORCED_HINTS.get("occupancy")
     if label.startswith(("selection_chunk", "selection_keyrows")):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):

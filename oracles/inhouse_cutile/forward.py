@@ -24,13 +24,15 @@ from typing import Iterable, Optional
 
 import torch
 
-from cases.conventions import eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks, selection_candidate
+from cases.conventions import (eq9_weights, is_forced, max_forced, num_cmp_blocks, num_sel_blocks,
+                               selection_candidate)
 from cases.model import Case
 from cases.tensors import Inputs, canonical_order
 
 LOG2E = 1.0 / math.log(2.0)
 CMP_TILE = (64, 64)     # (rows = queries x heads, compressed blocks per step) of the compression kernel
 WINDOW_TILE = (64, 64)  # (rows, keys per step) of the sliding-window kernel
+DENSE_MASK_ALL = False  # mask every key tile of the compression/window kernel (False: only tiles not seen whole)
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
 
 
@@ -48,13 +50,15 @@ def _ct():
 _HINTED: dict = {}
 
 
-def _hinted(kernel, occupancy: Optional[int]):
-    """``kernel`` with an occupancy hint (cached: a new kernel object would recompile)."""
-    if occupancy is None:
+def _hinted(kernel, occupancy: Optional[int] = None, **hints):
+    """``kernel`` with cuTile hints (``occupancy``, ``num_worker_warps``; None = the kernel's own), cached:
+    a new kernel object would recompile."""
+    hints = {k: v for k, v in dict(hints, occupancy=occupancy).items() if v is not None}
+    if not hints:
         return kernel
-    key = (id(kernel), occupancy)
+    key = (id(kernel), tuple(sorted(hints.items())))
     if key not in _HINTED:
-        _HINTED[key] = kernel.replace_hints(occupancy=occupancy)
+        _HINTED[key] = kernel.replace_hints(**hints)
     return _HINTED[key]
 
 
@@ -87,7 +91,7 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     grid = (-(-TQ // TMQ), B * H, 1)
     _launch(K.dense_branch_kernel, grid,
             (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
-             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp))
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
@@ -238,6 +242,54 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     return result
 
 
+@lru_cache(maxsize=16)
+def forced_union(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, tqb: int, device: str) -> torch.Tensor:
+    """Per tile of ``tqb`` consecutive queries (positions ``q_off + i``): the ascending union of their
+    forced candidate blocks (``is_forced`` and ``selection_candidate``) ``[ceil(TQ/tqb), NFU]`` int32,
+    -1 padded (NFU >= 1). Depends on shapes only, so it is computed once per shape (torch, on ``device``)."""
+    nqt = -(-TQ // tqb)
+    p = (q_off + torch.arange(nqt * tqb, device=device)).clamp(max=q_off + TQ - 1)[:, None]
+    j = torch.arange(NS, device=device)[None, :]
+    m = (is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)).view(nqt, tqb, NS).any(1)
+    nfu = max(1, int(m.sum(1).max()))
+    fu = torch.where(m, j, NS).sort(1).values[:, :nfu]
+    return torch.where(fu == NS, -1, fu).to(torch.int32).contiguous()
+
+
+def selection_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, others: torch.Tensor, n_others: int,
+                     ls: int, scale: float, forced_blocks: str, gated: Optional[tuple] = None, want_slc: bool = True):
+    """Selection over each query's forced blocks + ``others[..., :n_others]`` (its top-n among the
+    other blocks, -1 = none; ``top_n_cutile(..., others=True)``) for a power-of-two ``l'``: the
+    forced blocks are loaded once per tile of ``FORCED_TILE_QUERIES`` queries
+    (``selection_forced_kernel``). ``gated``/``want_slc`` as in ``selection_chunked``."""
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = max(pow2(G), MIN_SEL_ROWS)
+    TQB = FORCED_TILE_QUERIES
+    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls)))
+    sel = others.to(device=q.device, dtype=torch.int32)
+    pad_rows = -TQ % TQB
+    if pad_rows or sel.shape[-1] < max(n_others, 1):
+        sel = torch.nn.functional.pad(sel, (0, max(0, max(n_others, 1) - sel.shape[-1]), 0, 0, 0, pad_rows), value=-1)
+    fu = forced_union(T - TQ, TQ, num_sel_blocks(T, ls), ls, forced_blocks, TQB, str(q.device))
+    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
+    _launch(_hinted(K.selection_forced_kernel, **FORCED_HINTS), (-(-TQ // TQB), B * H, 1),
+            (q, k, v, sel.contiguous(), fu, *arrays, scale * LOG2E, T - TQ, T, n_others, fu.shape[1], TQB, CH, ls,
+             G, GP, pow2(D), pow2(DV), K.FORCED_KINDS.index(forced_blocks), SEL_TMA, *SEL_LATENCY, *flags))
+    return result
+
+
+def shares_forced(case: Case) -> bool:
+    """Whether ``nsa_forward`` takes the shared-forced-block path for ``case`` when it computes the
+    top-n itself and does not return it (``SHARE_FORCED``; power-of-two ``l'``, a forcing rule, n at
+    least its forced count, the streaming cuTile top-n)."""
+    k = max_forced(case.forced_blocks)
+    return (SHARE_FORCED and k > 0 and case.top_n >= k and pow2(case.block_size) == case.block_size
+            and TOPN_IMPL == "cutile" and TOPN_KERNEL == "stream")
+
+
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
 SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
@@ -251,6 +303,9 @@ TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packe
 TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-n kernel
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
+SHARE_FORCED = True    # nsa_forward: forced blocks once per query tile (selection_forced) when shares_forced(case)
+FORCED_TILE_QUERIES = 4  # queries per tile of selection_forced_kernel
+FORCED_HINTS = {"occupancy": 2}  # cuTile hints of selection_forced_kernel (occupancy, num_worker_warps)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -337,22 +392,35 @@ def top_n(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_bl
     return canonical_order(idx)
 
 
+def top_n_others(imp: torch.Tensor, positions: torch.Tensor, n: int, ls: int, forced_blocks: str) -> torch.Tensor:
+    """``top_n`` with the forced blocks left out of the candidates: the ``n`` best other blocks
+    (same order and tie rule, -1 padding, ascending). ``top_n(.., n)`` = the forced candidates +
+    ``top_n_others(.., n - max_forced)`` for every rule (``tests/test_inhouse_cutile.py``)."""
+    NS = imp.shape[-1]
+    j = torch.arange(NS, device=imp.device)
+    forced = is_forced(forced_blocks, j[None, :], positions.to(imp.device)[:, None], ls)[None, :, None, :]
+    return top_n(torch.where(forced, torch.zeros_like(imp), imp), positions, n, ls, "none")
+
+
 def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: str,
-                 canonical: bool = True) -> torch.Tensor:
+                 canonical: bool = True, others: bool = False) -> torch.Tensor:
     """``top_n`` as one cuTile kernel (``TOPN_KERNEL``; same rule and tie order), then the canonical
     ascending order (a sort of the small ``[B,TQ,H,n]`` result). ``imp`` needs to be defined only on
     the candidate columns ``j*l' <= p`` of each row. ``canonical=False``: the kernel's int32
-    ``[B,TQ,H,pow2(n)]`` in pick order, -1 padded (enough for the selection kernels; no sort)."""
+    ``[B,TQ,H,pow2(n)]`` in pick order, -1 padded (enough for the selection kernels; no sort).
+    ``others``: ``top_n_others`` (streaming kernel only)."""
     _, K = _ct()
     B, TQ, H, NS = imp.shape
     NOUT = pow2(n)
     out = torch.empty((B, TQ, H, NOUT), device=imp.device, dtype=torch.int32)
     forced = K.FORCED_KINDS.index(forced_blocks)
+    if others and TOPN_KERNEL != "stream":
+        raise ValueError(f"top_n_cutile(others=True) needs TOPN_KERNEL='stream', not {TOPN_KERNEL!r}")
     if TOPN_KERNEL == "stream":
         TR, CW = TOPN_STREAM_TILE
         CW = min(CW, pow2(NS))
         _launch(K.topn_stream_kernel, (-(-TQ // TR), B * H, 1),
-                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced))
+                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced, others))
     else:
         NSP = pow2(NS)
         TR = max(1, min(64, 8192 // NSP))
@@ -371,6 +439,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
+    shared = "topk_idx" not in keep and shares_forced(case)
     if "swa_o" in want and case.window > 0:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
@@ -381,14 +450,30 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
-            if TOPN_IMPL == "cutile":
+            if shared and given_idx is None:
+                n_others = case.top_n - max_forced(case.forced_blocks)
+                out["others_idx"] = top_n_cutile(imp, T - q.shape[1], max(n_others, 1), ls, case.forced_blocks,
+                                                 canonical=False, others=True)
+            elif TOPN_IMPL == "cutile":
                 out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks,
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
-        idx = given_idx if given_idx is not None else out["topk_idx"]
-        if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
+        idx = given_idx if given_idx is not None else out.get("topk_idx")
+        fused = "o" in want and FUSE_GATES
+        if idx is None:        # the shared-forced path: forced blocks by rule + the top-n of the others
+            n_others = case.top_n - max_forced(case.forced_blocks)
+            gated = (out["cmp_o"], out.get("swa_o"), *gates) if fused else None
+            res = selection_forced(q, k, v, out.pop("others_idx"), n_others, ls, scale, case.forced_blocks,
+                                   gated=gated, want_slc="slc_o" in keep or not fused)
+            if fused:
+                slc, out["o"] = res
+                if slc is not None:
+                    out["slc_o"] = slc
+            else:
+                out["slc_o"] = res
+        elif fused and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:

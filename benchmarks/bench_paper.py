@@ -47,7 +47,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
-            "SHARE_FORCED", "FORCED_TILE_QUERIES", "FORCED_HINTS", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
+            "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
 
 
 def config_note() -> str:
@@ -89,13 +89,6 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = Fals
                 [("chunked", 64, 2), ("union", 64, None), ("union", 64, 2), ("union", 128, None), ("union", 128, 2)],
                 f"selection kernel (chunked = {chunked}, or union of UNION_ROWS // 16 queries)",
                 [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
-    others = F.top_n_cutile(F.compression(xs[0].q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2],
-                            0, 13, 64, "initial_local", canonical=False, others=True)
-    best_of(("FORCED_TILE_QUERIES", "FORCED_HINTS"),
-            [(4, {"occupancy": 2}), (4, {}), (4, {"occupancy": 1, "num_worker_warps": 8}), (2, {"occupancy": 2}),
-             (2, {}), (2, {"occupancy": 1}), (8, {"occupancy": 1, "num_worker_warps": 8})],
-            "shared-forced selection (queries per tile, hints)",
-            [lambda x=x: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local") for x in xs])
     if not tiles:
         return
     best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
@@ -136,7 +129,7 @@ def selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_
         with F.flags(UNION_OCCUPANCY=occ):
             run(case, f"inhouse_cutile.selection (union of 4 queries, occ={occ})", "kernel", ("slc_o",),
                 [lambda x=x: F.selection_union(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-    with F.flags(DEFAULT_SELECTION="chunked" if F.DEFAULT_SELECTION == "union" else "union", SHARE_FORCED=False):
+    with F.flags(DEFAULT_SELECTION="chunked" if F.DEFAULT_SELECTION == "union" else "union"):
         both_forwards(f"inhouse_cutile ({F.DEFAULT_SELECTION} selection)")
     run(case, "inhouse_cutile.selection (per query)", "kernel", ("slc_o",),
         [lambda x=x: F.selection(x.q, x.k, x.v, idx32, 64, scale) for x in xs], group=g_sel)
@@ -214,30 +207,23 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        # the previous path, same run: forced blocks loaded per query, every key tile of the dense kernels masked
-        with F.flags(SHARE_FORCED=False, DENSE_MASK_ALL=True):
-            both_forwards("inhouse_cutile (previous: forced blocks per query, all key tiles masked)")
-        with F.flags(SHARE_FORCED=not F.SHARE_FORCED):
-            both_forwards(f"inhouse_cutile (SHARE_FORCED={not F.SHARE_FORCED})")
-        with F.flags(DENSE_MASK_ALL=not F.DENSE_MASK_ALL):
-            both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={not F.DENSE_MASK_ALL})")
+        # the previous path, same run: the top-n extracts the forced blocks too, every key tile of the dense
+        # kernels masked; then each of the two changes alone
+        with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):
+            both_forwards("inhouse_cutile (previous: forced blocks extracted by the top-n, all key tiles masked)")
+        flip = not F.TOPN_FORCED_BY_RULE
+        with F.flags(TOPN_FORCED_BY_RULE=flip):
+            both_forwards(f"inhouse_cutile (TOPN_FORCED_BY_RULE={flip})")
+        flip = not F.DENSE_MASK_ALL
+        with F.flags(DENSE_MASK_ALL=flip):
+            both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={flip})")
         if not args.quick:
             # the previous paths of earlier runs (separate gate pass, whole-row top-n, zero-filled importance)
-            with F.flags(FUSE_GATES=False, TOPN_KERNEL="packed", LAZY_IMPORTANCE=False, SHARE_FORCED=False):
+            with F.flags(FUSE_GATES=False, TOPN_KERNEL="packed", LAZY_IMPORTANCE=False):
                 both_forwards("inhouse_cutile (unfused: gate pass, whole-row top-n, zero fill)")
-            with F.flags(SEL_KEY_ROWS=not F.SEL_KEY_ROWS, SHARE_FORCED=False):
-                both_forwards(f"inhouse_cutile ({'keys' if F.SEL_KEY_ROWS else 'heads'}-on-rows selection)")
-        # the selection kernels on the same blocks: all 16 per query, or 13 per query + the forced ones per tile
-        others = F.top_n_cutile(F.compression(base.q, *F.mean_pool(base.k, base.v, 64, 64), T, 64, 64, "end_inclusive",
-                                              scale, want_importance=True)[2], 0, 13, 64, "initial_local",
-                                canonical=False, others=True)
-        run(case_nw, "inhouse_cutile.selection_forced + gates in the epilogue", "kernel", ("o",),
-            [lambda x=x, g=g: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local", gated=g,
-                                                 want_slc=False) for x, g in zip(xs, [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs])],
-            group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)), note="forced blocks once per query tile")
-        run(case, "inhouse_cutile.selection_forced", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_forced(x.q, x.k, x.v, others, 13, 64, scale, "initial_local") for x in xs],
-            group=g_sel, note="forced blocks once per query tile")
+            flip = not F.SEL_KEY_ROWS
+            with F.flags(SEL_KEY_ROWS=flip):
+                both_forwards(f"inhouse_cutile ({'keys' if flip else 'heads'}-on-rows selection)")
         gw = [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
         run(case_nw, "inhouse_cutile.selection (heads on MMA rows) + gates in the epilogue", "kernel",
             ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)

@@ -4,7 +4,7 @@
 # T when TUNE=1 (and the compression/window tiles when TUNE_TILES=1).
 #   carry: .device/env.sh (+ .device/oracles.tar.xz and external/ after a cutile staging call)
 #   env: TS (65536,16384,4096), TUNE (1), TUNE_TILES (0), SETS ("NAME=VALUE ..." flags for both steps),
-#        BENCH_TIMEOUT, CHECK_TIMEOUT (seconds; 0 skips that step)
+#        CHECK_PROFILE (gpu), CHECK_ARGS (e.g. --fast), BENCH_TIMEOUT, CHECK_TIMEOUT (seconds; 0 skips that step)
 set -u
 source .device/env.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} CUDA_TILE_CACHE_DIR=/tmp/cutile-cache
@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 SETARGS=""
 for s in ${SETS:-}; do SETARGS="$SETARGS --set $s"; done
 if [ "${CHECK_TIMEOUT:-150}" != 0 ]; then
-  timeout ${CHECK_TIMEOUT:-150} python benchmarks/inhouse_cutile_check.py --profile gpu --workers 12 $SETARGS \
+  timeout ${CHECK_TIMEOUT:-150} python benchmarks/inhouse_cutile_check.py --profile ${CHECK_PROFILE:-gpu} --workers 14 \
+    ${CHECK_ARGS:-} $SETARGS \
     --out $OUTD/check.jsonl > $OUTD/check.log 2>&1
   echo "check rc=$?"
   grep -v "^PASS" $OUTD/check.log | head -20

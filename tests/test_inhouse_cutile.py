@@ -77,20 +77,19 @@ def test_top_n_is_forced_plus_top_n_of_the_others(forced, ls, T, q_off):
                 assert not f & set(others[r, h].tolist())
 
 
-@pytest.mark.parametrize("forced,tqb,q_off", [("initial_local", 4, 0), ("initial_local", 8, 3), ("current", 2, 5)])
-def test_forced_union_covers_exactly_the_forced_candidates_of_each_tile(forced, tqb, q_off):
+@pytest.mark.parametrize("forced,q_off", [("initial_local", 0), ("initial_local", 37), ("current", 5)])
+def test_forced_list_is_each_querys_forced_candidates(forced, q_off):
     from cases.conventions import is_forced, selection_candidate
-    from oracles.inhouse_cutile.forward import forced_union
+    from oracles.inhouse_cutile.forward import forced_list
     ls, T = 16, 150
     TQ, NS = T - q_off, -(-T // ls)
-    fu = forced_union(q_off, TQ, NS, ls, forced, tqb, "cpu")
-    assert fu.dtype == torch.int32 and fu.shape[0] == -(-TQ // tqb)
+    fl = forced_list(q_off, TQ, NS, ls, forced, "cpu")
+    assert fl.dtype == torch.int32 and fl.shape == (TQ, max_forced(forced))
     j = torch.arange(NS)
-    for qt in range(fu.shape[0]):
-        p = torch.arange(q_off + qt * tqb, min(q_off + (qt + 1) * tqb, T))[:, None]
-        want = set(j[(is_forced(forced, j[None], p, ls) & selection_candidate(j[None], p, ls)).any(0)].tolist())
-        got = fu[qt].tolist()
-        assert set(x for x in got if x >= 0) == want and got == sorted(x for x in got if x >= 0) + [-1] * got.count(-1)
+    for i in range(TQ):
+        p = q_off + i
+        want = j[is_forced(forced, j, p, ls) & selection_candidate(j, p, ls)].tolist()
+        assert fl[i].tolist() == want + [-1] * (fl.shape[1] - len(want))
 
 
 def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int) -> torch.Tensor:
@@ -287,7 +286,7 @@ def _params(kernel) -> list[str]:
 
 
 @pytest.mark.parametrize("gated,want_slc,window", [(False, True, False), (True, False, False), (True, True, True)])
-@pytest.mark.parametrize("impl", ["chunked", "union", "forced"])
+@pytest.mark.parametrize("impl", ["chunked", "union"])
 def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, gated, want_slc, window):
     """The host side of the gated selection kernels: one argument per kernel parameter, the epilogue
     flags in place, and the buffers it returns are the ones the kernel writes (CPU, no launch)."""
@@ -299,19 +298,12 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
     idx = torch.randint(0, T // 64, (B, T, H, n))
     g = [torch.rand(B, T, HQ) for _ in range(3)]
     cmp_o, swa_o = torch.randn(B, T, HQ, D), (torch.randn(B, T, HQ, D) if window else None)
-    gates = (cmp_o, swa_o, *g) if gated else None
-    if impl == "forced":
-        res = F.selection_forced(q, k, v, idx, n - 1, 64, 0.1, "initial_local", gated=gates, want_slc=want_slc)
-    else:
-        fn = F.selection_chunked if impl == "chunked" else F.selection_union
-        res = fn(q, k, v, idx, 64, 0.1, gated=gates, want_slc=want_slc)
+    fn = F.selection_chunked if impl == "chunked" else F.selection_union
+    res = fn(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
     (kernel, args), = calls
     names = _params(kernel)
     assert len(args) == len(names)
     a = dict(zip(names, args))
-    if impl == "forced":      # n-1 other blocks per query; the tile's forced blocks by rule
-        assert (a["NO"], a["TQB"], a["FORCED"]) == (n - 1, F.FORCED_TILE_QUERIES, 2)
-        assert a["IDX"].shape[1] % a["TQB"] == 0 and a["NFU"] == a["FU"].shape[1] == 3
     assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == (want_slc or not gated, gated, window)
     if gated:
         slc, o = res
@@ -335,40 +327,42 @@ def test_combine_gates_passes_the_three_gates(monkeypatch):
     assert a["THREE"] is False
 
 
-@pytest.mark.parametrize("branches,selection,window", [(("o",), "chunked", 32), (("o",), "chunked", 0),
-                                                       (("slc_o", "o"), "union", 32), (("o",), "per_query", 32),
-                                                       (("o",), "forced", 32), (("slc_o", "o"), "forced", 0),
-                                                       (("topk_idx", "o"), "forced", 32)])
-def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window):
+@pytest.mark.parametrize("branches,selection,window,by_rule", [
+    (("o",), "chunked", 32, True), (("o",), "chunked", 0, False), (("slc_o", "o"), "union", 32, True),
+    (("o",), "per_query", 32, True), (("topk_idx", "o"), "chunked", 32, True), (("o",), "chunked", 32, False)])
+def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule):
     """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated
     selection epilogue writes o (slc_o only when asked for), the gate kernel runs only for the
-    per-query kernel, the window kernel only when w > 0; "forced" (SHARE_FORCED) takes the
-    shared-forced kernel with the others-only top-n unless topk_idx is returned."""
+    per-query kernel, the window kernel only when w > 0; with TOPN_FORCED_BY_RULE and topk_idx not
+    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile import forward as F
     from oracles.inhouse_cutile import kernels as K
     calls = _launches(monkeypatch)
     case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
-    shared = selection == "forced"
-    if shared and "topk_idx" in branches:
-        selection = "chunked"
-    with F.flags(DEFAULT_SELECTION="chunked" if shared else selection, SHARE_FORCED=shared):
+    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule):
         out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
     assert set(out) == set(branches)
     names = [kernel for kernel, _ in calls]
     (topn_args,) = [args for kernel, args in calls if kernel is K.topn_stream_kernel]
     t = dict(zip(_params(K.topn_stream_kernel), topn_args))
-    assert (t["OTHERS"], t["N"]) == ((True, 4 - 3) if selection == "forced" else (False, 4))
+    others = by_rule and "topk_idx" not in branches
+    assert (t["OTHERS"], t["N"]) == ((True, 1) if others else (False, 4))
     sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
-                  "per_query": K.selection_kernel, "forced": K.selection_forced_kernel}[selection]
+                  "per_query": K.selection_kernel}[selection]
     dense = [args for kernel, args in calls if kernel is K.dense_branch_kernel]
     assert len(dense) == (2 if window else 1)                          # compression (+ window)
     assert K.mean_pool_kernel in names and K.topn_stream_kernel in names
     (sel_args,) = [args for kernel, args in calls          # occupancy-hinted kernels are copies of the same function
                    if kernel._annotated_function.pyfunc is sel_kernel._annotated_function.pyfunc]
+    a = dict(zip(_params(sel_kernel), sel_args))
+    idx = a.get("IDX", a.get("SEL"))
+    if others and selection != "union":   # l' = 64: forced = block 0, then cur-1 and cur once they exist
+        want = [sorted({0, c - 1, c} - {-1}) for c in (p // 64 for p in range(256))]
+        want = torch.tensor([w + [-1] * (3 - len(w)) for w in want], dtype=torch.int32)
+        assert torch.equal(idx[0, :, 0, :3], want)
     if selection == "per_query":
         assert K.gate_kernel in names
     else:
-        a = dict(zip(_params(sel_kernel), sel_args))
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]

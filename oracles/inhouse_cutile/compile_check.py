@@ -104,17 +104,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win]))
-    i32_2 = _arr(ct, ct.int32, 2)
-    for G, GP, TQB, CH, NO, NFU, LS, DP, FORCED, slc, gates, win in [
-            (16, 16, 4, 2, 13, 3, 64, 128, 2, False, True, False), (16, 16, 8, 2, 13, 3, 64, 128, 2, False, True, False),
-            (16, 16, 2, 2, 13, 3, 64, 128, 2, False, True, False),
-            (3, 16, 2, 2, 3, 2, 32, 64, 1, True, True, True), (1, 16, 4, 1, 4, 6, 16, 256, 2, True, False, False)]:
-        for name, kern in (("selection_forced", K.selection_forced_kernel),
-                           ("selection_forced_batched", K.selection_forced_batched_kernel)):
-            out.append((f"{name} G{G}/{GP} TQB{TQB} CH{CH} NO{NO} NFU{NFU} LS{LS} D{DP} forced{FORCED} slc={slc} "
-                        f"gates={gates} window={win}", kern,
-                        [a4, a4, a4, i32_4, i32_2, a4, a4, a4, a3, a3, a3, a4, f, i, i, NO, NFU, TQB, CH, LS, G, GP, DP,
-                         DP, FORCED, True, 2, 4, slc, gates, win]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
@@ -133,8 +122,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
 def _runtime_occupancy(label: str):
     """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
     from oracles.inhouse_cutile import forward as F
-    if label.startswith("selection_forced"):
-        return F.FORCED_HINTS.get("occupancy")
     if label.startswith(("selection_chunk", "selection_keyrows")):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):

@@ -243,51 +243,24 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
 
 
 @lru_cache(maxsize=16)
-def forced_union(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, tqb: int, device: str) -> torch.Tensor:
-    """Per tile of ``tqb`` consecutive queries (positions ``q_off + i``): the ascending union of their
-    forced candidate blocks (``is_forced`` and ``selection_candidate``) ``[ceil(TQ/tqb), NFU]`` int32,
-    -1 padded (NFU >= 1). Depends on shapes only, so it is computed once per shape (torch, on ``device``)."""
-    nqt = -(-TQ // tqb)
-    p = (q_off + torch.arange(nqt * tqb, device=device)).clamp(max=q_off + TQ - 1)[:, None]
+def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, device: str) -> torch.Tensor:
+    """The forced candidate blocks (``is_forced`` and ``selection_candidate``) of each query ``p = q_off + i``,
+    ascending, -1 padded: ``[TQ, max_forced]`` int32. Depends on shapes only: computed once per shape
+    (torch, on ``device``)."""
+    p = (q_off + torch.arange(TQ, device=device))[:, None]
     j = torch.arange(NS, device=device)[None, :]
-    m = (is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)).view(nqt, tqb, NS).any(1)
-    nfu = max(1, int(m.sum(1).max()))
-    fu = torch.where(m, j, NS).sort(1).values[:, :nfu]
-    return torch.where(fu == NS, -1, fu).to(torch.int32).contiguous()
+    m = is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)
+    f = torch.where(m, j, NS).sort(1).values[:, :max(1, max_forced(forced_blocks))]
+    return torch.where(f == NS, -1, f).to(torch.int32).contiguous()
 
 
-def selection_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, others: torch.Tensor, n_others: int,
-                     ls: int, scale: float, forced_blocks: str, gated: Optional[tuple] = None, want_slc: bool = True):
-    """Selection over each query's forced blocks + ``others[..., :n_others]`` (its top-n among the
-    other blocks, -1 = none; ``top_n_cutile(..., others=True)``) for a power-of-two ``l'``: the
-    forced blocks are loaded once per tile of ``FORCED_TILE_QUERIES`` queries
-    (``selection_forced_kernel``). ``gated``/``want_slc`` as in ``selection_chunked``."""
-    _, K = _ct()
-    B, TQ, HQ, D = q.shape
-    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
-    GP = max(pow2(G), MIN_SEL_ROWS)
-    TQB = FORCED_TILE_QUERIES
-    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls)))
-    sel = others.to(device=q.device, dtype=torch.int32)
-    pad_rows = -TQ % TQB
-    if pad_rows or sel.shape[-1] < max(n_others, 1):
-        sel = torch.nn.functional.pad(sel, (0, max(0, max(n_others, 1) - sel.shape[-1]), 0, 0, 0, pad_rows), value=-1)
-    fu = forced_union(T - TQ, TQ, num_sel_blocks(T, ls), ls, forced_blocks, TQB, str(q.device))
-    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    _launch(_hinted(K.selection_forced_kernel, **FORCED_HINTS), (-(-TQ // TQB), B * H, 1),
-            (q, k, v, sel.contiguous(), fu, *arrays, scale * LOG2E, T - TQ, T, n_others, fu.shape[1], TQB, CH, ls,
-             G, GP, pow2(D), pow2(DV), K.FORCED_KINDS.index(forced_blocks), SEL_TMA, *SEL_LATENCY, *flags))
-    return result
-
-
-def shares_forced(case: Case) -> bool:
-    """Whether ``nsa_forward`` takes the shared-forced-block path for ``case`` when it computes the
-    top-n itself and does not return it (``SHARE_FORCED``; power-of-two ``l'``, a forcing rule, n at
-    least its forced count, the streaming cuTile top-n)."""
-    k = max_forced(case.forced_blocks)
-    return (SHARE_FORCED and k > 0 and case.top_n >= k and pow2(case.block_size) == case.block_size
-            and TOPN_IMPL == "cutile" and TOPN_KERNEL == "stream")
+def forced_by_rule(case: Case) -> bool:
+    """Whether ``nsa_forward`` builds the selection blocks as the forced blocks (by rule, ``forced_list``)
+    + the top ``n - max_forced`` other blocks (``top_n_cutile(..., others=True)``) when it computes the
+    top-n itself and does not return it (``TOPN_FORCED_BY_RULE``; the streaming cuTile top-n). The same
+    set as the top-n (``tests/test_inhouse_cutile.py``), with fewer extraction steps."""
+    return (TOPN_FORCED_BY_RULE and max_forced(case.forced_blocks) > 0 and TOPN_IMPL == "cutile"
+            and TOPN_KERNEL == "stream")
 
 
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
@@ -303,9 +276,7 @@ TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packe
 TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-n kernel
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
-SHARE_FORCED = True    # nsa_forward: forced blocks once per query tile (selection_forced) when shares_forced(case)
-FORCED_TILE_QUERIES = 4  # queries per tile of selection_forced_kernel
-FORCED_HINTS = {"occupancy": 2}  # cuTile hints of selection_forced_kernel (occupancy, num_worker_warps)
+TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -439,7 +410,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
-    shared = "topk_idx" not in keep and shares_forced(case)
+    by_rule = "topk_idx" not in keep and forced_by_rule(case)
     if "swa_o" in want and case.window > 0:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
@@ -450,30 +421,24 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
-            if shared and given_idx is None:
-                n_others = case.top_n - max_forced(case.forced_blocks)
-                out["others_idx"] = top_n_cutile(imp, T - q.shape[1], max(n_others, 1), ls, case.forced_blocks,
-                                                 canonical=False, others=True)
+            q_off = T - q.shape[1]
+            if by_rule:       # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
+                mf = max_forced(case.forced_blocks)
+                B, TQ, H, NS = imp.shape
+                fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device))
+                parts = [fl[None, :, None, :].expand(B, TQ, H, mf)]
+                if case.top_n > mf:
+                    parts.append(top_n_cutile(imp, q_off, case.top_n - mf, ls, case.forced_blocks, canonical=False,
+                                              others=True)[..., :case.top_n - mf])
+                out["topk_idx"] = torch.cat(parts, -1)
             elif TOPN_IMPL == "cutile":
-                out["topk_idx"] = top_n_cutile(imp, T - q.shape[1], case.top_n, ls, case.forced_blocks,
+                out["topk_idx"] = top_n_cutile(imp, q_off, case.top_n, ls, case.forced_blocks,
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
-        idx = given_idx if given_idx is not None else out.get("topk_idx")
-        fused = "o" in want and FUSE_GATES
-        if idx is None:        # the shared-forced path: forced blocks by rule + the top-n of the others
-            n_others = case.top_n - max_forced(case.forced_blocks)
-            gated = (out["cmp_o"], out.get("swa_o"), *gates) if fused else None
-            res = selection_forced(q, k, v, out.pop("others_idx"), n_others, ls, scale, case.forced_blocks,
-                                   gated=gated, want_slc="slc_o" in keep or not fused)
-            if fused:
-                slc, out["o"] = res
-                if slc is not None:
-                    out["slc_o"] = slc
-            else:
-                out["slc_o"] = res
-        elif fused and DEFAULT_SELECTION in ("chunked", "union"):
+        idx = given_idx if given_idx is not None else out["topk_idx"]
+        if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:

@@ -295,15 +295,13 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
 
 
 def _cat4(ts, axis):
-    """Concatenate a tuple of 1, 2, 4 or 8 equal tiles along ``axis`` (ct.cat takes pairs)."""
+    """Concatenate a tuple of 1, 2 or 4 equal tiles along ``axis`` (ct.cat takes pairs)."""
     if len(ts) == 1:
         return ts[0]
     elif len(ts) == 2:
         return ct.cat((ts[0], ts[1]), axis)
-    elif len(ts) == 4:
-        return ct.cat((ct.cat((ts[0], ts[1]), axis), ct.cat((ts[2], ts[3]), axis)), axis)
     else:
-        return ct.cat((_cat4((ts[0], ts[1], ts[2], ts[3]), axis), _cat4((ts[4], ts[5], ts[6], ts[7]), axis)), axis)
+        return ct.cat((ct.cat((ts[0], ts[1]), axis), ct.cat((ts[2], ts[3]), axis)), axis)
 
 
 def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
@@ -358,61 +356,6 @@ def _chunk_step(q, K, V, IDX, b, i, hk, c, p, T, CH, LS, DP, DVP, TMA, LAT_K, LA
     s = ct.mma(q, k, ct.full((q.shape[0], CH * LS), 0.0, dtype=np.float32))
     vis = ok & selection_causal(p, key) & (key < T)
     return _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, q.dtype)
-
-
-@ct.kernel
-def selection_forced_kernel(Q, K, V, IDX, FU, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
-                            NO: ConstInt, NFU: ConstInt, TQB: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt,
-                            GP: ConstInt, DP: ConstInt, DVP: ConstInt, FORCED: ConstInt, TMA: ConstBool,
-                            LAT_K: ConstInt, LAT_V: ConstInt, WRITE_SLC: ConstBool, GATES: ConstBool,
-                            WINDOW: ConstBool):
-    """Selection attention of TQB consecutive queries (tile ``bid(0)``) x the G heads of kv head
-    ``bid(1) % H``, with the forced blocks loaded once per tile instead of once per query.
-
-    Each query's other blocks ``IDX[b,i,h,:NO]`` (its top-n with the forced blocks left out, -1 = none)
-    are taken CH at a time as in ``selection_chunk_kernel`` (one GP-row state per query); then the
-    per-query states are stacked into one ``TQB*GP``-row state and the tile's forced blocks
-    ``FU[qt,:NFU]`` (the union over its queries, -1 = none) are each loaded once and applied to all
-    rows, a row keeping the block iff ``is_forced`` and ``selection_candidate`` hold for its query.
-    Same epilogue as ``selection_chunk_kernel`` (``NQ = TQB``)."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    p0 = q_off + qt * TQB
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    ms = ()
-    ls = ()
-    accs = ()
-    for t in ct.static_iter(range(TQB)):
-        i = qt * TQB + t
-        q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
-        m_i, l_i, acc = _softmax_state(GP, DVP)
-        for c in range(NO // CH):
-            m_i, l_i, acc = _chunk_step(q, K, V, IDX, b, i, hk, c, p0 + t, T, CH, LS, DP, DVP, TMA, LAT_K, LAT_V,
-                                        qk_scale2, m_i, l_i, acc)
-        if NO % CH != 0:      # the last block alone (index NO-1 in steps of one block)
-            m_i, l_i, acc = _chunk_step(q, K, V, IDX, b, i, hk, NO - 1, p0 + t, T, 1, LS, DP, DVP, TMA, LAT_K, LAT_V,
-                                        qk_scale2, m_i, l_i, acc)
-        ms += (m_i,)
-        ls += (l_i,)
-        accs += (acc,)
-    M = TQB * GP
-    m_i = _cat4(ms, 0)
-    l_i = _cat4(ls, 0)
-    acc = _cat4(accs, 0)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
-    pos = (p0 + ct.arange(M, dtype=np.int32) // GP)[:, None]
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    for u in range(NFU):
-        j = ct.load(FU, index=(qt, u), shape=())
-        jj = ct.maximum(j, 0)
-        k, v = _selected_kv(K, V, b, hk, jj, jj * LS, T, LS, LS, DP, DVP, True)
-        s = ct.mma(q, k, ct.full((M, LS), 0.0, dtype=np.float32))
-        key = jj * LS + offs
-        vis = (j >= 0) & _forced(FORCED, jj, pos, LS) & selection_candidate(jj, pos, LS) \
-            & selection_causal(pos, key) & (key < T)
-        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    out = _softmax_finish(acc, l_i)
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
 
 
 def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):
@@ -488,71 +431,6 @@ def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scal
     has = l_i > 0.0
     out = ct.transpose(ct.where(has, accT / ct.where(has, l_i, 1.0), 0.0))
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-@ct.kernel
-def selection_forced_batched_kernel(Q, K, V, IDX, FU, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int,
-                                    T: int, NO: ConstInt, NFU: ConstInt, TQB: ConstInt, CH: ConstInt, LS: ConstInt,
-                                    G: ConstInt, GP: ConstInt, DP: ConstInt, DVP: ConstInt, FORCED: ConstInt,
-                                    TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt, WRITE_SLC: ConstBool,
-                                    GATES: ConstBool, WINDOW: ConstBool):
-    """``selection_forced_kernel`` with the TQB queries as the batch axis of 3-D tiles: one online-softmax
-    state ``[TQB, GP, *]``, each step taking CH other blocks of every query (batched MMAs ``[TQB, GP, DP] @
-    [TQB, DP, CH*LS]``), then the forced blocks (one K/V tile for the whole batch). Same result."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    p0 = q_off + qt * TQB
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((TQB, GP, DP))
-    pos = (p0 + ct.arange(TQB, dtype=np.int32)).reshape((TQB, 1, 1))
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i = ct.full((TQB, GP, 1), NEG, dtype=np.float32)
-    l_i = ct.full((TQB, GP, 1), 0.0, dtype=np.float32)
-    acc = ct.full((TQB, GP, DVP), 0.0, dtype=np.float32)
-    for c in range(NO // CH):
-        m_i, l_i, acc = _batched_step(q, K, V, IDX, b, qt, hk, c, pos, T, TQB, CH, LS, DP, DVP, TMA, LAT_K, LAT_V,
-                                      qk_scale2, m_i, l_i, acc)
-    if NO % CH != 0:
-        m_i, l_i, acc = _batched_step(q, K, V, IDX, b, qt, hk, NO - 1, pos, T, TQB, 1, LS, DP, DVP, TMA, LAT_K, LAT_V,
-                                      qk_scale2, m_i, l_i, acc)
-    for u in range(NFU):
-        j = ct.load(FU, index=(qt, u), shape=())
-        jj = ct.maximum(j, 0)
-        k, v = _selected_kv(K, V, b, hk, jj, jj * LS, T, LS, LS, DP, DVP, True)
-        s = ct.mma(q, k, ct.full((TQB, GP, LS), 0.0, dtype=np.float32))
-        key = (jj * LS + offs).reshape((1, 1, LS))
-        vis = (j >= 0) & _forced(FORCED, jj, pos, LS) & selection_candidate(jj, pos, LS) \
-            & selection_causal(pos, key) & (key < T)
-        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    out = _softmax_finish(acc, l_i).reshape((TQB * GP, DVP))
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-def _batched_step(q, K, V, IDX, b, qt, hk, c, pos, T, TQB, CH, LS, DP, DVP, TMA, LAT_K, LAT_V, qk_scale2, m_i, l_i, acc):
-    """One step of ``selection_forced_batched_kernel``: blocks ``c*CH ..`` of each of the TQB queries of
-    tile ``qt`` as ``K^T`` ``[TQB, DP, CH*LS]`` / ``V`` ``[TQB, CH*LS, DVP]``, one batched softmax update."""
-    jv = ct.load(IDX, index=(b, qt, hk, c), shape=(1, TQB, 1, CH)).reshape((TQB, CH))
-    ks = ()
-    vs = ()
-    for t in ct.static_iter(range(TQB)):
-        kq = ()
-        vq = ()
-        for u in ct.static_iter(range(CH)):
-            j = ct.maximum(jv.extract((t, u), (1, 1)).item(), 0)
-            kq += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1), padding_mode=ZERO,
-                           latency=LAT_K, allow_tma=TMA).reshape((1, DP, LS)),)
-            vq += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO, latency=LAT_V,
-                           allow_tma=TMA).reshape((1, LS, DVP)),)
-        ks += (_cat4(kq, 2),)
-        vs += (_cat4(vq, 1),)
-    k = _cat4(ks, 0)
-    v = _cat4(vs, 0)
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    key = (jv.reshape((TQB, CH, 1)) * LS + offs).reshape((TQB, 1, CH * LS))
-    ok = ct.broadcast_to((jv >= 0).reshape((TQB, CH, 1)), (TQB, CH, LS)).reshape((TQB, 1, CH * LS))
-    s = ct.mma(q, k, ct.full((TQB, q.shape[1], CH * LS), 0.0, dtype=np.float32))
-    vis = ok & selection_causal(pos, key) & (key < T)
-    return _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, q.dtype)
 
 
 FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_kernel

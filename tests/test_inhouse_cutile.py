@@ -77,11 +77,13 @@ def test_top_n_is_forced_plus_top_n_of_the_others(forced, ls, T, q_off):
                 assert not f & set(others[r, h].tolist())
 
 
-@pytest.mark.parametrize("forced,q_off", [("initial_local", 0), ("initial_local", 37), ("current", 5)])
-def test_forced_list_is_each_querys_forced_candidates(forced, q_off):
+@pytest.mark.parametrize("forced,q_off,ls,T", [("initial_local", 0, 16, 150), ("initial_local", 37, 16, 150),
+                                               ("current", 5, 16, 150), ("initial_local", 0, 64, 100),
+                                               ("initial_local", 0, 64, 40)])
+def test_forced_list_is_each_querys_forced_candidates(forced, q_off, ls, T):
+    """Also when the sequence has fewer blocks than forced slots (T = 100 or 40 with l' = 64)."""
     from cases.conventions import is_forced, selection_candidate
     from oracles.inhouse_cutile.forward import forced_list
-    ls, T = 16, 150
     TQ, NS = T - q_off, -(-T // ls)
     fl = forced_list(q_off, TQ, NS, ls, forced, "cpu")
     assert fl.dtype == torch.int32 and fl.shape == (TQ, max_forced(forced))

@@ -247,10 +247,12 @@ def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, devic
     """The forced candidate blocks (``is_forced`` and ``selection_candidate``) of each query ``p = q_off + i``,
     ascending, -1 padded: ``[TQ, max_forced]`` int32. Depends on shapes only: computed once per shape
     (torch, on ``device``)."""
+    mf = max(1, max_forced(forced_blocks))
     p = (q_off + torch.arange(TQ, device=device))[:, None]
     j = torch.arange(NS, device=device)[None, :]
     m = is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)
-    f = torch.where(m, j, NS).sort(1).values[:, :max(1, max_forced(forced_blocks))]
+    f = torch.where(m, j, NS).sort(1).values[:, :mf]
+    f = torch.nn.functional.pad(f, (0, mf - f.shape[1]), value=NS)      # fewer blocks than forced slots
     return torch.where(f == NS, -1, f).to(torch.int32).contiguous()
 
 

@@ -193,6 +193,8 @@ def test_kernels_compile_for_sm90(capsys, tmp_path):
     assert stats[0]["mma_shapes"] == "m16n8k16" and int(stats[0]["tma"]) > 0 and stats[0]["wgmma"] == "0"
     assert stats[1]["mma_shapes"] == "m64n16k16" and int(stats[1]["tma"]) > 0
     assert all(int(s["smem_bytes"]) <= 114 * 1024 for s in stats)
+    # ptxas -v on the embedded PTX: 256 threads x 128 registers, no spills (the layout two CTAs per SM need)
+    assert (stats[0]["threads"], stats[0]["registers"], stats[0]["spill_stores"]) == ("256", "128", "0")
     # --ptx: the PTX body of each variant, for diffing a kernel refactor
     out = tmp_path / "ptx"
     assert main(["bfloat16", "CH2 NP16 LS64 D128 slc=False", "--ptx", str(out)]) == 0

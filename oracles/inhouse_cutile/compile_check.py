@@ -5,8 +5,9 @@ and tileiras/ptxas 13.4 (``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13
 nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any
 device time is spent. ``--stats`` compiles with the alignment the runtime sees for contiguous
 tensors (strides divisible by 8 elements; without it cuTile falls back to plain 16-bit loads, no
-TMA) and prints, from the PTX embedded in each cubin, the static shared memory per CTA and the
-counts of ``wgmma`` / ``mma.sync`` / ``ldmatrix`` / TMA (``cp.async.bulk.tensor``) instructions.
+TMA) and prints, from the PTX embedded in each cubin, the static shared memory per CTA, the
+counts of ``wgmma`` / ``mma.sync`` / ``ldmatrix`` / TMA (``cp.async.bulk.tensor``) instructions and,
+from ``ptxas -v`` on that PTX, threads per CTA, registers per thread and spill bytes.
 ``--ptx DIR`` writes each variant's PTX without its debug part (same alignment) to ``DIR/NN.ptx``:
 run it before and after a kernel refactor and ``diff -r`` the folders.
 """
@@ -51,10 +52,51 @@ def ptx_body(cubin: bytes) -> str:
     return "\n".join(s.strip() for s in re.split(r"[;\n]", ptx) if s.strip() and not s.strip().startswith(".file"))
 
 
+def _ptxas() -> str | None:
+    """The ptxas of the 13.4 toolchain (on PATH, or beside tileiras in the ``nvidia`` wheels), or None."""
+    import importlib.util
+    import os
+    import shutil
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "cu13", "bin", "ptxas")
+        if os.path.exists(path):
+            return path
+    return shutil.which("ptxas")
+
+
+def ptxas_resources(cubin: bytes) -> dict:
+    """Threads per CTA, registers per thread and spill bytes of the cubin's kernel, from ``ptxas -v`` on the
+    PTX that cuTile embeds (the same PTX tileiras assembled); empty when ptxas is not found."""
+    import subprocess
+    import tempfile
+    ptxas = _ptxas()
+    ptx = next((data for name, data, _ in _sections(cubin) if name == ".nv_debug_ptx_txt"), b"")
+    ptx = ptx.decode(errors="replace").replace("\0", "\n")
+    if not ptxas or not ptx:
+        return {}
+    cut = ptx.find(".section")
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/k.ptx", "w") as f:
+            f.write(ptx[:cut] if cut >= 0 else ptx)
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                           capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    out = {}
+    for key, pat in (("threads", r"\.reqntid\s+(\d+)"), ("registers", r"Used (\d+) registers"),
+                     ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")):
+        m = re.search(pat, ptx if key == "threads" else log)
+        if m:
+            out[key] = int(m.group(1))
+    return out
+
+
 def cubin_stats(cubin: bytes) -> dict:
-    """Static shared memory per CTA and instruction counts from the PTX that cuTile embeds in a cubin."""
+    """Static shared memory per CTA and instruction counts from the PTX that cuTile embeds in a cubin, and
+    ``ptxas_resources`` (threads, registers, spills)."""
     out = {"smem_bytes": sum(size for name, _, size in _sections(cubin)
                              if name.startswith(".nv.shared.") and "reserved" not in name)}
+    out.update(ptxas_resources(cubin))
     ptx = ptx_body(cubin)
     for key, pat in (("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"\bmma\.sync"), ("ldmatrix", r"ldmatrix"),
                      ("tma", r"cp\.async\.bulk\.tensor"), ("ld.global", r"ld\.global")):

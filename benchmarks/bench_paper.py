@@ -47,7 +47,8 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
-            "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "WINDOW_TILE", "TOPN_STREAM_TILE")
+            "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
 
 
 def config_note() -> str:
@@ -79,10 +80,13 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = Fals
         F.set_flags(**dict(zip(names, options[win])))
         print(f"TUNED {label}: {options[win]} ({times[win]:.3f} ms of {len(times)} tried)", flush=True)
 
-    best_of(("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY"),
-            [(2, 2, (2, 4)), (2, 2, (3, 3)), (1, 4, (2, 4))],
-            "selection (CH, occupancy, latency)",
+    best_of(("CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "SEL_WORKER_WARPS"),
+            [(2, 2, (2, 4), None), (2, 2, (3, 3), None), (2, 2, (2, 4), 8), (2, 1, (2, 4), 8)],
+            "selection (CH, occupancy, latency, worker warps)",
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs])
+    imp = F.compression(xs[0].q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
+    best_of(("TOPN_HINTS",), [({},), ({"num_worker_warps": 8},), ({"occupancy": 4},)], "top-n (hints)",
+            [lambda: F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)])
     chunked = (F.CHUNK_BLOCKS, F.SEL_OCCUPANCY, F.SEL_LATENCY)
     if not quick:
         best_of(("DEFAULT_SELECTION", "UNION_ROWS", "UNION_OCCUPANCY"),
@@ -91,10 +95,13 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = Fals
                 [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, 64, scale) for x in xs])
     if not tiles:
         return
-    best_of(("CMP_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "compression+importance tile",
+    tiles_hints = [((64, 64), {}), ((64, 64), {"num_worker_warps": 8}), ((128, 64), {"num_worker_warps": 8}),
+                   ((128, 64), {"occupancy": 1, "num_worker_warps": 8}), ((128, 128), {"occupancy": 1, "num_worker_warps": 8}),
+                   ((64, 128), {"num_worker_warps": 8})]
+    best_of(("CMP_TILE", "CMP_HINTS"), tiles_hints, "compression+importance (tile, hints)",
             [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                        importance_fill=None) for x in xs])
-    best_of(("WINDOW_TILE",), [((64, 64),), ((64, 128),), ((128, 64),), ((128, 128),)], "window tile",
+    best_of(("WINDOW_TILE", "WINDOW_HINTS"), tiles_hints, "window (tile, hints)",
             [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs])
 
 

@@ -32,6 +32,8 @@ from cases.tensors import Inputs, canonical_order
 LOG2E = 1.0 / math.log(2.0)
 CMP_TILE = (64, 64)     # (rows = queries x heads, compressed blocks per step) of the compression kernel
 WINDOW_TILE = (64, 64)  # (rows, keys per step) of the sliding-window kernel
+CMP_HINTS: dict = {}    # cuTile hints (occupancy, num_worker_warps) of the compression kernel ({}: its own, occupancy 2)
+WINDOW_HINTS: dict = {}  # the same for the sliding-window kernel
 DENSE_MASK_ALL = False  # mask every key tile of the compression/window kernel (False: only tiles not seen whole)
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
 
@@ -89,7 +91,7 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     rows, key_tile = CMP_TILE if is_cmp else WINDOW_TILE
     TMQ = max(1, rows // GP)
     grid = (-(-TQ // TMQ), B * H, 1)
-    _launch(K.dense_branch_kernel, grid,
+    _launch(_hinted(K.dense_branch_kernel, **(CMP_HINTS if is_cmp else WINDOW_HINTS)), grid,
             (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
              G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL))
 
@@ -235,7 +237,8 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY)
+    kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
+                   num_worker_warps=SEL_WORKER_WARPS)
     _launch(kern, (TQ, B * H, 1),
             (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
              *SEL_LATENCY, *flags))
@@ -268,6 +271,8 @@ def forced_by_rule(case: Case) -> bool:
 CHUNK_BLOCKS = 2      # selected blocks per step of the chunked selection kernel (measured: 2 beats 4 and 1)
 SEL_TMA = True        # allow TMA for the selected K/V tiles (False: plain loads through L1)
 SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured: 2 beats default, 1 and 4)
+SEL_WORKER_WARPS: Optional[int] = None  # cuTile num_worker_warps hint of the selection kernel (None: compiler's)
+TOPN_HINTS: dict = {}  # cuTile hints of the streaming top-n kernel
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
 SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
@@ -392,7 +397,7 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
     if TOPN_KERNEL == "stream":
         TR, CW = TOPN_STREAM_TILE
         CW = min(CW, pow2(NS))
-        _launch(K.topn_stream_kernel, (-(-TQ // TR), B * H, 1),
+        _launch(_hinted(K.topn_stream_kernel, **TOPN_HINTS), (-(-TQ // TR), B * H, 1),
                 (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced, others))
     else:
         NSP = pow2(NS)

@@ -94,6 +94,32 @@ def test_forced_list_is_each_querys_forced_candidates(forced, q_off, ls, T):
         assert fl[i].tolist() == want + [-1] * (fl.shape[1] - len(want))
 
 
+@pytest.mark.parametrize("rule", [f"cmp:{m}" for m in ("end_inclusive", "current_block", "anti_causal", "end_exclusive")]
+                         + ["window:w", "window:w_plus_1"])
+@pytest.mark.parametrize("l,d,w", [(32, 16, 7), (16, 16, 64), (64, 64, 512)])
+def test_tile_fully_visible_iff_two_corners_are(rule, l, d, w):
+    """What ``kernels._tile_all_visible`` relies on: for every convention, a tile of keys ``c0..c1`` x
+    positions ``p0..p1`` is visible everywhere exactly when ``(c1, p0)`` and ``(c0, p1)`` are."""
+    from cases.conventions import CMP_MASKS, WINDOW_KEYS
+    kind, name = rule.split(":")
+    vis = (lambda c, p: CMP_MASKS[name](c, p, l, d)) if kind == "cmp" else (lambda c, p: WINDOW_KEYS[name](p, c, w))
+    g = torch.Generator().manual_seed(l + d + w)
+    n_full = 0
+    def rand(hi: int) -> int:
+        return int(torch.randint(0, max(1, hi), (1,), generator=g))
+    for _ in range(400):       # tiles around the rule's edges: blocks up to p/d (+ a few), keys near p - w .. p
+        p0 = rand(700)
+        c0 = rand(p0 // d + 4) if kind == "cmp" else max(0, p0 - rand(w + 12) + 4)
+        c1 = c0 + (rand(6) if kind == "cmp" else rand(min(70, w + 8)))
+        p1 = p0 + rand(20)
+        c, p = torch.arange(c0, c1 + 1)[None, :], torch.arange(p0, p1 + 1)[:, None]
+        full = bool(vis(c, p).all())
+        corners = bool(vis(torch.tensor(c1), torch.tensor(p0))) and bool(vis(torch.tensor(c0), torch.tensor(p1)))
+        assert full == corners, (rule, c0, c1, p0, p1)
+        n_full += full
+    assert 0 < n_full < 400       # both outcomes were exercised
+
+
 def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int) -> torch.Tensor:
     """The algorithm of ``topn_stream_kernel`` on packed keys ``[rows, cols]`` (-1 = not a candidate), in
     torch: a running top-n per tile of ``tr`` rows updated chunk by chunk, with as many extraction steps

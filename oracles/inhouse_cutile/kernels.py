@@ -338,24 +338,17 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
+    offs = ct.arange(LS, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(GP, DVP)
     for c in range(NP // CH):
-        m_i, l_i, acc = _chunk_step(q, K, V, IDX, b, i, hk, c, p, T, CH, LS, DP, DVP, TMA, LAT_K, LAT_V,
-                                    qk_scale2, m_i, l_i, acc)
+        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
+        key = (jv * LS + offs).reshape((1, CH * LS))
+        ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
+        s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
+        vis = ok & selection_causal(p, key) & (key < T)
+        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-def _chunk_step(q, K, V, IDX, b, i, hk, c, p, T, CH, LS, DP, DVP, TMA, LAT_K, LAT_V, qk_scale2, m_i, l_i, acc):
-    """One online-softmax step of query ``i`` (position ``p``, rows ``q`` ``[GP, DP]``) over its CH
-    selected blocks of step ``c`` (``_chunk_kv``; -1 slots and keys ``s > p`` masked)."""
-    jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    key = (jv * LS + offs).reshape((1, CH * LS))
-    ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
-    s = ct.mma(q, k, ct.full((q.shape[0], CH * LS), 0.0, dtype=np.float32))
-    vis = ok & selection_causal(p, key) & (key < T)
-    return _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, q.dtype)
 
 
 def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):

@@ -396,3 +396,44 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
+
+
+@pytest.mark.parametrize("branches,heads_q", [(("o",), 16), (("slc_o", "swa_o", "o"), 32), (("o",), 4)])
+def test_nsa_forward_window_inside_selection_launch(monkeypatch, branches, heads_q):
+    """``FUSE_WINDOW``: the window runs inside the gated selection kernel (one launch, every kernel parameter
+    passed, slc_o / swa_o stored only when returned, o from its epilogue); a group below the selection tile
+    (G = 4 < 16) keeps the separate window and selection kernels."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    from oracles.inhouse_cutile import kernels as K
+    calls = _launches(monkeypatch)
+    case = Case(seq_len=256, heads_q=heads_q, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=32,
+                window_keys="w_plus_1", dtype="bfloat16")
+    with F.flags(FUSE_WINDOW=True):
+        out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
+    assert set(out) == set(branches)
+    same = lambda a, b: a._annotated_function.pyfunc is b._annotated_function.pyfunc  # noqa: E731
+    dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
+    fused = [args for kernel, args in calls if same(kernel, K.selection_window_kernel)]
+    chunk = [args for kernel, args in calls if same(kernel, K.selection_chunk_kernel)]
+    if heads_q < F.MIN_SEL_ROWS:
+        assert len(fused) == 0 and len(dense) == 2 and len(chunk) == 1
+        return
+    assert len(fused) == 1 and len(dense) == 1 and len(chunk) == 0          # compression only
+    names = _params(K.selection_window_kernel)
+    assert len(fused[0]) == len(names)
+    a = dict(zip(names, fused[0]))
+    assert (a["W"], a["WMODE"], a["GP"], a["TMQ"]) == (32, K.MODE_OF_WINDOW_KEYS["w_plus_1"], heads_q, 64 // heads_q)
+    assert (a["WRITE_SLC"], a["WRITE_SWA"]) == ("slc_o" in branches, "swa_o" in branches)
+    assert out["o"] is a["OUT"]
+    if "slc_o" in branches:
+        assert out["slc_o"] is a["SLC"] and out["swa_o"] is a["SWA"] and out["o"].shape == out["swa_o"].shape
+
+
+def test_selection_window_refuses_small_groups():
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    q, k = torch.randn(1, 64, 4, 32), torch.randn(1, 64, 1, 32)
+    with pytest.raises(ValueError, match="pow2"):
+        F.selection_window(q, k, k, torch.zeros(1, 64, 1, 2, dtype=torch.long), 16, 0.1, 16, "w", q,
+                           (q[..., 0],) * 3)

@@ -48,16 +48,13 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
-            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "FUSE_WINDOW", "SELWIN_HINTS")
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
 
 
 def config_note() -> str:
     """The in-house kernel configuration in effect (module flags of ``forward``)."""
     from oracles.inhouse_cutile import forward as F
     return " ".join(f"{n}={getattr(F, n)!r}".replace(" ", "") for n in TUNABLES)
-
-
-SELWIN_OPTIONS = ({"occupancy": 2}, {"occupancy": 1}, {"num_worker_warps": 8}, {"occupancy": 2, "num_worker_warps": 8})
 
 
 def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = False) -> None:
@@ -214,12 +211,6 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        # the window inside the selection kernel (its tensor-core work beside the other programs' gathers)
-        flip = not F.FUSE_WINDOW
-        for hints in SELWIN_OPTIONS:
-            with F.flags(FUSE_WINDOW=flip, SELWIN_HINTS=hints):
-                run(case, f"inhouse_cutile (FUSE_WINDOW={flip}, hints {hints})", "e2e", ("o",),
-                    [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
         # the previous path, same run: the top-n extracts the forced blocks too, every key tile of the dense
         # kernels masked; then each of the two changes alone
         with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):
@@ -243,18 +234,6 @@ def main() -> int:
                      for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
         run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        # window + selection + gates: two kernels, or one (selection_window_kernel)
-        g_sw = "window + selection + gates on given idx"
-        gsw = [(x.q, x.q, x.g_cmp, x.g_slc, x.g_swa) for x in xs]
-        run(case, "sliding_window + selection_chunked(gated)", "kernel", ("slc_o", "swa_o"),
-            [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale,
-                                                  gated=(g[0], F.sliding_window(x.q, x.k, x.v, 512, "w", scale), *g[2:]),
-                                                  want_slc=False) for x, g in zip(xs, gsw)], group=g_sw)
-        for hints in SELWIN_OPTIONS:
-            with F.flags(SELWIN_HINTS=hints):
-                run(case, f"selection_window (one kernel, hints {hints})", "kernel", ("slc_o", "swa_o"),
-                    [lambda x=x: F.selection_window(x.q, x.k, x.v, idx, 64, scale, 512, "w", x.q,
-                                                    (x.g_cmp, x.g_slc, x.g_swa)) for x in xs], group=g_sw)
         if not args.quick:       # variants measured slower in earlier runs, and the probes
             selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel)
         uni, cnt = F.block_union(idx, 4)

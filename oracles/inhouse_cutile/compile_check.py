@@ -146,12 +146,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win]))
-    for G, GP, TMQ, CH, NP, LS, DP, slc, swa in [(16, 16, 4, 2, 16, 64, 128, False, False),
-                                                 (32, 32, 2, 2, 8, 32, 64, True, True)]:
-        out.append((f"selection_window G{G}/{GP} TMQ{TMQ} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} swa={swa}",
-                    K.selection_window_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, i, i, NP, CH, LS, G, GP, TMQ, 64, DP, DP,
-                     True, 2, 4, slc, swa, False]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
@@ -170,7 +164,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
 def _runtime_occupancy(label: str):
     """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
     from oracles.inhouse_cutile import forward as F
-    if label.startswith(("selection_chunk", "selection_keyrows", "selection_window")):
+    if label.startswith(("selection_chunk", "selection_keyrows")):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):
         return F.UNION_OCCUPANCY

@@ -230,7 +230,13 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     GP = max(pow2(G), MIN_SEL_ROWS)
-    sel, CH, NP = _chunks(idx, ls, q.device)
+    n = idx.shape[-1]
+    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    NP = -(-n // CH) * CH
+    sel = idx.to(device=q.device, dtype=torch.int32)
+    if NP != n:
+        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
+    sel = sel.contiguous()
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
@@ -238,58 +244,6 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
             (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
              *SEL_LATENCY, *flags))
     return result
-
-
-def _chunks(idx: torch.Tensor, ls: int, device) -> tuple[torch.Tensor, int, int]:
-    """The chunked selection's index input: ``(idx as int32 padded with -1 to NP slots, CH, NP)`` with CH
-    blocks per step (``CHUNK_BLOCKS``, at most 256 keys and at most the largest power of two <= n)."""
-    n = idx.shape[-1]
-    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
-    NP = -(-n // CH) * CH
-    sel = idx.to(device=device, dtype=torch.int32)
-    if NP != n:
-        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
-    return sel.contiguous(), CH, NP
-
-
-def window_fusable(case: Case, G: int) -> bool:
-    """Whether ``nsa_forward`` computes the sliding window inside the selection kernel
-    (``selection_window``): ``FUSE_WINDOW``, a window, the gated chunked selection, a power-of-two
-    ``l'`` and a group that fills the selection tile (``pow2(G) >= MIN_SEL_ROWS``, so both parts use the
-    same rows)."""
-    return (FUSE_WINDOW and FUSE_GATES and DEFAULT_SELECTION == "chunked" and case.window > 0
-            and pow2(case.block_size) == case.block_size and pow2(G) >= MIN_SEL_ROWS
-            and WINDOW_TILE[0] >= pow2(G))
-
-
-def selection_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int, scale: float,
-                     w: int, window_keys: str, cmp_o: torch.Tensor, gates, want_slc: bool = False,
-                     want_swa: bool = False):
-    """One kernel for the sliding window, the chunked selection and the gates (``selection_window_kernel``):
-    each program computes the window of a query tile, then the selection of each of its queries, and writes
-    ``o = g_cmp*cmp_o + g_slc*slc_o + g_swa*swa_o``. Returns ``(slc_o or None, swa_o or None, o)``; the
-    numbers are those of ``sliding_window`` + ``selection_chunked(gated=...)``. Needs ``pow2(G) >=
-    MIN_SEL_ROWS`` and a power-of-two ``l'`` (``window_fusable``)."""
-    _, K = _ct()
-    B, TQ, HQ, D = q.shape
-    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
-    GP = pow2(G)
-    if GP < MIN_SEL_ROWS or pow2(ls) != ls:
-        raise ValueError(f"selection_window needs pow2(G) >= {MIN_SEL_ROWS} and a power-of-two l' (G={G}, l'={ls})")
-    rows, TN = WINDOW_TILE
-    TMQ = max(1, rows // GP)
-    sel, CH, NP = _chunks(idx, ls, q.device)
-    shape = (B, TQ, HQ, DV)
-    slc = torch.empty(shape if want_slc else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
-    swa = torch.empty(shape if want_swa else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
-    o = torch.empty(shape, device=q.device, dtype=q.dtype)
-    gc, gs, gw = (g.contiguous() for g in gates)
-    _launch(_hinted(K.selection_window_kernel, **SELWIN_HINTS), (-(-TQ // TMQ), B * H, 1),
-            (q, k, v, sel, slc, cmp_o, swa, gc, gs, gw, o, scale * LOG2E, T - TQ, T, TQ, w,
-             K.MODE_OF_WINDOW_KEYS[window_keys], NP, CH, ls, G, GP, TMQ, TN, pow2(D), pow2(DV), SEL_TMA,
-             *SEL_LATENCY, want_slc, want_swa, DENSE_MASK_ALL))
-    return (slc if want_slc else None), (swa if want_swa else None), o
 
 
 @lru_cache(maxsize=16)
@@ -331,8 +285,6 @@ TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-FUSE_WINDOW = False    # nsa_forward: the window inside the gated selection kernel (selection_window, window_fusable)
-SELWIN_HINTS: dict = {"occupancy": 2}  # cuTile hints of selection_window_kernel
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -467,8 +419,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     by_rule = "topk_idx" not in keep and forced_by_rule(case)
-    fused_window = "o" in want and window_fusable(case, q.shape[2] // k.shape[2])
-    if "swa_o" in want and case.window > 0 and not fused_window:
+    if "swa_o" in want and case.window > 0:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
@@ -495,11 +446,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
-        if fused_window:
-            slc, swa, out["o"] = selection_window(q, k, v, idx, ls, scale, case.window, case.window_keys, out["cmp_o"],
-                                                  gates, want_slc="slc_o" in keep, want_swa="swa_o" in keep)
-            out.update({name: t for name, t in (("slc_o", slc), ("swa_o", swa)) if t is not None})
-        elif "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
+        if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:

@@ -118,12 +118,19 @@ def _tile_all_visible(IS_CMP, mode, c0, c1, p0, p1, NKEYS, L, DS, W):
     return (c1 < NKEYS) & _visible(IS_CMP, mode, c1, p0, L, DS, W) & _visible(IS_CMP, mode, c0, p1, L, DS, W)
 
 
-def _dense_rows(Q, K, V, b, hk, qt, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP,
-                IS_CMP, MASK_ALL):
-    """The online softmax of ``dense_branch_kernel`` for query tile ``qt`` of kv head ``hk``: TMQ queries x GP
-    heads (rows ``i_local*GP + g``) over the key tiles the tile touches. Returns ``(q, row_g, pos, p0, p1,
-    kt_lo, kt_hi, offs_n, m_i, l_i, acc)`` (base-2 running max ``m_i``, sum ``l_i``, fp32 ``acc``; the caller
-    finishes)."""
+@ct.kernel(occupancy=2)
+def dense_branch_kernel(Q, K, V, O, LSE, IMP,
+                        qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
+                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
+                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool):
+    """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
+    attention for TMQ queries x G heads of kv head ``bid(1) % H``.
+
+    ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
+    (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
+    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``."""
+    qt = ct.bid(0)
+    b, hk = _batch_head(K)
     M = TMQ * GP
     # queries of this tile and their positions
     p0 = q_off + qt * TMQ
@@ -133,6 +140,7 @@ def _dense_rows(Q, K, V, b, hk, qt, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE,
     row_g = rows % GP                          # head inside the group
     pos = (p0 + row_i)[:, None]                # [M,1]
     Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
     # key range touched by this tile (exact masking below)
     lo = 0
@@ -172,27 +180,6 @@ def _dense_rows(Q, K, V, b, hk, qt, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE,
                     latency=4).reshape((TN, DVP))
         acc = ct.mma(p.astype(Q.dtype), v, acc * alpha)
         m_i = m_new
-    return q, row_g, pos, p0, p1, kt_lo, kt_hi, offs_n, m_i, l_i, acc
-
-
-@ct.kernel(occupancy=2)
-def dense_branch_kernel(Q, K, V, O, LSE, IMP,
-                        qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
-                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
-                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool):
-    """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
-    attention for TMQ queries x G heads of kv head ``bid(1) % H``.
-
-    ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
-    (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
-    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    M = TMQ * GP
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
-    q, row_g, pos, p0, p1, kt_lo, kt_hi, offs_n, m_i, l_i, acc = _dense_rows(
-        Q, K, V, b, hk, qt, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP, MASK_ALL)
     has = l_i > 0.0
     l_safe = ct.where(has, l_i, 1.0)
     out = ct.where(has, acc / l_safe, 0.0)
@@ -348,13 +335,6 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
     unrounded ``slc_o``: ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
     i = ct.bid(0)
     b, hk = _batch_head(K)
-    out = _selection_rows(Q, K, V, IDX, b, i, hk, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA, LAT_K, LAT_V)
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-def _selection_rows(Q, K, V, IDX, b, i, hk, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA, LAT_K, LAT_V):
-    """``slc_o`` of query ``i`` (position ``q_off + i``), the GP heads of kv head ``hk``, as fp32 ``[GP, DVP]``: the
-    online softmax over its selected blocks ``IDX[b,i,hk,:]`` taken CH at a time (``_chunk_kv``)."""
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
@@ -367,43 +347,8 @@ def _selection_rows(Q, K, V, IDX, b, i, hk, qk_scale2, q_off, T, NP, CH, LS, G, 
         s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
         vis = ok & selection_causal(p, key) & (key < T)
         m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    return _softmax_finish(acc, l_i)
-
-
-@ct.kernel
-def selection_window_kernel(Q, K, V, IDX, SLC, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
-                            TQ: int, W: int, WMODE: int, NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt,
-                            GP: ConstInt, TMQ: ConstInt, TN: ConstInt, DP: ConstInt, DVP: ConstInt, TMA: ConstBool,
-                            LAT_K: ConstInt, LAT_V: ConstInt, WRITE_SLC: ConstBool, WRITE_SWA: ConstBool,
-                            MASK_ALL: ConstBool):
-    """The sliding window and the selection of TMQ queries in one program, so that the tensor-core work of the
-    window runs beside the selection gathers of the other programs on the SM: first the window of query tile
-    ``bid(0)`` (``dense_branch_kernel``'s online softmax, MODE ``WMODE``, TMQ queries x GP heads of kv head
-    ``bid(1) % H``), then the chunked selection of each of its queries (``_selection_rows``), each with the
-    gated epilogue ``OUT = GC*CMP + GS*slc_o + GW*swa_o``. ``swa_o`` stays in registers, rounded to the
-    output dtype as the separate path stores and re-reads it (``WRITE_SWA``: also stored); ``slc_o`` is
-    stored with ``WRITE_SLC``. Needs the window's and the selection's padded group sizes equal (GP)."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    _, _, _, _, _, _, _, _, m_w, l_w, acc_w = _dense_rows(Q, K, V, b, hk, qt, qk_scale2, q_off, TQ, T, 1, 1, W, WMODE,
-                                                          G, GP, TMQ, TN, DP, DVP, False, MASK_ALL)
-    swa = _softmax_finish(acc_w, l_w).astype(OUT.dtype)                       # [TMQ*GP, DVP]
-    if WRITE_SWA:
-        SWAv, hidx = _group_view(SWA, hk, G, GP)
-        ct.store(SWAv, index=(b, qt, hidx, 0), tile=swa.reshape((1, TMQ, GP, DVP)))
-    for t in ct.static_iter(range(TMQ)):
-        i = qt * TMQ + t
-        if i < TQ:
-            out = _selection_rows(Q, K, V, IDX, b, i, hk, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
-                                  LAT_K, LAT_V)
-            if WRITE_SLC:
-                SLCv, hidx = _group_view(SLC, hk, G, GP)
-                ct.store(SLCv, index=(b, i, hidx, 0), tile=out.reshape((1, 1, GP, DVP)).astype(SLC.dtype))
-            o = out * _gate_of(GS, b, i, hk, G, GP, 1) \
-                + _gate_of(GC, b, i, hk, G, GP, 1) * _rows_of(CMP, b, i, hk, G, GP, 1, DVP) \
-                + _gate_of(GW, b, i, hk, G, GP, 1) * swa.extract((t, 0), (GP, DVP)).astype(np.float32)
-            OUTv, hidx = _group_view(OUT, hk, G, GP)
-            ct.store(OUTv, index=(b, i, hidx, 0), tile=o.reshape((1, 1, GP, DVP)).astype(OUT.dtype))
+    out = _softmax_finish(acc, l_i)
+    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
 
 
 def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):

@@ -48,7 +48,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
-            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "SEL_KV_HEAD_MAJOR")
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
 
 
 def config_note() -> str:
@@ -211,9 +211,6 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        flip = not F.SEL_KV_HEAD_MAJOR
-        with F.flags(SEL_KV_HEAD_MAJOR=flip):     # the copy is part of the timed forward
-            both_forwards(f"inhouse_cutile (SEL_KV_HEAD_MAJOR={flip})")
         # the previous path, same run: the top-n extracts the forced blocks too, every key tile of the dense
         # kernels masked; then each of the two changes alone
         with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):
@@ -237,16 +234,6 @@ def main() -> int:
                      for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
         run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        hm = [(F.head_major(x.k), F.head_major(x.v)) for x in xs]      # copies made before timing
-        run(case, "inhouse_cutile.selection (chunked, head-major K/V copies)", "kernel", ("slc_o",),
-            [lambda x=x, kv=kv: F.selection_chunked(x.q, kv[0], kv[1], idx, 64, scale) for x, kv in zip(xs, hm)],
-            group=g_sel)
-        run(case, "inhouse_cutile.window (head-major K/V copies)", "kernel", ("swa_o",),
-            [lambda x=x, kv=kv: F.sliding_window(x.q, kv[0], kv[1], 512, "w", scale) for x, kv in zip(xs, hm)],
-            group="window w=512")
-        run(case, "head_major(k), head_major(v) (the copies)", "kernel", (),
-            [lambda x=x: (F.head_major(x.k), F.head_major(x.v)) for x in xs], group="parts")
-        del hm
         if not args.quick:       # variants measured slower in earlier runs, and the probes
             selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel)
         uni, cnt = F.block_union(idx, 4)

@@ -69,9 +69,6 @@ def check_case(case_json: str) -> dict:
         for sel in ("chunked",) if fast else ("per_query", "union", "chunked"):   # per query: separate gate kernel
             with fwd.flags(DEFAULT_SELECTION=sel):
                 other[sel] = nsa_forward(case, x, block_indices=given, branches=("slc_o", "o"))
-        with fwd.flags(SEL_KV_HEAD_MAJOR=not fwd.SEL_KV_HEAD_MAJOR):   # the selection on a head-major copy, or not
-            other[f"sel_kv_head_major={fwd.SEL_KV_HEAD_MAJOR}"] = nsa_forward(case, x, block_indices=given,
-                                                                              branches=("slc_o", "o"))
         # the cuTile top-n kernels against the torch implementation of the same rule, same importance;
         # with l = d = l' the kernels read an importance buffer whose unwritten part holds 3e38
         # (the production path leaves it uninitialised): a read outside the candidates would show

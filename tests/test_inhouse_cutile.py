@@ -396,26 +396,3 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
-
-
-def test_selection_reads_head_major_kv_when_asked(monkeypatch):
-    """``SEL_KV_HEAD_MAJOR``: the selection kernel gets k/v with the same values and shape, stored head-major
-    (one contiguous piece of memory per head); the compression and window kernels keep the caller's layout."""
-    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
-    calls = _launches(monkeypatch)
-    case = Case(seq_len=256, heads_q=16, heads_kv=2, head_dim=64, block_size=64, top_n=4, window=32, dtype="bfloat16")
-    x = materialize(case, "cpu")
-    with F.flags(SEL_KV_HEAD_MAJOR=True):
-        F.nsa_forward(case, x, branches=("o",))
-    same = lambda a, b: a._annotated_function.pyfunc is b._annotated_function.pyfunc  # noqa: E731
-    (sel,) = [dict(zip(_params(K.selection_chunk_kernel), args)) for kernel, args in calls
-              if same(kernel, K.selection_chunk_kernel)]
-    for name, ref in (("K", x.k), ("V", x.v)):
-        t = sel[name]
-        assert t.shape == ref.shape and torch.equal(t, ref)
-        assert t.stride() == (256 * 2 * 64, 64, 256 * 64, 1)          # [B,H,T,D] memory
-    window = [dict(zip(_params(K.dense_branch_kernel), args)) for kernel, args in calls
-              if same(kernel, K.dense_branch_kernel) and not args[_params(K.dense_branch_kernel).index("IS_CMP")]]
-    assert len(window) == 1 and window[0]["K"].is_contiguous()

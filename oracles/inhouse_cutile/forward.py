@@ -285,7 +285,6 @@ TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-SEL_KV_HEAD_MAJOR = False  # nsa_forward: the selection reads a head-major copy of k and v (head_major)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -447,8 +446,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
-        if SEL_KV_HEAD_MAJOR:
-            k, v = head_major(k), head_major(v)
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
@@ -460,12 +457,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
 
 
 SELECTION_IMPL["per_query"] = selection
-
-
-def head_major(t: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B,T,H,D]`` with the same values and shape, stored head-major (``[B,H,T,D]`` memory), so that a
-    block of consecutive keys of one head is one contiguous piece of memory (``SEL_KV_HEAD_MAJOR``)."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def combine_gates(cmp_o: torch.Tensor, slc_o: torch.Tensor, swa_o: Optional[torch.Tensor], gates) -> torch.Tensor:

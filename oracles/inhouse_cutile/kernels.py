@@ -557,3 +557,59 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
             key = ct.where(key == m, -1, key)
     idx = ct.where((best < 0) | (cols >= N), -1, (NS - 1) - (best & 0xFFFFFFFF))
     ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))
+
+
+@ct.kernel
+def selection_forced_seq_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
+                                TQ: int, NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
+                                DP: ConstInt, DVP: ConstInt, TQB: ConstInt, FORCED: ConstInt, TMA: ConstBool,
+                                LAT_K: ConstInt, LAT_V: ConstInt, WRITE_SLC: ConstBool, GATES: ConstBool,
+                                WINDOW: ConstBool):
+    """Selection attention of TQB consecutive queries of one selection block (the caller guarantees they share
+    ``p // LS``), one after the other, G heads of kv head ``bid(1) % H`` each: the forced blocks of the block
+    (``FORCED`` 1 = current: ``b``; 2 = initial_local: ``0, b-1, b``; a slot repeating an earlier block or
+    below 0 is skipped) are loaded once for the TQB queries, then each query adds its ``IDX[b,i,h,:]`` (the
+    other blocks, -1 padded, CH per step as in ``selection_chunk_kernel``). A key of a forced slot counts for
+    a query iff ``is_forced`` and ``selection_candidate`` hold and ``s <= p``. Same epilogue as the chunked
+    kernel."""
+    qt = ct.bid(0)
+    b, hk = _batch_head(K)
+    b0 = (q_off + qt * TQB) // LS
+    if FORCED == 1:
+        js = (b0,)
+    else:
+        js = (0, b0 - 1, b0)
+    kfs = ()
+    vfs = ()
+    for s in ct.static_iter(range(len(js))):
+        j = ct.maximum(js[s], 0)
+        kfs += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1), padding_mode=ZERO,
+                        allow_tma=TMA).reshape((DP, LS)),)
+        vfs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
+                        allow_tma=TMA).reshape((LS, DVP)),)
+    offs = ct.arange(LS, dtype=np.int32)[None, :]
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    for t in range(TQB):
+        i = qt * TQB + t
+        if i < TQ:
+            p = q_off + i
+            q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
+            m_i, l_i, acc = _softmax_state(GP, DVP)
+            for s in ct.static_iter(range(len(js))):
+                j = js[s]
+                ok = (j >= 0) & _forced(FORCED, j, p, LS) & selection_candidate(j, p, LS)
+                for s2 in ct.static_iter(range(s)):
+                    ok = ok & (j != js[s2])
+                fkey = j * LS + offs
+                sc = ct.mma(q, kfs[s], ct.full((GP, LS), 0.0, dtype=np.float32))
+                vis = ok & selection_causal(p, fkey) & (fkey < T)
+                m_i, l_i, acc = _softmax_step(sc, vis, qk_scale2, m_i, l_i, acc, vfs[s], Q.dtype)
+            for c in range(NP // CH):
+                jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
+                key = (jv * LS + offs).reshape((1, CH * LS))
+                okc = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
+                scc = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
+                visc = okc & selection_causal(p, key) & (key < T)
+                m_i, l_i, acc = _softmax_step(scc, visc, qk_scale2, m_i, l_i, acc, v, Q.dtype)
+            out = _softmax_finish(acc, l_i)
+            _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)

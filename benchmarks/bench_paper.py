@@ -48,17 +48,13 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
-            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "SEL_FORCED_SEQ",
-            "FORCED_SEQ_QUERIES", "FORCED_SEQ_HINTS")
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
 
 
 def config_note() -> str:
     """The in-house kernel configuration in effect (module flags of ``forward``)."""
     from oracles.inhouse_cutile import forward as F
     return " ".join(f"{n}={getattr(F, n)!r}".replace(" ", "") for n in TUNABLES)
-
-
-FORCED_SEQ_OPTIONS = ((4, {}), (2, {}), (8, {}), (16, {}), (4, {"num_worker_warps": 8}), (8, {"num_worker_warps": 8}))
 
 
 def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = False) -> None:
@@ -215,10 +211,6 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        # the forced blocks of each selection block loaded once per TQB queries (selection_forced_seq_kernel)
-        for tqb, hints in FORCED_SEQ_OPTIONS:
-            with F.flags(SEL_FORCED_SEQ=True, FORCED_SEQ_QUERIES=tqb, FORCED_SEQ_HINTS=hints):
-                both_forwards(f"inhouse_cutile (SEL_FORCED_SEQ, {tqb} queries per program, hints {hints})")
         # the previous path, same run: the top-n extracts the forced blocks too, every key tile of the dense
         # kernels masked; then each of the two changes alone
         with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):

@@ -64,8 +64,6 @@ def check_case(case_json: str) -> dict:
         eo = nsa_forward(case, x, branches=("o",))   # own top-n handed to the selection unsorted (no topk_idx)
         with fwd.flags(TOPN_FORCED_BY_RULE=not fwd.TOPN_FORCED_BY_RULE):   # the other own-top-n path
             eo_alt = nsa_forward(case, x, branches=("o",))
-        with fwd.flags(TOPN_FORCED_BY_RULE=True, SEL_FORCED_SEQ=not fwd.SEL_FORCED_SEQ):   # forced blocks in-kernel or not
-            eo_seq = nsa_forward(case, x, branches=("o",))
         other = {}
         fast = os.environ.get("NSACONF_CHECK_FAST") == "1"
         for sel in ("chunked",) if fast else ("per_query", "union", "chunked"):   # per query: separate gate kernel
@@ -102,11 +100,6 @@ def check_case(case_json: str) -> dict:
         rec["branches"]["e2e_o_only.forced_by_rule_vs_top_n"] = {"err": err_alt, "base": berr_o, "bound": bound_o,
                                                                  "ok": ok_alt, "forced_by_rule": fwd.forced_by_rule(case)}
         rec["ok"] &= ok_alt
-        err_seq = _err(eo["o"], eo_seq["o"])
-        ok_seq = err_seq <= bound_o and not bool(torch.isnan(eo_seq["o"]).any())
-        rec["branches"]["e2e_o_only.forced_seq_toggle"] = {"err": err_seq, "base": berr_o, "bound": bound_o,
-                                                           "ok": ok_seq}
-        rec["ok"] &= ok_seq
         for label, out, ref in (("e2e", e2e, base), ("e2e_o_only", eo, base), ("e2e_o_only_alt", eo_alt, base),
                                 ("kernel", ker, base_k),
                                 ("o_only", oo, base_k), *((sel, res, base_k) for sel, res in other.items())):

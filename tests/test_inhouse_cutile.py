@@ -396,33 +396,3 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
-
-
-@pytest.mark.parametrize("seq_len,q_len,forced,fits", [(256, 256, "initial_local", True), (256, 256, "current", True),
-                                                       (256, 250, "initial_local", False), (256, 256, "none", False)])
-def test_selection_forced_seq_launch(monkeypatch, seq_len, q_len, forced, fits):
-    """``SEL_FORCED_SEQ``: with the forced blocks by rule, the selection kernel gets only the other blocks and
-    loads the forced ones itself (FORCED_SEQ_QUERIES queries of one block per program); tiles that would
-    straddle two blocks (q_off not a multiple of the tile) or no forcing rule keep the chunked kernel."""
-    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
-    calls = _launches(monkeypatch)
-    case = Case(seq_len=seq_len, q_len=q_len, heads_q=16, heads_kv=2, head_dim=64, block_size=64, top_n=5,
-                forced_blocks=forced, window=32, dtype="bfloat16")
-    with F.flags(SEL_FORCED_SEQ=True, FORCED_SEQ_QUERIES=4):
-        out = F.nsa_forward(case, materialize(case, "cpu"), branches=("o",))
-    same = lambda a, b: a._annotated_function.pyfunc is b._annotated_function.pyfunc  # noqa: E731
-    fseq = [dict(zip(_params(K.selection_forced_seq_kernel), args)) for kernel, args in calls
-            if same(kernel, K.selection_forced_seq_kernel)]
-    chunk = [args for kernel, args in calls if same(kernel, K.selection_chunk_kernel)]
-    if not fits:
-        assert not fseq and len(chunk) == 1
-        return
-    assert len(fseq) == 1 and not chunk
-    (a,) = fseq
-    assert len(a) == len(_params(K.selection_forced_seq_kernel))
-    n_other = 5 - max_forced(forced)
-    assert a["IDX"].shape[-1] == a["NP"] >= n_other and a["TQB"] == 4 and a["TQ"] == q_len
-    assert K.FORCED_KINDS[a["FORCED"]] == forced and out["o"] is a["OUT"]
-    assert bool((a["IDX"][..., n_other:] == -1).all())          # padding only after the others

@@ -146,12 +146,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win]))
-    for G, GP, CH, NP, LS, DP, TQB, FORCED, slc, gates, win in [(16, 16, 2, 14, 64, 128, 4, 2, False, True, False),
-                                                                (3, 16, 2, 4, 32, 64, 8, 1, True, True, True)]:
-        out.append((f"selection_forced_seq G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} TQB{TQB} forced{FORCED} slc={slc} "
-                    f"gates={gates} window={win}", K.selection_forced_seq_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, NP, CH, LS, G, GP, DP, DP, TQB, FORCED,
-                     True, 2, 4, slc, gates, win]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))

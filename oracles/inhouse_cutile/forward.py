@@ -230,7 +230,13 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // H
     GP = max(pow2(G), MIN_SEL_ROWS)
-    sel, CH, NP = _chunks(idx, ls, q.device)
+    n = idx.shape[-1]
+    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    NP = -(-n // CH) * CH
+    sel = idx.to(device=q.device, dtype=torch.int32)
+    if NP != n:
+        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
+    sel = sel.contiguous()
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
@@ -238,46 +244,6 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
             (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
              *SEL_LATENCY, *flags))
     return result
-
-
-def forced_seq_fits(case: Case, q_off: int) -> bool:
-    """Whether the selection can load each block's forced blocks once per FORCED_SEQ_QUERIES queries
-    (``selection_forced_seq``): ``SEL_FORCED_SEQ``, a forcing rule, a power-of-two ``l'`` that the tile
-    divides and tiles that start on a multiple of the tile (so a tile never straddles two blocks)."""
-    tqb = FORCED_SEQ_QUERIES
-    return (SEL_FORCED_SEQ and case.forced_blocks != "none" and pow2(case.block_size) == case.block_size
-            and case.block_size % tqb == 0 and q_off % tqb == 0)
-
-
-def selection_forced_seq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, others: torch.Tensor, ls: int,
-                         scale: float, forced_blocks: str, gated: Optional[tuple] = None, want_slc: bool = True):
-    """``selection_chunked`` on ``[forced blocks by rule | others]`` with the forced blocks of each selection
-    block loaded once per FORCED_SEQ_QUERIES queries (``selection_forced_seq_kernel``); ``others``
-    ``[B,TQ,H,n - max_forced]`` (-1 padded). The caller checks ``forced_seq_fits``."""
-    _, K = _ct()
-    B, TQ, HQ, D = q.shape
-    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
-    GP = max(pow2(G), MIN_SEL_ROWS)
-    sel, CH, NP = _chunks(others, ls, q.device)
-    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    tqb = FORCED_SEQ_QUERIES
-    _launch(_hinted(K.selection_forced_seq_kernel, **FORCED_SEQ_HINTS), (-(-TQ // tqb), B * H, 1),
-            (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, TQ, NP, CH, ls, G, GP, pow2(D), pow2(DV), tqb,
-             K.FORCED_KINDS.index(forced_blocks), SEL_TMA, *SEL_LATENCY, *flags))
-    return result
-
-
-def _chunks(idx: torch.Tensor, ls: int, device) -> tuple[torch.Tensor, int, int]:
-    """The chunked selection's index input: ``(idx as int32 padded with -1 to NP slots, CH, NP)`` with CH
-    blocks per step (``CHUNK_BLOCKS``, at most 256 keys and at most the largest power of two <= n)."""
-    n = idx.shape[-1]
-    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
-    NP = -(-n // CH) * CH
-    sel = idx.to(device=device, dtype=torch.int32)
-    if NP != n:
-        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
-    return sel.contiguous(), CH, NP
 
 
 @lru_cache(maxsize=16)
@@ -319,9 +285,6 @@ TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-SEL_FORCED_SEQ = False  # forced by rule: each block's forced blocks loaded once per FORCED_SEQ_QUERIES queries
-FORCED_SEQ_QUERIES = 4  # queries per program of selection_forced_seq_kernel (a power of two dividing l')
-FORCED_SEQ_HINTS: dict = {}  # cuTile hints of selection_forced_seq_kernel
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -454,7 +417,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
-    others = None     # the top n - max_forced other blocks (forced by rule)
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     by_rule = "topk_idx" not in keep and forced_by_rule(case)
     if "swa_o" in want and case.window > 0:
@@ -476,7 +438,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                 if case.top_n > mf:
                     parts.append(top_n_cutile(imp, q_off, case.top_n - mf, ls, case.forced_blocks, canonical=False,
                                               others=True)[..., :case.top_n - mf])
-                    others = parts[-1]
                 out["topk_idx"] = torch.cat(parts, -1)
             elif TOPN_IMPL == "cutile":
                 out["topk_idx"] = top_n_cutile(imp, q_off, case.top_n, ls, case.forced_blocks,
@@ -485,14 +446,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
-        if (given_idx is None and others is not None and "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked"
-                and forced_seq_fits(case, T - q.shape[1])):
-            slc, out["o"] = selection_forced_seq(q, k, v, others, ls, scale, case.forced_blocks,
-                                                 gated=(out["cmp_o"], out.get("swa_o"), *gates),
-                                                 want_slc="slc_o" in keep)
-            if slc is not None:
-                out["slc_o"] = slc
-        elif "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
+        if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:

@@ -48,7 +48,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
-            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "SEL_BOUNDED")
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
 
 
 def config_note() -> str:
@@ -211,9 +211,6 @@ def main() -> int:
                 group=g_full)
             run(case_nw, label, "e2e", ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                 group=g_nw, cost=hb.cost_of(case_nw, ("o",)))
-        flip = not F.SEL_BOUNDED
-        with F.flags(SEL_BOUNDED=flip):
-            both_forwards(f"inhouse_cutile (SEL_BOUNDED={flip})")
         # the previous path, same run: the top-n extracts the forced blocks too, every key tile of the dense
         # kernels masked; then each of the two changes alone
         with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):
@@ -237,14 +234,6 @@ def main() -> int:
                      for x, g in zip(xs, gw)], group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
         run(case, "inhouse_cutile.selection (chunked)", "kernel", ("slc_o",),
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-        with F.flags(SEL_BOUNDED=not F.SEL_BOUNDED):
-            run(case, f"inhouse_cutile.selection (chunked, SEL_BOUNDED={F.SEL_BOUNDED})", "kernel", ("slc_o",),
-                [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], group=g_sel)
-            run(case_nw, f"inhouse_cutile.selection (SEL_BOUNDED={F.SEL_BOUNDED}) + gates in the epilogue", "kernel",
-                ("o",), [lambda x=x, g=g: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale, gated=g, want_slc=False)
-                         for x, g in zip(xs, [(x.q, None, x.g_cmp, x.g_slc, x.g_swa) for x in xs])],
-                group=g_sel, cost=hb.cost_of(case_nw, ("slc_o",)))
-        run(case, "key_norm_max(k)", "kernel", (), [lambda x=x: F.key_norm_max(x.k) for x in xs], group="parts")
         if not args.quick:       # variants measured slower in earlier runs, and the probes
             selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel)
         uni, cnt = F.block_union(idx, 4)

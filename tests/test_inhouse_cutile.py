@@ -396,30 +396,3 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
-
-
-def test_bounded_selection_passes_the_key_norm_bound(monkeypatch):
-    """``SEL_BOUNDED``: the chunked selection launches ``selection_bounded_kernel`` with every parameter and
-    ``KMAX[b,h] = max_s |k[b,s,h]|`` (fp32), a bound on every score ``q.k <= |q| KMAX`` (Cauchy-Schwarz)."""
-    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
-    calls = _launches(monkeypatch)
-    g = torch.Generator().manual_seed(3)
-    B, T, HQ, H, D = 2, 128, 16, 2, 32
-    q, k, v = (torch.randn(B, T, n, D, generator=g) for n in (HQ, H, H))
-    k[1, 7, 1] *= 9.0                                        # one long key
-    idx = torch.randint(0, 2, (B, T, H, 4), generator=g)
-    with F.flags(SEL_BOUNDED=True):
-        F.selection_chunked(q, k, v, idx, 64, 0.2)
-    (kernel, args), = calls
-    assert kernel._annotated_function.pyfunc is K.selection_bounded_kernel._annotated_function.pyfunc
-    names = _params(K.selection_bounded_kernel)
-    a = dict(zip(names, args))
-    assert len(args) == len(names)
-    kmax = a["KMAX"]
-    assert kmax.shape == (B, H) and kmax.dtype == torch.float32
-    assert torch.allclose(kmax, k.norm(dim=-1).amax(dim=1))
-    scores = torch.einsum("bqhgd,bshd->bqhgs", q.view(B, T, H, HQ // H, D), k)
-    assert bool((scores <= q.view(B, T, H, HQ // H, D).norm(dim=-1)[..., None] * kmax[:, None, :, None, None]
-                 * (1 + 1e-6)).all())

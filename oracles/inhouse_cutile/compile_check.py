@@ -146,13 +146,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win]))
-    f32_2 = _arr(ct, ct.float32, 2)
-    for G, GP, CH, NP, LS, DP, slc, gates, win in [(16, 16, 2, 16, 64, 128, False, True, False),
-                                                   (3, 16, 2, 4, 32, 64, True, True, True)]:
-        out.append((f"selection_bounded G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",
-                    K.selection_bounded_kernel,
-                    [a4, a4, a4, i32_4, f32_2, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                     4, slc, gates, win]))
     for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
         out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
@@ -171,7 +164,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
 def _runtime_occupancy(label: str):
     """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
     from oracles.inhouse_cutile import forward as F
-    if label.startswith(("selection_chunk", "selection_keyrows", "selection_bounded")):
+    if label.startswith(("selection_chunk", "selection_keyrows")):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):
         return F.UNION_OCCUPANCY

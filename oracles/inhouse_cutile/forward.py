@@ -238,20 +238,12 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
     sel = sel.contiguous()
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    tail = (scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY, *flags)
-    if SEL_BOUNDED and not SEL_KEY_ROWS:
-        kern = _hinted(K.selection_bounded_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS)
-        _launch(kern, (TQ, B * H, 1), (q, k, v, sel, key_norm_max(k), *arrays, *tail))
-        return result
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
-    _launch(kern, (TQ, B * H, 1), (q, k, v, sel, *arrays, *tail))
+    _launch(kern, (TQ, B * H, 1),
+            (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
+             *SEL_LATENCY, *flags))
     return result
-
-
-def key_norm_max(k: torch.Tensor) -> torch.Tensor:
-    """``max_s |k[b,s,h,:]|`` -> ``[B,H]`` fp32 (the key side of ``selection_bounded_kernel``'s bound)."""
-    return torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax(dim=1).contiguous()
 
 
 @lru_cache(maxsize=16)
@@ -283,7 +275,6 @@ SEL_OCCUPANCY = 2     # cuTile occupancy hint for the selection kernel (measured
 SEL_WORKER_WARPS: Optional[int] = None  # cuTile num_worker_warps hint of the selection kernel (8: measured slower)
 TOPN_HINTS: dict = {"occupancy": 4}  # cuTile hints of the streaming top-n kernel (measured: 2.76 vs 2.95 ms at 64k)
 SEL_KEY_ROWS = False  # keys on the MMA rows, heads on the narrow side (selection_keyrows_kernel)
-SEL_BOUNDED = False   # chunked selection with the softmax maximum bounded in advance (selection_bounded_kernel)
 SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the selection kernel
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries

@@ -134,14 +134,18 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_union_kernel,
                     [a4, a4, a4, i32_4, i32_4, i32_3, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP,
                      al, not gates, gates, win]))
-    for G, GP, CH, NP, LS, DP, slc, gates, win in [(16, 16, 4, 16, 64, 128, True, False, False),
-                                                   (16, 16, 2, 16, 64, 128, False, True, False),
-                                                   (3, 16, 2, 4, 32, 64, True, True, True),
-                                                   (1, 16, 1, 8, 16, 256, True, False, False)]:
-        out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",
-                    K.selection_chunk_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
-                     slc, gates, win]))
+    for G, GP, CH, NP, LS, DP, slc, gates, win, lse in [(16, 16, 4, 16, 64, 128, True, False, False, False),
+                                                        (16, 16, 2, 16, 64, 128, False, True, False, False),
+                                                        (16, 16, 2, 14, 64, 128, True, False, False, True),
+                                                        (16, 16, 2, 13, 64, 128, True, False, False, True),
+                                                        (3, 16, 2, 4, 32, 64, True, True, True, False),
+                                                        (1, 16, 1, 8, 16, 256, True, False, False, False)]:
+        out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"
+                    + (" lse" if lse else ""), K.selection_chunk_kernel,
+                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
+                     slc, gates, win, lse]))
+        if lse:
+            continue
         out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",
                     K.selection_keyrows_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
@@ -155,6 +159,14 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False]))
         out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
                     [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True]))
+    for NLOCAL, G, GP, TMQ, LS, DP, initial, wswa, wslc in [(2, 16, 16, 4, 64, 128, False, False, False),
+                                                            (2, 16, 16, 4, 64, 128, True, False, False),
+                                                            (1, 3, 4, 16, 32, 64, True, True, True),
+                                                            (2, 1, 1, 64, 64, 32, False, True, True)]:
+        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} initial={initial} swa={wswa} slc={wslc}",
+                    K.window_forced_kernel,
+                    [a4, a4, a4, a4, f32_3, a4, a3, a3, a3, a4, a4, a4, f, i, i, i, i, i,
+                     NLOCAL, G, GP, TMQ, LS, DP, DP, initial, wswa, wslc]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))

@@ -24,8 +24,8 @@ from typing import Iterable, Optional
 
 import torch
 
-from cases.conventions import (eq9_weights, is_forced, max_forced, num_cmp_blocks, num_sel_blocks,
-                               selection_candidate)
+from cases.conventions import (FORCED_RULES, WINDOW_KEYS, eq9_weights, is_forced, max_forced, num_cmp_blocks,
+                               num_sel_blocks, selection_candidate)
 from cases.model import Case
 from cases.tensors import Inputs, canonical_order
 
@@ -240,24 +240,106 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
+    lse = (q.new_empty((1, 1, 1), dtype=torch.float32),) if not SEL_KEY_ROWS else ()
     _launch(kern, (TQ, B * H, 1),
-            (q, k, v, sel, *arrays, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
-             *SEL_LATENCY, *flags))
+            (q, k, v, sel, *arrays, *lse, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
+             *SEL_LATENCY, *flags, *((False,) if lse else ())))
     return result
 
 
+def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection over the blocks ``idx [B,TQ,H,m]`` (-1: none; power-of-two ``l'``) as a partial
+    result another kernel merges more blocks into: ``slc_o`` (q dtype, 0 where no key) and its base-2
+    log-sum-exp of the scaled scores ``[B,TQ,HQ]`` fp32 (-inf where no key). ``m`` may be odd (the
+    chunked kernel takes the last block alone) or 0."""
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    o = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32)
+    n = idx.shape[-1]
+    if n == 0:
+        return o.zero_(), lse.fill_(-math.inf)
+    G = HQ // H
+    GP = max(pow2(G), MIN_SEL_ROWS)
+    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    g = q.new_empty((1, 1, 1))
+    _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (TQ, B * H, 1),
+            (q, k, v, idx.to(device=q.device, dtype=torch.int32).contiguous(), o, o, o, g, g, g, o, lse,
+             scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
+             True, False, False, True))
+    return o, lse
+
+
 @lru_cache(maxsize=16)
-def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, device: str) -> torch.Tensor:
+def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, device: str,
+                skip: tuple[int, bool] = (0, False)) -> torch.Tensor:
     """The forced candidate blocks (``is_forced`` and ``selection_candidate``) of each query ``p = q_off + i``,
     ascending, -1 padded: ``[TQ, max_forced]`` int32. Depends on shapes only: computed once per shape
-    (torch, on ``device``)."""
-    mf = max(1, max_forced(forced_blocks))
+    (torch, on ``device``). ``skip = (nlocal, initial)`` leaves out the blocks the window kernel takes
+    (``window_forced_plan``): ``j > p//l' - nlocal`` and, if ``initial``, block 0; the width is then
+    ``max_forced - nlocal - initial`` (may be 0)."""
+    nlocal, initial = skip
+    mf = max_forced(forced_blocks) - nlocal - int(initial)
+    if nlocal or initial:
+        if mf <= 0:
+            return torch.empty((TQ, 0), device=device, dtype=torch.int32)
+    else:
+        mf = max(1, mf)
     p = (q_off + torch.arange(TQ, device=device))[:, None]
     j = torch.arange(NS, device=device)[None, :]
     m = is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)
+    if nlocal:
+        m &= j <= p // ls - nlocal
+    if initial:
+        m &= j != 0
     f = torch.where(m, j, NS).sort(1).values[:, :mf]
     f = torch.nn.functional.pad(f, (0, mf - f.shape[1]), value=NS)      # fewer blocks than forced slots
     return torch.where(f == NS, -1, f).to(torch.int32).contiguous()
+
+
+def window_forced_plan(case: Case, G: int, q_off: int) -> Optional[tuple[int, bool]]:
+    """``(nlocal, initial)`` when ``FORCED_IN_WINDOW`` lets the sliding-window kernel take forced blocks
+    off the selection kernel (``window_forced``), else None. ``nlocal``: the forced local blocks
+    ``p//l' - nlocal + 1 .. p//l'`` (2 for ``initial_local``, 1 for ``current``), whose keys ``s <= p``
+    must lie inside every position's window; ``initial``: block 0 too (``"local+initial"``, when the rule
+    forces it). Also needs the window tile's queries inside one selection block (``l'`` and ``q_off``
+    multiples of the TMQ queries per tile) and a power-of-two ``l'`` of 16..128 (the window's key tile)."""
+    if FORCED_IN_WINDOW not in ("local", "local+initial") or case.window <= 0:
+        return None
+    ls, rule = case.block_size, FORCED_RULES[case.forced_blocks]
+    far = 10 * ls                     # a position far from the start (the rules are shift-invariant there)
+    nlocal = 2 if bool(rule(9, far, ls)) and bool(rule(10, far, ls)) else int(bool(rule(10, far, ls)))
+    TMQ = max(1, WINDOW_TILE[0] // pow2(G))
+    if (nlocal == 0 or pow2(ls) != ls or not 16 <= ls <= 128 or ls % TMQ or q_off % TMQ
+            or not bool(WINDOW_KEYS[case.window_keys](nlocal * ls - 1, 0, case.window))):
+        return None
+    return nlocal, FORCED_IN_WINDOW == "local+initial" and bool(rule(0, far, ls))
+
+
+def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.Tensor, lse_s: torch.Tensor,
+                  cmp_o: torch.Tensor, gates, plan: tuple[int, bool], ls: int, w: int, window_keys: str,
+                  scale: float, want_swa: bool = False, want_slc: bool = False) -> dict[str, torch.Tensor]:
+    """Sliding window + the forced blocks of ``plan`` (``window_forced_plan``) merged into the selection's
+    partial result ``(o_s, lse_s)`` (``selection_partial`` over the other blocks) + the gates, in one
+    cuTile kernel (``window_forced_kernel``). Returns ``o`` and, on request, ``swa_o`` / ``slc_o``."""
+    _, K = _ct()
+    B, TQ, HQ, D = q.shape
+    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
+    G = HQ // H
+    GP = pow2(G)
+    TMQ = max(1, WINDOW_TILE[0] // GP)
+    out = {"o": torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)}
+    for name, want in (("swa_o", want_swa), ("slc_o", want_slc)):
+        out[name] = torch.empty((B, TQ, HQ, DV) if want else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
+    gc, gs, gw = (g.contiguous() for g in gates)
+    nlocal, initial = plan
+    _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // TMQ), B * H, 1),
+            (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out["swa_o"], out["slc_o"], scale * LOG2E, T - TQ, TQ,
+             T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D), pow2(DV), initial,
+             want_swa, want_slc))
+    return {name: t for name, t in out.items() if name == "o" or (want_swa if name == "swa_o" else want_slc)}
 
 
 def forced_by_rule(case: Case) -> bool:
@@ -285,6 +367,8 @@ TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
+FORCED_IN_WINDOW: Optional[str] = None  # "local" / "local+initial": the window kernel takes those forced blocks
+#                                         off the selection kernel and finishes slc_o and o (window_forced_plan)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -419,7 +503,12 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     out: dict[str, torch.Tensor] = {}
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     by_rule = "topk_idx" not in keep and forced_by_rule(case)
-    if "swa_o" in want and case.window > 0:
+    q_off = T - q.shape[1]
+    plan = None
+    if (by_rule and given_idx is None and "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked"
+            and not SEL_KEY_ROWS):
+        plan = window_forced_plan(case, q.shape[2] // k.shape[2], q_off)
+    if "swa_o" in want and case.window > 0 and plan is None:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
@@ -429,12 +518,11 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
-            q_off = T - q.shape[1]
             if by_rule:       # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
                 mf = max_forced(case.forced_blocks)
                 B, TQ, H, NS = imp.shape
-                fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device))
-                parts = [fl[None, :, None, :].expand(B, TQ, H, mf)]
+                fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device), skip=plan or (0, False))
+                parts = [fl[None, :, None, :].expand(B, TQ, H, fl.shape[1])]
                 if case.top_n > mf:
                     parts.append(top_n_cutile(imp, q_off, case.top_n - mf, ls, case.forced_blocks, canonical=False,
                                               others=True)[..., :case.top_n - mf])
@@ -444,7 +532,11 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
-    if "slc_o" in want:
+    if plan is not None:     # selection over the other blocks, then the window kernel finishes slc_o and o
+        o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale)
+        out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, plan, ls, case.window, case.window_keys,
+                                 scale, want_swa="swa_o" in keep, want_slc="slc_o" in keep))
+    elif "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
             slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,

@@ -211,6 +211,102 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
             ct.store(IMP, index=(b, qt, hk, kt), tile=imp.reshape((1, TMQ, 1, TN)))
 
 
+def _window_step(q, K, V, b, hk, kt, M, TN, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2, m_i, l_i, acc, dtype):
+    """One key tile ``kt`` (TN keys) of the sliding window (MODE 4/5) for the rows at ``pos``: masked
+    only when some row does not see it whole (``_tile_all_visible``)."""
+    k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                padding_mode=ZERO, latency=2).reshape((DP, TN))
+    s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+    if _tile_all_visible(False, MODE, kt * TN, kt * TN + TN - 1, p0, p1, T, 1, 1, W):
+        s = s * qk_scale2
+    else:
+        key = kt * TN + ct.arange(TN, dtype=np.int32)[None, :]
+        s = ct.where(_visible(False, MODE, key, pos, 1, 1, W) & (key < T), s * qk_scale2, -np.inf)
+    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+    p = ct.exp2(s - m_new, flush_to_zero=True)
+    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+    l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+    v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
+    acc = ct.mma(p.astype(dtype), v, acc * alpha)
+    return m_new, l_i, acc
+
+
+def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
+    """Softmax over the union of two disjoint key sets: ``o_a`` (normalised, fp32) with base-2
+    log-sum-exp ``lse_a`` (-inf: no key) and an online state ``(m_b, l_b, acc_b)``; returns the
+    normalised output and its base-2 log-sum-exp (``o = 0``, ``lse = -inf`` if neither saw a key)."""
+    mx = ct.maximum(lse_a, m_b)          # m_b >= NEG is finite, so mx is
+    wa = ct.exp2(lse_a - mx, flush_to_zero=True)
+    eb = ct.exp2(m_b - mx, flush_to_zero=True)
+    den = wa + eb * l_b
+    has = den > 0.0
+    den_safe = ct.where(has, den, 1.0)
+    o = ct.where(has, (o_a * wa + acc_b * eb) / den_safe, 0.0)
+    return o, ct.where(has, mx + ct.log2(den_safe), -np.inf)
+
+
+@ct.kernel(occupancy=2)
+def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
+                         qk_scale2: float, q_off: int, TQ: int, T: int, W: int, MODE: int,
+                         NLOCAL: ConstInt, G: ConstInt, GP: ConstInt, TMQ: ConstInt, LS: ConstInt,
+                         DP: ConstInt, DVP: ConstInt, INITIAL: ConstBool, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
+    """Sliding window (MODE 4/5) that also finishes the selection branch and the gates, for TMQ queries x
+    the G heads of kv head ``bid(1) % H``, key tiles of LS keys = selection blocks.
+
+    The caller guarantees that the tile's queries lie in one selection block ``c`` and that the NLOCAL
+    forced local blocks ``c-NLOCAL+1 .. c`` lie inside every row's window, so one softmax state over
+    their tiles is both the window's and the selection's state over them (same keys ``s <= p``):
+      1. with ``INITIAL`` and block 0 not local: block 0 (seen whole) is merged into the selection
+         kernel's result over the other blocks, ``(OS, LSES)`` (normalised, base-2 log-sum-exp);
+      2. state B over the local tiles; ``slc_o`` = merge(B, that result);
+      3. the window goes on from B over its other tiles: ``swa_o``;
+      4. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
+    qt = ct.bid(0)
+    b, hk = _batch_head(K)
+    M = TMQ * GP
+    p0 = q_off + qt * TMQ
+    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
+    pos = (p0 + ct.arange(M, dtype=np.int32) // GP)[:, None]
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    c = p0 // LS
+    loc_lo = max(c - NLOCAL + 1, 0)
+    kt_lo = max(p0 - W, 0) // LS
+    o_s = _rows_of(OS, b, qt, hk, G, GP, TMQ, DVP)
+    LSv, _ = _group_view(LSES, hk, G, GP)
+    lse_s = ct.load(LSv, index=(b, qt, hidx), shape=(1, TMQ, GP), padding_mode=ZERO).reshape((M, 1))
+    if INITIAL:
+        if loc_lo > 0:       # block 0 is forced and not local: every key of it is before p0
+            k0 = ct.load(K, index=(b, hk, 0, 0), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
+                         padding_mode=ZERO).reshape((DP, LS))
+            s0 = ct.mma(q, k0, ct.full((M, LS), 0.0, dtype=np.float32)) * qk_scale2
+            m0 = ct.max(s0, axis=-1, keepdims=True)
+            e0 = ct.exp2(s0 - m0, flush_to_zero=True)
+            v0 = ct.load(V, index=(b, 0, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO).reshape((LS, DVP))
+            acc0 = ct.mma(e0.astype(Q.dtype), v0, ct.full((M, DVP), 0.0, dtype=np.float32))
+            o_s, lse_s = _merge_normalised(o_s, lse_s, m0, ct.sum(e0, axis=-1, keepdims=True), acc0)
+    m_i, l_i, acc = _softmax_state(M, DVP)
+    for kt in range(loc_lo, c + 1):
+        m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
+                                     m_i, l_i, acc, Q.dtype)
+    slc, _ = _merge_normalised(o_s, lse_s, m_i, l_i, acc)
+    if WRITE_SLC:
+        SLCv, _ = _group_view(SLC, hk, G, GP)
+        ct.store(SLCv, index=(b, qt, hidx, 0), tile=slc.reshape((1, TMQ, GP, DVP)).astype(SLC.dtype))
+    gated = slc * _gate_of(GS, b, qt, hk, G, GP, TMQ) \
+        + _gate_of(GC, b, qt, hk, G, GP, TMQ) * _rows_of(CMP, b, qt, hk, G, GP, TMQ, DVP)
+    for kt in range(kt_lo, loc_lo):
+        m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
+                                     m_i, l_i, acc, Q.dtype)
+    swa = _softmax_finish(acc, l_i)
+    if WRITE_SWA:
+        SWAv, _ = _group_view(SWA, hk, G, GP)
+        ct.store(SWAv, index=(b, qt, hidx, 0), tile=swa.reshape((1, TMQ, GP, DVP)).astype(SWA.dtype))
+    out = gated + _gate_of(GW, b, qt, hk, G, GP, TMQ) * swa
+    OUTv, _ = _group_view(OUT, hk, G, GP)
+    ct.store(OUTv, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(OUT.dtype))
+
+
 @ct.kernel
 def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: int,
                      NSEL: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt, DP: ConstInt,
@@ -321,18 +417,20 @@ def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
 
 
 @ct.kernel
-def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
+def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
-                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool):
+                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
-    ``IDX[b,i,h,:]``, ``NP`` = padded width, -1 = none), their K/V tiles loaded by tile index and
-    concatenated into one ``CH*LS``-key step (one MMA, one softmax update). No data-dependent branch:
-    a -1 slot loads block 0 and is masked, as are keys ``s > p``.
+    ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; a last ``NP % CH`` block alone), their K/V tiles
+    loaded by tile index and concatenated into one ``CH*LS``-key step (one MMA, one softmax update).
+    No data-dependent branch: a -1 slot loads block 0 and is masked, as are keys ``s > p``.
 
-    Writes ``slc_o`` to ``O`` (``WRITE_SLC``) and, with ``GATES``, the gated output in fp32 from the
-    unrounded ``slc_o``: ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
+    Writes ``slc_o`` to ``O`` (``WRITE_SLC``), its base-2 log-sum-exp of the scaled scores to ``LSE``
+    ``[B,TQ,HQ]`` fp32 (``WRITE_LSE``; -inf for a row that saw no key, so another kernel can merge
+    more blocks into it) and, with ``GATES``, the gated output in fp32 from the unrounded ``slc_o``:
+    ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
     i = ct.bid(0)
     b, hk = _batch_head(K)
     p = q_off + i
@@ -347,8 +445,18 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2
         s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
         vis = ok & selection_causal(p, key) & (key < T)
         m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
+    if NP % CH != 0:     # the last block alone (NP odd with CH = 2)
+        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, NP - 1, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
+        key = jv * LS + offs
+        s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
+        vis = (jv >= 0) & selection_causal(p, key) & (key < T)
+        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
+    if WRITE_LSE:
+        LSEv, _ = _group_view(LSE, hk, G, GP)
+        lse2 = ct.where(l_i > 0.0, m_i + ct.log2(ct.where(l_i > 0.0, l_i, 1.0)), -np.inf)
+        ct.store(LSEv, index=(b, i, hidx), tile=lse2.reshape((1, 1, GP)))
 
 
 def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):

@@ -221,21 +221,18 @@ def main() -> int:
         flip = not F.DENSE_MASK_ALL
         with F.flags(DENSE_MASK_ALL=flip):
             both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={flip})")
-        # the window kernel taking forced blocks off the selection kernel (the forward w/o window is unchanged)
-        for fiw in (None, "local", "local+initial"):
-            if fiw != F.FORCED_IN_WINDOW:
-                with F.flags(FORCED_IN_WINDOW=fiw):
-                    run(case, f"inhouse_cutile (FORCED_IN_WINDOW={fiw!r})", "e2e", ("o",),
-                        [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        for m in (14, 13):      # the selection over m of the given blocks, as the window-forced path runs it
-            run(case_nw, f"inhouse_cutile.selection_partial ({m} blocks, + base-2 LSE)", "kernel", ("slc_o",),
-                [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :m].contiguous(), 64, scale) for x in xs],
-                group=g_sel)
+        # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
+        flip = not F.FORCED_LOCAL_IN_WINDOW
+        with F.flags(FORCED_LOCAL_IN_WINDOW=flip):
+            run(case, f"inhouse_cutile (FORCED_LOCAL_IN_WINDOW={flip})", "e2e", ("o",),
+                [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
+        run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)", "kernel", ("slc_o",),
+            [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale) for x in xs],
+            group=g_sel)
         o_s, lse_s = F.selection_partial(base.q, base.k, base.v, idx32[..., :14].contiguous(), 64, scale)
-        for plan in ((2, False), (2, True)):
-            run(case, f"inhouse_cutile.window_forced (window + forced {plan} + gates)", "kernel", ("swa_o",),
-                [lambda x=x: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, (x.g_cmp, x.g_slc, x.g_swa), plan, 64,
-                                             case.window, case.window_keys, scale) for x in xs], group="window w=512")
+        run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
+            [lambda x=x: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, (x.g_cmp, x.g_slc, x.g_swa), 2, 64,
+                                         case.window, case.window_keys, scale) for x in xs], group="window w=512")
         del o_s, lse_s
         if not args.quick:
             # the previous paths of earlier runs (separate gate pass, whole-row top-n, zero-filled importance)

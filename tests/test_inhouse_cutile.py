@@ -94,43 +94,40 @@ def test_forced_list_is_each_querys_forced_candidates(forced, q_off, ls, T):
         assert fl[i].tolist() == want + [-1] * (fl.shape[1] - len(want))
 
 
-@pytest.mark.parametrize("forced,q_off,ls,T,fiw", [("initial_local", 0, 16, 150, "local"),
-                                                   ("initial_local", 0, 16, 150, "local+initial"),
-                                                   ("initial_local", 4, 64, 300, "local+initial"),
-                                                   ("current", 8, 32, 200, "local+initial"),
-                                                   ("initial_local", 0, 64, 40, "local")])
-def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T, fiw):
-    """``FORCED_IN_WINDOW``: the selection kernel's forced blocks (``forced_list(.., skip=plan)``), the
-    local blocks the window kernel takes (``p//l' - nlocal + 1 .. p//l'``, clipped at 0) and block 0 when
-    ``initial`` and not local are together exactly each query's forced candidates, with no overlap; and
-    every local key ``s <= p`` is inside the window of p (what lets one softmax state serve both)."""
+@pytest.mark.parametrize("forced,q_off,ls,T", [("initial_local", 0, 16, 150), ("initial_local", 4, 64, 300),
+                                               ("current", 8, 32, 200), ("initial_local", 0, 64, 40)])
+def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T):
+    """``FORCED_LOCAL_IN_WINDOW``: the selection kernel's forced blocks (``forced_list(.., nlocal)``) and the
+    local blocks the window kernel takes (``p//l' - nlocal + 1 .. p//l'``, clipped at 0) are together exactly
+    each query's forced candidates, with no overlap; every local key ``s <= p`` is inside the window of p
+    (what lets one softmax state serve both branches); no plan when a window misses them, when one window
+    tile's queries straddle two blocks, or with the flag off."""
     from cases.conventions import WINDOW_KEYS, is_forced, selection_candidate
     from cases.model import Case
     from oracles.inhouse_cutile import forward as F
     case = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=2 * ls, window_keys="w")
-    with F.flags(FORCED_IN_WINDOW=fiw):
-        plan = F.window_forced_plan(case, 16, q_off)
-        assert plan == ((2 if forced == "initial_local" else 1), fiw == "local+initial" and forced == "initial_local")
-        for w, wk in ((2 * ls - 1, "w"), (ls, "w_plus_1")):      # windows that miss the far local keys: no plan
-            assert F.window_forced_plan(Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=w,
-                                             window_keys=wk), 16, q_off) is None or plan[0] == 1
+    want_nlocal = 2 if forced == "initial_local" else 1
+    with F.flags(FORCED_LOCAL_IN_WINDOW=True):
+        nlocal = F.window_forced_plan(case, 16, q_off)
+        assert nlocal == want_nlocal
+        for w, wk in ((2 * ls - 1, "w"), (2 * ls - 2, "w_plus_1")):     # the farthest local key is 2*ls-1 back
+            short = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=w, window_keys=wk)
+            assert (F.window_forced_plan(short, 16, q_off) is None) == (want_nlocal == 2)
         assert F.window_forced_plan(case, 16, q_off + 1) is None       # queries of one window tile in two blocks
-    with F.flags(FORCED_IN_WINDOW=None):
+    with F.flags(FORCED_LOCAL_IN_WINDOW=False):
         assert F.window_forced_plan(case, 16, q_off) is None
-    nlocal, initial = plan
     TQ, NS = T - q_off, -(-T // ls)
-    fl = F.forced_list(q_off, TQ, NS, ls, forced, "cpu", skip=plan)
-    assert fl.shape == (TQ, max_forced(forced) - nlocal - int(initial))
+    fl = F.forced_list(q_off, TQ, NS, ls, forced, "cpu", nlocal=nlocal)
+    assert fl.shape == (TQ, max_forced(forced) - nlocal)
     j = torch.arange(NS)
     for i in range(TQ):
         p = q_off + i
         want = set(j[is_forced(forced, j, p, ls) & selection_candidate(j, p, ls)].tolist())
         c = p // ls
         local = set(range(max(c - nlocal + 1, 0), c + 1))
-        window_part = local | ({0} if initial and c - nlocal + 1 > 0 else set())
         sel_part = [x for x in fl[i].tolist() if x >= 0]
-        assert not window_part & set(sel_part) and len(set(sel_part)) == len(sel_part)
-        assert window_part | set(sel_part) == want, (p, window_part, sel_part, want)
+        assert not local & set(sel_part) and len(set(sel_part)) == len(sel_part)
+        assert local | set(sel_part) == want, (p, local, sel_part, want)
         keys = torch.arange(max(c - nlocal + 1, 0) * ls, p + 1)
         assert bool(WINDOW_KEYS["w"](p, keys, case.window).all())
 

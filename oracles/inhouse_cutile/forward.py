@@ -273,40 +273,32 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
 
 
 @lru_cache(maxsize=16)
-def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, device: str,
-                skip: tuple[int, bool] = (0, False)) -> torch.Tensor:
+def forced_list(q_off: int, TQ: int, NS: int, ls: int, forced_blocks: str, device: str, nlocal: int = 0) -> torch.Tensor:
     """The forced candidate blocks (``is_forced`` and ``selection_candidate``) of each query ``p = q_off + i``,
     ascending, -1 padded: ``[TQ, max_forced]`` int32. Depends on shapes only: computed once per shape
-    (torch, on ``device``). ``skip = (nlocal, initial)`` leaves out the blocks the window kernel takes
-    (``window_forced_plan``): ``j > p//l' - nlocal`` and, if ``initial``, block 0; the width is then
-    ``max_forced - nlocal - initial`` (may be 0)."""
-    nlocal, initial = skip
-    mf = max_forced(forced_blocks) - nlocal - int(initial)
-    if nlocal or initial:
-        if mf <= 0:
-            return torch.empty((TQ, 0), device=device, dtype=torch.int32)
-    else:
-        mf = max(1, mf)
+    (torch, on ``device``). ``nlocal > 0`` leaves out the local blocks ``j > p//l' - nlocal`` that the window
+    kernel takes (``window_forced_plan``); the width is then ``max_forced - nlocal`` (may be 0)."""
+    mf = max_forced(forced_blocks) - nlocal
+    if nlocal and mf <= 0:
+        return torch.empty((TQ, 0), device=device, dtype=torch.int32)
+    mf = max(1, mf)
     p = (q_off + torch.arange(TQ, device=device))[:, None]
     j = torch.arange(NS, device=device)[None, :]
     m = is_forced(forced_blocks, j, p, ls) & selection_candidate(j, p, ls)
     if nlocal:
         m &= j <= p // ls - nlocal
-    if initial:
-        m &= j != 0
     f = torch.where(m, j, NS).sort(1).values[:, :mf]
     f = torch.nn.functional.pad(f, (0, mf - f.shape[1]), value=NS)      # fewer blocks than forced slots
     return torch.where(f == NS, -1, f).to(torch.int32).contiguous()
 
 
-def window_forced_plan(case: Case, G: int, q_off: int) -> Optional[tuple[int, bool]]:
-    """``(nlocal, initial)`` when ``FORCED_IN_WINDOW`` lets the sliding-window kernel take forced blocks
-    off the selection kernel (``window_forced``), else None. ``nlocal``: the forced local blocks
-    ``p//l' - nlocal + 1 .. p//l'`` (2 for ``initial_local``, 1 for ``current``), whose keys ``s <= p``
-    must lie inside every position's window; ``initial``: block 0 too (``"local+initial"``, when the rule
-    forces it). Also needs the window tile's queries inside one selection block (``l'`` and ``q_off``
-    multiples of the TMQ queries per tile) and a power-of-two ``l'`` of 16..128 (the window's key tile)."""
-    if FORCED_IN_WINDOW not in ("local", "local+initial") or case.window <= 0:
+def window_forced_plan(case: Case, G: int, q_off: int) -> Optional[int]:
+    """``nlocal`` when ``FORCED_LOCAL_IN_WINDOW`` lets the sliding-window kernel take the forced local blocks
+    ``p//l' - nlocal + 1 .. p//l'`` off the selection kernel (``window_forced``), else None: 2 for
+    ``initial_local``, 1 for ``current``. Needs their keys ``s <= p`` inside every position's window, the
+    window tile's queries inside one selection block (``l'`` and ``q_off`` multiples of the TMQ queries
+    per tile) and a power-of-two ``l'`` of 16..128 (the window kernel's key tile)."""
+    if not FORCED_LOCAL_IN_WINDOW or case.window <= 0:
         return None
     ls, rule = case.block_size, FORCED_RULES[case.forced_blocks]
     far = 10 * ls                     # a position far from the start (the rules are shift-invariant there)
@@ -315,13 +307,13 @@ def window_forced_plan(case: Case, G: int, q_off: int) -> Optional[tuple[int, bo
     if (nlocal == 0 or pow2(ls) != ls or not 16 <= ls <= 128 or ls % TMQ or q_off % TMQ
             or not bool(WINDOW_KEYS[case.window_keys](nlocal * ls - 1, 0, case.window))):
         return None
-    return nlocal, FORCED_IN_WINDOW == "local+initial" and bool(rule(0, far, ls))
+    return nlocal
 
 
 def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.Tensor, lse_s: torch.Tensor,
-                  cmp_o: torch.Tensor, gates, plan: tuple[int, bool], ls: int, w: int, window_keys: str,
+                  cmp_o: torch.Tensor, gates, nlocal: int, ls: int, w: int, window_keys: str,
                   scale: float, want_swa: bool = False, want_slc: bool = False) -> dict[str, torch.Tensor]:
-    """Sliding window + the forced blocks of ``plan`` (``window_forced_plan``) merged into the selection's
+    """Sliding window + the ``nlocal`` forced local blocks (``window_forced_plan``) merged into the selection's
     partial result ``(o_s, lse_s)`` (``selection_partial`` over the other blocks) + the gates, in one
     cuTile kernel (``window_forced_kernel``). Returns ``o`` and, on request, ``swa_o`` / ``slc_o``."""
     _, K = _ct()
@@ -334,11 +326,9 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
     for name, want in (("swa_o", want_swa), ("slc_o", want_slc)):
         out[name] = torch.empty((B, TQ, HQ, DV) if want else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
     gc, gs, gw = (g.contiguous() for g in gates)
-    nlocal, initial = plan
     _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // TMQ), B * H, 1),
             (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out["swa_o"], out["slc_o"], scale * LOG2E, T - TQ, TQ,
-             T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D), pow2(DV), initial,
-             want_swa, want_slc))
+             T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D), pow2(DV), want_swa, want_slc))
     return {name: t for name, t in out.items() if name == "o" or (want_swa if name == "swa_o" else want_slc)}
 
 
@@ -367,8 +357,8 @@ TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-FORCED_IN_WINDOW: Optional[str] = None  # "local" / "local+initial": the window kernel takes those forced blocks
-#                                         off the selection kernel and finishes slc_o and o (window_forced_plan)
+FORCED_LOCAL_IN_WINDOW = True  # the window kernel takes the forced local blocks off the selection kernel and
+#                                finishes slc_o and o (window_forced_plan; measured: 30.07 vs 31.51 ms at 64k)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 
@@ -504,11 +494,11 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     by_rule = "topk_idx" not in keep and forced_by_rule(case)
     q_off = T - q.shape[1]
-    plan = None
+    nlocal = None      # the window kernel takes the forced local blocks (window_forced_plan)
     if (by_rule and given_idx is None and "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked"
             and not SEL_KEY_ROWS):
-        plan = window_forced_plan(case, q.shape[2] // k.shape[2], q_off)
-    if "swa_o" in want and case.window > 0 and plan is None:
+        nlocal = window_forced_plan(case, q.shape[2] // k.shape[2], q_off)
+    if "swa_o" in want and case.window > 0 and nlocal is None:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
@@ -521,7 +511,7 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
             if by_rule:       # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
                 mf = max_forced(case.forced_blocks)
                 B, TQ, H, NS = imp.shape
-                fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device), skip=plan or (0, False))
+                fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device), nlocal=nlocal or 0)
                 parts = [fl[None, :, None, :].expand(B, TQ, H, fl.shape[1])]
                 if case.top_n > mf:
                     parts.append(top_n_cutile(imp, q_off, case.top_n - mf, ls, case.forced_blocks, canonical=False,
@@ -532,9 +522,9 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
                                                canonical="topk_idx" in keep)
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
-    if plan is not None:     # selection over the other blocks, then the window kernel finishes slc_o and o
+    if nlocal is not None:     # selection over the other blocks, then the window kernel finishes slc_o and o
         o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale)
-        out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, plan, ls, case.window, case.window_keys,
+        out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, nlocal, ls, case.window, case.window_keys,
                                  scale, want_swa="swa_o" in keep, want_slc="slc_o" in keep))
     elif "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]

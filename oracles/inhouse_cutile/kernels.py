@@ -249,18 +249,17 @@ def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
 def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
                          qk_scale2: float, q_off: int, TQ: int, T: int, W: int, MODE: int,
                          NLOCAL: ConstInt, G: ConstInt, GP: ConstInt, TMQ: ConstInt, LS: ConstInt,
-                         DP: ConstInt, DVP: ConstInt, INITIAL: ConstBool, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
+                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
     """Sliding window (MODE 4/5) that also finishes the selection branch and the gates, for TMQ queries x
     the G heads of kv head ``bid(1) % H``, key tiles of LS keys = selection blocks.
 
     The caller guarantees that the tile's queries lie in one selection block ``c`` and that the NLOCAL
     forced local blocks ``c-NLOCAL+1 .. c`` lie inside every row's window, so one softmax state over
     their tiles is both the window's and the selection's state over them (same keys ``s <= p``):
-      1. with ``INITIAL`` and block 0 not local: block 0 (seen whole) is merged into the selection
-         kernel's result over the other blocks, ``(OS, LSES)`` (normalised, base-2 log-sum-exp);
-      2. state B over the local tiles; ``slc_o`` = merge(B, that result);
-      3. the window goes on from B over its other tiles: ``swa_o``;
-      4. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
+      1. state B over the local tiles; ``slc_o`` = merge(B, the selection kernel's result over the
+         other blocks ``(OS, LSES)``: normalised, base-2 log-sum-exp);
+      2. the window goes on from B over its other tiles: ``swa_o``;
+      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
     qt = ct.bid(0)
     b, hk = _batch_head(K)
     M = TMQ * GP
@@ -275,16 +274,6 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
     o_s = _rows_of(OS, b, qt, hk, G, GP, TMQ, DVP)
     LSv, _ = _group_view(LSES, hk, G, GP)
     lse_s = ct.load(LSv, index=(b, qt, hidx), shape=(1, TMQ, GP), padding_mode=ZERO).reshape((M, 1))
-    if INITIAL:
-        if loc_lo > 0:       # block 0 is forced and not local: every key of it is before p0
-            k0 = ct.load(K, index=(b, hk, 0, 0), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                         padding_mode=ZERO).reshape((DP, LS))
-            s0 = ct.mma(q, k0, ct.full((M, LS), 0.0, dtype=np.float32)) * qk_scale2
-            m0 = ct.max(s0, axis=-1, keepdims=True)
-            e0 = ct.exp2(s0 - m0, flush_to_zero=True)
-            v0 = ct.load(V, index=(b, 0, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO).reshape((LS, DVP))
-            acc0 = ct.mma(e0.astype(Q.dtype), v0, ct.full((M, DVP), 0.0, dtype=np.float32))
-            o_s, lse_s = _merge_normalised(o_s, lse_s, m0, ct.sum(e0, axis=-1, keepdims=True), acc0)
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(loc_lo, c + 1):
         m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,

@@ -226,11 +226,6 @@ def main() -> int:
         with F.flags(FORCED_LOCAL_IN_WINDOW=flip):
             run(case, f"inhouse_cutile (FORCED_LOCAL_IN_WINDOW={flip})", "e2e", ("o",),
                 [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        flip = not F.FORCED_LOCAL_WITHOUT_WINDOW
-        with F.flags(FORCED_LOCAL_WITHOUT_WINDOW=flip):
-            run(case_nw, f"inhouse_cutile (FORCED_LOCAL_WITHOUT_WINDOW={flip})", "e2e", ("o",),
-                [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs], group=g_nw,
-                cost=hb.cost_of(case_nw, ("o",)))
         run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)", "kernel", ("slc_o",),
             [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale) for x in xs],
             group=g_sel)

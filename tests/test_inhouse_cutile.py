@@ -116,10 +116,6 @@ def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T)
         assert F.window_forced_plan(case, 16, q_off + 1) is None       # queries of one window tile in two blocks
     with F.flags(FORCED_LOCAL_IN_WINDOW=False):
         assert F.window_forced_plan(case, 16, q_off) is None
-    no_window = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=0)
-    for without in (False, True):        # no window branch: the kernel runs without window, if asked to
-        with F.flags(FORCED_LOCAL_IN_WINDOW=True, FORCED_LOCAL_WITHOUT_WINDOW=without):
-            assert F.window_forced_plan(no_window, 16, q_off) == (want_nlocal if without else None)
     TQ, NS = T - q_off, -(-T // ls)
     fl = F.forced_list(q_off, TQ, NS, ls, forced, "cpu", nlocal=nlocal)
     assert fl.shape == (TQ, max_forced(forced) - nlocal)

@@ -159,15 +159,13 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False]))
         out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
                     [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True]))
-    for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc, win in [(2, 16, 16, 4, 64, 128, False, False, True),
-                                                        (2, 16, 16, 4, 64, 128, False, False, False),
-                                                        (1, 3, 4, 16, 32, 64, True, True, True),
-                                                        (2, 1, 1, 64, 64, 32, True, True, True),
-                                                        (2, 3, 4, 16, 64, 64, False, True, False)]:
-        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc} window={win}",
+    for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc in [(2, 16, 16, 4, 64, 128, False, False),
+                                                   (1, 3, 4, 16, 32, 64, True, True),
+                                                   (2, 1, 1, 64, 64, 32, True, True)]:
+        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc}",
                     K.window_forced_kernel,
                     [a4, a4, a4, a4, f32_3, a4, a3, a3, a3, a4, a4, a4, f, i, i, i, i, i,
-                     NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc, win]))
+                     NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))

@@ -297,16 +297,15 @@ def window_forced_plan(case: Case, G: int, q_off: int) -> Optional[int]:
     ``p//l' - nlocal + 1 .. p//l'`` off the selection kernel (``window_forced``), else None: 2 for
     ``initial_local``, 1 for ``current``. Needs their keys ``s <= p`` inside every position's window, the
     window tile's queries inside one selection block (``l'`` and ``q_off`` multiples of the TMQ queries
-    per tile) and a power-of-two ``l'`` of 16..128 (the window kernel's key tile). Without window branch
-    (``FORCED_LOCAL_WITHOUT_WINDOW``) the same kernel takes the local blocks and gates, with no window."""
-    if not FORCED_LOCAL_IN_WINDOW or (case.window <= 0 and not FORCED_LOCAL_WITHOUT_WINDOW):
+    per tile) and a power-of-two ``l'`` of 16..128 (the window kernel's key tile)."""
+    if not FORCED_LOCAL_IN_WINDOW or case.window <= 0:
         return None
     ls, rule = case.block_size, FORCED_RULES[case.forced_blocks]
     far = 10 * ls                     # a position far from the start (the rules are shift-invariant there)
     nlocal = 2 if bool(rule(9, far, ls)) and bool(rule(10, far, ls)) else int(bool(rule(10, far, ls)))
     TMQ = max(1, WINDOW_TILE[0] // pow2(G))
     if (nlocal == 0 or pow2(ls) != ls or not 16 <= ls <= 128 or ls % TMQ or q_off % TMQ
-            or (case.window > 0 and not bool(WINDOW_KEYS[case.window_keys](nlocal * ls - 1, 0, case.window)))):
+            or not bool(WINDOW_KEYS[case.window_keys](nlocal * ls - 1, 0, case.window))):
         return None
     return nlocal
 
@@ -327,12 +326,10 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
     for name, want in (("swa_o", want_swa), ("slc_o", want_slc)):
         out[name] = torch.empty((B, TQ, HQ, DV) if want else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
     gc, gs, gw = (g.contiguous() for g in gates)
-    window = w > 0      # w = 0: no window branch; W = T + 1 leaves the local tiles causally masked only
     _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // TMQ), B * H, 1),
             (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out["swa_o"], out["slc_o"], scale * LOG2E, T - TQ, TQ,
-             T, w if window else T + 1, K.MODE_OF_WINDOW_KEYS[window_keys if window else "w"], nlocal, G, GP, TMQ, ls,
-             pow2(D), pow2(DV), want_swa and window, want_slc, window))
-    return {name: t for name, t in out.items() if name == "o" or (want_swa and window if name == "swa_o" else want_slc)}
+             T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D), pow2(DV), want_swa, want_slc))
+    return {name: t for name, t in out.items() if name == "o" or (want_swa if name == "swa_o" else want_slc)}
 
 
 def forced_by_rule(case: Case) -> bool:
@@ -362,7 +359,6 @@ LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised 
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
 FORCED_LOCAL_IN_WINDOW = True  # the window kernel takes the forced local blocks off the selection kernel and
 #                                finishes slc_o and o (window_forced_plan; measured: 30.07 vs 31.51 ms at 64k)
-FORCED_LOCAL_WITHOUT_WINDOW = False  # the same for an NSA without window branch (the kernel runs no window)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
 DEFAULT_SELECTION = "chunked"
 

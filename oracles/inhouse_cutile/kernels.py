@@ -249,8 +249,7 @@ def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
 def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
                          qk_scale2: float, q_off: int, TQ: int, T: int, W: int, MODE: int,
                          NLOCAL: ConstInt, G: ConstInt, GP: ConstInt, TMQ: ConstInt, LS: ConstInt,
-                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool,
-                         WINDOW: ConstBool):
+                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
     """Sliding window (MODE 4/5) that also finishes the selection branch and the gates, for TMQ queries x
     the G heads of kv head ``bid(1) % H``, key tiles of LS keys = selection blocks.
 
@@ -260,9 +259,7 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
       1. state B over the local tiles; ``slc_o`` = merge(B, the selection kernel's result over the
          other blocks ``(OS, LSES)``: normalised, base-2 log-sum-exp);
       2. the window goes on from B over its other tiles: ``swa_o``;
-      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those).
-    Without ``WINDOW`` (an NSA without window branch; the caller passes W > T, so the local tiles are only
-    causally masked): steps 1 and ``OUT = GC*CMP + GS*slc_o``."""
+      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
     qt = ct.bid(0)
     b, hk = _batch_head(K)
     M = TMQ * GP
@@ -287,16 +284,14 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
         ct.store(SLCv, index=(b, qt, hidx, 0), tile=slc.reshape((1, TMQ, GP, DVP)).astype(SLC.dtype))
     gated = slc * _gate_of(GS, b, qt, hk, G, GP, TMQ) \
         + _gate_of(GC, b, qt, hk, G, GP, TMQ) * _rows_of(CMP, b, qt, hk, G, GP, TMQ, DVP)
-    out = gated
-    if WINDOW:
-        for kt in range(kt_lo, loc_lo):
-            m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
-                                         m_i, l_i, acc, Q.dtype)
-        swa = _softmax_finish(acc, l_i)
-        if WRITE_SWA:
-            SWAv, _ = _group_view(SWA, hk, G, GP)
-            ct.store(SWAv, index=(b, qt, hidx, 0), tile=swa.reshape((1, TMQ, GP, DVP)).astype(SWA.dtype))
-        out = gated + _gate_of(GW, b, qt, hk, G, GP, TMQ) * swa
+    for kt in range(kt_lo, loc_lo):
+        m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
+                                     m_i, l_i, acc, Q.dtype)
+    swa = _softmax_finish(acc, l_i)
+    if WRITE_SWA:
+        SWAv, _ = _group_view(SWA, hk, G, GP)
+        ct.store(SWAv, index=(b, qt, hidx, 0), tile=swa.reshape((1, TMQ, GP, DVP)).astype(SWA.dtype))
+    out = gated + _gate_of(GW, b, qt, hk, G, GP, TMQ) * swa
     OUTv, _ = _group_view(OUT, hk, G, GP)
     ct.store(OUTv, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(OUT.dtype))
 

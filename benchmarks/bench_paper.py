@@ -48,7 +48,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
-            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS")
+            "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "TOPN_SLOT_BY_VALUE", "FORCED_LOCAL_IN_WINDOW")
 
 
 def config_note() -> str:
@@ -222,6 +222,9 @@ def main() -> int:
         with F.flags(DENSE_MASK_ALL=flip):
             both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={flip})")
         # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
+        flip = not F.TOPN_SLOT_BY_VALUE
+        with F.flags(TOPN_SLOT_BY_VALUE=flip):
+            both_forwards(f"inhouse_cutile (TOPN_SLOT_BY_VALUE={flip})")
         flip = not F.FORCED_LOCAL_IN_WINDOW
         with F.flags(FORCED_LOCAL_IN_WINDOW=flip):
             run(case, f"inhouse_cutile (FORCED_LOCAL_IN_WINDOW={flip})", "e2e", ("o",),
@@ -277,6 +280,12 @@ def main() -> int:
         run(case, "inhouse_cutile.top_n (streaming, others only: 13 of the non-forced blocks)", "kernel", ("topk_idx",),
             [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)], group="top-n",
             cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+        for sbv, tile in ((not F.TOPN_SLOT_BY_VALUE, (16, 128)), (True, (8, 128)), (True, (32, 128)), (True, (16, 256))):
+            with F.flags(TOPN_SLOT_BY_VALUE=sbv, TOPN_STREAM_TILE=tile):
+                run(case, f"inhouse_cutile.top_n (streaming, others only, TOPN_SLOT_BY_VALUE={sbv}, TR={tile[0]} "
+                    f"CW={tile[1]})", "kernel", ("topk_idx",),
+                    [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)],
+                    group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
         for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
                            ("stream", (16, 64)), ("packed", None), ("argmax", None)):
             if args.quick and (kern == "argmax" or tile not in (None, (16, 128))):

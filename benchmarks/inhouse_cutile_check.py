@@ -41,6 +41,7 @@ def _err(a, b) -> float:
 
 def check_case(case_json: str) -> dict:
     import torch
+    from cases.conventions import max_forced
     from cases.model import Case
     from cases.tensors import TORCH_DTYPES, materialize
     from oracles.inhouse_cutile.forward import nsa_forward
@@ -84,11 +85,24 @@ def check_case(case_json: str) -> dict:
             bq = fwd.top_n(imp, torch.arange(case.q_offset, case.seq_len, device="cuda"), case.top_n, case.block_size,
                            case.forced_blocks)
             same = True
-            for kern in ("stream",) if fast else ("stream", "packed", "argmax"):
-                with fwd.flags(TOPN_KERNEL=kern):
+            sbv = not fwd.TOPN_SLOT_BY_VALUE      # the streaming kernel's other way to find the worst slot too
+            for kern, label, extra in ((("stream", "stream", {}), ("stream", f"stream_slot_by_value_{sbv}",
+                                                                     {"TOPN_SLOT_BY_VALUE": sbv}))
+                                       + (() if fast else (("packed", "packed", {}), ("argmax", "argmax", {})))):
+                with fwd.flags(TOPN_KERNEL=kern, **extra):
                     a = fwd.top_n_cutile(imp_k, case.q_offset, case.top_n, case.block_size, case.forced_blocks)
+                    # the others-only form the forward uses, against the torch rule
+                    mf = max_forced(case.forced_blocks)
+                    if kern == "stream" and mf > 0 and case.top_n > mf:
+                        ao = fwd.top_n_cutile(imp_k, case.q_offset, case.top_n - mf, case.block_size, case.forced_blocks,
+                                              others=True)
+                        bo = fwd.top_n_others(imp, torch.arange(case.q_offset, case.seq_len, device="cuda"),
+                                              case.top_n - mf, case.block_size, case.forced_blocks)
+                        ok_o = bool(torch.equal(ao, bo))
+                        rec["branches"][f"topn_{label}_others_eq_torch"] = {"equal": ok_o}
+                        same &= ok_o
                 ok_k = bool(torch.equal(a, bq))
-                rec["branches"][f"topn_{kern}_eq_torch"] = {"equal": ok_k}
+                rec["branches"][f"topn_{label}_eq_torch"] = {"equal": ok_k}
                 same &= ok_k
             rec["ok"] &= same
         torch.cuda.synchronize()

@@ -155,10 +155,11 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
         out.append((f"topn_packed N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_packed_kernel,
                     [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
-        out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
-                    [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False]))
-        out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED}", K.topn_stream_kernel,
-                    [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True]))
+        for sbv in (False, True):
+            out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED} slot_by_value={sbv}", K.topn_stream_kernel,
+                        [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False, sbv]))
+            out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED} slot_by_value={sbv}",
+                        K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True, sbv]))
     for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc in [(2, 16, 16, 4, 64, 128, False, False),
                                                    (1, 3, 4, 16, 32, 64, True, True),
                                                    (2, 1, 1, 64, 64, 32, True, True)]:
@@ -179,6 +180,8 @@ def _runtime_occupancy(label: str):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):
         return F.UNION_OCCUPANCY
+    if label.startswith("topn_stream"):
+        return F.TOPN_HINTS.get("occupancy")
     return None
 
 

@@ -354,6 +354,7 @@ TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
 TOPN_STREAM_TILE = (16, 128)   # (rows, columns per chunk) of the streaming top-n kernel
+TOPN_SLOT_BY_VALUE = False  # streaming top-n: find the worst slot by its (unique) value, one reduction less per step
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
@@ -473,7 +474,7 @@ def top_n_cutile(imp: torch.Tensor, q_off: int, n: int, ls: int, forced_blocks: 
         TR, CW = TOPN_STREAM_TILE
         CW = min(CW, pow2(NS))
         _launch(_hinted(K.topn_stream_kernel, **TOPN_HINTS), (-(-TQ // TR), B * H, 1),
-                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced, others))
+                (imp.contiguous(), out, q_off, TQ, NS, ls, n, NOUT, TR, CW, forced, others, TOPN_SLOT_BY_VALUE))
     else:
         NSP = pow2(NS)
         TR = max(1, min(64, 8192 // NSP))

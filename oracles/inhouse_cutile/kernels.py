@@ -619,14 +619,17 @@ def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
 
 @ct.kernel
 def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
-                       CW: ConstInt, FORCED: ConstInt, OTHERS: ConstBool):
+                       CW: ConstInt, FORCED: ConstInt, OTHERS: ConstBool, SLOT_BY_VALUE: ConstBool):
     """``topn_packed_kernel`` streamed over column chunks of CW blocks, only up to the tile's last
     ``selection_candidate`` column (the causal part of the row; IMP beyond it is never read unmasked).
     Keeps the N best keys of each row in ``best`` (slots >= N hold the int64 maximum, never replaced);
     a chunk takes as many extraction steps as its rows have keys above their current N-th best
     (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
     Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N.
-    ``OTHERS``: the forced blocks are not candidates (the top N of the other blocks)."""
+    ``OTHERS``: the forced blocks are not candidates (the top N of the other blocks).
+    ``SLOT_BY_VALUE``: the empty slots start as distinct negative values (``-1 - slot``) and only valid
+    keys (>= 0) enter, so every slot value is unique and the worst slot is found by equality with the
+    row minimum: one reduction less per step."""
     qt = ct.bid(0)
     b, h = _batch_head(IMP)
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
@@ -634,7 +637,10 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     n_chunks = ct.cdiv(min(p_last // LS + 1, NS), CW)
     jc = ct.arange(CW, dtype=np.int32)[None, :]
     cols = ct.arange(NOUT, dtype=np.int32)[None, :]
-    best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
+    if SLOT_BY_VALUE:
+        best = ct.where(cols < N, ct.broadcast_to(-1 - cols, (TR, NOUT)).astype(np.int64), 0x7FFFFFFFFFFFFFFF)
+    else:
+        best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
     for c in range(n_chunks):
         imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
         j = c * CW + jc
@@ -645,12 +651,15 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
         bits = ct.where(forced, 0x7F800000, bits)
         key = ct.where(cand, (bits << 32) | (NS - 1 - j).astype(np.int64), -1)
         worst = ct.min(best, axis=1, keepdims=True)
-        steps = ct.minimum(ct.max(ct.sum(ct.where(key > worst, 1, 0), axis=1)), N)
+        steps = ct.minimum(ct.max(ct.sum(ct.where(key > ct.maximum(worst, -1), 1, 0), axis=1)), N)   # valid keys only
         for t in range(steps):
             m = ct.max(key, axis=1, keepdims=True)
             worst = ct.min(best, axis=1, keepdims=True)
-            slot = ct.min(ct.where(best == worst, cols, NOUT), axis=1, keepdims=True)
-            best = ct.where((cols == slot) & (m > worst), m, best)
+            if SLOT_BY_VALUE:
+                best = ct.where((best == worst) & (m > worst) & (m >= 0), m, best)
+            else:
+                slot = ct.min(ct.where(best == worst, cols, NOUT), axis=1, keepdims=True)
+                best = ct.where((cols == slot) & (m > worst), m, best)
             key = ct.where(key == m, -1, key)
     idx = ct.where((best < 0) | (cols >= N), -1, (NS - 1) - (best & 0xFFFFFFFF))
     ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))

@@ -158,30 +158,41 @@ def test_tile_fully_visible_iff_two_corners_are(rule, l, d, w):
     assert 0 < n_full < 400       # both outcomes were exercised
 
 
-def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int) -> torch.Tensor:
+def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int, slot_by_value: bool = False) -> torch.Tensor:
     """The algorithm of ``topn_stream_kernel`` on packed keys ``[rows, cols]`` (-1 = not a candidate), in
     torch: a running top-n per tile of ``tr`` rows updated chunk by chunk, with as many extraction steps
-    as the chunk's rows have keys above their current n-th best (at most n). Returns the kept sets, sorted."""
+    as the chunk's rows have valid keys above their current n-th best (at most n). ``slot_by_value``: empty
+    slots start as ``-1 - slot`` and the worst slot is the one equal to the row minimum (no index
+    reduction); only valid keys enter. Returns the kept sets (empty = -1), sorted."""
     out = []
+    cols = torch.arange(n)
     for r0 in range(0, key.shape[0], tr):
         k = key[r0:r0 + tr]
-        best = torch.full((k.shape[0], n), -1, dtype=torch.int64)
+        if slot_by_value:
+            best = (-1 - cols).expand(k.shape[0], n).clone()
+        else:
+            best = torch.full((k.shape[0], n), -1, dtype=torch.int64)
         for c0 in range(0, key.shape[1], cw):
             ch = k[:, c0:c0 + cw].clone()
             worst = best.amin(1, keepdim=True)
-            for _ in range(min(n, int((ch > worst).sum(1).max()))):
+            for _ in range(min(n, int((ch > worst.clamp(min=-1)).sum(1).max()))):
                 m = ch.amax(1, keepdim=True)
                 worst = best.amin(1, keepdim=True)
-                slot = torch.where(best == worst, torch.arange(n), n).amin(1, keepdim=True)
-                best = torch.where((torch.arange(n) == slot) & (m > worst), m, best)
+                if slot_by_value:
+                    best = torch.where((best == worst) & (m > worst) & (m >= 0), m, best)
+                else:
+                    slot = torch.where(best == worst, cols, n).amin(1, keepdim=True)
+                    best = torch.where((cols == slot) & (m > worst), m, best)
                 ch = torch.where(ch == m, torch.full_like(ch, -1), ch)
-        out.append(best.sort(1).values)
+        out.append(torch.where(best < 0, torch.full_like(best, -1), best).sort(1).values)
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("n", [1, 3, 16])
-def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n):
-    """The step bound (extract only while some row has keys above its n-th best) loses no key."""
+@pytest.mark.parametrize("slot_by_value", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 13, 16])
+def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n, slot_by_value):
+    """The step bound (extract only while some row has keys above its n-th best) loses no key; finding the
+    worst slot by value keeps the slots distinct (rows with fewer than n candidates included)."""
     g = torch.Generator().manual_seed(n)
     rows, cols = 64, 512
     score = torch.rand((rows, cols), generator=g)
@@ -189,10 +200,12 @@ def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n):
     j = torch.arange(cols)
     key = (score.view(torch.int32).to(torch.int64) << 32) | (cols - 1 - j)
     last = torch.randint(1, cols, (rows, 1), generator=g)           # causal-like candidate ranges
-    key = torch.where((score > 0) & (j < last), key, torch.full_like(key, -1))
+    sparse_start = (torch.arange(rows)[:, None] % 3 == 0) & (j < 128) & (j % 20 != 0)   # few early candidates,
+    key = torch.where((score > 0) & (j < last) & ~sparse_start, key, torch.full_like(key, -1))   # many later
     want = key.topk(n, 1).values
     want = torch.where(want < 0, torch.full_like(want, -1), want).sort(1).values
-    assert torch.equal(_stream_topn_model(key, n, 16, 128), want)
+    assert torch.equal(_stream_topn_model(key, n, 16, 128, slot_by_value), want)
+    assert torch.equal(_stream_topn_model(key, n, 8, 64, slot_by_value), want)
 
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 32), (64, 64, 64), (8, 8, 16)])

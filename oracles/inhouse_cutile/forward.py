@@ -353,8 +353,8 @@ UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile:
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
-TOPN_STREAM_TILE = (8, 128)   # (rows, columns per chunk) of the streaming top-n kernel (measured with
-#                               TOPN_SLOT_BY_VALUE, 64k others-only: 8 rows 2.43 ms, 16 rows 2.60, 32 rows 5.07)
+TOPN_STREAM_TILE = (8, 64)   # (rows, columns per chunk) of the streaming top-n kernel (64k others-only, run L:
+#                              (8, 64) 2.15 ms, (8, 128) 2.51, (16, 128) 2.61, (4, 128) 2.81)
 TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique) value, one reduction less per
 #                            step (64k others-only, 16 rows: 2.60 vs 2.68 ms)
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass

@@ -353,10 +353,10 @@ UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile:
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
-TOPN_STREAM_TILE = (8, 64)   # (rows, columns per chunk) of the streaming top-n kernel (64k others-only, run L:
-#                              (8, 64) 2.15 ms, (8, 128) 2.51, (16, 128) 2.61, (4, 128) 2.81)
+TOPN_STREAM_TILE = (16, 64)   # (rows, columns per chunk) of the streaming top-n kernel (64k others-only, run M:
+#                               (16, 64) 1.85 ms, (8, 64) 2.08, (8, 32) 2.24, (8, 128) 2.41, (16, 128) 2.54)
 TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique) value, one reduction less per
-#                            step (64k others-only, 16 rows: 2.60 vs 2.68 ms)
+#                            step (64k others-only, run M: (16, 64) 1.85 vs 1.87 ms, (8, 64) 2.08 vs 2.14)
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)

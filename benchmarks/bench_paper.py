@@ -280,8 +280,9 @@ def main() -> int:
         run(case, "inhouse_cutile.top_n (streaming, others only: 13 of the non-forced blocks)", "kernel", ("topk_idx",),
             [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)], group="top-n",
             cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
-        for sbv, tile in ((not F.TOPN_SLOT_BY_VALUE, F.TOPN_STREAM_TILE), (False, (16, 32)), (False, (32, 32)),
-                          *((True, (tr, cw)) for tr in (16, 32, 64) for cw in (16, 32, 64))):
+        for sbv, tile in ((not F.TOPN_SLOT_BY_VALUE, F.TOPN_STREAM_TILE), (True, (16, 128)), (True, (16, 64)),
+                          (True, (32, 32)), (True, (64, 16)), (True, (32, 8)), (True, (64, 8)), (True, (128, 8)),
+                          (True, (128, 16))):
             with F.flags(TOPN_SLOT_BY_VALUE=sbv, TOPN_STREAM_TILE=tile):
                 run(case, f"inhouse_cutile.top_n (streaming, others only, TOPN_SLOT_BY_VALUE={sbv}, TR={tile[0]} "
                     f"CW={tile[1]})", "kernel", ("topk_idx",),

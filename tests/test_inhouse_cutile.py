@@ -206,6 +206,7 @@ def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n, slot_by_value):
     want = torch.where(want < 0, torch.full_like(want, -1), want).sort(1).values
     assert torch.equal(_stream_topn_model(key, n, 16, 128, slot_by_value), want)
     assert torch.equal(_stream_topn_model(key, n, 8, 64, slot_by_value), want)
+    assert torch.equal(_stream_topn_model(key, n, 32, 16, slot_by_value), want)
 
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 32), (64, 64, 64), (8, 8, 16)])

@@ -160,6 +160,8 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                         [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False, sbv]))
             out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED} slot_by_value={sbv}",
                         K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True, sbv]))
+            out.append((f"topn_stream others N{N - 1} TR32 CW16 forced{FORCED} slot_by_value={sbv}",
+                        K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 32, 16, FORCED, True, sbv]))
     for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc in [(2, 16, 16, 4, 64, 128, False, False),
                                                    (1, 3, 4, 16, 32, 64, True, True),
                                                    (2, 1, 1, 64, 64, 32, True, True)]:

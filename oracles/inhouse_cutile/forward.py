@@ -353,10 +353,12 @@ UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile:
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
-TOPN_STREAM_TILE = (16, 64)   # (rows, columns per chunk) of the streaming top-n kernel (64k others-only, run M:
-#                               (16, 64) 1.85 ms, (8, 64) 2.08, (8, 32) 2.24, (8, 128) 2.41, (16, 128) 2.54)
+TOPN_STREAM_TILE = (32, 16)   # (rows, columns per chunk) of the streaming top-n kernel (others-only, run O, 64k /
+#                               16k: (32, 16) 1.11 / 0.16 ms, (64, 16) 1.16 / 0.18, (32, 32) 1.42 / 0.19, (16, 64) 1.86
+#                               / 0.22, (16, 128) 2.54 / 0.29 in run N)
 TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique) value, one reduction less per
-#                            step (64k others-only, run M: (16, 64) 1.85 vs 1.87 ms, (8, 64) 2.08 vs 2.14)
+#                            step (64k others-only, run O: (32, 32) 1.42 vs 1.44 ms, (16, 32) 1.74 vs 1.82; within
+#                            noise in runs L-N)
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)

@@ -232,6 +232,12 @@ def main() -> int:
         run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)", "kernel", ("slc_o",),
             [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale) for x in xs],
             group=g_sel)
+        for hint in ({"SEL_LATENCY": (3, 3)}, {"SEL_LATENCY": (2, 2)}, {"SEL_LATENCY": (3, 4)}, {"SEL_LATENCY": (2, 6)},
+                     {"SEL_OCCUPANCY": 3}):
+            with F.flags(**hint):
+                run(case_nw, f"inhouse_cutile.selection_partial (14 blocks, + base-2 LSE) {hint}", "kernel", ("slc_o",),
+                    [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale)
+                     for x in xs], group=g_sel)
         o_s, lse_s = F.selection_partial(base.q, base.k, base.v, idx32[..., :14].contiguous(), 64, scale)
         run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
             [lambda x=x: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, (x.g_cmp, x.g_slc, x.g_swa), 2, 64,
@@ -280,9 +286,13 @@ def main() -> int:
         run(case, "inhouse_cutile.top_n (streaming, others only: 13 of the non-forced blocks)", "kernel", ("topk_idx",),
             [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)], group="top-n",
             cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+        for occ in (2, 8):
+            with F.flags(TOPN_HINTS={"occupancy": occ}):
+                run(case, f"inhouse_cutile.top_n (streaming, others only, occupancy {occ})", "kernel", ("topk_idx",),
+                    [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)],
+                    group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
         for sbv, tile in ((not F.TOPN_SLOT_BY_VALUE, F.TOPN_STREAM_TILE), (True, (16, 128)), (True, (16, 64)),
-                          (True, (32, 32)), (True, (64, 16)), (True, (32, 8)), (True, (64, 8)), (True, (128, 8)),
-                          (True, (128, 16))):
+                          (True, (32, 32)), (True, (64, 16)), (True, (64, 8))):
             with F.flags(TOPN_SLOT_BY_VALUE=sbv, TOPN_STREAM_TILE=tile):
                 run(case, f"inhouse_cutile.top_n (streaming, others only, TOPN_SLOT_BY_VALUE={sbv}, TR={tile[0]} "
                     f"CW={tile[1]})", "kernel", ("topk_idx",),

@@ -138,6 +138,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                                                         (16, 16, 2, 16, 64, 128, False, True, False, False),
                                                         (16, 16, 2, 14, 64, 128, True, False, False, True),
                                                         (16, 16, 2, 13, 64, 128, True, False, False, True),
+                                                        (16, 16, 4, 14, 64, 128, True, False, False, True),
                                                         (3, 16, 2, 4, 32, 64, True, True, True, False),
                                                         (1, 16, 1, 8, 16, 256, True, False, False, False)]:
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"

@@ -412,7 +412,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
-    ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; a last ``NP % CH`` block alone), their K/V tiles
+    ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
     loaded by tile index and concatenated into one ``CH*LS``-key step (one MMA, one softmax update).
     No data-dependent branch: a -1 slot loads block 0 and is masked, as are keys ``s > p``.
 
@@ -434,8 +434,8 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
         s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
         vis = ok & selection_causal(p, key) & (key < T)
         m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    if NP % CH != 0:     # the last block alone (NP odd with CH = 2)
-        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, NP - 1, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
+    for r in ct.static_iter(range(NP % CH)):     # the last NP % CH blocks one at a time
+        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, (NP // CH) * CH + r, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
         key = jv * LS + offs
         s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
         vis = (jv >= 0) & selection_causal(p, key) & (key < T)

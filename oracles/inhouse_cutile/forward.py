@@ -210,6 +210,12 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     return result
 
 
+def _chunk_blocks(n: int, ls: int) -> int:
+    """Selected blocks per step of the chunked selection kernel for ``n`` blocks of ``l'`` keys:
+    ``CHUNK_BLOCKS``, at most 256 keys per step and at most the largest power of two <= n."""
+    return max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+
+
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
                       scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
@@ -231,7 +237,7 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     G = HQ // H
     GP = max(pow2(G), MIN_SEL_ROWS)
     n = idx.shape[-1]
-    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    CH = _chunk_blocks(n, ls)
     NP = -(-n // CH) * CH
     sel = idx.to(device=q.device, dtype=torch.int32)
     if NP != n:
@@ -263,7 +269,7 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
         return o.zero_(), lse.fill_(-math.inf)
     G = HQ // H
     GP = max(pow2(G), MIN_SEL_ROWS)
-    CH = max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
+    CH = _chunk_blocks(n, ls)
     g = q.new_empty((1, 1, 1))
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (TQ, B * H, 1),
             (q, k, v, idx.to(device=q.device, dtype=torch.int32).contiguous(), o, o, o, g, g, g, o, lse,

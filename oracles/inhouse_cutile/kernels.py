@@ -118,6 +118,29 @@ def _tile_all_visible(IS_CMP, mode, c0, c1, p0, p1, NKEYS, L, DS, W):
     return (c1 < NKEYS) & _visible(IS_CMP, mode, c1, p0, L, DS, W) & _visible(IS_CMP, mode, c0, p1, L, DS, W)
 
 
+def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2,
+                m_i, l_i, acc, dtype):
+    """One key tile ``kt`` (TN keys) of the compression or window attention (``_visible``) for the rows at
+    ``pos``: the online-softmax step, with the mask only on tiles that some row does not see whole
+    (``_tile_all_visible``) unless ``MASK_ALL``."""
+    k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                padding_mode=ZERO, latency=2).reshape((DP, TN))
+    s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+    if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
+        s = s * qk_scale2                 # no mask on tiles every row sees whole
+    else:
+        key = kt * TN + ct.arange(TN, dtype=np.int32)[None, :]
+        vis = _visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS)
+        s = ct.where(vis, s * qk_scale2, -np.inf)
+    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+    p = ct.exp2(s - m_new, flush_to_zero=True)
+    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+    l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+    v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
+    acc = ct.mma(p.astype(dtype), v, acc * alpha)
+    return m_new, l_i, acc
+
+
 @ct.kernel(occupancy=2)
 def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
@@ -163,23 +186,8 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     offs_n = ct.arange(TN, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(kt_lo, kt_hi):
-        k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
-                    padding_mode=ZERO, latency=2).reshape((DP, TN))
-        s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
-        if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
-            s = s * qk_scale2                 # no mask on tiles every row sees whole
-        else:
-            key = kt * TN + offs_n
-            vis = _visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS)
-            s = ct.where(vis, s * qk_scale2, -np.inf)
-        m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-        p = ct.exp2(s - m_new, flush_to_zero=True)
-        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-        l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
-        v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO,
-                    latency=4).reshape((TN, DVP))
-        acc = ct.mma(p.astype(Q.dtype), v, acc * alpha)
-        m_i = m_new
+        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W,
+                                    MASK_ALL, qk_scale2, m_i, l_i, acc, Q.dtype)
     has = l_i > 0.0
     l_safe = ct.where(has, l_i, 1.0)
     out = ct.where(has, acc / l_safe, 0.0)
@@ -209,26 +217,6 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                 pr = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), pr, 0.0)
             imp = ct.sum(pr.reshape((TMQ, GP, TN)), axis=1)
             ct.store(IMP, index=(b, qt, hk, kt), tile=imp.reshape((1, TMQ, 1, TN)))
-
-
-def _window_step(q, K, V, b, hk, kt, M, TN, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2, m_i, l_i, acc, dtype):
-    """One key tile ``kt`` (TN keys) of the sliding window (MODE 4/5) for the rows at ``pos``: masked
-    only when some row does not see it whole (``_tile_all_visible``)."""
-    k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
-                padding_mode=ZERO, latency=2).reshape((DP, TN))
-    s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
-    if _tile_all_visible(False, MODE, kt * TN, kt * TN + TN - 1, p0, p1, T, 1, 1, W):
-        s = s * qk_scale2
-    else:
-        key = kt * TN + ct.arange(TN, dtype=np.int32)[None, :]
-        s = ct.where(_visible(False, MODE, key, pos, 1, 1, W) & (key < T), s * qk_scale2, -np.inf)
-    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-    p = ct.exp2(s - m_new, flush_to_zero=True)
-    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-    l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
-    v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
-    acc = ct.mma(p.astype(dtype), v, acc * alpha)
-    return m_new, l_i, acc
 
 
 def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
@@ -276,8 +264,8 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
     lse_s = ct.load(LSv, index=(b, qt, hidx), shape=(1, TMQ, GP), padding_mode=ZERO).reshape((M, 1))
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(loc_lo, c + 1):
-        m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
-                                     m_i, l_i, acc, Q.dtype)
+        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W, False,
+                                    qk_scale2, m_i, l_i, acc, Q.dtype)
     slc, _ = _merge_normalised(o_s, lse_s, m_i, l_i, acc)
     if WRITE_SLC:
         SLCv, _ = _group_view(SLC, hk, G, GP)
@@ -285,8 +273,8 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
     gated = slc * _gate_of(GS, b, qt, hk, G, GP, TMQ) \
         + _gate_of(GC, b, qt, hk, G, GP, TMQ) * _rows_of(CMP, b, qt, hk, G, GP, TMQ, DVP)
     for kt in range(kt_lo, loc_lo):
-        m_i, l_i, acc = _window_step(q, K, V, b, hk, kt, M, LS, DP, DVP, MODE, pos, p0, p1, T, W, qk_scale2,
-                                     m_i, l_i, acc, Q.dtype)
+        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W, False,
+                                    qk_scale2, m_i, l_i, acc, Q.dtype)
     swa = _softmax_finish(acc, l_i)
     if WRITE_SWA:
         SWAv, _ = _group_view(SWA, hk, G, GP)

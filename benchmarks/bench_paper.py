@@ -221,24 +221,22 @@ def main() -> int:
         flip = not F.DENSE_MASK_ALL
         with F.flags(DENSE_MASK_ALL=flip):
             both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={flip})")
-        # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
         flip = not F.TOPN_SLOT_BY_VALUE
         with F.flags(TOPN_SLOT_BY_VALUE=flip):
             both_forwards(f"inhouse_cutile (TOPN_SLOT_BY_VALUE={flip})")
+        # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
         flip = not F.FORCED_LOCAL_IN_WINDOW
         with F.flags(FORCED_LOCAL_IN_WINDOW=flip):
             run(case, f"inhouse_cutile (FORCED_LOCAL_IN_WINDOW={flip})", "e2e", ("o",),
                 [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
-        run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale) for x in xs],
-            group=g_sel)
-        for hint in ({"SEL_LATENCY": (3, 3)}, {"SEL_LATENCY": (2, 2)}, {"SEL_LATENCY": (3, 4)}, {"SEL_LATENCY": (2, 6)},
-                     {"SEL_OCCUPANCY": 3}):
+        idx14 = idx32[..., :14].contiguous()
+        for hint in ({}, {"SEL_LATENCY": (3, 3)}, {"SEL_LATENCY": (2, 2)}, {"SEL_LATENCY": (3, 4)},
+                     {"SEL_LATENCY": (2, 6)}, {"SEL_OCCUPANCY": 3}):
             with F.flags(**hint):
-                run(case_nw, f"inhouse_cutile.selection_partial (14 blocks, + base-2 LSE) {hint}", "kernel", ("slc_o",),
-                    [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx32[..., :14].contiguous(), 64, scale)
-                     for x in xs], group=g_sel)
-        o_s, lse_s = F.selection_partial(base.q, base.k, base.v, idx32[..., :14].contiguous(), 64, scale)
+                run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)" + (f" {hint}" if hint else ""),
+                    "kernel", ("slc_o",), [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
+                    group=g_sel)
+        o_s, lse_s = F.selection_partial(base.q, base.k, base.v, idx14, 64, scale)
         run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
             [lambda x=x: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, (x.g_cmp, x.g_slc, x.g_swa), 2, 64,
                                          case.window, case.window_keys, scale) for x in xs], group="window w=512")
@@ -283,21 +281,19 @@ def main() -> int:
                                            for x in xs], group="parts", cost=hb.cost_of(case, ("topk_idx",)))
                 run(case, "inhouse_cutile.window" + how, "kernel", ("swa_o",),
                     [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], group="window w=512")
-        run(case, "inhouse_cutile.top_n (streaming, others only: 13 of the non-forced blocks)", "kernel", ("topk_idx",),
-            [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)], group="top-n",
-            cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+        def topn_others(label: str) -> None:
+            """Time the top-n of the 13 non-forced blocks (what the forward runs) under the flags in effect."""
+            run(case, f"inhouse_cutile.top_n (streaming, others only{label})", "kernel", ("topk_idx",),
+                [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)],
+                group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+        topn_others(": 13 of the non-forced blocks")
         for occ in (2, 8):
             with F.flags(TOPN_HINTS={"occupancy": occ}):
-                run(case, f"inhouse_cutile.top_n (streaming, others only, occupancy {occ})", "kernel", ("topk_idx",),
-                    [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)],
-                    group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+                topn_others(f", occupancy {occ}")
         for sbv, tile in ((not F.TOPN_SLOT_BY_VALUE, F.TOPN_STREAM_TILE), (True, (16, 128)), (True, (16, 64)),
                           (True, (32, 32)), (True, (64, 16)), (True, (64, 8))):
             with F.flags(TOPN_SLOT_BY_VALUE=sbv, TOPN_STREAM_TILE=tile):
-                run(case, f"inhouse_cutile.top_n (streaming, others only, TOPN_SLOT_BY_VALUE={sbv}, TR={tile[0]} "
-                    f"CW={tile[1]})", "kernel", ("topk_idx",),
-                    [lambda: F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)],
-                    group="top-n", cost=hb.Cost(0.0, imp0.numel() * 4.0 / 2))
+                topn_others(f", TOPN_SLOT_BY_VALUE={sbv}, TR={tile[0]} CW={tile[1]}")
         for kern, tile in (("stream", (16, 128)), ("stream", (8, 128)), ("stream", (32, 128)), ("stream", (16, 256)),
                            ("stream", (16, 64)), ("packed", None), ("argmax", None)):
             if args.quick and (kern == "argmax" or tile not in (None, (16, 128))):

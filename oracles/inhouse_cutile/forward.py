@@ -257,8 +257,8 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection over the blocks ``idx [B,TQ,H,m]`` (-1: none; power-of-two ``l'``) as a partial
     result another kernel merges more blocks into: ``slc_o`` (q dtype, 0 where no key) and its base-2
-    log-sum-exp of the scaled scores ``[B,TQ,HQ]`` fp32 (-inf where no key). ``m`` may be odd (the
-    chunked kernel takes the last block alone) or 0."""
+    log-sum-exp of the scaled scores ``[B,TQ,HQ]`` fp32 (-inf where no key). Any ``m`` >= 0 (the chunked
+    kernel takes the last ``m % CH`` blocks one at a time)."""
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -328,14 +328,15 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
     G = HQ // H
     GP = pow2(G)
     TMQ = max(1, WINDOW_TILE[0] // GP)
-    out = {"o": torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)}
-    for name, want in (("swa_o", want_swa), ("slc_o", want_slc)):
-        out[name] = torch.empty((B, TQ, HQ, DV) if want else (1, 1, 1, 1), device=q.device, dtype=q.dtype)
+    out = {name: torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)
+           for name, want in (("o", True), ("swa_o", want_swa), ("slc_o", want_slc)) if want}
+    unused = q.new_empty((1, 1, 1, 1))      # the kernel's store target for a branch not asked for (never written)
     gc, gs, gw = (g.contiguous() for g in gates)
     _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // TMQ), B * H, 1),
-            (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out["swa_o"], out["slc_o"], scale * LOG2E, T - TQ, TQ,
-             T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D), pow2(DV), want_swa, want_slc))
-    return {name: t for name, t in out.items() if name == "o" or (want_swa if name == "swa_o" else want_slc)}
+            (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out.get("swa_o", unused), out.get("slc_o", unused),
+             scale * LOG2E, T - TQ, TQ, T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D),
+             pow2(DV), want_swa, want_slc))
+    return out
 
 
 def forced_by_rule(case: Case) -> bool:

@@ -220,17 +220,15 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
 
 
 def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
-    """Softmax over the union of two disjoint key sets: ``o_a`` (normalised, fp32) with base-2
-    log-sum-exp ``lse_a`` (-inf: no key) and an online state ``(m_b, l_b, acc_b)``; returns the
-    normalised output and its base-2 log-sum-exp (``o = 0``, ``lse = -inf`` if neither saw a key)."""
+    """Softmax output over the union of two disjoint key sets: ``o_a`` (normalised, fp32) with base-2
+    log-sum-exp ``lse_a`` (-inf: no key) and an online state ``(m_b, l_b, acc_b)`` (``o = 0`` if neither
+    saw a key)."""
     mx = ct.maximum(lse_a, m_b)          # m_b >= NEG is finite, so mx is
     wa = ct.exp2(lse_a - mx, flush_to_zero=True)
     eb = ct.exp2(m_b - mx, flush_to_zero=True)
     den = wa + eb * l_b
     has = den > 0.0
-    den_safe = ct.where(has, den, 1.0)
-    o = ct.where(has, (o_a * wa + acc_b * eb) / den_safe, 0.0)
-    return o, ct.where(has, mx + ct.log2(den_safe), -np.inf)
+    return ct.where(has, (o_a * wa + acc_b * eb) / ct.where(has, den, 1.0), 0.0)
 
 
 @ct.kernel(occupancy=2)
@@ -266,7 +264,7 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
     for kt in range(loc_lo, c + 1):
         m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W, False,
                                     qk_scale2, m_i, l_i, acc, Q.dtype)
-    slc, _ = _merge_normalised(o_s, lse_s, m_i, l_i, acc)
+    slc = _merge_normalised(o_s, lse_s, m_i, l_i, acc)
     if WRITE_SLC:
         SLCv, _ = _group_view(SLC, hk, G, GP)
         ct.store(SLCv, index=(b, qt, hidx, 0), tile=slc.reshape((1, TMQ, GP, DVP)).astype(SLC.dtype))

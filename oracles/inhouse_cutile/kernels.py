@@ -380,6 +380,13 @@ def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
     none) and their tiles concatenated, ``K^T`` ``[DP, CH*LS]`` and ``V`` ``[CH*LS, DVP]`` (a -1 slot
     loads block 0; the caller masks it)."""
     jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
+    k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
+    return jv, k, v
+
+
+def _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
+    """``K^T`` ``[DP, CH*LS]`` and ``V`` ``[CH*LS, DVP]`` of the CH blocks ``jv`` ``[CH, 1]`` of kv head ``hk``,
+    concatenated (a -1 slot loads block 0; the caller masks it)."""
     ks = ()
     vs = ()
     for t in ct.static_iter(range(CH)):
@@ -388,14 +395,25 @@ def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
                        padding_mode=ZERO, latency=LAT_K, allow_tma=TMA).reshape((DP, LS)),)
         vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
                        latency=LAT_V, allow_tma=TMA).reshape((LS, DVP)),)
-    return jv, _cat4(ks, 1), _cat4(vs, 0)
+    return _cat4(ks, 1), _cat4(vs, 0)
+
+
+def _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, dtype):
+    """One step of the chunked selection over the CH blocks ``jv`` ``[CH, 1]`` (-1 = none; keys ``s <= p``,
+    ``s < T``) with their concatenated tiles ``k`` ``[DP, CH*LS]``, ``v`` ``[CH*LS, DVP]``."""
+    key = (jv * LS + offs).reshape((1, CH * LS))
+    ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
+    s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
+    vis = ok & selection_causal(p, key) & (key < T)
+    return _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, dtype)
 
 
 @ct.kernel
 def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
-                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool):
+                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
+                           IDX_ONCE: ConstBool, NPP: ConstInt):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
@@ -405,7 +423,10 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
     Writes ``slc_o`` to ``O`` (``WRITE_SLC``), its base-2 log-sum-exp of the scaled scores to ``LSE``
     ``[B,TQ,HQ]`` fp32 (``WRITE_LSE``; -inf for a row that saw no key, so another kernel can merge
     more blocks into it) and, with ``GATES``, the gated output in fp32 from the unrounded ``slc_o``:
-    ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
+    ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``.
+
+    ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before fully unrolled
+    steps, instead of CH indices per step."""
     i = ct.bid(0)
     b, hk = _batch_head(K)
     p = q_off + i
@@ -413,19 +434,26 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(GP, DVP)
-    for c in range(NP // CH):
-        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-        key = (jv * LS + offs).reshape((1, CH * LS))
-        ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((1, CH * LS))
-        s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
-        vis = ok & selection_causal(p, key) & (key < T)
-        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    for r in ct.static_iter(range(NP % CH)):     # the last NP % CH blocks one at a time
-        jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, (NP // CH) * CH + r, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
-        key = jv * LS + offs
-        s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
-        vis = (jv >= 0) & selection_causal(p, key) & (key < T)
-        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
+    if IDX_ONCE:
+        jall = ct.load(IDX, index=(b, i, hk, 0), shape=(1, 1, 1, NPP), padding_mode=ZERO).reshape((NPP, 1))
+        for c in range(NP // CH):
+            jv = jall.extract((c, 0), (CH, 1))
+            k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
+            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype)
+        for r in ct.static_iter(range(NP % CH)):
+            jv = jall.extract(((NP // CH) * CH + r, 0), (1, 1))
+            k, v = _chunk_tiles(K, V, jv, b, hk, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
+            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, 1, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype)
+    else:
+        for c in range(NP // CH):
+            jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
+            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype)
+        for r in ct.static_iter(range(NP % CH)):     # the last NP % CH blocks one at a time
+            jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, (NP // CH) * CH + r, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
+            key = jv * LS + offs
+            s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
+            vis = (jv >= 0) & selection_causal(p, key) & (key < T)
+            m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
     out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
     if WRITE_LSE:

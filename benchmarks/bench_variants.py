@@ -1,0 +1,152 @@
+"""Time in-house configurations (module flags of ``oracles.inhouse_cutile.forward``) side by side at the paper
+configuration, with the dense SDPA and FLA ``parallel_nsa`` baselines of the same run (issue 6).
+
+    source .device/env.sh
+    PYTHONPATH=. python benchmarks/bench_variants.py --T 65536,16384 --out $OUT \\
+        --variant 'cmp 2-CTA: CMP_TILE=(128, 64); CMP_HINTS={"num_ctas": 2}'
+
+``--variant 'LABEL: NAME=VALUE; NAME=VALUE'`` (values are Python literals, ``;`` between flags) adds one
+configuration; the default configuration is always timed first. For each configuration and T: the full
+forward, the forward without window and its parts (compression o+LSE, compression + importance, the selection over
+14 given blocks, sliding window, window + forced local blocks + gates). Same inputs, timing and records as ``bench_paper.py``
+(``OUT/bench.jsonl``, readable by ``bench_table.py``); prints a markdown table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench_paper import gpu_inputs, paper_case  # noqa: E402  (benchmarks/ is sys.path[0])
+from harness import bench as hb  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``'LABEL: NAME=VALUE; NAME=VALUE'`` -> (label, flags); ValueError names the bad part."""
+    from oracles.inhouse_cutile import forward as F
+    label, sep, body = text.partition(":")
+    if not sep or not label.strip():
+        raise ValueError(f"--variant {text!r}: expected 'LABEL: NAME=VALUE; ...'")
+    return label.strip(), F.parse_flags([item.strip() for item in body.split(";") if item.strip()])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--T", default="65536,16384")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench-variants"))
+    ap.add_argument("--variant", action="append", default=[], metavar="'LABEL: NAME=VALUE; ...'")
+    ap.add_argument("--skip", default="", help="comma list of: fla,dense,parts")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from oracles.inhouse_cutile import forward as F
+    try:
+        variants = [("default", {})] + [parse_variant(v) for v in args.variant]
+    except ValueError as e:
+        print(f"bench_variants: error: {e}", file=sys.stderr)
+        return 2
+    ceil = hb.measure_ceilings()
+    print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
+    vers = hb.versions()
+    records: list[hb.BenchRecord] = []
+
+    def run(case, name, branches, fns, group, cost=None, note=""):
+        try:
+            ms = hb.time_fn(fns[0], reps=args.reps, warmup=args.warmup, rotate=fns)
+        except Exception as e:  # noqa: BLE001  (one failing configuration must not lose the others)
+            print(f"FAIL {name} T={case.seq_len}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            traceback.print_exc(limit=3)
+            return None
+        rec = hb.make_record(case, name, "kernel" if group.startswith("part") else "e2e", branches, ms, args.reps,
+                             cost or hb.cost_of(case, branches), ceil, vers, note, group)
+        records.append(rec)
+        print(f"T={case.seq_len:6d} {name:60s} {ms:9.3f} ms  [{group}]", flush=True)
+        return ms
+
+    for T in [int(t) for t in args.T.split(",")]:
+        case, case_nw = paper_case(T), paper_case(T, window=0)
+        base = gpu_inputs(case, seed=T)
+        xs = [base] + [hb.clone_inputs(base) for _ in range(hb.input_copies(case, base) - 1)]
+        scale = case.softmax_scale
+        kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
+        if "parts" not in skip:     # 14 of the in-house top-n blocks, as the forward gives selection_partial
+            imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
+            idx14 = F.top_n(imp0, torch.arange(T, device="cuda"), 16, 64, "initial_local")[..., :14].to(torch.int32)
+            del imp0
+        for label, flags in variants:
+            with F.flags(**flags):
+                note = " ".join(f"{k}={v!r}" for k, v in flags.items())
+                name = f"inhouse_cutile [{label}]"
+                run(case, name, ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
+                    "full fwd (cmp+topk+slc+swa+gates)", note=note)
+                run(case_nw, name, ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
+                    "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)), note=note)
+                if "parts" in skip:
+                    continue
+                run(case, f"cmp (o+lse) [{label}]", ("cmp_o", "cmp_lse"),
+                    [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs],
+                    "parts: compression o+LSE", note=note)
+                run(case, f"cmp+importance [{label}]", ("cmp_o", "cmp_lse"),
+                    [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
+                                               importance_fill=None) for x in xs],
+                    "parts: compression + importance", cost=hb.cost_of(case, ("topk_idx",)), note=note)
+                run(case, f"window [{label}]", ("swa_o",),
+                    [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], "parts: window w=512",
+                    note=note)
+                run(case_nw, f"selection_partial, 14 blocks [{label}]", ("slc_o",),
+                    [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
+                    "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
+                nlocal = F.window_forced_plan(case, 16, 0)
+                if nlocal is None:
+                    print(f"T={T} [{label}]: window_forced_plan gives None, window_forced not timed", flush=True)
+                    continue
+                o_s = torch.randn_like(base.q)
+                lse_s = torch.randn(base.q.shape[:3], device="cuda", dtype=torch.float32)
+                run(case, f"window_forced [{label}]", ("swa_o",),
+                    [lambda x=x: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, (x.g_cmp, x.g_slc, x.g_swa), nlocal, 64,
+                                                 case.window, case.window_keys, scale) for x in xs],
+                    "parts: window + forced local blocks + gates", note=note)
+                del o_s, lse_s
+        del kc0, vc0
+        if "fla" not in skip:
+            try:
+                from oracles.fla import _triton_modules
+                par, _, _ = _triton_modules()
+                run(case_nw, "fla.parallel_nsa", ("o",),
+                    [lambda x=x: par.parallel_nsa(x.q, x.k, x.v, x.g_cmp, x.g_slc, None, block_counts=16, block_size=64,
+                                                  window_size=0, scale=scale) for x in xs],
+                    "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)),
+                    note="FLA has no window without flash-attn")
+            except Exception as e:  # noqa: BLE001
+                print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
+        if "dense" not in skip:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qt = [x.q.transpose(1, 2).contiguous() for x in xs]
+            kt = [x.k.transpose(1, 2).contiguous() for x in xs]
+            vt = [x.v.transpose(1, 2).contiguous() for x in xs]
+
+            def sdpa(i):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                    return torch.nn.functional.scaled_dot_product_attention(qt[i], kt[i], vt[i], is_causal=True,
+                                                                            enable_gqa=True)
+            run(case, "dense causal SDPA (GQA)", ("o",), [lambda i=i: sdpa(i) for i in range(len(xs))], "dense causal",
+                cost=hb.dense_causal_cost(case), note="layout pre-transposed to [B,H,T,D]")
+            del qt, kt, vt
+        del xs, base
+        torch.cuda.empty_cache()
+    hb.fill_ratios(records)
+    hb.write_records(__import__("pathlib").Path(args.out), records)
+    print("\n| T | group | what | ms |\n|---|---|---|---|")
+    for r in records:
+        print(f"| {r.case.split('-')[2]} | {r.group} | {r.oracle} | {r.ms:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

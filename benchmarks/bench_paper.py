@@ -49,7 +49,7 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
             "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "TOPN_SLOT_BY_VALUE", "FORCED_LOCAL_IN_WINDOW",
-            "SEL_IDX_ONCE")
+            "SEL_IDX_ONCE", "SEL_QUERIES_PER_PROGRAM")
 
 
 def config_note() -> str:
@@ -228,13 +228,15 @@ def main() -> int:
         flip = not F.SEL_IDX_ONCE
         with F.flags(SEL_IDX_ONCE=flip):
             both_forwards(f"inhouse_cutile (SEL_IDX_ONCE={flip})")
+        with F.flags(SEL_QUERIES_PER_PROGRAM=1):
+            both_forwards("inhouse_cutile (SEL_QUERIES_PER_PROGRAM=1)")
         # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
         flip = not F.FORCED_LOCAL_IN_WINDOW
         with F.flags(FORCED_LOCAL_IN_WINDOW=flip):
             run(case, f"inhouse_cutile (FORCED_LOCAL_IN_WINDOW={flip})", "e2e", ("o",),
                 [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs], group=g_full)
         idx14 = idx32[..., :14].contiguous()
-        for hint in ({}, {"SEL_IDX_ONCE": not F.SEL_IDX_ONCE}, {"SEL_LATENCY": (2, 3)}, {"SEL_LATENCY": (3, 3)}):
+        for hint in ({}, {"SEL_IDX_ONCE": not F.SEL_IDX_ONCE}, {"SEL_QUERIES_PER_PROGRAM": 1}, {"SEL_LATENCY": (2, 3)}):
             with F.flags(**hint):
                 run(case_nw, "inhouse_cutile.selection_partial (14 blocks, + base-2 LSE)" + (f" {hint}" if hint else ""),
                     "kernel", ("slc_o",), [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],

@@ -144,12 +144,16 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"
                     + (" lse" if lse else ""), K.selection_chunk_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
-                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length()]))
+                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1]))
         if lse:
             out.append((f"selection_chunk idx_once G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} "
                         f"window={win} lse", K.selection_chunk_kernel,
                         [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length()]))
+                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), 1]))
+            out.append((f"selection_chunk idx_once qpp4 G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} "
+                        f"window={win} lse", K.selection_chunk_kernel,
+                        [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
+                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), 4]))
         if lse:
             continue
         out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",

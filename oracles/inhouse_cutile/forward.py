@@ -247,9 +247,10 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
     lse = (q.new_empty((1, 1, 1), dtype=torch.float32),) if not SEL_KEY_ROWS else ()
-    _launch(kern, (TQ, B * H, 1),
+    qpp = SEL_QUERIES_PER_PROGRAM if lse else 1
+    _launch(kern, (-(-TQ // qpp), B * H, 1),
             (q, k, v, sel, *arrays, *lse, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
-             *SEL_LATENCY, *flags, *((False, SEL_IDX_ONCE, pow2(NP)) if lse else ())))
+             *SEL_LATENCY, *flags, *((False, SEL_IDX_ONCE, pow2(NP), qpp) if lse else ())))
     return result
 
 
@@ -274,10 +275,11 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     idx = idx.to(device=q.device, dtype=torch.int32)
     if SEL_IDX_ONCE and pow2(n) != n:    # rows of pow2(n) indices: one aligned load (the kernel reads n of them)
         idx = torch.nn.functional.pad(idx, (0, pow2(n) - n), value=-1)
-    _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (TQ, B * H, 1),
+    qpp = SEL_QUERIES_PER_PROGRAM
+    _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
             (q, k, v, idx.contiguous(), o, o, o, g, g, g, o, lse,
              scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
-             True, False, False, True, SEL_IDX_ONCE, pow2(n)))
+             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp))
     return o, lse
 
 
@@ -361,6 +363,8 @@ SEL_LATENCY = (2, 4)  # cuTile latency hints of the K and V tile loads of the se
 SEL_IDX_ONCE = True   # the chunked selection kernel loads all its block indices in one load before the steps
 #                       (False: CH indices per step, on the K/V loads' critical path; measured 64k, 14 blocks:
 #                       16.05-16.21 vs 17.25-17.37 ms)
+SEL_QUERIES_PER_PROGRAM = 4  # queries each chunked selection program takes one after the other (measured, w/o window:
+#                              64k 24.53 / 24.28 / 24.03 / 24.43 ms and 16k 5.29 / 5.21 / 5.05 / 5.17 ms for 1 / 2 / 4 / 8)
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)

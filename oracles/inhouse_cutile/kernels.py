@@ -413,7 +413,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
-                           IDX_ONCE: ConstBool, NPP: ConstInt):
+                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt):
     """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
     power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
@@ -425,9 +425,22 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
     more blocks into it) and, with ``GATES``, the gated output in fp32 from the unrounded ``slc_o``:
     ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``.
 
-    ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before fully unrolled
-    steps, instead of CH indices per step."""
-    i = ct.bid(0)
+    ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before the steps,
+    instead of CH indices per step. ``QPP`` > 1: each program takes queries ``bid(0)*QPP ..`` one after the
+    other (the last program repeats the last query where TQ is not a multiple of QPP: same values written)."""
+    args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
+            LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP)
+    if QPP == 1:
+        _selection_query(ct.bid(0), *args)
+    else:
+        for qi in range(QPP):
+            _selection_query(min(ct.bid(0) * QPP + qi, Q.shape[1] - 1), *args)
+
+
+def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,
+                     DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP):
+    """The body of ``selection_chunk_kernel`` for query ``i``."""
+
     b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)

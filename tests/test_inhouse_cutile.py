@@ -354,6 +354,21 @@ def test_forward_flags_set_restore_and_parse():
             F.parse_flags([bad])
 
 
+def test_bench_variants_parses_flag_sets():
+    """``benchmarks/bench_variants.py --variant 'LABEL: NAME=VALUE; ...'``: label and flags, or a ValueError
+    naming the bad part (the script turns it into a one-line error and exit 2)."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_variants import parse_variant
+    assert parse_variant('two: SEL_QUERIES_PER_PROGRAM=2; CMP_HINTS={"num_ctas": 2}') == (
+        "two", {"SEL_QUERIES_PER_PROGRAM": 2, "CMP_HINTS": {"num_ctas": 2}})
+    assert parse_variant("none:") == ("none", {})
+    for bad, why in (("SEL_IDX_ONCE=True", "expected 'LABEL: NAME=VALUE"), (": SEL_IDX_ONCE=True", "expected"),
+                     ("x: NOPE=1", "no flag NOPE"), ("x: SEL_IDX_ONCE=yes", "not a Python literal")):
+        with pytest.raises(ValueError, match=why):
+            parse_variant(bad)
+
+
 def _launches(monkeypatch):
     """Record ``forward._launch(kernel, grid, args)`` calls instead of launching (CPU)."""
     from oracles.inhouse_cutile import forward as F
@@ -394,6 +409,33 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
         assert (slc is a["O"]) if want_slc else slc is None
     else:
         assert res is a["O"] and res.shape == (B, T, HQ, D)
+
+
+@pytest.mark.parametrize("idx_once,qpp", [(True, 4), (True, 1), (False, 4), (False, 1)])
+def test_selection_partial_host_side(monkeypatch, idx_once, qpp):
+    """``selection_partial`` launches ceil(TQ / SEL_QUERIES_PER_PROGRAM) programs per kv head with one argument
+    per kernel parameter; with ``SEL_IDX_ONCE`` the index rows are padded with -1 to pow2(n) columns (one
+    aligned load; the kernel reads the first n), else passed as they are (CPU, no launch)."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    from oracles.inhouse_cutile import kernels as K
+    calls = []
+    monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
+    B, T, HQ, H, D, n = 1, 10, 8, 2, 32, 14
+    q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    idx = torch.randint(-1, 3, (B, T, H, n))
+    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp):
+        o, lse = F.selection_partial(q, k, v, idx, 64, 0.1)
+    (kernel, grid, args), = calls
+    assert kernel._annotated_function.pyfunc is K.selection_chunk_kernel._annotated_function.pyfunc
+    names = _params(K.selection_chunk_kernel)
+    assert len(args) == len(names)
+    a = dict(zip(names, args))
+    assert grid == (-(-T // qpp), B * H, 1) and a["QPP"] == qpp and a["IDX_ONCE"] is idx_once
+    assert (a["NP"], a["NPP"]) == (n, 16) and a["O"] is o and a["LSE"] is lse and a["WRITE_LSE"] is True
+    assert a["IDX"].dtype == torch.int32 and torch.equal(a["IDX"][..., :n], idx.to(torch.int32))
+    assert a["IDX"].shape[-1] == (16 if idx_once else n)
+    assert bool((a["IDX"][..., n:] == -1).all())
 
 
 def test_combine_gates_passes_the_three_gates(monkeypatch):

@@ -414,8 +414,8 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
                            IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt):
-    """Selection attention of query ``bid(0)`` and the G heads of kv head ``bid(1) % H`` for a
-    power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
+    """Selection attention of query ``bid(0)`` (of queries ``bid(0)*QPP ..``, see below) and the G heads of kv
+    head ``bid(1) % H`` for a power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
     loaded by tile index and concatenated into one ``CH*LS``-key step (one MMA, one softmax update).
     No data-dependent branch: a -1 slot loads block 0 and is masked, as are keys ``s > p``.
@@ -440,7 +440,6 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
 def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,
                      DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP):
     """The body of ``selection_chunk_kernel`` for query ``i``."""
-
     b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)

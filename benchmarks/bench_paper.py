@@ -46,6 +46,29 @@ def gpu_inputs(case: Case, seed: int) -> Inputs:
     return Inputs(q=q.to(dt), k=k.to(dt), v=v.to(dt), g_cmp=gates[0].to(dt), g_slc=gates[1].to(dt), g_swa=gates[2].to(dt))
 
 
+DENSE_NOTE = "layout pre-transposed to [B,H,T,D]"
+FLA_NOTE = "FLA has no window without flash-attn"
+
+
+def dense_sdpa_fns(xs: list) -> list:
+    """The dense baseline, one closure per input copy: causal torch SDPA with GQA (FlashAttention-2 backend
+    first), q/k/v pre-transposed to ``[B,H,T,D]`` outside the timed call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qkv = [tuple(t.transpose(1, 2).contiguous() for t in (x.q, x.k, x.v)) for x in xs]
+
+    def sdpa(q, k, v):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return [lambda t=t: sdpa(*t) for t in qkv]
+
+
+def fla_parallel_nsa_fns(par, xs: list, scale: float) -> list:
+    """FLA ``parallel_nsa`` at the paper configuration without its window branch (no flash-attn), one closure per
+    input copy (``par``: FLA's ``parallel`` module, ``oracles.fla._triton_modules()[0]``)."""
+    return [lambda x=x: par.parallel_nsa(x.q, x.k, x.v, x.g_cmp, x.g_slc, None, block_counts=16, block_size=64,
+                                         window_size=0, scale=scale) for x in xs]
+
+
 TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY", "UNION_ROWS", "UNION_OCCUPANCY",
             "SEL_WORKER_WARPS", "TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "CMP_TILE", "CMP_HINTS", "WINDOW_TILE",
             "WINDOW_HINTS", "TOPN_STREAM_TILE", "TOPN_HINTS", "TOPN_SLOT_BY_VALUE", "FORCED_LOCAL_IN_WINDOW",
@@ -216,18 +239,10 @@ def main() -> int:
         # kernels masked; then each of the two changes alone
         with F.flags(TOPN_FORCED_BY_RULE=False, DENSE_MASK_ALL=True):
             both_forwards("inhouse_cutile (previous: forced blocks extracted by the top-n, all key tiles masked)")
-        flip = not F.TOPN_FORCED_BY_RULE
-        with F.flags(TOPN_FORCED_BY_RULE=flip):
-            both_forwards(f"inhouse_cutile (TOPN_FORCED_BY_RULE={flip})")
-        flip = not F.DENSE_MASK_ALL
-        with F.flags(DENSE_MASK_ALL=flip):
-            both_forwards(f"inhouse_cutile (DENSE_MASK_ALL={flip})")
-        flip = not F.TOPN_SLOT_BY_VALUE
-        with F.flags(TOPN_SLOT_BY_VALUE=flip):
-            both_forwards(f"inhouse_cutile (TOPN_SLOT_BY_VALUE={flip})")
-        flip = not F.SEL_IDX_ONCE
-        with F.flags(SEL_IDX_ONCE=flip):
-            both_forwards(f"inhouse_cutile (SEL_IDX_ONCE={flip})")
+        for name in ("TOPN_FORCED_BY_RULE", "DENSE_MASK_ALL", "TOPN_SLOT_BY_VALUE", "SEL_IDX_ONCE"):   # each switch alone
+            flip = not getattr(F, name)
+            with F.flags(**{name: flip}):
+                both_forwards(f"inhouse_cutile ({name}={flip})")
         with F.flags(SEL_QUERIES_PER_PROGRAM=1):
             both_forwards("inhouse_cutile (SEL_QUERIES_PER_PROGRAM=1)")
         # the window kernel taking the forced local blocks off the selection kernel (w/o window: unchanged)
@@ -319,10 +334,8 @@ def main() -> int:
             try:
                 from oracles.fla import _triton_modules
                 par, compression, mean_pooling = _triton_modules()
-                run(case_nw, "fla.parallel_nsa", "e2e", ("o",),
-                    [lambda x=x: par.parallel_nsa(x.q, x.k, x.v, x.g_cmp, x.g_slc, None, block_counts=16, block_size=64,
-                                                  window_size=0, scale=scale) for x in xs],
-                    group=g_nw, cost=hb.cost_of(case_nw, ("o",)), note="FLA has no window without flash-attn")
+                run(case_nw, "fla.parallel_nsa", "e2e", ("o",), fla_parallel_nsa_fns(par, xs, scale), group=g_nw,
+                    cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE)
                 run(case, "fla.parallel_nsa_fwd (selection)", "kernel", ("slc_o",),
                     [lambda x=x: par.ParallelNSAFunction.apply(x.q, x.k, x.v, idx32, 16, 64, scale, None) for x in xs],
                     group=g_sel)
@@ -355,17 +368,8 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001
                 print(f"TileLang unavailable: {type(e).__name__}: {e}", flush=True)
         if "dense" not in skip:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            qt = [x.q.transpose(1, 2).contiguous() for x in xs]
-            kt = [x.k.transpose(1, 2).contiguous() for x in xs]
-            vt = [x.v.transpose(1, 2).contiguous() for x in xs]
-
-            def sdpa(i):
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-                    return torch.nn.functional.scaled_dot_product_attention(qt[i], kt[i], vt[i], is_causal=True, enable_gqa=True)
-            run(case, "dense causal SDPA (GQA)", "e2e", ("o",), [lambda i=i: sdpa(i) for i in range(len(xs))],
-                group=g_dense, cost=hb.dense_causal_cost(case), note="layout pre-transposed to [B,H,T,D]")
-            del qt, kt, vt
+            run(case, "dense causal SDPA (GQA)", "e2e", ("o",), dense_sdpa_fns(xs), group=g_dense,
+                cost=hb.dense_causal_cost(case), note=DENSE_NOTE)
         del xs, base
         torch.cuda.empty_cache()
     hb.fill_ratios(records)

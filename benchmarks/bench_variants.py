@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench_paper import gpu_inputs, paper_case  # noqa: E402  (benchmarks/ is sys.path[0])
+from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, fla_parallel_nsa_fns, gpu_inputs,  # noqa: E402
+                         paper_case)  # (benchmarks/ is sys.path[0])
 from harness import bench as hb  # noqa: E402
 
 
@@ -118,26 +119,13 @@ def main() -> int:
             try:
                 from oracles.fla import _triton_modules
                 par, _, _ = _triton_modules()
-                run(case_nw, "fla.parallel_nsa", ("o",),
-                    [lambda x=x: par.parallel_nsa(x.q, x.k, x.v, x.g_cmp, x.g_slc, None, block_counts=16, block_size=64,
-                                                  window_size=0, scale=scale) for x in xs],
-                    "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)),
-                    note="FLA has no window without flash-attn")
+                run(case_nw, "fla.parallel_nsa", ("o",), fla_parallel_nsa_fns(par, xs, scale),
+                    "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE)
             except Exception as e:  # noqa: BLE001
                 print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
         if "dense" not in skip:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            qt = [x.q.transpose(1, 2).contiguous() for x in xs]
-            kt = [x.k.transpose(1, 2).contiguous() for x in xs]
-            vt = [x.v.transpose(1, 2).contiguous() for x in xs]
-
-            def sdpa(i):
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-                    return torch.nn.functional.scaled_dot_product_attention(qt[i], kt[i], vt[i], is_causal=True,
-                                                                            enable_gqa=True)
-            run(case, "dense causal SDPA (GQA)", ("o",), [lambda i=i: sdpa(i) for i in range(len(xs))], "dense causal",
-                cost=hb.dense_causal_cost(case), note="layout pre-transposed to [B,H,T,D]")
-            del qt, kt, vt
+            run(case, "dense causal SDPA (GQA)", ("o",), dense_sdpa_fns(xs), "dense causal",
+                cost=hb.dense_causal_cost(case), note=DENSE_NOTE)
         del xs, base
         torch.cuda.empty_cache()
     hb.fill_ratios(records)

@@ -436,6 +436,14 @@ def test_selection_partial_host_side(monkeypatch, idx_once, qpp):
     assert a["IDX"].dtype == torch.int32 and torch.equal(a["IDX"][..., :n], idx.to(torch.int32))
     assert a["IDX"].shape[-1] == (16 if idx_once else n)
     assert bool((a["IDX"][..., n:] == -1).all())
+    calls.clear()      # the chunked entry point: rows padded to NP (a multiple of CH), then to pow2(NP) with idx_once
+    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp):
+        F.selection_chunked(q, k, v, idx[..., :13], 64, 0.1)
+    (kernel, grid, args), = calls
+    a = dict(zip(names, args))
+    assert grid == (-(-T // qpp), B * H, 1) and (a["NP"], a["NPP"], a["QPP"]) == (14, 16, qpp)
+    assert a["IDX"].shape[-1] == (16 if idx_once else 14) and torch.equal(a["IDX"][..., :13], idx[..., :13].int())
+    assert bool((a["IDX"][..., 13:] == -1).all())
 
 
 def test_combine_gates_passes_the_three_gates(monkeypatch):

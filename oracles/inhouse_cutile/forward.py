@@ -216,6 +216,17 @@ def _chunk_blocks(n: int, ls: int) -> int:
     return max(1, min(CHUNK_BLOCKS, max(1, 256 // ls), 1 << (n.bit_length() - 1)))
 
 
+def _index_rows(idx: torch.Tensor, width: int, device, aligned: bool = True) -> torch.Tensor:
+    """The block indices of the chunked selection kernel: int32, contiguous, rows padded with -1 to ``width``
+    (the kernel's NP) or, with ``SEL_IDX_ONCE`` and ``aligned``, to pow2(width) (one aligned load of the row; the
+    kernel reads its first NP)."""
+    out = idx.to(device=device, dtype=torch.int32)
+    cols = pow2(width) if SEL_IDX_ONCE and aligned else width
+    if cols != out.shape[-1]:
+        out = torch.nn.functional.pad(out, (0, cols - out.shape[-1]), value=-1)
+    return out.contiguous()
+
+
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
                       scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
@@ -239,10 +250,7 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     n = idx.shape[-1]
     CH = _chunk_blocks(n, ls)
     NP = -(-n // CH) * CH
-    sel = idx.to(device=q.device, dtype=torch.int32)
-    if NP != n:
-        sel = torch.nn.functional.pad(sel, (0, NP - n), value=-1)
-    sel = sel.contiguous()
+    sel = _index_rows(idx, NP, q.device, aligned=not SEL_KEY_ROWS)
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
     kern = _hinted(K.selection_keyrows_kernel if SEL_KEY_ROWS else K.selection_chunk_kernel, SEL_OCCUPANCY,
                    num_worker_warps=SEL_WORKER_WARPS)
@@ -272,12 +280,9 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     GP = max(pow2(G), MIN_SEL_ROWS)
     CH = _chunk_blocks(n, ls)
     g = q.new_empty((1, 1, 1))
-    idx = idx.to(device=q.device, dtype=torch.int32)
-    if SEL_IDX_ONCE and pow2(n) != n:    # rows of pow2(n) indices: one aligned load (the kernel reads n of them)
-        idx = torch.nn.functional.pad(idx, (0, pow2(n) - n), value=-1)
     qpp = SEL_QUERIES_PER_PROGRAM
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
-            (q, k, v, idx.contiguous(), o, o, o, g, g, g, o, lse,
+            (q, k, v, _index_rows(idx, n, q.device), o, o, o, g, g, g, o, lse,
              scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
              True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp))
     return o, lse

@@ -145,15 +145,11 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     + (" lse" if lse else ""), K.selection_chunk_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
                      slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1]))
-        if lse:
-            out.append((f"selection_chunk idx_once G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} "
-                        f"window={win} lse", K.selection_chunk_kernel,
+        for qpp in (1, 4) if lse else ():      # indices loaded once, one or 4 queries per program
+            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
+                        f"slc={slc} gates={gates} window={win} lse", K.selection_chunk_kernel,
                         [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), 1]))
-            out.append((f"selection_chunk idx_once qpp4 G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} "
-                        f"window={win} lse", K.selection_chunk_kernel,
-                        [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), 4]))
+                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), qpp]))
         if lse:
             continue
         out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",

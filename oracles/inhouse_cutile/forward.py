@@ -376,7 +376,8 @@ SEL_IDX_ONCE = True   # the chunked selection kernel loads all its block indices
 #                       16.05-16.21 vs 17.25-17.37 ms)
 SEL_QUERIES_PER_PROGRAM = 4  # queries each chunked selection program takes one after the other (measured, w/o window:
 #                              64k 24.53 / 24.28 / 24.03 / 24.43 ms and 16k 5.29 / 5.21 / 5.05 / 5.17 ms for 1 / 2 / 4 / 8)
-SEL_MASK_ALL = True   # mask every step of the chunked selection (False: only steps with a -1 slot or a key not visible)
+SEL_MASK_ALL = False  # mask every step of the chunked selection (False: only steps with a -1 slot or a key not
+#                       visible; measured 16k w/o window 5.36 -> 5.12 and 5.16 -> 5.10 ms, 14-block selection 3.93 -> 3.77)
 SEL_FLAT = 0          # chunked selection with several queries per program: 0 = a loop per query; 1 / 2 = one loop
 #                       over (query, step) pairs, q loaded at every step / at each query's first step (_selection_flat)
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
@@ -384,7 +385,7 @@ UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile:
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
-TOPN_STREAM_TILE = (32, 16)   # (rows, columns per chunk) of the streaming top-n kernel (others-only, run O, 64k /
+TOPN_STREAM_TILE = (64, 8)   # (rows, columns per chunk) of the streaming top-n kernel (others-only, run O, 64k /
 #                               16k: (32, 16) 1.11 / 0.16 ms, (64, 16) 1.16 / 0.18, (32, 32) 1.42 / 0.19, (16, 64) 1.86
 #                               / 0.22, (16, 128) 2.54 / 0.29 in run N)
 TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique) value, one reduction less per

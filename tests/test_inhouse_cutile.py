@@ -411,13 +411,11 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
         assert res is a["O"] and res.shape == (B, T, HQ, D)
 
 
-@pytest.mark.parametrize("idx_once,qpp,flat", [(True, 4, 0), (True, 1, 0), (False, 4, 0), (False, 1, 0), (True, 4, 2),
-                                               (True, 1, 2), (False, 4, 1)])
-def test_selection_partial_host_side(monkeypatch, idx_once, qpp, flat):
+@pytest.mark.parametrize("idx_once,qpp,mask_all", [(True, 4, False), (True, 1, True), (False, 4, True), (False, 1, False)])
+def test_selection_partial_host_side(monkeypatch, idx_once, qpp, mask_all):
     """``selection_partial`` launches ceil(TQ / SEL_QUERIES_PER_PROGRAM) programs per kv head with one argument
     per kernel parameter; with ``SEL_IDX_ONCE`` the index rows are padded with -1 to pow2(n) columns (one
-    aligned load; the kernel reads the first n), else passed as they are (CPU, no launch). ``SEL_FLAT`` reaches
-    the kernel only with indices loaded once, several queries per program and n a multiple of CH."""
+    aligned load; the kernel reads the first n), else passed as they are (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile import forward as F
     from oracles.inhouse_cutile import kernels as K
@@ -426,28 +424,26 @@ def test_selection_partial_host_side(monkeypatch, idx_once, qpp, flat):
     B, T, HQ, H, D, n = 1, 10, 8, 2, 32, 14
     q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
     idx = torch.randint(-1, 3, (B, T, H, n))
-    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_FLAT=flat):
+    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_MASK_ALL=mask_all):
         o, lse = F.selection_partial(q, k, v, idx, 64, 0.1)
-        F.selection_partial(q, k, v, idx[..., :13], 64, 0.1)      # 13 = 6 steps of 2 + 1: never flat
-    assert [a[-1] for _, _, a in calls] == [flat if idx_once and qpp > 1 else 0, 0]
-    calls.pop()
     (kernel, grid, args), = calls
     assert kernel._annotated_function.pyfunc is K.selection_chunk_kernel._annotated_function.pyfunc
     names = _params(K.selection_chunk_kernel)
     assert len(args) == len(names)
     a = dict(zip(names, args))
     assert grid == (-(-T // qpp), B * H, 1) and a["QPP"] == qpp and a["IDX_ONCE"] is idx_once
+    assert a["MASK_ALL"] is mask_all
     assert (a["NP"], a["NPP"]) == (n, 16) and a["O"] is o and a["LSE"] is lse and a["WRITE_LSE"] is True
     assert a["IDX"].dtype == torch.int32 and torch.equal(a["IDX"][..., :n], idx.to(torch.int32))
     assert a["IDX"].shape[-1] == (16 if idx_once else n)
     assert bool((a["IDX"][..., n:] == -1).all())
     calls.clear()      # the chunked entry point: rows padded to NP (a multiple of CH), then to pow2(NP) with idx_once
-    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_FLAT=flat):
+    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_MASK_ALL=mask_all):
         F.selection_chunked(q, k, v, idx[..., :13], 64, 0.1)
     (kernel, grid, args), = calls
     a = dict(zip(names, args))
     assert grid == (-(-T // qpp), B * H, 1) and (a["NP"], a["NPP"], a["QPP"]) == (14, 16, qpp)
-    assert a["FLAT"] == (flat if idx_once and qpp > 1 else 0) and a["MASK_ALL"] is F.SEL_MASK_ALL
+    assert a["MASK_ALL"] is mask_all
     assert a["IDX"].shape[-1] == (16 if idx_once else 14) and torch.equal(a["IDX"][..., :13], idx[..., :13].int())
     assert bool((a["IDX"][..., 13:] == -1).all())
 

@@ -144,16 +144,13 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"
                     + (" lse" if lse else ""), K.selection_chunk_kernel,
                     [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
-                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1, True, 0]))
-        # indices loaded once: one or 4 queries per program; masked steps only; one (query, step) loop
-        for qpp, mask_all, flat in ((1, True, 0), (4, True, 0), (4, False, 0), (4, True, 1), (4, True, 2)) if lse else ():
-            if flat and NP % CH:
-                continue
-            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''}{'' if mask_all else ' mask_skip'}"
-                        f"{f' flat{flat}' if flat else ''} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
+                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1, True]))
+        # indices loaded once: one or 4 queries per program; every step masked or only those not seen whole
+        for qpp, mask_all in ((1, True), (4, True), (4, False)) if lse else ():
+            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''}{'' if mask_all else ' mask_skip'} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
                         f"slc={slc} gates={gates} window={win} lse", K.selection_chunk_kernel,
                         [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), qpp, mask_all, flat]))
+                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), qpp, mask_all]))
         if lse:
             continue
         out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",

@@ -258,14 +258,8 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     qpp = SEL_QUERIES_PER_PROGRAM if lse else 1
     _launch(kern, (-(-TQ // qpp), B * H, 1),
             (q, k, v, sel, *arrays, *lse, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
-             *SEL_LATENCY, *flags, *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL, _flat(NP, CH, qpp)) if lse else ())))
+             *SEL_LATENCY, *flags, *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL) if lse else ())))
     return result
-
-
-def _flat(np_: int, ch: int, qpp: int) -> int:
-    """The chunked selection kernel's FLAT parameter: ``SEL_FLAT`` where it applies (indices loaded once, NP a
-    multiple of CH, several queries per program), else 0."""
-    return SEL_FLAT if SEL_IDX_ONCE and np_ % ch == 0 and qpp > 1 else 0
 
 
 def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
@@ -290,7 +284,7 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
             (q, k, v, _index_rows(idx, n, q.device), o, o, o, g, g, g, o, lse,
              scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
-             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL, _flat(n, CH, qpp)))
+             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL))
     return o, lse
 
 
@@ -378,8 +372,6 @@ SEL_QUERIES_PER_PROGRAM = 4  # queries each chunked selection program takes one 
 #                              64k 24.53 / 24.28 / 24.03 / 24.43 ms and 16k 5.29 / 5.21 / 5.05 / 5.17 ms for 1 / 2 / 4 / 8)
 SEL_MASK_ALL = False  # mask every step of the chunked selection (False: only steps with a -1 slot or a key not
 #                       visible; measured 16k w/o window 5.36 -> 5.12 and 5.16 -> 5.10 ms, 14-block selection 3.93 -> 3.77)
-SEL_FLAT = 0          # chunked selection with several queries per program: 0 = a loop per query; 1 / 2 = one loop
-#                       over (query, step) pairs, q loaded at every step / at each query's first step (_selection_flat)
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)

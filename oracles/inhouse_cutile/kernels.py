@@ -433,8 +433,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
-                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool,
-                           FLAT: ConstInt):
+                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool):
     """Selection attention of query ``bid(0)`` (of queries ``bid(0)*QPP ..``, see below) and the G heads of kv
     head ``bid(1) % H`` for a power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
@@ -449,14 +448,10 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
     ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before the steps,
     instead of CH indices per step. ``QPP`` > 1: each program takes queries ``bid(0)*QPP ..`` one after the
     other (the last program repeats the last query where TQ is not a multiple of QPP: same values written).
-    ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``).
-    ``FLAT`` > 0 (needs ``IDX_ONCE`` and NP % CH == 0): the QPP queries as one loop over (query, step) pairs
-    (``_selection_flat``; 1: q loaded at every step, 2: at a query's first step)."""
+    ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``)."""
     args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
             LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL)
-    if FLAT > 0:
-        _selection_flat(*args, QPP, FLAT == 2)
-    elif QPP == 1:
+    if QPP == 1:
         _selection_query(ct.bid(0), *args)
     else:
         for qi in range(QPP):
@@ -509,42 +504,6 @@ def _selection_finish(m_i, l_i, acc, O, CMP, SWA, GC, GS, GW, OUT, LSE, b, i, hk
         LSEv, hidx = _group_view(LSE, hk, G, GP)
         lse2 = ct.where(l_i > 0.0, m_i + ct.log2(ct.where(l_i > 0.0, l_i, 1.0)), -np.inf)
         ct.store(LSEv, index=(b, i, hidx), tile=lse2.reshape((1, 1, GP)))
-
-
-def _selection_flat(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,
-                    DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL, QPP, Q_ONCE):
-    """``selection_chunk_kernel`` for the QPP queries ``bid(0)*QPP ..`` as one loop over (query, step) pairs, so
-    that the K/V loads of a query's first steps need not wait for the previous query's last step and epilogue:
-    the online state is reset at a query's first step and the query is finished (``_selection_finish``) after
-    its last; a query >= TQ (last program) is computed on zero indices and not stored. The QPP index rows are
-    one ``[QPP, NPP]`` load. ``Q_ONCE``: q is loaded at a query's first step only (else at every step)."""
-    b, hk = _batch_head(K)
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    NST = NP // CH
-    i0 = ct.bid(0) * QPP
-    last = Q.shape[1] - 1
-    jall = ct.load(IDX, index=(b, ct.bid(0), hk, 0), shape=(1, QPP, 1, NPP), padding_mode=ZERO).reshape((QPP, NPP))
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i, l_i, acc = _softmax_state(GP, DVP)
-    q = ct.load(Qv, index=(b, min(i0, last), hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
-    for it in range(QPP * NST):
-        qi = it // NST
-        c = it - qi * NST
-        i = min(i0 + qi, last)
-        if Q_ONCE:
-            if (c == 0) & (qi > 0):
-                q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
-        else:
-            q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
-        jv = jall.extract((qi, c), (1, CH)).reshape((CH, 1))
-        k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-        if c == 0:
-            m_i, l_i, acc = _softmax_state(GP, DVP)
-        m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, q_off + i, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                    MASK_ALL)
-        if (c == NST - 1) & (i0 + qi <= last):
-            _selection_finish(m_i, l_i, acc, O, CMP, SWA, GC, GS, GW, OUT, LSE, b, i, hk, G, GP, DVP, WRITE_SLC, GATES,
-                              WINDOW, WRITE_LSE)
 
 
 def _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, NQ, DVP, WRITE_SLC, GATES, WINDOW):

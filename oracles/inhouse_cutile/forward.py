@@ -379,7 +379,8 @@ TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packe
 #                         pick over the whole row) or "argmax" (max + min-index per pick)
 TOPN_STREAM_TILE = (64, 8)   # (rows, columns per chunk) of the streaming top-n kernel (others-only, run O, 64k /
 #                               16k: (32, 16) 1.11 / 0.16 ms, (64, 16) 1.16 / 0.18, (32, 32) 1.42 / 0.19, (16, 64) 1.86
-#                               / 0.22, (16, 128) 2.54 / 0.29 in run N)
+#                               / 0.22, (16, 128) 2.54 / 0.29 in run N; (64, 8) vs (32, 16): 1.14 / 0.15 vs 1.14 / 0.19
+#                               in run X, 16k 0.19 both in run Y4: within noise, kept)
 TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique) value, one reduction less per
 #                            step (64k others-only, run O: (32, 32) 1.42 vs 1.44 ms, (16, 32) 1.74 vs 1.82; within
 #                            noise in runs L-N)

@@ -75,6 +75,17 @@ TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY",
             "SEL_IDX_ONCE", "SEL_QUERIES_PER_PROGRAM")
 
 
+def finish(records: list, out: str, header: str, row) -> None:
+    """Fill the ratios, write ``out/bench.jsonl`` (+ HTML) and print a markdown table: ``header`` (its first
+    column is T) and one line per record, ``| T `` + ``row(record)``."""
+    hb.fill_ratios(records)
+    hb.write_records(__import__("pathlib").Path(out), records)
+    cols = header.count("|") - 1
+    print("\n" + header + "\n" + "|---" * cols + "|")
+    for r in records:
+        print(f"| {r.case.split('-')[2]} " + row(r))
+
+
 def config_note() -> str:
     """The in-house kernel configuration in effect (module flags of ``forward``)."""
     from oracles.inhouse_cutile import forward as F
@@ -372,11 +383,8 @@ def main() -> int:
                 cost=hb.dense_causal_cost(case), note=DENSE_NOTE)
         del xs, base
         torch.cuda.empty_cache()
-    hb.fill_ratios(records)
-    hb.write_records(__import__("pathlib").Path(args.out), records)
-    print("\n| T | what | ms | % of floor |\n|---|---|---|---|")
-    for r in records:
-        print(f"| {r.case.split('-')[2]} | {r.oracle} [{r.group}] | {r.ms:.3f} | {r.pct_of_floor:.1f} |")
+    finish(records, args.out, "| T | what | ms | % of floor |",
+           lambda r: f"| {r.oracle} [{r.group}] | {r.ms:.3f} | {r.pct_of_floor:.1f} |")
     return 0
 
 

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, fla_parallel_nsa_fns, gpu_inputs,  # noqa: E402
-                         paper_case)  # (benchmarks/ is sys.path[0])
+from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, finish, fla_parallel_nsa_fns,  # noqa: E402
+                         gpu_inputs, paper_case)  # (benchmarks/ is sys.path[0])
 from harness import bench as hb  # noqa: E402
 
 
@@ -128,11 +128,7 @@ def main() -> int:
                 cost=hb.dense_causal_cost(case), note=DENSE_NOTE)
         del xs, base
         torch.cuda.empty_cache()
-    hb.fill_ratios(records)
-    hb.write_records(__import__("pathlib").Path(args.out), records)
-    print("\n| T | group | what | ms |\n|---|---|---|---|")
-    for r in records:
-        print(f"| {r.case.split('-')[2]} | {r.group} | {r.oracle} | {r.ms:.3f} |")
+    finish(records, args.out, "| T | group | what | ms |", lambda r: f"| {r.group} | {r.oracle} | {r.ms:.3f} |")
     return 0
 
 

@@ -490,18 +490,10 @@ def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scal
             s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
             vis = (jv >= 0) & selection_causal(p, key) & (key < T)
             m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    _selection_finish(m_i, l_i, acc, O, CMP, SWA, GC, GS, GW, OUT, LSE, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW,
-                      WRITE_LSE)
-
-
-def _selection_finish(m_i, l_i, acc, O, CMP, SWA, GC, GS, GW, OUT, LSE, b, i, hk, G, GP, DVP, WRITE_SLC, GATES, WINDOW,
-                      WRITE_LSE):
-    """Query ``i``'s end of the chunked selection: ``slc_o`` / gated ``o`` from the online state
-    (``_selection_epilogue``) and, with ``WRITE_LSE``, the base-2 LSE (-inf where no key)."""
     out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
     if WRITE_LSE:
-        LSEv, hidx = _group_view(LSE, hk, G, GP)
+        LSEv, _ = _group_view(LSE, hk, G, GP)
         lse2 = ct.where(l_i > 0.0, m_i + ct.log2(ct.where(l_i > 0.0, l_i, 1.0)), -np.inf)
         ct.store(LSEv, index=(b, i, hidx), tile=lse2.reshape((1, 1, GP)))
 

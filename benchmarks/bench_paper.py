@@ -75,6 +75,13 @@ TUNABLES = ("DEFAULT_SELECTION", "CHUNK_BLOCKS", "SEL_OCCUPANCY", "SEL_LATENCY",
             "SEL_IDX_ONCE", "SEL_QUERIES_PER_PROGRAM")
 
 
+def device_ceilings() -> tuple:
+    """The run's measured ceilings (bf16 matmul, D2D copy; printed) and the versions, for every record."""
+    ceil = hb.measure_ceilings()
+    print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
+    return ceil, hb.versions()
+
+
 def finish(records: list, out: str, header: str, row) -> None:
     """Fill the ratios, write ``out/bench.jsonl`` (+ HTML) and print a markdown table: ``header`` (its first
     column is T) and one line per record, ``| T `` + ``row(record)``."""
@@ -195,9 +202,7 @@ def main() -> int:
     except ValueError as e:
         print(f"bench_paper: error: {e}", file=sys.stderr)
         return 2
-    ceil = hb.measure_ceilings()
-    print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
-    vers = hb.versions()
+    ceil, vers = device_ceilings()
     records: list[hb.BenchRecord] = []
 
     def run(case: Case, name: str, layer: str, branches: tuple, fns: list, note: str = "", group: str = "",

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, finish, fla_parallel_nsa_fns,  # noqa: E402
-                         gpu_inputs, paper_case)  # (benchmarks/ is sys.path[0])
+from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, finish,  # noqa: E402
+                         fla_parallel_nsa_fns, gpu_inputs, paper_case)  # (benchmarks/ is sys.path[0])
 from harness import bench as hb  # noqa: E402
 
 
@@ -52,9 +52,7 @@ def main() -> int:
     except ValueError as e:
         print(f"bench_variants: error: {e}", file=sys.stderr)
         return 2
-    ceil = hb.measure_ceilings()
-    print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s", flush=True)
-    vers = hb.versions()
+    ceil, vers = device_ceilings()
     records: list[hb.BenchRecord] = []
 
     def run(case, name, branches, fns, group, cost=None, note=""):

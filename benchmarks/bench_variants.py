@@ -7,8 +7,9 @@ configuration, with the dense SDPA and FLA ``parallel_nsa`` baselines of the sam
 
 ``--variant 'LABEL: NAME=VALUE; NAME=VALUE'`` (values are Python literals, ``;`` between flags) adds one
 configuration; the default configuration is always timed first. For each configuration and T: the full
-forward, the forward without window and its parts (compression o+LSE, compression + importance, the selection over
-14 given blocks, sliding window, window + forced local blocks + gates). Same inputs, timing and records as ``bench_paper.py``
+forward, the forward without window and its parts (``--parts``: compression o+LSE, compression + importance, the selection over
+14 given blocks, sliding window, window + forced local blocks + gates; ``--hide-launch`` also times the forward
+without window with the host's launch gaps hidden, a diagnostic). Same inputs, timing and records as ``bench_paper.py``
 (``OUT/bench.jsonl``, readable by ``bench_table.py``); prints a markdown table at the end.
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ import torch  # noqa: E402
 from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, finish,  # noqa: E402
                          fla_parallel_nsa_fns, gpu_inputs, paper_case)  # (benchmarks/ is sys.path[0])
 from harness import bench as hb  # noqa: E402
+
+
+PARTS = ("cmp", "cmp_imp", "window", "selection", "window_forced")
+HIDDEN_GROUP = "fwd w/o window, host launch gaps hidden (diagnostic)"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -44,8 +49,19 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench-variants"))
     ap.add_argument("--variant", action="append", default=[], metavar="'LABEL: NAME=VALUE; ...'")
     ap.add_argument("--skip", default="", help="comma list of: fla,dense,parts")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of the parts to time (of {','.join(PARTS)})")
+    ap.add_argument("--hide-launch", action="store_true",
+                    help="also time the forward w/o window (each variant, and FLA) with host launch gaps hidden "
+                         "(harness.bench.time_fn(hide_launch=True)): a diagnostic of launch overhead")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    parts = set(filter(None, args.parts.split(",")))
+    if parts - set(PARTS):
+        print(f"bench_variants: error: --parts: unknown {sorted(parts - set(PARTS))} (known: {', '.join(PARTS)})",
+              file=sys.stderr)
+        return 2
+    if "parts" in skip:
+        parts = set()
     from oracles.inhouse_cutile import forward as F
     try:
         variants = [("default", {})] + [parse_variant(v) for v in args.variant]
@@ -55,9 +71,9 @@ def main() -> int:
     ceil, vers = device_ceilings()
     records: list[hb.BenchRecord] = []
 
-    def run(case, name, branches, fns, group, cost=None, note=""):
+    def run(case, name, branches, fns, group, cost=None, note="", hide_launch=False):
         try:
-            ms = hb.time_fn(fns[0], reps=args.reps, warmup=args.warmup, rotate=fns)
+            ms = hb.time_fn(fns[0], reps=args.reps, warmup=args.warmup, rotate=fns, hide_launch=hide_launch)
         except Exception as e:  # noqa: BLE001  (one failing configuration must not lose the others)
             print(f"FAIL {name} T={case.seq_len}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             traceback.print_exc(limit=3)
@@ -74,7 +90,7 @@ def main() -> int:
         xs = [base] + [hb.clone_inputs(base) for _ in range(hb.input_copies(case, base) - 1)]
         scale = case.softmax_scale
         kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
-        if "parts" not in skip:     # 14 of the in-house top-n blocks, as the forward gives selection_partial
+        if "selection" in parts:     # 14 of the in-house top-n blocks, as the forward gives selection_partial
             imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
             idx14 = F.top_n(imp0, torch.arange(T, device="cuda"), 16, 64, "initial_local")[..., :14].to(torch.int32)
             del imp0
@@ -86,21 +102,28 @@ def main() -> int:
                     "full fwd (cmp+topk+slc+swa+gates)", note=note)
                 run(case_nw, name, ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                     "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)), note=note)
-                if "parts" in skip:
+                if args.hide_launch:
+                    run(case_nw, name, ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
+                        HIDDEN_GROUP, cost=hb.cost_of(case_nw, ("o",)), note=note, hide_launch=True)
+                if "cmp" in parts:
+                    run(case, f"cmp (o+lse) [{label}]", ("cmp_o", "cmp_lse"),
+                        [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs],
+                        "parts: compression o+LSE", note=note)
+                if "cmp_imp" in parts:
+                    run(case, f"cmp+importance [{label}]", ("cmp_o", "cmp_lse"),
+                        [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale,
+                                                   want_importance=True, importance_fill=None) for x in xs],
+                        "parts: compression + importance", cost=hb.cost_of(case, ("topk_idx",)), note=note)
+                if "window" in parts:
+                    run(case, f"window [{label}]", ("swa_o",),
+                        [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs],
+                        "parts: window w=512", note=note)
+                if "selection" in parts:
+                    run(case_nw, f"selection_partial, 14 blocks [{label}]", ("slc_o",),
+                        [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
+                        "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
+                if "window_forced" not in parts:
                     continue
-                run(case, f"cmp (o+lse) [{label}]", ("cmp_o", "cmp_lse"),
-                    [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs],
-                    "parts: compression o+LSE", note=note)
-                run(case, f"cmp+importance [{label}]", ("cmp_o", "cmp_lse"),
-                    [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True,
-                                               importance_fill=None) for x in xs],
-                    "parts: compression + importance", cost=hb.cost_of(case, ("topk_idx",)), note=note)
-                run(case, f"window [{label}]", ("swa_o",),
-                    [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs], "parts: window w=512",
-                    note=note)
-                run(case_nw, f"selection_partial, 14 blocks [{label}]", ("slc_o",),
-                    [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
-                    "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
                 nlocal = F.window_forced_plan(case, 16, 0)
                 if nlocal is None:
                     print(f"T={T} [{label}]: window_forced_plan gives None, window_forced not timed", flush=True)
@@ -119,6 +142,9 @@ def main() -> int:
                 par, _, _ = _triton_modules()
                 run(case_nw, "fla.parallel_nsa", ("o",), fla_parallel_nsa_fns(par, xs, scale),
                     "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE)
+                if args.hide_launch:
+                    run(case_nw, "fla.parallel_nsa", ("o",), fla_parallel_nsa_fns(par, xs, scale), HIDDEN_GROUP,
+                        cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE, hide_launch=True)
             except Exception as e:  # noqa: BLE001
                 print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
         if "dense" not in skip:

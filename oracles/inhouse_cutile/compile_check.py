@@ -115,13 +115,19 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
     out = []
-    for cmp, G, GP, TMQ, TN, DP, mask_all in [(True, 16, 16, 4, 64, 128, False), (True, 3, 4, 16, 64, 64, False),
-                                              (False, 16, 16, 4, 64, 128, False), (False, 1, 1, 64, 64, 32, False),
-                                              (True, 16, 16, 4, 64, 128, True), (True, 16, 16, 8, 64, 128, False),
-                                              (False, 16, 16, 8, 64, 128, False)]:
-        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else ""),
-                    K.dense_branch_kernel,
-                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all]))
+    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp in [(True, 16, 16, 4, 64, 128, False, 1),
+                                                   (True, 3, 4, 16, 64, 64, False, 1),
+                                                   (False, 16, 16, 4, 64, 128, False, 1),
+                                                   (False, 1, 1, 64, 64, 32, False, 1),
+                                                   (True, 16, 16, 4, 64, 128, True, 1),
+                                                   (True, 16, 16, 8, 64, 128, False, 1),
+                                                   (False, 16, 16, 8, 64, 128, False, 1),
+                                                   (True, 16, 16, 4, 64, 128, False, 4),
+                                                   (True, 16, 16, 4, 128, 128, False, 2)]:
+        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else "")
+                    + (f" tpp{tpp}" if tpp > 1 else ""), K.dense_branch_kernel,
+                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all,
+                     tpp]))
     for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
@@ -169,13 +175,14 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                         K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True, sbv]))
             out.append((f"topn_stream others N{N - 1} TR32 CW16 forced{FORCED} slot_by_value={sbv}",
                         K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 32, 16, FORCED, True, sbv]))
-    for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc in [(2, 16, 16, 4, 64, 128, False, False),
-                                                   (1, 3, 4, 16, 32, 64, True, True),
-                                                   (2, 1, 1, 64, 64, 32, True, True)]:
-        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc}",
-                    K.window_forced_kernel,
+    for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc, tpp in [(2, 16, 16, 4, 64, 128, False, False, 1),
+                                                        (1, 3, 4, 16, 32, 64, True, True, 1),
+                                                        (2, 1, 1, 64, 64, 32, True, True, 1),
+                                                        (2, 16, 16, 4, 64, 128, False, False, 4)]:
+        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc}"
+                    + (f" tpp{tpp}" if tpp > 1 else ""), K.window_forced_kernel,
                     [a4, a4, a4, a4, f32_3, a4, a3, a3, a3, a4, a4, a4, f, i, i, i, i, i,
-                     NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc]))
+                     NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc, tpp]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
     out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))

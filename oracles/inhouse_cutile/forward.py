@@ -36,6 +36,8 @@ CMP_HINTS: dict = {}    # cuTile hints (occupancy, num_worker_warps) of the comp
 #                         num_worker_warps=8 with 64- or 128-row tiles measured slower)
 WINDOW_HINTS: dict = {}  # the same for the sliding-window kernel
 DENSE_MASK_ALL = False  # mask every key tile of the compression/window kernel (False: only tiles not seen whole)
+CMP_TILES_PER_PROGRAM = 1     # query tiles each compression program takes one after the other
+WINDOW_TILES_PER_PROGRAM = 1  # the same for the window kernels (dense_branch_kernel, window_forced_kernel)
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
 
 
@@ -91,10 +93,11 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     GP = pow2(G)
     rows, key_tile = CMP_TILE if is_cmp else WINDOW_TILE
     TMQ = max(1, rows // GP)
-    grid = (-(-TQ // TMQ), B * H, 1)
+    tpp = CMP_TILES_PER_PROGRAM if is_cmp else WINDOW_TILES_PER_PROGRAM
+    grid = (-(-TQ // (TMQ * tpp)), B * H, 1)
     _launch(_hinted(K.dense_branch_kernel, **(CMP_HINTS if is_cmp else WINDOW_HINTS)), grid,
             (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
-             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL))
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
@@ -342,10 +345,11 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
            for name, want in (("o", True), ("swa_o", want_swa), ("slc_o", want_slc)) if want}
     unused = q.new_empty((1, 1, 1, 1))      # the kernel's store target for a branch not asked for (never written)
     gc, gs, gw = (g.contiguous() for g in gates)
-    _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // TMQ), B * H, 1),
+    tpp = WINDOW_TILES_PER_PROGRAM
+    _launch(_hinted(K.window_forced_kernel, **WINDOW_HINTS), (-(-TQ // (TMQ * tpp)), B * H, 1),
             (q, k, v, o_s, lse_s, cmp_o, gc, gs, gw, out["o"], out.get("swa_o", unused), out.get("slc_o", unused),
              scale * LOG2E, T - TQ, TQ, T, w, K.MODE_OF_WINDOW_KEYS[window_keys], nlocal, G, GP, TMQ, ls, pow2(D),
-             pow2(DV), want_swa, want_slc))
+             pow2(DV), want_swa, want_slc, tpp))
     return out
 
 

@@ -149,14 +149,29 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
 def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
                         MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
-                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool):
+                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
+                        TPP: ConstInt):
     """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
     attention for TMQ queries x G heads of kv head ``bid(1) % H``.
 
     ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
     (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
-    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``."""
-    qt = ct.bid(0)
+    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
+
+    ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
+    repeats the last tile where their number is not a multiple of TPP: same values written)."""
+    args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+            WRITE_IMP, MASK_ALL)
+    if TPP == 1:
+        _dense_tile(ct.bid(0), *args)
+    else:
+        for t in range(TPP):
+            _dense_tile(min(ct.bid(0) * TPP + t, ct.cdiv(TQ, TMQ) - 1), *args)
+
+
+def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+                WRITE_IMP, MASK_ALL):
+    """The body of ``dense_branch_kernel`` for query tile ``qt``."""
     b, hk = _batch_head(K)
     M = TMQ * GP
     # queries of this tile and their positions
@@ -239,7 +254,7 @@ def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
 def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
                          qk_scale2: float, q_off: int, TQ: int, T: int, W: int, MODE: int,
                          NLOCAL: ConstInt, G: ConstInt, GP: ConstInt, TMQ: ConstInt, LS: ConstInt,
-                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
+                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool, TPP: ConstInt):
     """Sliding window (MODE 4/5) that also finishes the selection branch and the gates, for TMQ queries x
     the G heads of kv head ``bid(1) % H``, key tiles of LS keys = selection blocks.
 
@@ -249,8 +264,21 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
       1. state B over the local tiles; ``slc_o`` = merge(B, the selection kernel's result over the
          other blocks ``(OS, LSES)``: normalised, base-2 log-sum-exp);
       2. the window goes on from B over its other tiles: ``swa_o``;
-      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
-    qt = ct.bid(0)
+      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those).
+
+    ``TPP``: query tiles per program, as in ``dense_branch_kernel``."""
+    args = (Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE, NLOCAL, G, GP, TMQ,
+            LS, DP, DVP, WRITE_SWA, WRITE_SLC)
+    if TPP == 1:
+        _window_forced_tile(ct.bid(0), *args)
+    else:
+        for t in range(TPP):
+            _window_forced_tile(min(ct.bid(0) * TPP + t, ct.cdiv(TQ, TMQ) - 1), *args)
+
+
+def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE,
+                        NLOCAL, G, GP, TMQ, LS, DP, DVP, WRITE_SWA, WRITE_SLC):
+    """The body of ``window_forced_kernel`` for query tile ``qt``."""
     b, hk = _batch_head(K)
     M = TMQ * GP
     p0 = q_off + qt * TMQ

@@ -28,7 +28,7 @@ from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, 
 from harness import bench as hb  # noqa: E402
 
 
-PARTS = ("cmp", "cmp_imp", "window", "selection", "window_forced")
+PARTS = ("cmp", "cmp_imp", "window", "selection", "window_forced", "selection16", "probes")
 HIDDEN_GROUP = "fwd w/o window, host launch gaps hidden (diagnostic)"
 
 
@@ -90,10 +90,20 @@ def main() -> int:
         xs = [base] + [hb.clone_inputs(base) for _ in range(hb.input_copies(case, base) - 1)]
         scale = case.softmax_scale
         kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
-        if "selection" in parts:     # 14 of the in-house top-n blocks, as the forward gives selection_partial
+        if parts & {"selection", "selection16", "probes"}:     # the in-house top-n blocks (14: as selection_partial
             imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
-            idx14 = F.top_n(imp0, torch.arange(T, device="cuda"), 16, 64, "initial_local")[..., :14].to(torch.int32)
+            idx16 = F.top_n(imp0, torch.arange(T, device="cuda"), 16, 64, "initial_local").to(torch.int32)
+            idx14 = idx16[..., :14].contiguous()                 # gets them in the full forward)
             del imp0
+        if "probes" in parts:   # the selection's loads with less arithmetic (selection_probes.py), 16 blocks
+            from selection_probes import run_probe  # benchmarks/ is sys.path[0]
+            for with_mma, idx_once, qpp, what in ((False, None, None, "loads only"),
+                                                  (True, None, None, "loads + 2 MMA, no softmax"),
+                                                  (False, False, 1, "loads only, indices per step, 1 query per program")):
+                run(case_nw, f"probe: selection over 16 blocks, {what}", ("slc_o",),
+                    [lambda x=x, a=(with_mma, idx_once, qpp): run_probe(x.q, x.k, x.v, idx16, 64, a[0], idx_once=a[1],
+                                                                         qpp=a[2]) for x in xs],
+                    "parts: selection probes (16 given blocks)", note="probe kernel, not a result")
         for label, flags in variants:
             with F.flags(**flags):
                 note = " ".join(f"{k}={v!r}" for k, v in flags.items())
@@ -122,6 +132,12 @@ def main() -> int:
                     run(case_nw, f"selection_partial, 14 blocks [{label}]", ("slc_o",),
                         [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
                         "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
+                if "selection16" in parts:   # what the forward without window runs after its top-n
+                    run(case_nw, f"selection_chunked + gates, 16 blocks [{label}]", ("o",),
+                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx16, 64, scale, want_slc=False,
+                                                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)) for x in xs],
+                        "parts: selection over 16 given blocks + gates", cost=hb.cost_of(case_nw, ("slc_o",)),
+                        note=note)
                 if "window_forced" not in parts:
                     continue
                 nlocal = F.window_forced_plan(case, 16, 0)

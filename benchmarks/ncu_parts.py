@@ -22,6 +22,7 @@ from bench_paper import gpu_inputs, paper_case  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--parts", default="", help="comma list of the parts to profile (default: all)")
     args = ap.parse_args()
     from oracles.inhouse_cutile import forward as F
     case = paper_case(args.T)
@@ -34,6 +35,8 @@ def main() -> int:
     fl = F.forced_list(0, T, imp.shape[-1], 64, "initial_local", "cuda", nlocal=2)
     others = F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)[..., :13]
     idx = torch.cat([fl[None, :, None, :].expand(1, T, 4, fl.shape[1]), others], -1).contiguous()
+    fl3 = F.forced_list(0, T, imp.shape[-1], 64, "initial_local", "cuda")
+    idx16 = torch.cat([fl3[None, :, None, :].expand(1, T, 4, fl3.shape[1]), others], -1).contiguous()
     o_s, lse_s = F.selection_partial(x.q, x.k, x.v, idx, 64, scale)
     gates = (x.g_cmp, x.g_slc, x.g_swa)
     parts = {
@@ -44,7 +47,17 @@ def main() -> int:
         "selection_partial": lambda: F.selection_partial(x.q, x.k, x.v, idx, 64, scale),
         "window": lambda: F.sliding_window(x.q, x.k, x.v, 512, "w", scale),
         "window_forced": lambda: F.window_forced(x.q, x.k, x.v, o_s, lse_s, cmp_o, gates, 2, 64, 512, "w", scale),
+        # what the forward without window runs: 16 blocks (3 forced + 13 others) and the gates
+        "selection16_gated": lambda: F.selection_chunked(x.q, x.k, x.v, idx16, 64, scale, want_slc=False,
+                                                         gated=(cmp_o, None, *gates)),
     }
+    wanted = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(wanted) - set(parts))
+    if unknown:
+        print(f"ncu_parts: error: unknown parts {unknown} (known: {', '.join(parts)})", file=sys.stderr)
+        return 2
+    if wanted:
+        parts = {name: fn for name, fn in parts.items() if name in wanted}
     for fn in parts.values():
         fn()
     torch.cuda.synchronize()

@@ -354,6 +354,17 @@ def test_forward_flags_set_restore_and_parse():
             F.parse_flags([bad])
 
 
+def test_bench_variants_rejects_unknown_parts(monkeypatch, capsys):
+    """``--parts`` names only known parts: an unknown one is a one-line error and exit 2, before any GPU work."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_variants
+    monkeypatch.setattr(sys, "argv", ["bench_variants.py", "--parts", "cmp,selection17"])
+    assert bench_variants.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert "selection17" in err and "selection16" in err and len(err.splitlines()) == 1
+
+
 def test_bench_variants_parses_flag_sets():
     """``benchmarks/bench_variants.py --variant 'LABEL: NAME=VALUE; ...'``: label and flags, or a ValueError
     naming the bad part (the script turns it into a one-line error and exit 2)."""
@@ -446,6 +457,32 @@ def test_selection_partial_host_side(monkeypatch, idx_once, qpp, mask_all):
     assert a["MASK_ALL"] is mask_all
     assert a["IDX"].shape[-1] == (16 if idx_once else 14) and torch.equal(a["IDX"][..., :13], idx[..., :13].int())
     assert bool((a["IDX"][..., 13:] == -1).all())
+
+
+@pytest.mark.parametrize("cmp_tpp,win_tpp", [(1, 1), (4, 3)])
+def test_dense_kernels_tiles_per_program(monkeypatch, cmp_tpp, win_tpp):
+    """``CMP_TILES_PER_PROGRAM`` / ``WINDOW_TILES_PER_PROGRAM``: the compression, window and window-forced kernels get
+    the flag as TPP and ceil(TQ / (TMQ * TPP)) programs per kv head, one argument per kernel parameter (CPU)."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    from oracles.inhouse_cutile import kernels as K
+    calls = []
+    monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
+    B, T, HQ, H, D = 1, 100, 32, 2, 32            # G = 16: TMQ = 64 // 16 = 4 queries per tile, 25 tiles
+    q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    kc, vc = torch.randn(B, 7, H, D), torch.randn(B, 7, H, D)
+    g = [torch.rand(B, T, HQ) for _ in range(3)]
+    with F.flags(CMP_TILES_PER_PROGRAM=cmp_tpp, WINDOW_TILES_PER_PROGRAM=win_tpp):
+        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True)
+        F.sliding_window(q, k, v, 32, "w", 0.1)
+        F.window_forced(q, k, v, q, torch.zeros(B, T, HQ), q, g, 2, 64, 512, "w", 0.1)
+    assert len(calls) == 3
+    for (kernel, grid, args), tpp in zip(calls, (cmp_tpp, win_tpp, win_tpp)):
+        names = _params(kernel)
+        a = dict(zip(names, args))
+        assert len(args) == len(names) and a["TMQ"] == 4 and a["TPP"] == tpp
+        assert grid == (-(-T // (4 * tpp)), B * H, 1)
+    assert calls[0][0] is K.dense_branch_kernel and calls[0][2][_params(K.dense_branch_kernel).index("IS_CMP")] is True
 
 
 def test_combine_gates_passes_the_three_gates(monkeypatch):

@@ -132,10 +132,11 @@ def main() -> int:
                     run(case_nw, f"selection_partial, 14 blocks [{label}]", ("slc_o",),
                         [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
                         "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
-                if "selection16" in parts:   # what the forward without window runs after its top-n
+                if "selection16" in parts:   # what the forward without window runs after its top-n (DEFAULT_SELECTION)
                     run(case_nw, f"selection_chunked + gates, 16 blocks [{label}]", ("o",),
-                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx16, 64, scale, want_slc=False,
-                                                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)) for x in xs],
+                        [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](
+                            x.q, x.k, x.v, idx16, 64, scale, want_slc=False, gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa))
+                         for x in xs],
                         "parts: selection over 16 given blocks + gates", cost=hb.cost_of(case_nw, ("slc_o",)),
                         note=note)
                 if "window_forced" not in parts:

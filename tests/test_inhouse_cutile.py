@@ -394,7 +394,7 @@ def _params(kernel) -> list[str]:
 
 
 @pytest.mark.parametrize("gated,want_slc,window", [(False, True, False), (True, False, False), (True, True, True)])
-@pytest.mark.parametrize("impl", ["chunked", "union", "union_first"])
+@pytest.mark.parametrize("impl", ["chunked", "union"])
 def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, gated, want_slc, window):
     """The host side of the gated selection kernels: one argument per kernel parameter, the epilogue
     flags in place, and the buffers it returns are the ones the kernel writes (CPU, no launch)."""
@@ -407,13 +407,8 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
     g = [torch.rand(B, T, HQ) for _ in range(3)]
     cmp_o, swa_o = torch.randn(B, T, HQ, D), (torch.randn(B, T, HQ, D) if window else None)
     fn = F.selection_chunked if impl == "chunked" else F.selection_union
-    with F.flags(UNION_CHUNKED=impl != "union_first"):    # the chunked union kernel, or the first one
-        res = fn(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
+    res = fn(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
     (kernel, args), = calls
-    K = F._ct()[1]
-    want_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_chunk_kernel,
-                   "union_first": K.selection_union_kernel}[impl]
-    assert kernel._annotated_function.pyfunc is want_kernel._annotated_function.pyfunc
     names = _params(kernel)
     assert len(args) == len(names)
     a = dict(zip(names, args))
@@ -462,31 +457,6 @@ def test_selection_partial_host_side(monkeypatch, idx_once, qpp, mask_all):
     assert a["MASK_ALL"] is mask_all
     assert a["IDX"].shape[-1] == (16 if idx_once else 14) and torch.equal(a["IDX"][..., :13], idx[..., :13].int())
     assert bool((a["IDX"][..., 13:] == -1).all())
-
-
-@pytest.mark.parametrize("tqb", [1, 2, 3, 4])
-def test_union_members_lists_each_block_once_with_its_queries(tqb):
-    """``union_members``: per tile of ``tqb`` queries, the ascending union of their blocks (-1 padded to a power of
-    two), its count, and bit i of ``mem`` set iff query i of the tile lists the block (0 on padding); a query's
-    -1 entries and repeated blocks add nothing. Checked against Python sets (CPU)."""
-    from oracles.inhouse_cutile import forward as F
-    g = torch.Generator().manual_seed(tqb)
-    B, TQ, H, n = 2, 11, 3, 5
-    idx = torch.randint(-1, 9, (B, TQ, H, n), generator=g)
-    uni, mem, count = F.union_members(idx, tqb)
-    NT = -(-TQ // tqb)
-    assert uni.shape == mem.shape == (B, NT, H, F.pow2(tqb * n)) and count.shape == (B, NT, H)
-    assert uni.dtype == mem.dtype == count.dtype == torch.int32
-    for b in range(B):
-        for t in range(NT):
-            for h in range(H):
-                sets = [set(idx[b, i, h].tolist()) - {-1} for i in range(t * tqb, min(TQ, t * tqb + tqb))]
-                union = sorted(set().union(*sets))
-                c = int(count[b, t, h])
-                assert c == len(union) and uni[b, t, h, :c].tolist() == union
-                assert bool((uni[b, t, h, c:] == -1).all()) and bool((mem[b, t, h, c:] == 0).all())
-                for u, j in enumerate(union):
-                    assert int(mem[b, t, h, u]) == sum(1 << i for i, st in enumerate(sets) if j in st)
 
 
 @pytest.mark.parametrize("cmp_tpp,win_tpp", [(1, 1), (4, 3)])
@@ -550,8 +520,7 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     t = dict(zip(_params(K.topn_stream_kernel), topn_args))
     others = by_rule and "topk_idx" not in branches
     assert (t["OTHERS"], t["N"]) == ((True, 1) if others else (False, 4))
-    sel_kernel = {"chunked": K.selection_chunk_kernel,
-                  "union": K.selection_union_chunk_kernel if F.UNION_CHUNKED else K.selection_union_kernel,
+    sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
                   "per_query": K.selection_kernel}[selection]
     dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
     assert len(dense) == (2 if window else 1)                          # compression (+ window)

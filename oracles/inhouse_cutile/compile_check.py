@@ -140,15 +140,6 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                     K.selection_union_kernel,
                     [a4, a4, a4, i32_4, i32_4, i32_3, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP,
                      al, not gates, gates, win]))
-    for G, GP, TQB, NUP, CH, LS, DP, slc, gates, win in [(16, 16, 2, 32, 2, 64, 128, False, True, False),
-                                                         (16, 16, 4, 64, 2, 64, 128, False, True, False),
-                                                         (16, 16, 2, 32, 2, 64, 128, True, False, False),
-                                                         (3, 4, 4, 16, 2, 32, 64, True, True, True),
-                                                         (1, 16, 1, 8, 1, 16, 256, True, False, False)]:
-        out.append((f"selection_union_chunk G{G}/{GP} TQB{TQB} NUP{NUP} CH{CH} LS{LS} D{DP} slc={slc} gates={gates} "
-                    f"window={win}", K.selection_union_chunk_kernel,
-                    [a4, a4, a4, i32_4, i32_4, i32_3, a4, a4, a4, a3, a3, a3, a4, f, i, i, NUP, TQB, CH, LS, G, GP, DP,
-                     DP, 2, 4, slc, gates, win]))
     for G, GP, CH, NP, LS, DP, slc, gates, win, lse in [(16, 16, 4, 16, 64, 128, True, False, False, False),
                                                         (16, 16, 2, 16, 64, 128, False, True, False, False),
                                                         (16, 16, 2, 14, 64, 128, True, False, False, True),

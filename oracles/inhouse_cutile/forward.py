@@ -191,9 +191,7 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
                     scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` computed per tile of consecutive queries over the union of their blocks (each
     block loaded once per tile, 64-row MMA tiles); same result. ``gated``/``want_slc`` as in
-    ``selection_chunked``. With ``UNION_CHUNKED`` and a power-of-two ``l'``: ``selection_union_chunked``."""
-    if UNION_CHUNKED and pow2(ls) == ls:
-        return selection_union_chunked(q, k, v, idx, ls, scale, gated, want_slc)
+    ``selection_chunked``."""
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -212,52 +210,6 @@ def selection_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     _launch(_hinted(K.selection_union_kernel, UNION_OCCUPANCY), (-(-TQ // TQB), B * H, 1),
             (q, k, v, sel, uni, count, *arrays, scale * LOG2E, T - TQ, T, ls, NP, TQB, G, GP, LSP, pow2(D), pow2(DV),
              LSP == ls, *flags))
-    return result
-
-
-def union_members(idx: torch.Tensor, tqb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``block_union(idx, tqb)`` padded with -1 to a power-of-two width ``NUP``, its count, and ``mem``
-    ``[B,ceil(TQ/tqb),H,NUP]`` int32: bit i set iff query i of the tile lists the union entry (0 on padding).
-    Torch ops on the device of ``idx``."""
-    B, TQ, H, n = idx.shape
-    uni, count = block_union(idx, tqb)
-    nup = pow2(uni.shape[-1])
-    if nup != uni.shape[-1]:
-        uni = torch.nn.functional.pad(uni, (0, nup - uni.shape[-1]), value=-1)
-    x = idx.to(torch.int32)
-    if TQ % tqb:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, -TQ % tqb), value=-1)
-    x = x.view(B, -1, tqb, H, n).permute(0, 1, 3, 2, 4)                      # [B,NT,H,tqb,n]
-    hit = (uni[..., None, :, None] == x[..., :, None, :]).any(-1) & (uni >= 0)[..., None, :]   # [B,NT,H,tqb,NUP]
-    weights = (1 << torch.arange(tqb, device=idx.device, dtype=torch.int32))[:, None]
-    mem = (hit.to(torch.int32) * weights).sum(-2, dtype=torch.int32)
-    return uni.contiguous(), mem.contiguous(), count
-
-
-def selection_union_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
-                            scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
-    """``selection_union`` with the chunked kernel's loop (``selection_union_chunk_kernel``): per tile of
-    TQB = UNION_ROWS // pow2(G) consecutive queries, the union of their blocks and its membership bits
-    (``union_members``) loaded once, CH = ``UNION_CHUNK_BLOCKS`` blocks per step; power-of-two ``l'``."""
-    _, K = _ct()
-    B, TQ, HQ, D = q.shape
-    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
-    GP = pow2(G)
-    TQB = max(1, UNION_ROWS // GP)
-    if TQB * GP < MIN_SEL_ROWS:         # at least the MMA's 16 rows
-        GP = MIN_SEL_ROWS
-        TQB = 1
-    CH = max(1, min(UNION_CHUNK_BLOCKS, max(1, 256 // ls)))
-    uni, mem, count = union_members(idx.to(q.device), TQB)
-    NUP = max(uni.shape[-1], CH)
-    if NUP != uni.shape[-1]:
-        uni = torch.nn.functional.pad(uni, (0, NUP - uni.shape[-1]), value=-1).contiguous()
-        mem = torch.nn.functional.pad(mem, (0, NUP - mem.shape[-1]), value=0).contiguous()
-    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    _launch(_hinted(K.selection_union_chunk_kernel, UNION_OCCUPANCY), (-(-TQ // TQB), B * H, 1),
-            (q, k, v, uni, mem, count, *arrays, scale * LOG2E, T - TQ, T, NUP, TQB, CH, ls, G, GP, pow2(D), pow2(DV),
-             *SEL_LATENCY, *flags))
     return result
 
 
@@ -426,9 +378,6 @@ SEL_MASK_ALL = False  # mask every step of the chunked selection (False: only st
 #                       visible; measured 16k w/o window 5.36 -> 5.12 and 5.16 -> 5.10 ms, 14-block selection 3.93 -> 3.77)
 UNION_OCCUPANCY: Optional[int] = 2  # cuTile occupancy hint of the union selection kernel (None: compiler default)
 UNION_ROWS = 64       # rows (queries x padded heads) of a union selection tile: TQB = UNION_ROWS // pow2(G) queries
-UNION_CHUNKED = True  # the union selection with the chunked kernel's loop (selection_union_chunk_kernel; False: the
-#                       first union kernel, one block and one index load per step)
-UNION_CHUNK_BLOCKS = 2  # union blocks per step of selection_union_chunk_kernel
 TOPN_IMPL = "cutile"   # or "torch" (fused torch device ops, same rule)
 TOPN_KERNEL = "stream"  # "stream" (causal column chunks, running top-n), "packed" (int64 keys, one max per
 #                         pick over the whole row) or "argmax" (max + min-index per pick)

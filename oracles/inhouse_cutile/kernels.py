@@ -397,46 +397,6 @@ def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, 
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
 
 
-@ct.kernel
-def selection_union_chunk_kernel(Q, K, V, UNI, MEM, NU, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int,
-                                 T: int, NUP: ConstInt, TQB: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt,
-                                 GP: ConstInt, DP: ConstInt, DVP: ConstInt, LAT_K: ConstInt, LAT_V: ConstInt,
-                                 WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool):
-    """Selection attention for TQB consecutive queries x G heads of kv head ``bid(1) % H`` (rows ``TQB*GP``) over
-    the union ``UNI[b,qt,h,:NU]`` of the blocks they selected (``[B,ceil(TQ/TQB),H,NUP]`` int32, -1 after the
-    ``NU`` valid entries), so a block chosen by several of them is loaded once; a power-of-two block size ``LS``.
-    As ``selection_chunk_kernel``: the union and its membership bits are loaded once, before the steps, and each
-    step concatenates CH blocks into one ``CH*LS``-key tile (one MMA, one softmax update). Row r (query
-    ``i = r // GP`` of the tile) uses block ``UNI[u]`` iff bit i of ``MEM[b,qt,h,u]`` is set and the key satisfies
-    ``selection_causal`` and ``s < T``; a -1 entry (MEM 0) loads block 0 and is masked. Epilogue as
-    ``selection_chunk_kernel`` (slc_o and/or the gated output)."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    M = TQB * GP
-    p0 = q_off + qt * TQB
-    qi = (ct.arange(M, dtype=np.int32) // GP)[:, None]           # [M,1] query of each row
-    qbit = 1 << qi                                                 # its membership bit
-    pos = p0 + qi
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
-    uni = ct.load(UNI, index=(b, qt, hk, 0), shape=(1, 1, 1, NUP), padding_mode=ZERO).reshape((NUP, 1))
-    mem = ct.load(MEM, index=(b, qt, hk, 0), shape=(1, 1, 1, NUP), padding_mode=ZERO).reshape((NUP, 1))
-    nu = ct.load(NU, index=(b, qt, hk), shape=())
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i, l_i, acc = _softmax_state(M, DVP)
-    for c in range(ct.cdiv(nu, CH)):
-        jv = uni.extract((c, 0), (CH, 1))
-        mv = mem.extract((c, 0), (CH, 1))
-        k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, True, LAT_K, LAT_V)
-        s = ct.mma(q, k, ct.full((M, CH * LS), 0.0, dtype=np.float32))
-        key = (jv * LS + offs).reshape((1, CH * LS))
-        bits = ct.broadcast_to(mv, (CH, LS)).reshape((1, CH * LS))
-        vis = ((bits & qbit) != 0) & selection_causal(pos, key) & (key < T)
-        m_i, l_i, acc = _softmax_update(ct.where(vis, s * qk_scale2, -np.inf), m_i, l_i, acc, v, Q.dtype)
-    out = _softmax_finish(acc, l_i)
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
-
-
 def _cat4(ts, axis):
     """Concatenate a tuple of 1, 2 or 4 equal tiles along ``axis`` (ct.cat takes pairs)."""
     if len(ts) == 1:

@@ -8,8 +8,9 @@ configuration, with the dense SDPA and FLA ``parallel_nsa`` baselines of the sam
 ``--variant 'LABEL: NAME=VALUE; NAME=VALUE'`` (values are Python literals, ``;`` between flags) adds one
 configuration; the default configuration is always timed first. For each configuration and T: the full
 forward, the forward without window and its parts (``--parts``: compression o+LSE, compression + importance, the selection over
-14 given blocks, sliding window, window + forced local blocks + gates; ``--hide-launch`` also times the forward
-without window with the host's launch gaps hidden, a diagnostic). Same inputs, timing and records as ``bench_paper.py``
+14 given blocks, sliding window, window + forced local blocks + gates, the selection over 16 given blocks + gates as
+the forward without window runs it, and once per T the selection probes of ``selection_probes.py``; ``--hide-launch``
+also times the forward without window with the host's launch gaps hidden, a diagnostic). Same inputs, timing and records as ``bench_paper.py``
 (``OUT/bench.jsonl``, readable by ``bench_table.py``); prints a markdown table at the end.
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def main() -> int:
                         [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs],
                         "parts: selection over 14 given blocks (+ base-2 LSE)", note=note)
                 if "selection16" in parts:   # what the forward without window runs after its top-n (DEFAULT_SELECTION)
-                    run(case_nw, f"selection_chunked + gates, 16 blocks [{label}]", ("o",),
+                    run(case_nw, f"selection ({F.DEFAULT_SELECTION}) + gates, 16 blocks [{label}]", ("o",),
                         [lambda x=x: F.SELECTION_IMPL[F.DEFAULT_SELECTION](
                             x.q, x.k, x.v, idx16, 64, scale, want_slc=False, gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa))
                          for x in xs],

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from oracles.inhouse_cutile import forward as F
-from oracles.inhouse_cutile.kernels import _batch_head, _chunk_kv, _chunk_tiles, _group_view
+from oracles.inhouse_cutile.kernels import _batch_head, _chunk_kv, _chunk_tiles, _each_tile, _group_view
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]
@@ -34,11 +34,7 @@ def selection_probe_kernel(Q, K, V, IDX, O, NP: ConstInt, CH: ConstInt, LS: Cons
     selection kernel's ``SEL_QUERIES_PER_PROGRAM``); ``IDX_ONCE``: the indices in one ``[NPP]`` load before the
     steps (``SEL_IDX_ONCE``), else CH indices per step."""
     args = (Q, K, V, IDX, O, NP, CH, LS, G, GP, DP, DVP, WITH_MMA, IDX_ONCE, NPP)
-    if QPP == 1:
-        _probe_query(ct.bid(0), *args)
-    else:
-        for qi in range(QPP):
-            _probe_query(min(ct.bid(0) * QPP + qi, Q.shape[1] - 1), *args)
+    _each_tile(_probe_query, QPP, Q.shape[1], args)
 
 
 def _probe_query(i, Q, K, V, IDX, O, NP, CH, LS, G, GP, DP, DVP, WITH_MMA, IDX_ONCE, NPP):

@@ -64,6 +64,17 @@ def _batch_head(A):
     return bh // H, bh % H
 
 
+def _each_tile(body, PER_PROGRAM, n_tiles, args):
+    """``body(tile, *args)`` for this program's tiles ``bid(0)*PER_PROGRAM ..``, one after the other (tile
+    ``bid(0)`` alone when PER_PROGRAM is 1); the last program repeats tile ``n_tiles - 1`` where ``n_tiles`` is
+    not a multiple of PER_PROGRAM, so it writes the same values again."""
+    if PER_PROGRAM == 1:
+        body(ct.bid(0), *args)
+    else:
+        for t in range(PER_PROGRAM):
+            body(min(ct.bid(0) * PER_PROGRAM + t, n_tiles - 1), *args)
+
+
 def _softmax_state(M, DVP):
     """Initial online-softmax state of M rows: running max ``NEG`` (finite, so a row that never sees a
     key gives no ``inf - inf``), sum 0, accumulator ``[M, DVP]`` 0."""
@@ -162,11 +173,7 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     repeats the last tile where their number is not a multiple of TPP: same values written)."""
     args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
             WRITE_IMP, MASK_ALL)
-    if TPP == 1:
-        _dense_tile(ct.bid(0), *args)
-    else:
-        for t in range(TPP):
-            _dense_tile(min(ct.bid(0) * TPP + t, ct.cdiv(TQ, TMQ) - 1), *args)
+    _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
 
 
 def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
@@ -269,11 +276,7 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
     ``TPP``: query tiles per program, as in ``dense_branch_kernel``."""
     args = (Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE, NLOCAL, G, GP, TMQ,
             LS, DP, DVP, WRITE_SWA, WRITE_SLC)
-    if TPP == 1:
-        _window_forced_tile(ct.bid(0), *args)
-    else:
-        for t in range(TPP):
-            _window_forced_tile(min(ct.bid(0) * TPP + t, ct.cdiv(TQ, TMQ) - 1), *args)
+    _each_tile(_window_forced_tile, TPP, ct.cdiv(TQ, TMQ), args)
 
 
 def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE,
@@ -479,11 +482,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_s
     ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``)."""
     args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
             LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL)
-    if QPP == 1:
-        _selection_query(ct.bid(0), *args)
-    else:
-        for qi in range(QPP):
-            _selection_query(min(ct.bid(0) * QPP + qi, Q.shape[1] - 1), *args)
+    _each_tile(_selection_query, QPP, Q.shape[1], args)
 
 
 def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,

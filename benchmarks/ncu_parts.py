@@ -32,11 +32,14 @@ def main() -> int:
     kc, vc = F.mean_pool(x.k, x.v, 64, 64)
     cmp_o, _, imp = F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
                                   importance_fill=None)
-    fl = F.forced_list(0, T, imp.shape[-1], 64, "initial_local", "cuda", nlocal=2)
     others = F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)[..., :13]
-    idx = torch.cat([fl[None, :, None, :].expand(1, T, 4, fl.shape[1]), others], -1).contiguous()
-    fl3 = F.forced_list(0, T, imp.shape[-1], 64, "initial_local", "cuda")
-    idx16 = torch.cat([fl3[None, :, None, :].expand(1, T, 4, fl3.shape[1]), others], -1).contiguous()
+
+    def forced_and_others(nlocal: int) -> torch.Tensor:
+        """The forward's selection blocks: the forced ones by rule (without the ``nlocal`` local blocks the window
+        kernel takes) + the 13 others of the top-n."""
+        fl = F.forced_list(0, T, imp.shape[-1], 64, "initial_local", "cuda", nlocal=nlocal)
+        return torch.cat([fl[None, :, None, :].expand(1, T, 4, fl.shape[1]), others], -1).contiguous()
+    idx, idx16 = forced_and_others(2), forced_and_others(0)     # 14 blocks (full forward), 16 (w/o window)
     o_s, lse_s = F.selection_partial(x.q, x.k, x.v, idx, 64, scale)
     gates = (x.g_cmp, x.g_slc, x.g_swa)
     parts = {

@@ -135,9 +135,9 @@ def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T)
 @pytest.mark.parametrize("forced", ["none", "current", "initial_local"])
 @pytest.mark.parametrize("ls,tmq", [(16, 4), (64, 4), (32, 16)])
 def test_forced_slots_hold_each_querys_forced_candidates_once(forced, ls, tmq):
-    """``FORCED_IN_SELECTION``: the selection program's tile of queries ``p0 .. p0+QPP-1`` (one selection block c)
-    takes the slots of ``forced_slot`` that are new and forced for p0, then masks each row by the rule and the
-    candidate test: that gives every query exactly its forced candidates, each block once."""
+    """``FORCED_IN_CMP``: the compression tile of queries ``p0 .. p0+TMQ-1`` (one selection block c) takes the
+    slots of ``forced_slot`` that are new and forced for p0, then masks each row by the rule and the candidate
+    test: that gives every query exactly its forced candidates, each block once."""
     from cases.conventions import FORCED_SLOTS, forced_slot, is_forced, selection_candidate
     for p0 in range(0, 12 * ls, tmq):
         c = p0 // ls
@@ -150,46 +150,24 @@ def test_forced_slots_hold_each_querys_forced_candidates_once(forced, ls, tmq):
             assert got == want, (p, got, want)
 
 
-@pytest.mark.parametrize("forced,ls,q_off,nlocal", [("initial_local", 16, 0, 0), ("initial_local", 64, 4, 0),
-                                                     ("initial_local", 16, 0, 2), ("current", 32, 8, 0),
-                                                     ("current", 32, 0, 1)])
-def test_by_rule_rows_hold_their_valid_indices_first(forced, ls, q_off, nlocal):
-    """``SEL_VALID_PREFIX``: the selection input of the forced-by-rule path is ``[forced_list row | the top-n's
-    others]``, the others valid first (the cuTile top-n fills its slots in order). That row holds its valid
-    indices first because a ``forced_list`` row holds a -1 only when no other block is a candidate."""
-    from cases.conventions import is_forced, selection_candidate
-    from oracles.inhouse_cutile.forward import forced_list
-    T = 12 * ls
-    TQ, NS = T - q_off, -(-T // ls)
-    fl = forced_list(q_off, TQ, NS, ls, forced, "cpu", nlocal=nlocal)
-    for i in range(TQ):
-        p = q_off + i
-        row = fl[i].tolist()
-        assert row == sorted(x for x in row if x >= 0) + [-1] * row.count(-1)
-        if -1 in row:
-            forced_set = {j for j in range(NS) if bool(is_forced(forced, j, p, ls))}
-            assert all(j in forced_set for j in range(NS) if bool(selection_candidate(j, p, ls))), (p, row)
-
-
-def test_forced_in_selection_plan_conditions():
-    """The plan holds for the paper configuration and not when a selection program's queries straddle two
-    selection blocks, when its tile would pass 64 rows, with no forced rule, with no other block to select, with a
-    non-power-of-two l', without the indices loaded once, or with the flag off."""
+def test_forced_in_cmp_plan_conditions():
+    """The plan holds for the paper configuration and not when a compression tile's queries straddle two
+    selection blocks, with no forced rule, with no other block to select, with a non-power-of-two l', or with
+    the flag off."""
     from cases.model import Case
     from oracles.inhouse_cutile import forward as F
     case = Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="initial_local", top_n=16, window=0)
-    with F.flags(FORCED_IN_SELECTION=True, SEL_QUERIES_PER_PROGRAM=4, SEL_IDX_ONCE=True):
-        assert F.forced_in_selection_plan(case, 16, 0) and F.forced_in_selection_plan(case, 2, 0)
-        assert F.forced_in_selection_plan(case, 16, 8) and not F.forced_in_selection_plan(case, 16, 2)
-        assert not F.forced_in_selection_plan(case, 32, 0)                            # 4 x 32 rows
-        for other in (dict(forced_blocks="none"), dict(top_n=3), dict(block_size=48)):
-            assert not F.forced_in_selection_plan(Case(**{**dict(seq_len=1024, q_len=1024, block_size=64, window=0,
-                                                                   forced_blocks="initial_local", top_n=16), **other}),
-                                                  16, 0), other
-        with F.flags(SEL_IDX_ONCE=False):
-            assert not F.forced_in_selection_plan(case, 16, 0)
-    with F.flags(FORCED_IN_SELECTION=False):
-        assert not F.forced_in_selection_plan(case, 16, 0)
+    with F.flags(FORCED_IN_CMP=True):
+        assert F.forced_in_cmp_plan(case, 16, 0)
+        assert F.forced_in_cmp_plan(case, 16, 8) and not F.forced_in_cmp_plan(case, 16, 2)    # 4 queries per tile
+        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="none", top_n=16,
+                                             window=0), 16, 0)
+        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="initial_local",
+                                             top_n=3, window=0), 16, 0)
+        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=48, forced_blocks="initial_local",
+                                             top_n=16, window=0), 16, 0)
+    with F.flags(FORCED_IN_CMP=False):
+        assert not F.forced_in_cmp_plan(case, 16, 0)
 
 
 @pytest.mark.parametrize("rule", [f"cmp:{m}" for m in ("end_inclusive", "current_block", "anti_causal", "end_exclusive")]
@@ -558,24 +536,24 @@ def test_combine_gates_passes_the_three_gates(monkeypatch):
     assert a["THREE"] is False
 
 
-@pytest.mark.parametrize("branches,selection,window,by_rule,in_sel", [
+@pytest.mark.parametrize("branches,selection,window,by_rule,in_cmp", [
     (("o",), "chunked", 32, True, True), (("o",), "chunked", 32, True, False), (("o",), "chunked", 0, False, True),
     (("slc_o", "o"), "union", 32, True, True), (("o",), "per_query", 32, True, True),
     (("topk_idx", "o"), "chunked", 32, True, True), (("o",), "chunked", 32, False, True),
     (("slc_o", "o"), "chunked", 0, True, True)])
-def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule, in_sel):
+def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule, in_cmp):
     """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated
     selection epilogue writes o (slc_o only when asked for), the gate kernel runs only for the
     per-query kernel, the window kernel only when w > 0; with TOPN_FORCED_BY_RULE and topk_idx not
-    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first (and
-    runs the valid prefix of each row), or (``FORCED_IN_SELECTION``, chunked selection) the others only, the
-    selection kernel taking the forced blocks itself."""
+    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first,
+    or (``FORCED_IN_CMP``, chunked selection) the compression kernel takes the forced blocks and the selection
+    gets the others only, starting from the compression kernel's partial result."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile import forward as F
     from oracles.inhouse_cutile import kernels as K
     calls = _launches(monkeypatch)
     case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
-    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule, FORCED_IN_SELECTION=in_sel):
+    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule, FORCED_IN_CMP=in_cmp):
         out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
     assert set(out) == set(branches)
     names = [kernel for kernel, _ in calls]
@@ -586,18 +564,20 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     assert (t["OTHERS"], t["N"]) == ((True, 1) if others else (False, 4))
     sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
                   "per_query": K.selection_kernel}[selection]
-    dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
+    dense = [dict(zip(_params(K.dense_branch_kernel), args)) for kernel, args in calls
+             if same(kernel, K.dense_branch_kernel)]
     assert len(dense) == (2 if window else 1)                          # compression (+ window)
     assert K.mean_pool_kernel in names
     (sel_args,) = [args for kernel, args in calls if same(kernel, sel_kernel)]
     a = dict(zip(_params(sel_kernel), sel_args))
     idx = a.get("IDX", a.get("SEL"))
-    fis = others and in_sel and selection == "chunked"      # w = 32 < 2*l' - 1: no window plan
+    fic = others and in_cmp and selection == "chunked"      # w = 32 < 2*l' - 1: no window plan
+    (cmp_call,) = [d for d in dense if d["IS_CMP"]]
+    assert cmp_call["FORCED_SEL"] == (K.FORCED_KINDS.index("initial_local") if fic else -1)
     if selection == "chunked":
-        assert a["FORCED_SEL"] == (K.FORCED_KINDS.index("initial_local") if fis else -1)
-        assert a["VALID_PREFIX"] == (others and F.SEL_VALID_PREFIX)
-    if fis:     # the top-n's n - 3 = 1 others; the kernel's scratch for the forced blocks' partial result
-        assert idx.shape[-1] == 1 and a["NP"] == 1 and a["OF"].shape == a["OUT"].shape
+        assert (a["INIT"], a["VALID_PREFIX"]) == (fic, fic)
+    if fic:     # the top-n's n - 3 = 1 others, valid first; the partial result of the compression kernel
+        assert idx.shape[-1] == 1 and a["NP"] == 1 and a["OF"] is cmp_call["OF"] and a["LSEF"] is cmp_call["LSEF"]
     elif others and selection != "union":   # l' = 64: forced = block 0, then cur-1 and cur once they exist
         want = [sorted({0, c - 1, c} - {-1}) for c in (p // 64 for p in range(256))]
         want = torch.tensor([w + [-1] * (3 - len(w)) for w in want], dtype=torch.int32)

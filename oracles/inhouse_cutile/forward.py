@@ -85,7 +85,9 @@ def mean_pool(k: torch.Tensor, v: torch.Tensor, l: int, d: int) -> tuple[torch.T
 
 
 def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l: int, d: int, w: int,
-           is_cmp: bool, want_imp: bool) -> None:
+           is_cmp: bool, want_imp: bool, forced: Optional[tuple] = None) -> None:
+    """Launch ``dense_branch_kernel``; ``forced = (k, v, o_f, lse_f, ls, kind)``: the compression tiles also store
+    the selection's partial result over their forced blocks (``forced_in_cmp_plan``)."""
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -95,20 +97,31 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     TMQ = max(1, rows // GP)
     tpp = CMP_TILES_PER_PROGRAM if is_cmp else WINDOW_TILES_PER_PROGRAM
     grid = (-(-TQ // (TMQ * tpp)), B * H, 1)
+    if forced is None:
+        kr, vr, of, lsef, lsf, kind = k, v, o, lse, 16, -1
+    else:
+        kr, vr, of, lsef, lsf, kind = forced
+        kind = K.FORCED_KINDS.index(kind)
     _launch(_hinted(K.dense_branch_kernel, **(CMP_HINTS if is_cmp else WINDOW_HINTS)), grid,
-            (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
-             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp))
+            (q, k, v, o, lse, imp, kr, vr, of, lsef, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode, kr.shape[1],
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp, kind, lsf))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
-                cmp_mask: str, scale: float, want_importance: bool = False, importance_fill: Optional[float] = 0.0):
+                cmp_mask: str, scale: float, want_importance: bool = False, importance_fill: Optional[float] = 0.0,
+                forced: Optional[tuple] = None):
     """Compression attention over the pooled blocks ``c`` with ``CMP_MASKS[cmp_mask](c, p, l, d)``.
     Returns ``cmp_o`` (q dtype), ``cmp_lse`` fp32 natural log (-inf: no visible block) and, on
     request, ``imp_cmp`` ``[B,TQ,H,NC]`` fp32 (probabilities summed over the group). The kernel
     writes ``imp_cmp`` on every block started by the last query of each query tile (``c*d <= p``,
     zero where not visible) and fills the rest with ``importance_fill``; ``None`` leaves it
     uninitialised (enough for a top-n over the candidates ``j*l' <= p`` when l' = d; saves a pass
-    over the whole buffer)."""
+    over the whole buffer).
+
+    ``forced = (k, v, ls, forced_blocks)`` (only where ``forced_in_cmp_plan`` allows it): the same kernel also
+    computes the selection branch over each query's forced blocks and returns it last as ``(o_f, lse2_f)``:
+    ``o_f`` normalised (q dtype, 0 where no key), ``lse2_f`` ``[B,TQ,HQ]`` fp32 base-2 log-sum-exp of the
+    scaled scores (-inf where no key): the start of ``selection_chunked(..., init=(o_f, lse2_f))``."""
     _, K = _ct()
     B, TQ, HQ, _ = q.shape
     NC, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -117,8 +130,15 @@ def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: in
     imp = torch.empty((B, TQ, H, NC) if want_importance else (1, 1, 1, 1), device=q.device, dtype=torch.float32)
     if importance_fill is not None:
         imp.fill_(importance_fill)
-    _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance)
-    return (o, lse, imp) if want_importance else (o, lse)
+    part = None
+    if forced is not None:
+        kr, vr, ls, kind = forced
+        part = (torch.empty((B, TQ, HQ, vr.shape[-1]), device=q.device, dtype=q.dtype),
+                torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32))
+        forced = (kr, vr, *part, ls, kind)
+    _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance,
+           forced)
+    return (o, lse) + ((imp,) if want_importance else ()) + ((part,) if part is not None else ())
 
 
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, window_keys: str,
@@ -232,7 +252,7 @@ def _index_rows(idx: torch.Tensor, width: int, device, aligned: bool = True) -> 
 
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
                       scale: float, gated: Optional[tuple] = None, want_slc: bool = True,
-                      forced: Optional[str] = None, width: Optional[int] = None, valid_prefix: bool = False):
+                      init: Optional[tuple] = None, width: Optional[int] = None):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
     ``CH*l'``-key tile (no data-dependent branch; ``SEL_KEY_ROWS``: the keys-on-rows kernel); falls
     back to ``selection`` otherwise.
@@ -241,15 +261,12 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     ``o = g_cmp*cmp_o + g_slc*slc_o (+ g_swa*swa_o)`` and the call returns ``(slc_o or None, o)``
     (``want_slc=False``: slc_o is not stored). Non-power-of-two ``l'``: ``selection`` + ``combine_gates``.
 
-    ``forced`` = a forced-blocks rule (only where ``forced_in_selection_plan`` allows it): the selection also covers
-    each query's forced blocks under that rule, computed once per program for its queries together, and
-    ``idx`` ``[B,TQ,H,>=width]`` int32 holds the other blocks, each row's valid indices first (-1 after them;
-    the cuTile top-n's order), only its first ``width`` columns being read: the kernel runs only the steps
-    that hold a valid index (``VALID_PREFIX``). ``valid_prefix``: ``idx`` holds each row's valid indices first
-    (the forced-by-rule rows of ``_sequence``: forced blocks, then the cuTile top-n's others), so the kernel may
-    skip the rest likewise (with ``SEL_VALID_PREFIX``)."""
-    if forced is not None:
-        return _selection_with_forced(q, k, v, idx, ls, scale, gated, want_slc, forced, width)
+    ``init = (o_f, lse2_f)`` (``compression(..., forced=...)``): the softmax also covers the keys of that partial
+    result, and ``idx`` ``[B,TQ,H,>=width]`` int32 holds each row's valid indices first (-1 after them; the
+    cuTile top-n's order), only its first ``width`` columns being read: the kernel runs only the steps that
+    hold a valid index (``VALID_PREFIX``)."""
+    if init is not None:
+        return _selection_from_partial(q, k, v, idx, ls, scale, gated, want_slc, init, width)
     if pow2(ls) != ls:
         slc = selection(q, k, v, idx, ls, scale)
         if gated is None:
@@ -270,18 +287,16 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
                    num_worker_warps=SEL_WORKER_WARPS)
     lse = (q.new_empty((1, 1, 1), dtype=torch.float32),) if not SEL_KEY_ROWS else ()
     qpp = SEL_QUERIES_PER_PROGRAM if lse else 1
-    prefix = valid_prefix and SEL_VALID_PREFIX and SEL_IDX_ONCE
     _launch(kern, (-(-TQ // qpp), B * H, 1),
-            (q, k, v, sel, *arrays, *((*lse, arrays[0], *lse) if lse else ()), scale * LOG2E, T - TQ, T, NP, CH, ls, G,
-             GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY, *flags,
-             *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL, -1, prefix) if lse else ())))
+            (q, k, v, sel, *arrays, *((*lse, arrays[0], *lse) if lse else ()), scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D),
+             pow2(DV), SEL_TMA, *SEL_LATENCY, *flags,
+             *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL, False, False) if lse else ())))
     return result
 
 
-def _selection_with_forced(q, k, v, idx, ls, scale, gated, want_slc, forced, width):
-    """``selection_chunked`` with ``forced``: the chunked kernel with ``FORCED_SEL`` (the forced blocks of each
-    program's queries first, as one tile, into a scratch partial result) and ``VALID_PREFIX`` over
-    ``idx[..., :width]``."""
+def _selection_from_partial(q, k, v, idx, ls, scale, gated, want_slc, init, width):
+    """``selection_chunked`` with ``init``: the chunked kernel starting from the partial result ``init`` and running
+    only the steps of each row's valid prefix of ``idx[..., :width]``."""
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -289,24 +304,23 @@ def _selection_with_forced(q, k, v, idx, ls, scale, gated, want_slc, forced, wid
     GP = max(pow2(G), MIN_SEL_ROWS)
     NP = idx.shape[-1] if width is None else width
     if pow2(ls) != ls or idx.dtype != torch.int32 or not idx.is_contiguous() or idx.shape[-1] < NP or NP < 1:
-        raise ValueError("selection with forced blocks needs a power-of-two l' and contiguous int32 indices "
+        raise ValueError("selection from a partial result needs a power-of-two l' and contiguous int32 indices "
                          f"[B,TQ,H,>=width] (got l'={ls}, {idx.dtype}, shape {tuple(idx.shape)}, width {NP})")
     NPP = pow2(NP)
     if idx.shape[-1] != NPP:         # the kernel loads one [NPP] row
         idx = torch.nn.functional.pad(idx[..., :NP], (0, NPP - NP), value=-1).contiguous()
     CH = _chunk_blocks(NP, ls)
     arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    o_f = torch.empty((B, TQ, HQ, DV), device=q.device, dtype=q.dtype)      # scratch: the forced blocks' partial
-    lse_f = torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32)
+    o_f, lse_f = init
     qpp = SEL_QUERIES_PER_PROGRAM
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
             (q, k, v, idx, *arrays, lse_f, o_f, lse_f, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV),
-             SEL_TMA, *SEL_LATENCY, *flags, False, True, NPP, qpp, SEL_MASK_ALL, K.FORCED_KINDS.index(forced), True))
+             SEL_TMA, *SEL_LATENCY, *flags, False, True, NPP, qpp, SEL_MASK_ALL, True, True))
     return result
 
 
 def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
-                      scale: float, valid_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection over the blocks ``idx [B,TQ,H,m]`` (-1: none; power-of-two ``l'``) as a partial
     result another kernel merges more blocks into: ``slc_o`` (q dtype, 0 where no key) and its base-2
     log-sum-exp of the scaled scores ``[B,TQ,HQ]`` fp32 (-inf where no key). Any ``m`` >= 0 (the chunked
@@ -327,8 +341,7 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
             (q, k, v, _index_rows(idx, n, q.device), o, o, o, g, g, g, o, lse, o, lse,
              scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
-             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL, -1,
-             valid_prefix and SEL_VALID_PREFIX and SEL_IDX_ONCE))
+             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL, False, False))
     return o, lse
 
 
@@ -394,19 +407,18 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
     return out
 
 
-def forced_in_selection_plan(case: Case, G: int, q_off: int) -> bool:
-    """Whether the chunked selection kernel takes each program's forced blocks once for its queries together
-    (``FORCED_IN_SELECTION``; ``selection_chunked(..., forced=...)``): one tile of QPP queries x the padded group
-    (at most 64 rows) over the forced blocks, then each query over the top ``n - max_forced`` other blocks from
-    that partial result. Needs the forced-by-rule top-n (``forced_by_rule``) with at least one other block, the
-    indices loaded once, a power-of-two ``l'`` of 16..128 (the key tile) and a program's queries inside one
-    selection block (``l'`` and ``q_off`` multiples of QPP), so they have the same forced blocks."""
+def forced_in_cmp_plan(case: Case, G: int, q_off: int) -> bool:
+    """Whether the compression kernel can take each query's forced blocks off the selection kernel
+    (``FORCED_IN_CMP``): its 64-row tiles compute the selection branch over them once per tile of TMQ queries
+    (``compression(..., forced=...)``), and the selection kernel gathers only the top ``n - max_forced`` other
+    blocks, starting from that partial result. Needs the forced-by-rule top-n (``forced_by_rule``) with at least
+    one other block, a power-of-two ``l'`` of 16..128 (the key tile) and the tile's queries inside one selection
+    block (``l'`` and ``q_off`` multiples of TMQ), so every row of a tile has the same forced blocks."""
     mf = max_forced(case.forced_blocks)
     ls = case.block_size
-    qpp = SEL_QUERIES_PER_PROGRAM
-    return (FORCED_IN_SELECTION and SEL_IDX_ONCE and forced_by_rule(case) and 0 < mf < case.top_n
-            and qpp * max(pow2(G), MIN_SEL_ROWS) <= 64 and pow2(ls) == ls and 16 <= ls <= 128
-            and ls % qpp == 0 and q_off % qpp == 0)
+    TMQ = max(1, CMP_TILE[0] // pow2(G))
+    return (FORCED_IN_CMP and forced_by_rule(case) and 0 < mf < case.top_n and pow2(ls) == ls and 16 <= ls <= 128
+            and ls % TMQ == 0 and q_off % TMQ == 0)
 
 
 def forced_by_rule(case: Case) -> bool:
@@ -447,10 +459,8 @@ TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-SEL_VALID_PREFIX = True  # the chunked selection runs only the steps of each row's valid indices where the rows hold
-#                          them first (the forced-by-rule rows: forced blocks, then the cuTile top-n's others)
-FORCED_IN_SELECTION = True  # without a window kernel taking them, the selection kernel takes the forced blocks
-#                             once per program for its queries together (forced_in_selection_plan)
+FORCED_IN_CMP = True  # without a window kernel taking them: the compression kernel takes the forced blocks off the
+#                       selection kernel (forced_in_cmp_plan)
 FORCED_LOCAL_IN_WINDOW = True  # the window kernel takes the forced local blocks off the selection kernel and
 #                                finishes slc_o and o (window_forced_plan; measured: 30.07 vs 31.51 ms at 64k)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
@@ -592,21 +602,24 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     if (by_rule and given_idx is None and "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked"
             and not SEL_KEY_ROWS):
         nlocal = window_forced_plan(case, q.shape[2] // k.shape[2], q_off)
-    # the selection kernel takes the forced blocks once per program (forced_in_selection_plan)
-    in_sel = (nlocal is None and by_rule and given_idx is None and "o" in want and FUSE_GATES
+    partial = None     # the compression kernel's selection over the forced blocks (forced_in_cmp_plan)
+    in_cmp = (nlocal is None and by_rule and given_idx is None and "o" in want and FUSE_GATES
               and DEFAULT_SELECTION == "chunked" and not SEL_KEY_ROWS
-              and forced_in_selection_plan(case, q.shape[2] // k.shape[2], q_off))
+              and forced_in_cmp_plan(case, q.shape[2] // k.shape[2], q_off))
     if "swa_o" in want and case.window > 0 and nlocal is None:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
         identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
         res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk,
-                          importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0)
+                          importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0,
+                          forced=(k, v, ls, case.forced_blocks) if in_cmp else None)
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
+        if in_cmp:
+            partial = res[-1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
-            if in_sel:        # the top n - max_forced others, valid first (the selection adds the forced blocks)
+            if in_cmp:        # the top n - max_forced others, valid first (the selection's input with `partial`)
                 out["topk_idx"] = top_n_cutile(imp, q_off, case.top_n - max_forced(case.forced_blocks), ls,
                                                case.forced_blocks, canonical=False, others=True)
             elif by_rule:     # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
@@ -624,20 +637,19 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
             else:
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if nlocal is not None:     # selection over the other blocks, then the window kernel finishes slc_o and o
-        o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale, valid_prefix=True)
+        o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale)
         out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, nlocal, ls, case.window, case.window_keys,
                                  scale, want_swa="swa_o" in keep, want_slc="slc_o" in keep))
-    elif in_sel:     # the forced blocks once per program, then each query's others
+    elif partial is not None:    # the selection over the others, from the forced blocks' partial result
         slc, out["o"] = selection_chunked(q, k, v, out["topk_idx"], ls, scale, want_slc="slc_o" in keep,
-                                          gated=(out["cmp_o"], out.get("swa_o"), *gates), forced=case.forced_blocks,
+                                          gated=(out["cmp_o"], out.get("swa_o"), *gates), init=partial,
                                           width=case.top_n - max_forced(case.forced_blocks))
         if slc is not None:
             out["slc_o"] = slc
     elif "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
-            prefix = {"valid_prefix": True} if by_rule and given_idx is None and DEFAULT_SELECTION == "chunked" else {}
-            slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep, **prefix,
+            slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:
                 out["slc_o"] = slc

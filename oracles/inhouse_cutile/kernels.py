@@ -157,11 +157,11 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
 
 
 @ct.kernel(occupancy=2)
-def dense_branch_kernel(Q, K, V, O, LSE, IMP,
+def dense_branch_kernel(Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
-                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
+                        MODE: int, TR: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
                         DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
-                        TPP: ConstInt):
+                        TPP: ConstInt, FORCED_SEL: ConstInt, LSF: ConstInt):
     """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
     attention for TMQ queries x G heads of kv head ``bid(1) % H``.
 
@@ -170,14 +170,18 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
     row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
 
     ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
-    repeats the last tile where their number is not a multiple of TPP: same values written)."""
-    args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-            WRITE_IMP, MASK_ALL)
+    repeats the last tile where their number is not a multiple of TPP: same values written).
+
+    ``FORCED_SEL`` >= 0 (a ``FORCED_KINDS`` index; compression only): the tile also runs the selection branch over
+    its forced blocks of ``LSF`` raw keys (``KR``/``VR``, ``TR`` keys; ``_forced_partial``) and stores that partial
+    result, ``OF`` (normalised) and ``LSEF`` (base-2 log-sum-exp of the scaled scores)."""
+    args = (Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, TR, G, GP, TMQ, TN,
+            DP, DVP, IS_CMP, WRITE_IMP, MASK_ALL, FORCED_SEL, LSF)
     _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
 
 
-def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-                WRITE_IMP, MASK_ALL):
+def _dense_tile(qt, Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, TR, G, GP,
+                TMQ, TN, DP, DVP, IS_CMP, WRITE_IMP, MASK_ALL, FORCED_SEL, LSF):
     """The body of ``dense_branch_kernel`` for query tile ``qt``."""
     b, hk = _batch_head(K)
     M = TMQ * GP
@@ -243,16 +247,20 @@ def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W,
                 pr = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), pr, 0.0)
             imp = ct.sum(pr.reshape((TMQ, GP, TN)), axis=1)
             ct.store(IMP, index=(b, qt, hk, kt), tile=imp.reshape((1, TMQ, 1, TN)))
+    if FORCED_SEL >= 0:
+        _forced_partial(q, KR, VR, OF, LSEF, b, hk, qt, hidx, pos, p0, TR, FORCED_SEL, G, GP, TMQ, LSF, DP, DVP,
+                        qk_scale2, Q.dtype)
 
 
-def _forced_partial(q, K, V, OF, LSEF, b, hk, qt, hidx, pos, p0, T, FORCED, G, GP, TMQ, LS, DP, DVP, qk_scale2,
+def _forced_partial(q, KR, VR, OF, LSEF, b, hk, qt, hidx, pos, p0, T, FORCED, G, GP, TMQ, LS, DP, DVP, qk_scale2,
                     dtype):
-    """The selection branch over the forced blocks of query tile ``qt`` (TMQ queries x GP heads, rows ``pos``),
-    one softmax state over the tile's rows: the caller guarantees that the tile's queries lie in one selection
-    block ``c`` (``LS`` and ``q_off`` multiples of TMQ), so the forced blocks are among ``0, c-1, c``
-    (``forced_slot``), each taken once if the rule forces it for the tile's first position, its keys masked per
-    row by ``is_forced``, ``selection_candidate``, ``selection_causal`` and ``s < T``. Stores ``OF`` = the
-    normalised output (0: no key) and ``LSEF`` = base-2 log-sum-exp of the scaled scores (-inf: no key)."""
+    """The selection branch over the forced blocks of query tile ``qt`` (rows ``pos``), for one softmax state
+    over the tile's rows: the caller guarantees that the tile's queries lie in one selection block ``c`` (``LS`` a
+    multiple of TMQ), so the forced blocks are among ``0, c-1, c`` (``forced_slot``), each taken once if the
+    rule forces it for the tile's first position, its keys masked per row by
+    ``is_forced``, ``selection_candidate``, ``selection_causal`` and ``s < T``. Stores ``OF`` = the normalised
+    output (0: no key) and ``LSEF`` = base-2 log-sum-exp of the scaled scores (-inf: no key), the state the
+    selection kernel starts from (``selection_chunk_kernel``, ``INIT``)."""
     M = TMQ * GP
     c = p0 // LS
     offs = ct.arange(LS, dtype=np.int32)[None, :]
@@ -260,12 +268,12 @@ def _forced_partial(q, K, V, OF, LSEF, b, hk, qt, hidx, pos, p0, T, FORCED, G, G
     for slot in ct.static_iter(range(FORCED_SLOTS)):
         j, new = forced_slot(slot, c)
         if new & _forced(FORCED, j, p0, LS):
-            k = ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
+            k = ct.load(KR, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
                         padding_mode=ZERO, latency=2).reshape((DP, LS))
             s = ct.mma(q, k, ct.full((M, LS), 0.0, dtype=np.float32))
             key = j * LS + offs
             vis = _forced(FORCED, j, pos, LS) & selection_candidate(j, pos, LS) & selection_causal(pos, key) & (key < T)
-            v = ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
+            v = ct.load(VR, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
                         latency=4).reshape((LS, DVP))
             m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, dtype)
     OFv, _ = _group_view(OF, hk, G, GP)
@@ -496,7 +504,7 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, 
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
                            IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool,
-                           FORCED_SEL: ConstInt, VALID_PREFIX: ConstBool):
+                           INIT: ConstBool, VALID_PREFIX: ConstBool):
     """Selection attention of query ``bid(0)`` (of queries ``bid(0)*QPP ..``, see below) and the G heads of kv
     head ``bid(1) % H`` for a power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
@@ -513,25 +521,12 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, 
     other (the last program repeats the last query where TQ is not a multiple of QPP: same values written).
     ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``).
 
-    ``FORCED_SEL`` >= 0 (a ``FORCED_KINDS`` index): ``IDX`` holds the blocks other than the forced ones. The
-    program first runs its QPP queries x GP heads as one tile over their forced blocks (``_forced_partial``: each
-    forced block loaded once for the QPP queries, 64-row MMAs; the caller guarantees that the QPP queries lie in
-    one selection block) and stores that partial result to ``OF`` / ``LSEF`` (scratch ``[B,TQ,HQ,*]``); each
-    query's softmax then starts from it, as the state ``(m, l, acc) = (LSEF, 1, OF)``.
+    ``INIT``: the softmax starts from a partial result over other keys, ``OF`` (normalised, q dtype) with its
+    base-2 log-sum-exp ``LSEF`` (-inf: none), as the state ``(m, l, acc) = (LSEF, 1, OF)`` (``_forced_partial``).
     ``VALID_PREFIX`` (with ``IDX_ONCE``): each row's valid indices come first, so the program runs only the steps
     that hold one (``n_valid // CH`` whole steps, then the rest one block at a time)."""
-    if FORCED_SEL >= 0:
-        b, hk = _batch_head(K)
-        qt = ct.bid(0)
-        p0 = q_off + qt * QPP
-        Qv, hidx = _group_view(Q, hk, G, GP)
-        q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, QPP, GP, DP), padding_mode=ZERO).reshape((QPP * GP, DP))
-        pos = (p0 + ct.arange(QPP * GP, dtype=np.int32) // GP)[:, None]
-        _forced_partial(q, K, V, OF, LSEF, b, hk, qt, hidx, pos, p0, T, FORCED_SEL, G, GP, QPP, LS, DP, DVP,
-                        qk_scale2, Q.dtype)
     args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, LSEF, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP,
-            TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL, FORCED_SEL >= 0,
-            VALID_PREFIX)
+            TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL, INIT, VALID_PREFIX)
     _each_tile(_selection_query, QPP, Q.shape[1], args)
 
 
@@ -544,7 +539,7 @@ def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, LSE
     Qv, hidx = _group_view(Q, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
-    if INIT:      # the partial result over the forced blocks (stored by this program: ordered after the store)
+    if INIT:
         LSEFv, _ = _group_view(LSEF, hk, G, GP)
         lse_f = ct.load(LSEFv, index=(b, i, hidx), shape=(1, 1, GP), padding_mode=ZERO).reshape((GP, 1))
         has = lse_f > -np.inf

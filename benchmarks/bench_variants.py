@@ -9,9 +9,7 @@ configuration, with the dense SDPA and FLA ``parallel_nsa`` baselines of the sam
 configuration; the default configuration is always timed first. For each configuration and T: the full
 forward, the forward without window and its parts (``--parts``: compression o+LSE, compression + importance, the selection over
 14 given blocks, sliding window, window + forced local blocks + gates, the selection over 16 given blocks + gates as
-the forward without window runs it, compression + importance + the forced blocks' selection and the selection over
-the 13 others from that partial result (``FORCED_IN_CMP``), and once per T the selection probes of
-``selection_probes.py``; ``--hide-launch``
+the forward without window runs it, and once per T the selection probes of ``selection_probes.py``; ``--hide-launch``
 also times the forward without window with the host's launch gaps hidden, a diagnostic). Same inputs, timing and records as ``bench_paper.py``
 (``OUT/bench.jsonl``, readable by ``bench_table.py``); prints a markdown table at the end.
 """
@@ -31,8 +29,7 @@ from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, 
 from harness import bench as hb  # noqa: E402
 
 
-PARTS = ("cmp", "cmp_imp", "cmp_forced", "window", "selection", "window_forced", "selection16", "selection_init",
-         "probes")
+PARTS = ("cmp", "cmp_imp", "window", "selection", "window_forced", "selection16", "probes")
 HIDDEN_GROUP = "fwd w/o window, host launch gaps hidden (diagnostic)"
 
 
@@ -94,13 +91,10 @@ def main() -> int:
         xs = [base] + [hb.clone_inputs(base) for _ in range(hb.input_copies(case, base) - 1)]
         scale = case.softmax_scale
         kc0, vc0 = F.mean_pool(base.k, base.v, 64, 64)
-        forced_args = (base.k, base.v, 64, "initial_local")
-        if parts & {"selection", "selection16", "selection_init", "probes"}:   # the in-house top-n blocks (14: as
+        if parts & {"selection", "selection16", "probes"}:     # the in-house top-n blocks (14: as selection_partial
             imp0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
             idx16 = F.top_n(imp0, torch.arange(T, device="cuda"), 16, 64, "initial_local").to(torch.int32)
-            idx14 = idx16[..., :14].contiguous()                 # selection_partial gets them in the full forward)
-            others13 = F.top_n_cutile(imp0, 0, 13, 64, "initial_local", canonical=False, others=True)   # valid first
-            part0 = F.compression(base.q, kc0, vc0, T, 64, 64, "end_inclusive", scale, forced=forced_args)[-1]
+            idx14 = idx16[..., :14].contiguous()                 # gets them in the full forward)
             del imp0
         if "probes" in parts:   # the selection's loads with less arithmetic (selection_probes.py), 16 blocks
             from selection_probes import run_probe  # benchmarks/ is sys.path[0]
@@ -131,18 +125,6 @@ def main() -> int:
                         [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale,
                                                    want_importance=True, importance_fill=None) for x in xs],
                         "parts: compression + importance", cost=hb.cost_of(case, ("topk_idx",)), note=note)
-                if "cmp_forced" in parts:
-                    run(case_nw, f"cmp+importance+forced blocks [{label}]", ("cmp_o", "cmp_lse"),
-                        [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale,
-                                                   want_importance=True, importance_fill=None,
-                                                   forced=(x.k, x.v, 64, "initial_local")) for x in xs],
-                        "parts: compression + importance + forced blocks' selection", note=note)
-                if "selection_init" in parts:
-                    run(case_nw, f"selection from the forced partial + gates, 13 others [{label}]", ("o",),
-                        [lambda x=x: F.selection_chunked(x.q, x.k, x.v, others13, 64, scale, want_slc=False,
-                                                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa), init=part0,
-                                                         width=13) for x in xs],
-                        "parts: selection over 13 given blocks from a partial result + gates", note=note)
                 if "window" in parts:
                     run(case, f"window [{label}]", ("swa_o",),
                         [lambda x=x: F.sliding_window(x.q, x.k, x.v, 512, "w", scale) for x in xs],

@@ -150,19 +150,6 @@ def max_forced(kind: str) -> int:
     return {"none": 0, "current": 1, "initial_local": 3}[kind]
 
 
-FORCED_SLOTS = 3
-
-
-def forced_slot(slot: int, c):
-    """Every rule's forced blocks for a query in selection block c are among ``0, c-1, c``: slot 0, 1, 2 gives
-    that block and whether no earlier slot holds it: ``(0, True)``, ``(c-1, c >= 2)``, ``(c, c >= 1)``."""
-    if slot == 0:
-        return 0, True
-    elif slot == 1:
-        return c - 1, c >= 2
-    return c, c >= 1
-
-
 # --------------------------------------------------------------------------------------------------
 # Dense masks, all built from the functions above
 # --------------------------------------------------------------------------------------------------

@@ -132,44 +132,6 @@ def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T)
         assert bool(WINDOW_KEYS["w"](p, keys, case.window).all())
 
 
-@pytest.mark.parametrize("forced", ["none", "current", "initial_local"])
-@pytest.mark.parametrize("ls,tmq", [(16, 4), (64, 4), (32, 16)])
-def test_forced_slots_hold_each_querys_forced_candidates_once(forced, ls, tmq):
-    """``FORCED_IN_CMP``: the compression tile of queries ``p0 .. p0+TMQ-1`` (one selection block c) takes the
-    slots of ``forced_slot`` that are new and forced for p0, then masks each row by the rule and the candidate
-    test: that gives every query exactly its forced candidates, each block once."""
-    from cases.conventions import FORCED_SLOTS, forced_slot, is_forced, selection_candidate
-    for p0 in range(0, 12 * ls, tmq):
-        c = p0 // ls
-        taken = [j for j, new in (forced_slot(s, c) for s in range(FORCED_SLOTS))
-                 if bool(new) and bool(is_forced(forced, j, p0, ls))]
-        assert len(set(taken)) == len(taken) and all(j >= 0 for j in taken), (p0, taken)
-        for p in range(p0, p0 + tmq):
-            got = {j for j in taken if bool(is_forced(forced, j, p, ls)) and bool(selection_candidate(j, p, ls))}
-            want = {j for j in range(c + 2) if bool(is_forced(forced, j, p, ls)) and bool(selection_candidate(j, p, ls))}
-            assert got == want, (p, got, want)
-
-
-def test_forced_in_cmp_plan_conditions():
-    """The plan holds for the paper configuration and not when a compression tile's queries straddle two
-    selection blocks, with no forced rule, with no other block to select, with a non-power-of-two l', or with
-    the flag off."""
-    from cases.model import Case
-    from oracles.inhouse_cutile import forward as F
-    case = Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="initial_local", top_n=16, window=0)
-    with F.flags(FORCED_IN_CMP=True):
-        assert F.forced_in_cmp_plan(case, 16, 0)
-        assert F.forced_in_cmp_plan(case, 16, 8) and not F.forced_in_cmp_plan(case, 16, 2)    # 4 queries per tile
-        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="none", top_n=16,
-                                             window=0), 16, 0)
-        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=64, forced_blocks="initial_local",
-                                             top_n=3, window=0), 16, 0)
-        assert not F.forced_in_cmp_plan(Case(seq_len=1024, q_len=1024, block_size=48, forced_blocks="initial_local",
-                                             top_n=16, window=0), 16, 0)
-    with F.flags(FORCED_IN_CMP=False):
-        assert not F.forced_in_cmp_plan(case, 16, 0)
-
-
 @pytest.mark.parametrize("rule", [f"cmp:{m}" for m in ("end_inclusive", "current_block", "anti_causal", "end_exclusive")]
                          + ["window:w", "window:w_plus_1"])
 @pytest.mark.parametrize("l,d,w", [(32, 16, 7), (16, 16, 64), (64, 64, 512)])
@@ -536,24 +498,20 @@ def test_combine_gates_passes_the_three_gates(monkeypatch):
     assert a["THREE"] is False
 
 
-@pytest.mark.parametrize("branches,selection,window,by_rule,in_cmp", [
-    (("o",), "chunked", 32, True, True), (("o",), "chunked", 32, True, False), (("o",), "chunked", 0, False, True),
-    (("slc_o", "o"), "union", 32, True, True), (("o",), "per_query", 32, True, True),
-    (("topk_idx", "o"), "chunked", 32, True, True), (("o",), "chunked", 32, False, True),
-    (("slc_o", "o"), "chunked", 0, True, True)])
-def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule, in_cmp):
+@pytest.mark.parametrize("branches,selection,window,by_rule", [
+    (("o",), "chunked", 32, True), (("o",), "chunked", 0, False), (("slc_o", "o"), "union", 32, True),
+    (("o",), "per_query", 32, True), (("topk_idx", "o"), "chunked", 32, True), (("o",), "chunked", 32, False)])
+def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule):
     """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated
     selection epilogue writes o (slc_o only when asked for), the gate kernel runs only for the
     per-query kernel, the window kernel only when w > 0; with TOPN_FORCED_BY_RULE and topk_idx not
-    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first,
-    or (``FORCED_IN_CMP``, chunked selection) the compression kernel takes the forced blocks and the selection
-    gets the others only, starting from the compression kernel's partial result."""
+    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile import forward as F
     from oracles.inhouse_cutile import kernels as K
     calls = _launches(monkeypatch)
     case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
-    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule, FORCED_IN_CMP=in_cmp):
+    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule):
         out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
     assert set(out) == set(branches)
     names = [kernel for kernel, _ in calls]
@@ -564,21 +522,13 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     assert (t["OTHERS"], t["N"]) == ((True, 1) if others else (False, 4))
     sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
                   "per_query": K.selection_kernel}[selection]
-    dense = [dict(zip(_params(K.dense_branch_kernel), args)) for kernel, args in calls
-             if same(kernel, K.dense_branch_kernel)]
+    dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
     assert len(dense) == (2 if window else 1)                          # compression (+ window)
     assert K.mean_pool_kernel in names
     (sel_args,) = [args for kernel, args in calls if same(kernel, sel_kernel)]
     a = dict(zip(_params(sel_kernel), sel_args))
     idx = a.get("IDX", a.get("SEL"))
-    fic = others and in_cmp and selection == "chunked"      # w = 32 < 2*l' - 1: no window plan
-    (cmp_call,) = [d for d in dense if d["IS_CMP"]]
-    assert cmp_call["FORCED_SEL"] == (K.FORCED_KINDS.index("initial_local") if fic else -1)
-    if selection == "chunked":
-        assert (a["INIT"], a["VALID_PREFIX"]) == (fic, fic)
-    if fic:     # the top-n's n - 3 = 1 others, valid first; the partial result of the compression kernel
-        assert idx.shape[-1] == 1 and a["NP"] == 1 and a["OF"] is cmp_call["OF"] and a["LSEF"] is cmp_call["LSEF"]
-    elif others and selection != "union":   # l' = 64: forced = block 0, then cur-1 and cur once they exist
+    if others and selection != "union":   # l' = 64: forced = block 0, then cur-1 and cur once they exist
         want = [sorted({0, c - 1, c} - {-1}) for c in (p // 64 for p in range(256))]
         want = torch.tensor([w + [-1] * (3 - len(w)) for w in want], dtype=torch.int32)
         assert torch.equal(idx[0, :, 0, :3], want)

@@ -115,22 +115,19 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
     out = []
-    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp, fsel in [(True, 16, 16, 4, 64, 128, False, 1, -1),
-                                                         (True, 3, 4, 16, 64, 64, False, 1, -1),
-                                                         (False, 16, 16, 4, 64, 128, False, 1, -1),
-                                                         (False, 1, 1, 64, 64, 32, False, 1, -1),
-                                                         (True, 16, 16, 4, 64, 128, True, 1, -1),
-                                                         (True, 16, 16, 8, 64, 128, False, 1, -1),
-                                                         (False, 16, 16, 8, 64, 128, False, 1, -1),
-                                                         (True, 16, 16, 4, 64, 128, False, 4, -1),
-                                                         (True, 16, 16, 4, 128, 128, False, 2, -1),
-                                                         (True, 16, 16, 4, 64, 128, False, 1, 2),
-                                                         (True, 3, 4, 16, 64, 64, False, 1, 1)]:
+    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp in [(True, 16, 16, 4, 64, 128, False, 1),
+                                                   (True, 3, 4, 16, 64, 64, False, 1),
+                                                   (False, 16, 16, 4, 64, 128, False, 1),
+                                                   (False, 1, 1, 64, 64, 32, False, 1),
+                                                   (True, 16, 16, 4, 64, 128, True, 1),
+                                                   (True, 16, 16, 8, 64, 128, False, 1),
+                                                   (False, 16, 16, 8, 64, 128, False, 1),
+                                                   (True, 16, 16, 4, 64, 128, False, 4),
+                                                   (True, 16, 16, 4, 128, 128, False, 2)]:
         out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else "")
-                    + (f" tpp{tpp}" if tpp > 1 else "") + (f" forced_sel{fsel}" if fsel >= 0 else ""),
-                    K.dense_branch_kernel,
-                    [a4, a4, a4, a4, f32_3, f32_4, a4, a4, a4, f32_3, f, i, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP,
-                     cmp, cmp, mask_all, tpp, fsel, 64 if fsel >= 0 else 16]))
+                    + (f" tpp{tpp}" if tpp > 1 else ""), K.dense_branch_kernel,
+                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all,
+                     tpp]))
     for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
@@ -152,17 +149,14 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                                                         (1, 16, 1, 8, 16, 256, True, False, False, False)]:
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"
                     + (" lse" if lse else ""), K.selection_chunk_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP,
-                     DP, True, 2, 4, slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1, True, False, False]))
-        # indices loaded once: one or 4 queries per program; every step masked or only those not seen whole; from a
-        # partial result over the valid prefix of the indices
-        for qpp, mask_all, init in ((1, True, False), (4, True, False), (4, False, False), (4, False, True)) if lse else ():
-            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''}{'' if mask_all else ' mask_skip'}"
-                        f"{' init valid_prefix' if init else ''} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
-                        f"slc={slc} gates={gates or init} window={win}{'' if init else ' lse'}", K.selection_chunk_kernel,
-                        [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, a4, f32_3, f, i, i, NP, CH, LS, G, GP,
-                         DP, DP, True, 2, 4, slc, gates or init, win, lse and not init, True,
-                         1 << (NP - 1).bit_length(), qpp, mask_all, init, init]))
+                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
+                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1, True]))
+        # indices loaded once: one or 4 queries per program; every step masked or only those not seen whole
+        for qpp, mask_all in ((1, True), (4, True), (4, False)) if lse else ():
+            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''}{'' if mask_all else ' mask_skip'} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
+                        f"slc={slc} gates={gates} window={win} lse", K.selection_chunk_kernel,
+                        [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
+                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), qpp, mask_all]))
         if lse:
             continue
         out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",

@@ -85,9 +85,7 @@ def mean_pool(k: torch.Tensor, v: torch.Tensor, l: int, d: int) -> tuple[torch.T
 
 
 def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l: int, d: int, w: int,
-           is_cmp: bool, want_imp: bool, forced: Optional[tuple] = None) -> None:
-    """Launch ``dense_branch_kernel``; ``forced = (k, v, o_f, lse_f, ls, kind)``: the compression tiles also store
-    the selection's partial result over their forced blocks (``forced_in_cmp_plan``)."""
+           is_cmp: bool, want_imp: bool) -> None:
     _, K = _ct()
     B, TQ, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -97,31 +95,20 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     TMQ = max(1, rows // GP)
     tpp = CMP_TILES_PER_PROGRAM if is_cmp else WINDOW_TILES_PER_PROGRAM
     grid = (-(-TQ // (TMQ * tpp)), B * H, 1)
-    if forced is None:
-        kr, vr, of, lsef, lsf, kind = k, v, o, lse, 16, -1
-    else:
-        kr, vr, of, lsef, lsf, kind = forced
-        kind = K.FORCED_KINDS.index(kind)
     _launch(_hinted(K.dense_branch_kernel, **(CMP_HINTS if is_cmp else WINDOW_HINTS)), grid,
-            (q, k, v, o, lse, imp, kr, vr, of, lsef, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode, kr.shape[1],
-             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp, kind, lsf))
+            (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,
-                cmp_mask: str, scale: float, want_importance: bool = False, importance_fill: Optional[float] = 0.0,
-                forced: Optional[tuple] = None):
+                cmp_mask: str, scale: float, want_importance: bool = False, importance_fill: Optional[float] = 0.0):
     """Compression attention over the pooled blocks ``c`` with ``CMP_MASKS[cmp_mask](c, p, l, d)``.
     Returns ``cmp_o`` (q dtype), ``cmp_lse`` fp32 natural log (-inf: no visible block) and, on
     request, ``imp_cmp`` ``[B,TQ,H,NC]`` fp32 (probabilities summed over the group). The kernel
     writes ``imp_cmp`` on every block started by the last query of each query tile (``c*d <= p``,
     zero where not visible) and fills the rest with ``importance_fill``; ``None`` leaves it
     uninitialised (enough for a top-n over the candidates ``j*l' <= p`` when l' = d; saves a pass
-    over the whole buffer).
-
-    ``forced = (k, v, ls, forced_blocks)`` (only where ``forced_in_cmp_plan`` allows it): the same kernel also
-    computes the selection branch over each query's forced blocks and returns it last as ``(o_f, lse2_f)``:
-    ``o_f`` normalised (q dtype, 0 where no key), ``lse2_f`` ``[B,TQ,HQ]`` fp32 base-2 log-sum-exp of the
-    scaled scores (-inf where no key): the start of ``selection_chunked(..., init=(o_f, lse2_f))``."""
+    over the whole buffer)."""
     _, K = _ct()
     B, TQ, HQ, _ = q.shape
     NC, H = k_cmp.shape[1], k_cmp.shape[2]
@@ -130,15 +117,8 @@ def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: in
     imp = torch.empty((B, TQ, H, NC) if want_importance else (1, 1, 1, 1), device=q.device, dtype=torch.float32)
     if importance_fill is not None:
         imp.fill_(importance_fill)
-    part = None
-    if forced is not None:
-        kr, vr, ls, kind = forced
-        part = (torch.empty((B, TQ, HQ, vr.shape[-1]), device=q.device, dtype=q.dtype),
-                torch.empty((B, TQ, HQ), device=q.device, dtype=torch.float32))
-        forced = (kr, vr, *part, ls, kind)
-    _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance,
-           forced)
-    return (o, lse) + ((imp,) if want_importance else ()) + ((part,) if part is not None else ())
+    _dense(q, k_cmp, v_cmp, o, lse, imp, scale, T, NC, K.MODE_OF_CMP_MASK[cmp_mask], l, d, 0, True, want_importance)
+    return (o, lse, imp) if want_importance else (o, lse)
 
 
 def sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, window_keys: str,
@@ -251,22 +231,14 @@ def _index_rows(idx: torch.Tensor, width: int, device, aligned: bool = True) -> 
 
 
 def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ls: int,
-                      scale: float, gated: Optional[tuple] = None, want_slc: bool = True,
-                      init: Optional[tuple] = None, width: Optional[int] = None):
+                      scale: float, gated: Optional[tuple] = None, want_slc: bool = True):
     """``selection`` for a power-of-two ``l'``: CH selected blocks per step concatenated into one
     ``CH*l'``-key tile (no data-dependent branch; ``SEL_KEY_ROWS``: the keys-on-rows kernel); falls
     back to ``selection`` otherwise.
 
     ``gated = (cmp_o, swa_o or None, g_cmp, g_slc, g_swa)``: the kernel's epilogue also writes
     ``o = g_cmp*cmp_o + g_slc*slc_o (+ g_swa*swa_o)`` and the call returns ``(slc_o or None, o)``
-    (``want_slc=False``: slc_o is not stored). Non-power-of-two ``l'``: ``selection`` + ``combine_gates``.
-
-    ``init = (o_f, lse2_f)`` (``compression(..., forced=...)``): the softmax also covers the keys of that partial
-    result, and ``idx`` ``[B,TQ,H,>=width]`` int32 holds each row's valid indices first (-1 after them; the
-    cuTile top-n's order), only its first ``width`` columns being read: the kernel runs only the steps that
-    hold a valid index (``VALID_PREFIX``)."""
-    if init is not None:
-        return _selection_from_partial(q, k, v, idx, ls, scale, gated, want_slc, init, width)
+    (``want_slc=False``: slc_o is not stored). Non-power-of-two ``l'``: ``selection`` + ``combine_gates``."""
     if pow2(ls) != ls:
         slc = selection(q, k, v, idx, ls, scale)
         if gated is None:
@@ -288,34 +260,8 @@ def selection_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     lse = (q.new_empty((1, 1, 1), dtype=torch.float32),) if not SEL_KEY_ROWS else ()
     qpp = SEL_QUERIES_PER_PROGRAM if lse else 1
     _launch(kern, (-(-TQ // qpp), B * H, 1),
-            (q, k, v, sel, *arrays, *((*lse, arrays[0], *lse) if lse else ()), scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D),
-             pow2(DV), SEL_TMA, *SEL_LATENCY, *flags,
-             *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL, False, False) if lse else ())))
-    return result
-
-
-def _selection_from_partial(q, k, v, idx, ls, scale, gated, want_slc, init, width):
-    """``selection_chunked`` with ``init``: the chunked kernel starting from the partial result ``init`` and running
-    only the steps of each row's valid prefix of ``idx[..., :width]``."""
-    _, K = _ct()
-    B, TQ, HQ, D = q.shape
-    T, H, DV = k.shape[1], k.shape[2], v.shape[-1]
-    G = HQ // H
-    GP = max(pow2(G), MIN_SEL_ROWS)
-    NP = idx.shape[-1] if width is None else width
-    if pow2(ls) != ls or idx.dtype != torch.int32 or not idx.is_contiguous() or idx.shape[-1] < NP or NP < 1:
-        raise ValueError("selection from a partial result needs a power-of-two l' and contiguous int32 indices "
-                         f"[B,TQ,H,>=width] (got l'={ls}, {idx.dtype}, shape {tuple(idx.shape)}, width {NP})")
-    NPP = pow2(NP)
-    if idx.shape[-1] != NPP:         # the kernel loads one [NPP] row
-        idx = torch.nn.functional.pad(idx[..., :NP], (0, NPP - NP), value=-1).contiguous()
-    CH = _chunk_blocks(NP, ls)
-    arrays, flags, result = _gate_args(q, (B, TQ, HQ, DV), gated, want_slc)
-    o_f, lse_f = init
-    qpp = SEL_QUERIES_PER_PROGRAM
-    _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
-            (q, k, v, idx, *arrays, lse_f, o_f, lse_f, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV),
-             SEL_TMA, *SEL_LATENCY, *flags, False, True, NPP, qpp, SEL_MASK_ALL, True, True))
+            (q, k, v, sel, *arrays, *lse, scale * LOG2E, T - TQ, T, NP, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA,
+             *SEL_LATENCY, *flags, *((False, SEL_IDX_ONCE, pow2(NP), qpp, SEL_MASK_ALL) if lse else ())))
     return result
 
 
@@ -339,9 +285,9 @@ def selection_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     g = q.new_empty((1, 1, 1))
     qpp = SEL_QUERIES_PER_PROGRAM
     _launch(_hinted(K.selection_chunk_kernel, SEL_OCCUPANCY, num_worker_warps=SEL_WORKER_WARPS), (-(-TQ // qpp), B * H, 1),
-            (q, k, v, _index_rows(idx, n, q.device), o, o, o, g, g, g, o, lse, o, lse,
+            (q, k, v, _index_rows(idx, n, q.device), o, o, o, g, g, g, o, lse,
              scale * LOG2E, T - TQ, T, n, CH, ls, G, GP, pow2(D), pow2(DV), SEL_TMA, *SEL_LATENCY,
-             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL, False, False))
+             True, False, False, True, SEL_IDX_ONCE, pow2(n), qpp, SEL_MASK_ALL))
     return o, lse
 
 
@@ -407,20 +353,6 @@ def window_forced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_s: torch.
     return out
 
 
-def forced_in_cmp_plan(case: Case, G: int, q_off: int) -> bool:
-    """Whether the compression kernel can take each query's forced blocks off the selection kernel
-    (``FORCED_IN_CMP``): its 64-row tiles compute the selection branch over them once per tile of TMQ queries
-    (``compression(..., forced=...)``), and the selection kernel gathers only the top ``n - max_forced`` other
-    blocks, starting from that partial result. Needs the forced-by-rule top-n (``forced_by_rule``) with at least
-    one other block, a power-of-two ``l'`` of 16..128 (the key tile) and the tile's queries inside one selection
-    block (``l'`` and ``q_off`` multiples of TMQ), so every row of a tile has the same forced blocks."""
-    mf = max_forced(case.forced_blocks)
-    ls = case.block_size
-    TMQ = max(1, CMP_TILE[0] // pow2(G))
-    return (FORCED_IN_CMP and forced_by_rule(case) and 0 < mf < case.top_n and pow2(ls) == ls and 16 <= ls <= 128
-            and ls % TMQ == 0 and q_off % TMQ == 0)
-
-
 def forced_by_rule(case: Case) -> bool:
     """Whether ``nsa_forward`` builds the selection blocks as the forced blocks (by rule, ``forced_list``)
     + the top ``n - max_forced`` other blocks (``top_n_cutile(..., others=True)``) when it computes the
@@ -459,8 +391,6 @@ TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-FORCED_IN_CMP = True  # without a window kernel taking them: the compression kernel takes the forced blocks off the
-#                       selection kernel (forced_in_cmp_plan)
 FORCED_LOCAL_IN_WINDOW = True  # the window kernel takes the forced local blocks off the selection kernel and
 #                                finishes slc_o and o (window_forced_plan; measured: 30.07 vs 31.51 ms at 64k)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
@@ -602,27 +532,17 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
     if (by_rule and given_idx is None and "o" in want and FUSE_GATES and DEFAULT_SELECTION == "chunked"
             and not SEL_KEY_ROWS):
         nlocal = window_forced_plan(case, q.shape[2] // k.shape[2], q_off)
-    partial = None     # the compression kernel's selection over the forced blocks (forced_in_cmp_plan)
-    in_cmp = (nlocal is None and by_rule and given_idx is None and "o" in want and FUSE_GATES
-              and DEFAULT_SELECTION == "chunked" and not SEL_KEY_ROWS
-              and forced_in_cmp_plan(case, q.shape[2] // k.shape[2], q_off))
     if "swa_o" in want and case.window > 0 and nlocal is None:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
         kc, vc = mean_pool(k, v, l, d)
         identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
         res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk,
-                          importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0,
-                          forced=(k, v, ls, case.forced_blocks) if in_cmp else None)
+                          importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0)
         out["cmp_o"], out["cmp_lse"] = res[0], res[1]
-        if in_cmp:
-            partial = res[-1]
         if need_topk:
             imp = importance(res[2], l, d, ls, T)
-            if in_cmp:        # the top n - max_forced others, valid first (the selection's input with `partial`)
-                out["topk_idx"] = top_n_cutile(imp, q_off, case.top_n - max_forced(case.forced_blocks), ls,
-                                               case.forced_blocks, canonical=False, others=True)
-            elif by_rule:     # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
+            if by_rule:       # [forced blocks | top n - max_forced others], unsorted (the selection kernels' input)
                 mf = max_forced(case.forced_blocks)
                 B, TQ, H, NS = imp.shape
                 fl = forced_list(q_off, TQ, NS, ls, case.forced_blocks, str(q.device), nlocal=nlocal or 0)
@@ -640,12 +560,6 @@ def _sequence(case: Case, q, k, v, gates, positions, given_idx, want: set[str], 
         o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale)
         out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, nlocal, ls, case.window, case.window_keys,
                                  scale, want_swa="swa_o" in keep, want_slc="slc_o" in keep))
-    elif partial is not None:    # the selection over the others, from the forced blocks' partial result
-        slc, out["o"] = selection_chunked(q, k, v, out["topk_idx"], ls, scale, want_slc="slc_o" in keep,
-                                          gated=(out["cmp_o"], out.get("swa_o"), *gates), init=partial,
-                                          width=case.top_n - max_forced(case.forced_blocks))
-        if slc is not None:
-            out["slc_o"] = slc
     elif "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):

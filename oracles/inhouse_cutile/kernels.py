@@ -17,8 +17,8 @@ import math
 import cuda.tile as ct
 import numpy as np
 
-from cases.conventions import (FORCED_SLOTS, anti_causal, current_block, end_exclusive, end_inclusive, forced_current,
-                               forced_initial_local, forced_none, forced_slot,
+from cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive, forced_current,
+                               forced_initial_local, forced_none,
                                selection_candidate, selection_causal, window_w, window_w_plus_1)
 
 ConstInt = ct.Constant[int]
@@ -157,11 +157,11 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
 
 
 @ct.kernel(occupancy=2)
-def dense_branch_kernel(Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF,
+def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
-                        MODE: int, TR: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
+                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
                         DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
-                        TPP: ConstInt, FORCED_SEL: ConstInt, LSF: ConstInt):
+                        TPP: ConstInt):
     """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
     attention for TMQ queries x G heads of kv head ``bid(1) % H``.
 
@@ -170,18 +170,14 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF,
     row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
 
     ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
-    repeats the last tile where their number is not a multiple of TPP: same values written).
-
-    ``FORCED_SEL`` >= 0 (a ``FORCED_KINDS`` index; compression only): the tile also runs the selection branch over
-    its forced blocks of ``LSF`` raw keys (``KR``/``VR``, ``TR`` keys; ``_forced_partial``) and stores that partial
-    result, ``OF`` (normalised) and ``LSEF`` (base-2 log-sum-exp of the scaled scores)."""
-    args = (Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, TR, G, GP, TMQ, TN,
-            DP, DVP, IS_CMP, WRITE_IMP, MASK_ALL, FORCED_SEL, LSF)
+    repeats the last tile where their number is not a multiple of TPP: same values written)."""
+    args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+            WRITE_IMP, MASK_ALL)
     _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
 
 
-def _dense_tile(qt, Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, TR, G, GP,
-                TMQ, TN, DP, DVP, IS_CMP, WRITE_IMP, MASK_ALL, FORCED_SEL, LSF):
+def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+                WRITE_IMP, MASK_ALL):
     """The body of ``dense_branch_kernel`` for query tile ``qt``."""
     b, hk = _batch_head(K)
     M = TMQ * GP
@@ -247,41 +243,6 @@ def _dense_tile(qt, Q, K, V, O, LSE, IMP, KR, VR, OF, LSEF, qk_scale2, q_off, TQ
                 pr = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), pr, 0.0)
             imp = ct.sum(pr.reshape((TMQ, GP, TN)), axis=1)
             ct.store(IMP, index=(b, qt, hk, kt), tile=imp.reshape((1, TMQ, 1, TN)))
-    if FORCED_SEL >= 0:
-        _forced_partial(q, KR, VR, OF, LSEF, b, hk, qt, hidx, pos, p0, TR, FORCED_SEL, G, GP, TMQ, LSF, DP, DVP,
-                        qk_scale2, Q.dtype)
-
-
-def _forced_partial(q, KR, VR, OF, LSEF, b, hk, qt, hidx, pos, p0, T, FORCED, G, GP, TMQ, LS, DP, DVP, qk_scale2,
-                    dtype):
-    """The selection branch over the forced blocks of query tile ``qt`` (rows ``pos``), for one softmax state
-    over the tile's rows: the caller guarantees that the tile's queries lie in one selection block ``c`` (``LS`` a
-    multiple of TMQ), so the forced blocks are among ``0, c-1, c`` (``forced_slot``), each taken once if the
-    rule forces it for the tile's first position, its keys masked per row by
-    ``is_forced``, ``selection_candidate``, ``selection_causal`` and ``s < T``. Stores ``OF`` = the normalised
-    output (0: no key) and ``LSEF`` = base-2 log-sum-exp of the scaled scores (-inf: no key), the state the
-    selection kernel starts from (``selection_chunk_kernel``, ``INIT``)."""
-    M = TMQ * GP
-    c = p0 // LS
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i, l_i, acc = _softmax_state(M, DVP)
-    for slot in ct.static_iter(range(FORCED_SLOTS)):
-        j, new = forced_slot(slot, c)
-        if new & _forced(FORCED, j, p0, LS):
-            k = ct.load(KR, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                        padding_mode=ZERO, latency=2).reshape((DP, LS))
-            s = ct.mma(q, k, ct.full((M, LS), 0.0, dtype=np.float32))
-            key = j * LS + offs
-            vis = _forced(FORCED, j, pos, LS) & selection_candidate(j, pos, LS) & selection_causal(pos, key) & (key < T)
-            v = ct.load(VR, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                        latency=4).reshape((LS, DVP))
-            m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, dtype)
-    OFv, _ = _group_view(OF, hk, G, GP)
-    ct.store(OFv, index=(b, qt, hidx, 0), tile=_softmax_finish(acc, l_i).reshape((1, TMQ, GP, DVP)).astype(OF.dtype))
-    has = l_i > 0.0
-    LSEFv, _ = _group_view(LSEF, hk, G, GP)
-    ct.store(LSEFv, index=(b, qt, hidx), tile=ct.where(has, m_i + ct.log2(ct.where(has, l_i, 1.0)),
-                                                       -np.inf).reshape((1, TMQ, GP)))
 
 
 def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
@@ -499,12 +460,11 @@ def _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, d
 
 
 @ct.kernel
-def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, LSEF, qk_scale2: float, q_off: int,
-                           T: int, NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
+def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2: float, q_off: int, T: int,
+                           NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
                            DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
                            WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
-                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool,
-                           INIT: ConstBool, VALID_PREFIX: ConstBool):
+                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool):
     """Selection attention of query ``bid(0)`` (of queries ``bid(0)*QPP ..``, see below) and the G heads of kv
     head ``bid(1) % H`` for a power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
     ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
@@ -519,49 +479,22 @@ def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, 
     ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before the steps,
     instead of CH indices per step. ``QPP`` > 1: each program takes queries ``bid(0)*QPP ..`` one after the
     other (the last program repeats the last query where TQ is not a multiple of QPP: same values written).
-    ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``).
-
-    ``INIT``: the softmax starts from a partial result over other keys, ``OF`` (normalised, q dtype) with its
-    base-2 log-sum-exp ``LSEF`` (-inf: none), as the state ``(m, l, acc) = (LSEF, 1, OF)`` (``_forced_partial``).
-    ``VALID_PREFIX`` (with ``IDX_ONCE``): each row's valid indices come first, so the program runs only the steps
-    that hold one (``n_valid // CH`` whole steps, then the rest one block at a time)."""
-    args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, LSEF, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP,
-            TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL, INIT, VALID_PREFIX)
+    ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``)."""
+    args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
+            LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL)
     _each_tile(_selection_query, QPP, Q.shape[1], args)
 
 
-def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, OF, LSEF, qk_scale2, q_off, T, NP, CH, LS,
-                     G, GP, DP, DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL,
-                     INIT, VALID_PREFIX):
+def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,
+                     DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL):
     """The body of ``selection_chunk_kernel`` for query ``i``."""
     b, hk = _batch_head(K)
     p = q_off + i
     Qv, hidx = _group_view(Q, hk, G, GP)
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
-    if INIT:
-        LSEFv, _ = _group_view(LSEF, hk, G, GP)
-        lse_f = ct.load(LSEFv, index=(b, i, hidx), shape=(1, 1, GP), padding_mode=ZERO).reshape((GP, 1))
-        has = lse_f > -np.inf
-        m_i = ct.where(has, lse_f, NEG)
-        l_i = ct.where(has, 1.0, 0.0)
-        acc = _rows_of(OF, b, i, hk, G, GP, 1, DVP)
-    else:
-        m_i, l_i, acc = _softmax_state(GP, DVP)
-    if IDX_ONCE and VALID_PREFIX:
-        jall = ct.load(IDX, index=(b, i, hk, 0), shape=(1, 1, 1, NPP), padding_mode=ZERO).reshape((NPP, 1))
-        nv = ct.minimum(ct.sum(ct.where(jall >= 0, 1, 0)), NP)
-        for c in range(nv // CH):
-            jv = jall.extract((c, 0), (CH, 1))
-            k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                        MASK_ALL)
-        for r in range((nv // CH) * CH, nv):
-            jv = jall.extract((r, 0), (1, 1))
-            k, v = _chunk_tiles(K, V, jv, b, hk, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, 1, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                        MASK_ALL)
-    elif IDX_ONCE:
+    m_i, l_i, acc = _softmax_state(GP, DVP)
+    if IDX_ONCE:
         jall = ct.load(IDX, index=(b, i, hk, 0), shape=(1, 1, 1, NPP), padding_mode=ZERO).reshape((NPP, 1))
         for c in range(NP // CH):
             jv = jall.extract((c, 0), (CH, 1))
@@ -771,11 +704,9 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
     Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N.
     ``OTHERS``: the forced blocks are not candidates (the top N of the other blocks).
-    ``SLOT_BY_VALUE``: the empty slots start as distinct negative values (``slot - N``) and only valid
+    ``SLOT_BY_VALUE``: the empty slots start as distinct negative values (``-1 - slot``) and only valid
     keys (>= 0) enter, so every slot value is unique and the worst slot is found by equality with the
-    row minimum: one reduction less per step.
-    Either way the empty slots fill in order 0, 1, ..., so a row with fewer than N candidates has its valid
-    indices first (``selection_chunk_kernel``'s ``VALID_PREFIX``)."""
+    row minimum: one reduction less per step."""
     qt = ct.bid(0)
     b, h = _batch_head(IMP)
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
@@ -784,7 +715,7 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     jc = ct.arange(CW, dtype=np.int32)[None, :]
     cols = ct.arange(NOUT, dtype=np.int32)[None, :]
     if SLOT_BY_VALUE:
-        best = ct.where(cols < N, ct.broadcast_to(cols - N, (TR, NOUT)).astype(np.int64), 0x7FFFFFFFFFFFFFFF)
+        best = ct.where(cols < N, ct.broadcast_to(-1 - cols, (TR, NOUT)).astype(np.int64), 0x7FFFFFFFFFFFFFFF)
     else:
         best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
     for c in range(n_chunks):

@@ -7,7 +7,7 @@ configuration, with the dense SDPA and FLA ``parallel_nsa`` baselines of the sam
 
 ``--variant 'LABEL: NAME=VALUE; NAME=VALUE'`` (values are Python literals, ``;`` between flags) adds one
 configuration; the default configuration is always timed first. For each configuration and T: the full
-forward, the forward without window and its parts (``--parts``: compression o+LSE, compression + importance, the selection over
+forward, the forward without window and its parts (``--parts``: mean pooling, compression o+LSE, compression + importance, the selection over
 14 given blocks, sliding window, window + forced local blocks + gates, the selection over 16 given blocks + gates as
 the forward without window runs it, and once per T the selection probes of ``selection_probes.py``; ``--hide-launch``
 also times the forward without window with the host's launch gaps hidden, a diagnostic). Same inputs, timing and records as ``bench_paper.py``
@@ -29,7 +29,7 @@ from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, 
 from harness import bench as hb  # noqa: E402
 
 
-PARTS = ("cmp", "cmp_imp", "window", "selection", "window_forced", "selection16", "probes")
+PARTS = ("pool", "cmp", "cmp_imp", "window", "selection", "window_forced", "selection16", "probes")
 HIDDEN_GROUP = "fwd w/o window, host launch gaps hidden (diagnostic)"
 
 
@@ -116,6 +116,9 @@ def main() -> int:
                 if args.hide_launch:
                     run(case_nw, name, ("o",), [lambda x=x: F.nsa_forward(case_nw, x, branches=("o",)) for x in xs],
                         HIDDEN_GROUP, cost=hb.cost_of(case_nw, ("o",)), note=note, hide_launch=True)
+                if "pool" in parts:
+                    run(case, f"mean pooling [{label}]", ("cmp_o",), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs],
+                        "parts: mean pooling", note=note)
                 if "cmp" in parts:
                     run(case, f"cmp (o+lse) [{label}]", ("cmp_o", "cmp_lse"),
                         [lambda x=x: F.compression(x.q, kc0, vc0, T, 64, 64, "end_inclusive", scale) for x in xs],

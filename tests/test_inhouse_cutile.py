@@ -524,7 +524,7 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
                   "per_query": K.selection_kernel}[selection]
     dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
     assert len(dense) == (2 if window else 1)                          # compression (+ window)
-    assert K.mean_pool_kernel in names
+    assert any(same(kernel, K.mean_pool_kernel) for kernel in names)   # (hinted: POOL_HINTS)
     (sel_args,) = [args for kernel, args in calls if same(kernel, sel_kernel)]
     a = dict(zip(_params(sel_kernel), sel_args))
     idx = a.get("IDX", a.get("SEL"))

@@ -5,11 +5,11 @@ between them, at the paper configuration.
     PYTHONPATH=. python benchmarks/forward_timeline.py --T 16384 [--window 0] [--set NAME=VALUE ...] [--calls 3]
 
 For each profiled call (torch.profiler / CUPTI, after warm-up, one call per trace) it prints every GPU kernel in
-launch order: start offset from the host's call, duration, and the idle time before it; then the call's totals
-(host time of the Python call, GPU busy time, idle time). Also prints the median host time of the call without a
-profiler (the Python launch path: what the GPU waits for whenever a kernel ends before the host queued the next) and,
-per cuTile launch, when it was issued after the call began and how long ``ct.launch`` itself took (medians).
-The profiler slows the host down, so its idle times are upper bounds; the host times are not profiled.
+launch order: start offset from the first kernel's start, duration, and the idle time since the previous kernel
+ended; then the call's totals (GPU span, busy time, idle time). Before that, without a profiler: the median host
+time of the call (the Python launch path: what the GPU waits for whenever a kernel ends before the host queued the
+next) and, per cuTile launch, when it was issued after the call began and how long ``ct.launch`` itself took
+(medians). The profiler slows the host down, so its idle times are upper bounds.
 """
 from __future__ import annotations
 
@@ -26,13 +26,11 @@ import torch  # noqa: E402
 from bench_paper import gpu_inputs, paper_case  # noqa: E402  (benchmarks/ is sys.path[0])
 
 
-def kernel_rows(prof) -> tuple[float, list[tuple[str, float, float]]]:
-    """(start of the profiled ``nsa_forward`` range on the host, [(kernel name, start, end)]) in microseconds,
-    GPU kernels in start order."""
-    host = [e for e in prof.events() if e.name == "nsa_forward" and e.device_type == torch.autograd.DeviceType.CPU]
+def kernel_rows(prof) -> list[tuple[str, float, float]]:
+    """[(kernel name, start, end)] in microseconds of the profiled GPU kernels, in start order."""
     gpu = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
            if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "nsa_forward"]
-    return (host[0].time_range.start if host else float("nan")), sorted(gpu, key=lambda r: r[1])
+    return sorted(gpu, key=lambda r: r[1])
 
 
 def main() -> int:
@@ -95,9 +93,13 @@ def main() -> int:
             with torch.profiler.record_function("nsa_forward"):
                 call()
             torch.cuda.synchronize()
-        t0, rows = kernel_rows(prof)
+        rows = kernel_rows(prof)
+        if not rows:
+            print(f"call {n + 1}: the profiler saw no GPU kernel")
+            continue
+        t0 = rows[0][1]
         print(f"\ncall {n + 1}: {len(rows)} GPU kernels")
-        print(f"| kernel | start (us after the call began) | ms | idle before (us) |\n|---|---|---|---|")
+        print("| kernel | start (us after the first kernel's) | ms | idle before (us) |\n|---|---|---|---|")
         prev = t0
         busy = 0.0
         for name, s, e in rows:
@@ -105,7 +107,7 @@ def main() -> int:
             busy += e - s
             prev = max(prev, e)
         span = prev - t0
-        print(f"call {n + 1}: from the call's start to the last kernel's end {span / 1e3:.3f} ms, kernels "
+        print(f"call {n + 1}: from the first kernel's start to the last one's end {span / 1e3:.3f} ms, kernels "
               f"{busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms")
     return 0
 

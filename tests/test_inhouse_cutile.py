@@ -537,35 +537,3 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
-
-
-@pytest.mark.parametrize("window,l", [(0, 64), (128, 32), (0, 32)])
-def test_head_major_copies_feed_the_selection_only(monkeypatch, window, l):
-    """``SEL_KV_HEAD_MAJOR``: with l = d (the pooling blocks tile the keys) the pooling kernel also writes k and v
-    head-major (same shape, ``[B,H,T,D]`` memory) and the selection kernels read those copies, the window kernel
-    the originals; with l != d nothing changes (CPU, no launch)."""
-    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
-    calls = _launches(monkeypatch)
-    case = Case(seq_len=256, heads_q=16, heads_kv=2, head_dim=64, cmp_block=l, cmp_stride=32, block_size=64, top_n=4,
-                window=window, dtype="bfloat16")
-    x = materialize(case, "cpu")
-    with F.flags(SEL_KV_HEAD_MAJOR=True):
-        F.nsa_forward(case, x, branches=("o",))
-    same = lambda a, b: a._annotated_function.pyfunc is b._annotated_function.pyfunc  # noqa: E731
-    (pool,) = [dict(zip(_params(K.mean_pool_kernel), a)) for kern, a in calls if same(kern, K.mean_pool_kernel)]
-    sel = [dict(zip(_params(kern), a)) for kern, a in calls if same(kern, K.selection_chunk_kernel)]
-    assert len(sel) == 1
-    copies = l == case.cmp_stride
-    assert pool["COPY"] == copies
-    if copies:
-        kh, vh = pool["KH"], pool["VH"]
-        assert kh.shape == x.k.shape and kh.stride() == x.k.transpose(1, 2).contiguous().transpose(1, 2).stride()
-        assert sel[0]["K"] is kh and sel[0]["V"] is vh
-    else:
-        assert sel[0]["K"] is x.k and sel[0]["V"] is x.v
-    for kern, a in calls if copies else ():     # the compression and window kernels: pooled / original k, v
-        if same(kern, K.window_forced_kernel) or same(kern, K.dense_branch_kernel):
-            args = dict(zip(_params(kern), a))
-            assert args["K"] is not pool["KH"] and args["V"] is not pool["VH"]

@@ -185,9 +185,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
                      NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc, tpp]))
     out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
                                                       4, 16, 128, True]))
-    for copy in (False, True):
-        out.append((f"mean_pool LP64 D128{' copy' if copy else ''}", K.mean_pool_kernel,
-                    [a4, a4, a4, a4, a4, a4, i, i, i, 64, 128, 128, copy]))
+    out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
     return out
 
 
@@ -200,8 +198,6 @@ def _runtime_occupancy(label: str):
         return F.UNION_OCCUPANCY
     if label.startswith("topn_stream"):
         return F.TOPN_HINTS.get("occupancy")
-    if label.startswith("mean_pool"):
-        return F.POOL_HINTS.get("occupancy")
     return None
 
 

@@ -74,32 +74,16 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple) -> None:
     ct.launch(torch.cuda.current_stream(), grid, kernel, args)
 
 
-def mean_pool(k: torch.Tensor, v: torch.Tensor, l: int, d: int, head_major: bool = False):
-    """``K_cmp[c] = mean(k[c*d : min(c*d+l, T)])`` over dim 1 (same for v). ``head_major`` (needs l = d a power of
-    two, ``pool_copies``): also returns copies of k and v with the same shape stored head-major (``[B,H,T,D]``
-    memory), written by the same kernel: ``K_cmp, V_cmp, k_hm, v_hm``."""
+def mean_pool(k: torch.Tensor, v: torch.Tensor, l: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K_cmp[c] = mean(k[c*d : min(c*d+l, T)])`` over dim 1 (same for v)."""
     _, K = _ct()
     B, T, H, D = k.shape
     DV = v.shape[-1]
     NC = num_cmp_blocks(T, d)
     kc = torch.empty((B, NC, H, D), device=k.device, dtype=k.dtype)
     vc = torch.empty((B, NC, H, DV), device=v.device, dtype=v.dtype)
-    if head_major:
-        if not pool_copies(l, d):
-            raise ValueError(f"mean_pool(head_major=True) needs l = d, a power of two (got l={l}, d={d})")
-        kh = torch.empty((B, H, T, D), device=k.device, dtype=k.dtype).transpose(1, 2)
-        vh = torch.empty((B, H, T, DV), device=v.device, dtype=v.dtype).transpose(1, 2)
-    else:
-        kh, vh = kc, vc
-    _launch(_hinted(K.mean_pool_kernel, **POOL_HINTS), (NC, B * H, 1),
-            (k, v, kc, vc, kh, vh, T, l, d, pow2(l), pow2(D), pow2(DV), head_major))
-    return (kc, vc, kh, vh) if head_major else (kc, vc)
-
-
-def pool_copies(l: int, d: int) -> bool:
-    """Whether the pooling kernel can write the head-major copies of k and v: its blocks then tile the keys
-    exactly (l = d, a power of two)."""
-    return l == d and pow2(l) == l
+    _launch(_hinted(K.mean_pool_kernel, **POOL_HINTS), (NC, B * H, 1), (k, v, kc, vc, T, l, d, pow2(l), pow2(D), pow2(DV)))
+    return kc, vc
 
 
 def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l: int, d: int, w: int,
@@ -409,8 +393,6 @@ TOPN_SLOT_BY_VALUE = True  # streaming top-n: find the worst slot by its (unique
 FUSE_GATES = True      # the chunked selection kernel writes o (gates in its epilogue) instead of a gate pass
 LAZY_IMPORTANCE = True  # l = d = l': leave the importance buffer uninitialised beyond the started blocks
 TOPN_FORCED_BY_RULE = True  # nsa_forward: forced blocks by rule + the top-n of the others (forced_by_rule)
-SEL_KV_HEAD_MAJOR = False  # the selection kernels read head-major copies of k and v (one contiguous piece per block)
-#                            that the pooling kernel writes while it reads them (pool_copies; l = d only)
 FORCED_LOCAL_IN_WINDOW = True  # the window kernel takes the forced local blocks off the selection kernel and
 #                                finishes slc_o and o (window_forced_plan; measured: 30.07 vs 31.51 ms at 64k)
 SELECTION_IMPL = {"chunked": selection_chunked, "union": selection_union, "per_query": None}  # filled below
@@ -545,7 +527,6 @@ def _sequence(case: Case, q, k, v, gates, given_idx, want: set[str], keep: set[s
     l, d, ls, scale = case.cmp_block, case.cmp_stride, case.block_size, case.softmax_scale
     T = k.shape[1]
     out: dict[str, torch.Tensor] = {}
-    k_sel, v_sel = k, v        # what the selection kernels read (SEL_KV_HEAD_MAJOR: the pooling kernel's copies)
     need_topk = "topk_idx" in want or ("slc_o" in want and given_idx is None)
     by_rule = "topk_idx" not in keep and forced_by_rule(case)
     q_off = T - q.shape[1]
@@ -556,10 +537,7 @@ def _sequence(case: Case, q, k, v, gates, given_idx, want: set[str], keep: set[s
     if "swa_o" in want and case.window > 0 and nlocal is None:
         out["swa_o"] = sliding_window(q, k, v, case.window, case.window_keys, scale)
     if need_topk or "cmp_o" in want or "cmp_lse" in want:
-        if SEL_KV_HEAD_MAJOR and pool_copies(l, d) and "slc_o" in want:
-            kc, vc, k_sel, v_sel = mean_pool(k, v, l, d, head_major=True)
-        else:
-            kc, vc = mean_pool(k, v, l, d)
+        kc, vc = mean_pool(k, v, l, d)
         identity_map = _eq9(num_cmp_blocks(T, d), num_sel_blocks(T, ls), l, d, ls, str(q.device)) is None
         res = compression(q, kc, vc, T, l, d, case.cmp_mask, scale, want_importance=need_topk,
                           importance_fill=None if identity_map and LAZY_IMPORTANCE else 0.0)
@@ -582,18 +560,18 @@ def _sequence(case: Case, q, k, v, gates, given_idx, want: set[str], keep: set[s
                 positions = torch.arange(q_off, T, device=q.device)      # the torch top-n only (one more launch)
                 out["topk_idx"] = top_n(imp, positions, case.top_n, ls, case.forced_blocks)
     if nlocal is not None:     # selection over the other blocks, then the window kernel finishes slc_o and o
-        o_s, lse_s = selection_partial(q, k_sel, v_sel, out["topk_idx"], ls, scale)
+        o_s, lse_s = selection_partial(q, k, v, out["topk_idx"], ls, scale)
         out.update(window_forced(q, k, v, o_s, lse_s, out["cmp_o"], gates, nlocal, ls, case.window, case.window_keys,
                                  scale, want_swa="swa_o" in keep, want_slc="slc_o" in keep))
     elif "slc_o" in want:
         idx = given_idx if given_idx is not None else out["topk_idx"]
         if "o" in want and FUSE_GATES and DEFAULT_SELECTION in ("chunked", "union"):
-            slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k_sel, v_sel, idx, ls, scale, want_slc="slc_o" in keep,
+            slc, out["o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale, want_slc="slc_o" in keep,
                                                               gated=(out["cmp_o"], out.get("swa_o"), *gates))
             if slc is not None:
                 out["slc_o"] = slc
         else:
-            out["slc_o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k_sel, v_sel, idx, ls, scale)
+            out["slc_o"] = SELECTION_IMPL[DEFAULT_SELECTION](q, k, v, idx, ls, scale)
     return out
 
 

@@ -347,11 +347,8 @@ def selection_kernel(Q, K, V, IDX, O, qk_scale2: float, q_off: int, T: int, LS: 
 
 
 @ct.kernel
-def mean_pool_kernel(K, V, KC, VC, KH, VH, T: int, L: int, DS: int, LP: ConstInt, DP: ConstInt, DVP: ConstInt,
-                     COPY: ConstBool):
-    """``KC[b,c,h] = mean(K[b, c*d : min(c*d+l, T), h])`` (same for V), accumulated in fp32. ``COPY`` (the caller
-    guarantees l = d = LP): also writes the block's keys and values to ``KH`` / ``VH`` (same shape as K / V, any
-    strides: a head-major copy for the selection, ``SEL_KV_HEAD_MAJOR``)."""
+def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: ConstInt, DVP: ConstInt):
+    """``KC[b,c,h] = mean(K[b, c*d : min(c*d+l, T), h])`` (same for V), accumulated in fp32."""
     c = ct.bid(0)
     b, h = _batch_head(K)
     start = c * DS
@@ -359,13 +356,8 @@ def mean_pool_kernel(K, V, KC, VC, KH, VH, T: int, L: int, DS: int, LP: ConstInt
     Ks = K.slice(axis=1, start=start, stop=stop)
     Vs = V.slice(axis=1, start=start, stop=stop)
     inv = 1.0 / (stop - start)
-    kr = ct.load(Ks, index=(b, 0, h, 0), shape=(1, LP, 1, DP), padding_mode=ZERO)
-    vr = ct.load(Vs, index=(b, 0, h, 0), shape=(1, LP, 1, DVP), padding_mode=ZERO)
-    if COPY:
-        ct.store(KH, index=(b, c, h, 0), tile=kr)
-        ct.store(VH, index=(b, c, h, 0), tile=vr)
-    k = kr.astype(np.float32)
-    v = vr.astype(np.float32)
+    k = ct.load(Ks, index=(b, 0, h, 0), shape=(1, LP, 1, DP), padding_mode=ZERO).astype(np.float32)
+    v = ct.load(Vs, index=(b, 0, h, 0), shape=(1, LP, 1, DVP), padding_mode=ZERO).astype(np.float32)
     kc = ct.sum(k, axis=1, keepdims=True) * inv
     vc = ct.sum(v, axis=1, keepdims=True) * inv
     ct.store(KC, index=(b, c, h, 0), tile=kc.astype(KC.dtype))

@@ -198,6 +198,8 @@ def _runtime_occupancy(label: str):
         return F.UNION_OCCUPANCY
     if label.startswith("topn_stream"):
         return F.TOPN_HINTS.get("occupancy")
+    if label.startswith("mean_pool"):
+        return F.POOL_HINTS.get("occupancy")
     return None
 
 

@@ -537,3 +537,27 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
+
+
+def test_l2_ceiling_index_patterns():
+    """``benchmarks/l2_ceiling.py``: every probe pattern has the top-n's shape (so the same bytes are loaded) and
+    its defining property: ``streaming`` walks consecutive blocks, ``hot`` is blocks 0..n-1 for every query,
+    ``shared-by-4`` repeats one row per program of 4 queries, ``random in W`` stays below W."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from l2_ceiling import index_patterns
+    g = torch.Generator().manual_seed(0)
+    TQ, H, n, n_blocks = 10, 2, 16, 40
+    idx16 = torch.randint(0, n_blocks, (1, TQ, H, n), generator=g, dtype=torch.int32)
+    pats = index_patterns(idx16, n_blocks, 4, working_sets=(8, 64))
+    assert set(pats) == {"top-n", "streaming", "hot", "shared-by-4", "random in 8", "random in 64"}
+    for name, p in pats.items():
+        assert tuple(p.shape) == (1, TQ, H, n), name
+        assert int(p.min()) >= 0 and int(p.max()) < n_blocks, name
+    assert torch.equal(pats["top-n"], idx16)
+    s = pats["streaming"]
+    assert torch.equal(s[0, 3, 1], (torch.arange(n) + 3 * n) % n_blocks)
+    assert bool((pats["hot"] == torch.arange(n)).all())
+    sh = pats["shared-by-4"]
+    assert torch.equal(sh[:, 0], sh[:, 3]) and torch.equal(sh[:, 8], sh[:, 9]) and not torch.equal(sh[:, 3], sh[:, 4])
+    assert int(pats["random in 8"].max()) < 8 and int(pats["random in 64"].max()) < n_blocks

@@ -12,7 +12,8 @@ rate 97 %). This script times, at the paper configuration and with the timing of
   several block-index patterns with the same byte count: ``top-n`` (the real indices), ``streaming`` (query i
   reads blocks 16i .. 16i+15 mod the block count: every program walks consecutive blocks), ``hot`` (every
   query reads blocks 0-15: 16 x 32 KB for all SMs) and ``shared-by-4`` (the 4 queries of a program read the
-  same 16 random blocks), each at the selection's occupancy hint (2) and at 4;
+  same 16 random blocks), each at the selection's occupancy hint (2) and at 4; with ``--patterns split``
+  also the top-n's 3 forced blocks and its 13 others apart (probe and selection kernel);
 * a Triton streaming read (plain vectorised loads, ``num_stages`` pipelining) of a buffer that fits in L2
   (the size of K + V) and of one 8x larger (DRAM), the same total bytes;
 * torch's device-to-device copy (the DRAM ceiling ``bench_paper.py`` uses).
@@ -98,7 +99,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/l2-ceiling"))
     ap.add_argument("--patterns", default="top-n,streaming,hot,shared-by",
-                    help="comma list of probe index patterns (top-n, streaming, hot, shared-by; '' for none)")
+                    help="comma list of probe index patterns (top-n, streaming, hot, shared-by; split: the top-n's "
+                         "forced blocks and its others apart, also through the selection kernel; '' for none)")
     ap.add_argument("--occupancy", default="2,4", help="comma list of the probe's occupancy hints")
     ap.add_argument("--working-sets", default="", help="comma list of W: also probe 'random in W blocks'")
     ap.add_argument("--buffers-mib", default="", help="comma list of Triton read buffer sizes in MiB "
@@ -144,7 +146,13 @@ def main() -> int:
         sel_bytes = B * T * H * n * ls * (D + DV) * esz
         kc, vc = F.mean_pool(x.k, x.v, ls, ls)
         imp = F.compression(x.q, kc, vc, T, ls, ls, "end_inclusive", case_nw.softmax_scale, want_importance=True)[2]
-        idx16 = F.top_n(imp, torch.arange(T, device="cuda"), n, ls, "initial_local").to(torch.int32)
+        pos = torch.arange(T, device="cuda")
+        idx16 = F.top_n(imp, pos, n, ls, "initial_local").to(torch.int32)
+        split = {}
+        if "split" in want:     # the top-n's 3 forced blocks (+ a -1 slot: block 0) and its 13 others
+            split = {"forced (3 + one -1 slot)": F.top_n(torch.zeros_like(imp), pos, 4, ls, "initial_local"),
+                     "others (13)": F.top_n_others(imp, pos, n - 3, ls, "initial_local")}
+            split = {k: v.to(torch.int32).contiguous() for k, v in split.items()}
         del imp
         print(f"T={T}: the 16-block selection reads {sel_bytes / 1e9:.2f} GB of K/V tiles", flush=True)
 
@@ -154,6 +162,17 @@ def main() -> int:
                                                                want_slc=False,
                                                                gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)),
                  sel_bytes, sel_bytes)
+        for what, idx in split.items():   # bytes: the slots loaded (a -1 slot loads block 0)
+            w = idx.shape[-1]
+            if not args.no_selection:
+                time(f"selection over the top-n's {what} + gates", T,
+                     lambda idx=idx: F.SELECTION_IMPL[F.DEFAULT_SELECTION](
+                         x.q, x.k, x.v, idx, ls, case_nw.softmax_scale, want_slc=False,
+                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)), sel_bytes * w // n, sel_bytes)
+            for occ in occs:    # the probe pads to an even slot count with -1 (block 0)
+                time(f"probe, loads only, the top-n's {what}{' + one -1 slot' if w % 2 else ''}, occupancy {occ}",
+                     T, lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
+                     sel_bytes * (w + w % 2) // n, sel_bytes, note="probe kernel (selection_probes.py)")
         for pat, idx in index_patterns(idx16, n_blocks, F.SEL_QUERIES_PER_PROGRAM, wsets).items():
             if pat.split("-by-")[0] not in want and not pat.startswith("random in"):
                 continue

@@ -74,20 +74,28 @@ def stream_read_fn(nbytes_buffer: int, total_bytes: int, dtype=torch.bfloat16, c
     return fn, progs * steps * chunk * esz
 
 
-def index_patterns(idx16: torch.Tensor, n_blocks: int, qpp: int, working_sets: tuple = ()) -> dict:
-    """Block-index tensors ``[B,TQ,H,16]`` with the byte count of ``idx16`` (the in-house top-n) and other
-    access patterns (module docstring); ``working_sets``: also ``random in W blocks`` per W (uniform random
-    blocks ``< W`` of each kv head, W * 32 KB of K/V per head at D = 128)."""
+PATTERNS = ("top-n", "streaming", "hot", "shared-by", "split")   # --patterns (split: see main)
+
+
+def index_patterns(idx16: torch.Tensor, n_blocks: int, qpp: int, families=PATTERNS, working_sets: tuple = ()) -> dict:
+    """Block-index tensors ``[B,TQ,H,16]`` with the byte count of ``idx16`` (the in-house top-n) for the pattern
+    ``families`` asked for (module docstring; ``shared-by`` gives ``shared-by-{qpp}``) and ``random in W`` per W of
+    ``working_sets`` (uniform random blocks ``< W`` of each kv head, W * 32 KB of K/V per head at D = 128)."""
     B, TQ, H, n = idx16.shape
     dev = idx16.device
     i = torch.arange(TQ, device=dev).view(1, TQ, 1, 1)
     j = torch.arange(n, device=dev).view(1, 1, 1, n)
-    streaming = ((i * n + j) % n_blocks).expand(B, TQ, H, n)
-    hot = (j % n_blocks).expand(B, TQ, H, n)
     g = torch.Generator(device=dev).manual_seed(7)
-    per_prog = torch.randint(0, n_blocks, (B, -(-TQ // qpp), H, n), device=dev, generator=g)
-    shared = per_prog.repeat_interleave(qpp, dim=1)[:, :TQ]
-    pats = {"top-n": idx16, "streaming": streaming, "hot": hot, f"shared-by-{qpp}": shared}
+    pats = {}
+    if "top-n" in families:
+        pats["top-n"] = idx16
+    if "streaming" in families:
+        pats["streaming"] = ((i * n + j) % n_blocks).expand(B, TQ, H, n)
+    if "hot" in families:
+        pats["hot"] = (j % n_blocks).expand(B, TQ, H, n)
+    if "shared-by" in families:
+        per_prog = torch.randint(0, n_blocks, (B, -(-TQ // qpp), H, n), device=dev, generator=g)
+        pats[f"shared-by-{qpp}"] = per_prog.repeat_interleave(qpp, dim=1)[:, :TQ]
     for w in working_sets:
         pats[f"random in {w}"] = torch.randint(0, min(w, n_blocks), (B, TQ, H, n), device=dev, generator=g)
     return pats
@@ -99,8 +107,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/l2-ceiling"))
     ap.add_argument("--patterns", default="top-n,streaming,hot,shared-by",
-                    help="comma list of probe index patterns (top-n, streaming, hot, shared-by; split: the top-n's "
-                         "forced blocks and its others apart, also through the selection kernel; '' for none)")
+                    help=f"comma list of probe index patterns (of {','.join(PATTERNS)}; split: the top-n's forced "
+                         "blocks and its others apart, also through the selection kernel; '' for none)")
     ap.add_argument("--occupancy", default="2,4", help="comma list of the probe's occupancy hints")
     ap.add_argument("--working-sets", default="", help="comma list of W: also probe 'random in W blocks'")
     ap.add_argument("--buffers-mib", default="", help="comma list of Triton read buffer sizes in MiB "
@@ -109,9 +117,16 @@ def main() -> int:
     ap.add_argument("--no-selection", action="store_true", help="skip the selection kernel itself")
     args = ap.parse_args()
     want = set(filter(None, args.patterns.split(",")))
-    occs = [int(o) for o in args.occupancy.split(",") if o]
-    wsets = tuple(int(w) for w in args.working_sets.split(",") if w)
-    stages = [int(s) for s in args.triton_stages.split(",") if s]
+    try:
+        if want - set(PATTERNS):
+            raise ValueError(f"--patterns: unknown {sorted(want - set(PATTERNS))} (known: {', '.join(PATTERNS)})")
+        occs = [int(o) for o in args.occupancy.split(",") if o]
+        wsets = tuple(int(w) for w in args.working_sets.split(",") if w)
+        stages = [int(s) for s in args.triton_stages.split(",") if s]
+        mibs = [float(m) for m in args.buffers_mib.split(",") if m]
+    except ValueError as e:
+        print(f"l2_ceiling: error: {e}", file=sys.stderr)
+        return 2
     from oracles.inhouse_cutile import forward as F
     from selection_probes import run_probe
     os.makedirs(args.out, exist_ok=True)
@@ -120,7 +135,8 @@ def main() -> int:
     vers = hb.versions()
     print(f"device {dev}; {vers}", flush=True)
 
-    def time(label: str, T: int, fn, nbytes: int, sel_bytes: int, note: str = "") -> None:
+    def record(label: str, T: int, fn, nbytes: int, sel_bytes: int, note: str = "") -> None:
+        """Time ``fn`` (which reads ``nbytes``), print and append one row."""
         try:
             ms = hb.time_fn(fn, reps=args.reps, warmup=3)
         except Exception as e:  # noqa: BLE001  (one failing row must not lose the others)
@@ -156,42 +172,39 @@ def main() -> int:
         del imp
         print(f"T={T}: the 16-block selection reads {sel_bytes / 1e9:.2f} GB of K/V tiles", flush=True)
 
+        def selection(idx):     # what the forward without window runs after its top-n
+            return F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, ls, case_nw.softmax_scale, want_slc=False,
+                                                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa))
+
         if not args.no_selection:
-            time("selection over 16 blocks + gates (the forward w/o window's kernel)", T,
-                     lambda: F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx16, ls, case_nw.softmax_scale,
-                                                               want_slc=False,
-                                                               gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)),
-                 sel_bytes, sel_bytes)
+            record("selection over 16 blocks + gates (the forward w/o window's kernel)", T,
+                   lambda: selection(idx16), sel_bytes, sel_bytes)
         for what, idx in split.items():   # bytes: the slots loaded (a -1 slot loads block 0)
             w = idx.shape[-1]
             if not args.no_selection:
-                time(f"selection over the top-n's {what} + gates", T,
-                     lambda idx=idx: F.SELECTION_IMPL[F.DEFAULT_SELECTION](
-                         x.q, x.k, x.v, idx, ls, case_nw.softmax_scale, want_slc=False,
-                         gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa)), sel_bytes * w // n, sel_bytes)
+                record(f"selection over the top-n's {what} + gates", T, lambda idx=idx: selection(idx),
+                       sel_bytes * w // n, sel_bytes)
             for occ in occs:    # the probe pads to an even slot count with -1 (block 0)
-                time(f"probe, loads only, the top-n's {what}{' + one -1 slot' if w % 2 else ''}, occupancy {occ}",
-                     T, lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
-                     sel_bytes * (w + w % 2) // n, sel_bytes, note="probe kernel (selection_probes.py)")
-        for pat, idx in index_patterns(idx16, n_blocks, F.SEL_QUERIES_PER_PROGRAM, wsets).items():
-            if pat.split("-by-")[0] not in want and not pat.startswith("random in"):
-                continue
+                record(f"probe, loads only, the top-n's {what}{' + one -1 slot' if w % 2 else ''}, occupancy {occ}",
+                       T, lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
+                       sel_bytes * (w + w % 2) // n, sel_bytes, note="probe kernel (selection_probes.py)")
+        for pat, idx in index_patterns(idx16, n_blocks, F.SEL_QUERIES_PER_PROGRAM, want, wsets).items():
             idx = idx.to(torch.int32).contiguous()
             for occ in occs:
-                time(f"probe, loads only, {pat} blocks, occupancy {occ}", T,
-                     lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
-                     sel_bytes, sel_bytes, note="probe kernel (selection_probes.py)")
+                record(f"probe, loads only, {pat} blocks, occupancy {occ}", T,
+                       lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
+                       sel_bytes, sel_bytes, note="probe kernel (selection_probes.py)")
         kv_bytes = x.k.numel() * esz + x.v.numel() * esz
-        sizes = ([(f"{m:g} MiB", int(m * 2**20)) for m in map(float, args.buffers_mib.split(","))]
-                 if args.buffers_mib else [(f"{kv_bytes / 2**20:.0f} MiB, the size of K+V", kv_bytes),
-                                           (f"{8 * kv_bytes / 2**20:.0f} MiB, 8x K+V", 8 * kv_bytes)])
+        sizes = ([(f"{m:g} MiB", int(m * 2**20)) for m in mibs] if mibs else
+                 [(f"{kv_bytes / 2**20:.0f} MiB, the size of K+V", kv_bytes),
+                  (f"{8 * kv_bytes / 2**20:.0f} MiB, 8x K+V", 8 * kv_bytes)])
         for what, size in sizes:
             for st in stages:
                 fn, nb = stream_read_fn(size, sel_bytes, num_stages=st)
-                time(f"triton streaming read, buffer {what}, num_stages {st}", T, fn, nb, sel_bytes)
+                record(f"triton streaming read, buffer {what}, num_stages {st}", T, fn, nb, sel_bytes)
         src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        time("torch D2D copy 256 MiB (read + write bytes)", T, lambda: dst.copy_(src), 2 * src.numel(), sel_bytes)
+        record("torch D2D copy 256 MiB (read + write bytes)", T, lambda: dst.copy_(src), 2 * src.numel(), sel_bytes)
         torch.cuda.empty_cache()
 
     print("\n| T | kernel | ms | GB/s read | the 16-block selection's bytes at this rate, ms |\n|---|---|---|---|---|")

@@ -542,13 +542,15 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
 def test_l2_ceiling_index_patterns():
     """``benchmarks/l2_ceiling.py``: every probe pattern has the top-n's shape (so the same bytes are loaded) and
     its defining property: ``streaming`` walks consecutive blocks, ``hot`` is blocks 0..n-1 for every query,
-    ``shared-by-4`` repeats one row per program of 4 queries, ``random in W`` stays below W."""
+    ``shared-by-4`` repeats one row per program of 4 queries, ``random in W`` stays below W; only the families
+    asked for are built, and ``--patterns`` with an unknown name is a one-line error before any GPU work."""
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
     from l2_ceiling import index_patterns
     g = torch.Generator().manual_seed(0)
     TQ, H, n, n_blocks = 10, 2, 16, 40
     idx16 = torch.randint(0, n_blocks, (1, TQ, H, n), generator=g, dtype=torch.int32)
+    assert set(index_patterns(idx16, n_blocks, 4, ("hot", "shared-by"))) == {"hot", "shared-by-4"}
     pats = index_patterns(idx16, n_blocks, 4, working_sets=(8, 64))
     assert set(pats) == {"top-n", "streaming", "hot", "shared-by-4", "random in 8", "random in 64"}
     for name, p in pats.items():
@@ -561,3 +563,14 @@ def test_l2_ceiling_index_patterns():
     sh = pats["shared-by-4"]
     assert torch.equal(sh[:, 0], sh[:, 3]) and torch.equal(sh[:, 8], sh[:, 9]) and not torch.equal(sh[:, 3], sh[:, 4])
     assert int(pats["random in 8"].max()) < 8 and int(pats["random in 64"].max()) < n_blocks
+
+
+def test_l2_ceiling_rejects_unknown_patterns(monkeypatch, capsys):
+    """``l2_ceiling.py --patterns`` names only known patterns: an unknown one is a one-line error and exit 2."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    import l2_ceiling
+    monkeypatch.setattr(sys, "argv", ["l2_ceiling.py", "--patterns", "top-n,cold"])
+    assert l2_ceiling.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert "cold" in err and "shared-by" in err and len(err.splitlines()) == 1

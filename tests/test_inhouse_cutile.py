@@ -354,15 +354,21 @@ def test_forward_flags_set_restore_and_parse():
             F.parse_flags([bad])
 
 
-def test_bench_variants_rejects_unknown_parts(monkeypatch, capsys):
-    """``--parts`` names only known parts: an unknown one is a one-line error and exit 2, before any GPU work."""
+@pytest.mark.parametrize("script, option, value, bad, known", [
+    ("bench_variants", "--parts", "cmp,selection17", "selection17", "selection16"),
+    ("l2_ceiling", "--patterns", "top-n,cold", "cold", "shared-by"),
+])
+def test_benchmarks_reject_unknown_names(monkeypatch, capsys, script, option, value, bad, known):
+    """``bench_variants.py --parts`` and ``l2_ceiling.py --patterns`` name only known parts / patterns: an unknown
+    one is a one-line error naming it and the known ones, and exit 2, before any GPU work."""
+    import importlib
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_variants
-    monkeypatch.setattr(sys, "argv", ["bench_variants.py", "--parts", "cmp,selection17"])
-    assert bench_variants.main() == 2
+    mod = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", option, value])
+    assert mod.main() == 2
     err = capsys.readouterr().err.strip()
-    assert "selection17" in err and "selection16" in err and len(err.splitlines()) == 1
+    assert bad in err and known in err and len(err.splitlines()) == 1
 
 
 def test_bench_variants_parses_flag_sets():
@@ -564,13 +570,3 @@ def test_l2_ceiling_index_patterns():
     assert torch.equal(sh[:, 0], sh[:, 3]) and torch.equal(sh[:, 8], sh[:, 9]) and not torch.equal(sh[:, 3], sh[:, 4])
     assert int(pats["random in 8"].max()) < 8 and int(pats["random in 64"].max()) < n_blocks
 
-
-def test_l2_ceiling_rejects_unknown_patterns(monkeypatch, capsys):
-    """``l2_ceiling.py --patterns`` names only known patterns: an unknown one is a one-line error and exit 2."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    import l2_ceiling
-    monkeypatch.setattr(sys, "argv", ["l2_ceiling.py", "--patterns", "top-n,cold"])
-    assert l2_ceiling.main() == 2
-    err = capsys.readouterr().err.strip()
-    assert "cold" in err and "shared-by" in err and len(err.splitlines()) == 1

@@ -16,7 +16,7 @@ rate 97 %). This script times, at the paper configuration and with the timing of
   also the top-n's 3 forced blocks and its 13 others apart (probe and selection kernel);
 * a Triton streaming read (plain vectorised loads, ``num_stages`` pipelining) of a buffer that fits in L2
   (the size of K + V) and of one 8x larger (DRAM), the same total bytes;
-* torch's device-to-device copy (the DRAM ceiling ``bench_paper.py`` uses).
+* a 256 MiB device-to-device copy with torch (``bench_paper.py``'s DRAM ceiling copies 1 GiB the same way).
 
 It prints one markdown table (ms, effective GB/s = bytes the kernel reads / time, and the time the 16-block
 selection's bytes would take at that rate) and writes ``OUT/l2_ceiling.jsonl``.
@@ -101,6 +101,14 @@ def index_patterns(idx16: torch.Tensor, n_blocks: int, qpp: int, families=PATTER
     return pats
 
 
+def _numbers(option: str, text: str, kind=int) -> list:
+    """``--option a,b,c`` as a list of ``kind``; ValueError naming the option otherwise."""
+    try:
+        return [kind(t) for t in text.split(",") if t]
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not a comma list of {kind.__name__} values") from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", default="16384")
@@ -118,12 +126,13 @@ def main() -> int:
     args = ap.parse_args()
     want = set(filter(None, args.patterns.split(",")))
     try:
+        Ts = _numbers("--T", args.T)
         if want - set(PATTERNS):
             raise ValueError(f"--patterns: unknown {sorted(want - set(PATTERNS))} (known: {', '.join(PATTERNS)})")
-        occs = [int(o) for o in args.occupancy.split(",") if o]
-        wsets = tuple(int(w) for w in args.working_sets.split(",") if w)
-        stages = [int(s) for s in args.triton_stages.split(",") if s]
-        mibs = [float(m) for m in args.buffers_mib.split(",") if m]
+        occs = _numbers("--occupancy", args.occupancy)
+        wsets = tuple(_numbers("--working-sets", args.working_sets))
+        stages = _numbers("--triton-stages", args.triton_stages)
+        mibs = _numbers("--buffers-mib", args.buffers_mib, float)
     except ValueError as e:
         print(f"l2_ceiling: error: {e}", file=sys.stderr)
         return 2
@@ -151,7 +160,7 @@ def main() -> int:
         print(f"T={T:6d} {label:62s} {ms:8.3f} ms {gbps:8.0f} GB/s  (16-block selection's bytes: "
               f"{row['selection_at_this_rate_ms']:.3f} ms)", flush=True)
 
-    for T in [int(t) for t in args.T.split(",")]:
+    for T in Ts:
         case_nw = paper_case(T, window=0)
         x = gpu_inputs(case_nw, seed=T)
         B, _, HQ, D = x.q.shape
@@ -176,6 +185,12 @@ def main() -> int:
             return F.SELECTION_IMPL[F.DEFAULT_SELECTION](x.q, x.k, x.v, idx, ls, case_nw.softmax_scale, want_slc=False,
                                                          gated=(x.q, None, x.g_cmp, x.g_slc, x.g_swa))
 
+        def probe(what: str, idx: torch.Tensor, nbytes: int) -> None:     # at each occupancy hint asked for
+            for occ in occs:
+                record(f"probe, loads only, {what}, occupancy {occ}", T,
+                       lambda occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
+                       nbytes, sel_bytes, note="probe kernel (selection_probes.py)")
+
         if not args.no_selection:
             record("selection over 16 blocks + gates (the forward w/o window's kernel)", T,
                    lambda: selection(idx16), sel_bytes, sel_bytes)
@@ -184,16 +199,10 @@ def main() -> int:
             if not args.no_selection:
                 record(f"selection over the top-n's {what} + gates", T, lambda idx=idx: selection(idx),
                        sel_bytes * w // n, sel_bytes)
-            for occ in occs:    # the probe pads to an even slot count with -1 (block 0)
-                record(f"probe, loads only, the top-n's {what}{' + one -1 slot' if w % 2 else ''}, occupancy {occ}",
-                       T, lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
-                       sel_bytes * (w + w % 2) // n, sel_bytes, note="probe kernel (selection_probes.py)")
+            # the probe pads to an even slot count with -1 (block 0)
+            probe(f"the top-n's {what}{' + one -1 slot' if w % 2 else ''}", idx, sel_bytes * (w + w % 2) // n)
         for pat, idx in index_patterns(idx16, n_blocks, F.SEL_QUERIES_PER_PROGRAM, want, wsets).items():
-            idx = idx.to(torch.int32).contiguous()
-            for occ in occs:
-                record(f"probe, loads only, {pat} blocks, occupancy {occ}", T,
-                       lambda idx=idx, occ=occ: run_probe(x.q, x.k, x.v, idx, ls, False, occupancy=occ),
-                       sel_bytes, sel_bytes, note="probe kernel (selection_probes.py)")
+            probe(f"{pat} blocks", idx.to(torch.int32).contiguous(), sel_bytes)
         kv_bytes = x.k.numel() * esz + x.v.numel() * esz
         sizes = ([(f"{m:g} MiB", int(m * 2**20)) for m in mibs] if mibs else
                  [(f"{kv_bytes / 2**20:.0f} MiB, the size of K+V", kv_bytes),

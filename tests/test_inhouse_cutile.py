@@ -357,10 +357,13 @@ def test_forward_flags_set_restore_and_parse():
 @pytest.mark.parametrize("script, option, value, bad, known", [
     ("bench_variants", "--parts", "cmp,selection17", "selection17", "selection16"),
     ("l2_ceiling", "--patterns", "top-n,cold", "cold", "shared-by"),
+    ("l2_ceiling", "--T", "16k", "--T", "'16k' is not a comma list of int"),
+    ("l2_ceiling", "--buffers-mib", "2,big", "--buffers-mib", "of float values"),
 ])
 def test_benchmarks_reject_unknown_names(monkeypatch, capsys, script, option, value, bad, known):
-    """``bench_variants.py --parts`` and ``l2_ceiling.py --patterns`` name only known parts / patterns: an unknown
-    one is a one-line error naming it and the known ones, and exit 2, before any GPU work."""
+    """``bench_variants.py --parts`` and ``l2_ceiling.py --patterns`` name only known parts / patterns, and
+    ``l2_ceiling.py``'s number lists are numbers: otherwise a one-line error naming the bad value and the known
+    ones or the option, and exit 2, before any GPU work."""
     import importlib
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -115,19 +115,24 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
     out = []
-    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp in [(True, 16, 16, 4, 64, 128, False, 1),
-                                                   (True, 3, 4, 16, 64, 64, False, 1),
-                                                   (False, 16, 16, 4, 64, 128, False, 1),
-                                                   (False, 1, 1, 64, 64, 32, False, 1),
-                                                   (True, 16, 16, 4, 64, 128, True, 1),
-                                                   (True, 16, 16, 8, 64, 128, False, 1),
-                                                   (False, 16, 16, 8, 64, 128, False, 1),
-                                                   (True, 16, 16, 4, 64, 128, False, 4),
-                                                   (True, 16, 16, 4, 128, 128, False, 2)]:
+    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp, nt1 in [(True, 16, 16, 4, 64, 128, False, 1, 0),
+                                                        (True, 3, 4, 16, 64, 64, False, 1, 0),
+                                                        (False, 16, 16, 4, 64, 128, False, 1, 0),
+                                                        (False, 1, 1, 64, 64, 32, False, 1, 0),
+                                                        (True, 16, 16, 4, 64, 128, True, 1, 0),
+                                                        (True, 16, 16, 8, 64, 128, False, 1, 0),
+                                                        (False, 16, 16, 8, 64, 128, False, 1, 0),
+                                                        (True, 16, 16, 4, 64, 128, False, 4, 0),
+                                                        (True, 16, 16, 4, 128, 128, False, 2, 0),
+                                                        # one pass (compression + importance, few pooled blocks)
+                                                        (True, 16, 16, 4, 64, 128, False, 1, 4),
+                                                        (True, 16, 16, 4, 64, 128, False, 1, 1),
+                                                        (True, 16, 16, 4, 128, 128, False, 1, 2),
+                                                        (True, 3, 4, 16, 64, 64, True, 1, 3)]:
         out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else "")
-                    + (f" tpp{tpp}" if tpp > 1 else ""), K.dense_branch_kernel,
+                    + (f" tpp{tpp}" if tpp > 1 else "") + (f" one_pass{nt1}" if nt1 else ""), K.dense_branch_kernel,
                     [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all,
-                     tpp]))
+                     tpp, nt1]))
     for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
                     [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))

@@ -39,6 +39,8 @@ POOL_HINTS: dict = {"occupancy": 4}  # cuTile hints of the mean-pooling kernel (
 #                                      per SM; measured 16k / 64k: 0.085 / 0.158 ms, with occupancy 4 0.066 / 0.092)
 DENSE_MASK_ALL = False  # mask every key tile of the compression/window kernel (False: only tiles not seen whole)
 CMP_TILES_PER_PROGRAM = 1     # query tiles each compression program takes one after the other
+CMP_ONE_PASS_TILES = 4  # compression + importance in one pass when the pooled blocks fit in this many key tiles
+#                         (T <= 16k at the paper configuration; 0: always the two passes)
 WINDOW_TILES_PER_PROGRAM = 1  # the same for the window kernels (dense_branch_kernel, window_forced_kernel)
 MIN_SEL_ROWS = 16  # the selection tile pads the G heads of a group to at least this many rows
 
@@ -97,9 +99,11 @@ def _dense(q, k, v, o, lse, imp, scale: float, T: int, nkeys: int, mode: int, l:
     TMQ = max(1, rows // GP)
     tpp = CMP_TILES_PER_PROGRAM if is_cmp else WINDOW_TILES_PER_PROGRAM
     grid = (-(-TQ // (TMQ * tpp)), B * H, 1)
+    key_tiles = -(-nkeys // key_tile)
+    nt1 = key_tiles if is_cmp and want_imp and key_tiles <= CMP_ONE_PASS_TILES else 0
     _launch(_hinted(K.dense_branch_kernel, **(CMP_HINTS if is_cmp else WINDOW_HINTS)), grid,
             (q, k, v, o, lse, imp, scale * LOG2E, T - TQ, TQ, nkeys, l, d, w, mode,
-             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp))
+             G, GP, TMQ, key_tile, pow2(D), pow2(DV), is_cmp, want_imp, DENSE_MASK_ALL, tpp, nt1))
 
 
 def compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, T: int, l: int, d: int,

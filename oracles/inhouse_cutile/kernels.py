@@ -156,42 +156,9 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
     return m_new, l_i, acc
 
 
-@ct.kernel(occupancy=2)
-def dense_branch_kernel(Q, K, V, O, LSE, IMP,
-                        qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
-                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
-                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
-                        TPP: ConstInt):
-    """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
-    attention for TMQ queries x G heads of kv head ``bid(1) % H``.
-
-    ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
-    (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
-    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
-
-    ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
-    repeats the last tile where their number is not a multiple of TPP: same values written)."""
-    args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-            WRITE_IMP, MASK_ALL)
-    _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
-
-
-def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-                WRITE_IMP, MASK_ALL):
-    """The body of ``dense_branch_kernel`` for query tile ``qt``."""
-    b, hk = _batch_head(K)
-    M = TMQ * GP
-    # queries of this tile and their positions
-    p0 = q_off + qt * TMQ
-    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
-    rows = ct.arange(M, dtype=np.int32)
-    row_i = rows // GP                        # local query of each row
-    row_g = rows % GP                          # head inside the group
-    pos = (p0 + row_i)[:, None]                # [M,1]
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
-    # key range touched by this tile (exact masking below)
+def _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN):
+    """The key tiles ``kt_lo .. kt_hi - 1`` that some position ``p0..p1`` may see (exact masking is the caller's):
+    the interval of keys each rule (``_visible``) allows, rounded out to tiles of TN keys."""
     lo = 0
     hi = NKEYS
     if MODE == 0:
@@ -209,6 +176,114 @@ def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W,
     kt_hi = ct.cdiv(hi, TN)
     if hi <= lo:
         kt_hi = kt_lo
+    return kt_lo, kt_hi
+
+
+def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
+                         DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
+    """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
+    the scaled, masked scores ``s_t`` of the tiles ``t`` in ``kt_lo .. kt_hi - 1`` (the others: -inf, no load),
+    ``m = max_t rowmax(s_t)``, ``p_t = 2^(s_t - m)``, ``l = sum_t rowsum(p_t)``, ``o = sum_t p_t V_t / l``,
+    ``IMP[.., t] = sum_g p_t / l``: the same values as the two passes (up to rounding), one ``q K^T`` per tile."""
+    b, hk = _batch_head(K)
+    M = TMQ * GP
+    p0 = q_off + qt * TMQ
+    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
+    rows = ct.arange(M, dtype=np.int32)
+    row_g = rows % GP                          # head inside the group
+    pos = (p0 + rows // GP)[:, None]           # [M,1]
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
+    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
+    offs_n = ct.arange(TN, dtype=np.int32)[None, :]
+    m_i = ct.full((M, 1), NEG, dtype=np.float32)
+    ss = ()
+    for t in ct.static_iter(range(NT1)):
+        if (t >= kt_lo) & (t < kt_hi):
+            k = ct.load(K, index=(b, hk, 0, t), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                        padding_mode=ZERO, latency=2).reshape((DP, TN))
+            s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+            if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, t * TN, t * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
+                s = s * qk_scale2
+            else:
+                key = t * TN + offs_n
+                s = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), s * qk_scale2, -np.inf)
+        else:
+            s = ct.full((M, TN), -np.inf, dtype=np.float32)
+        m_i = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+        ss += (s,)
+    l_i = ct.full((M, 1), 0.0, dtype=np.float32)
+    acc = ct.full((M, DVP), 0.0, dtype=np.float32)
+    ps = ()
+    for t in ct.static_iter(range(NT1)):
+        p = ct.exp2(ss[t] - m_i, flush_to_zero=True)      # m_i >= NEG is finite: masked keys give 0
+        l_i = l_i + ct.sum(p, axis=-1, keepdims=True)
+        if (t >= kt_lo) & (t < kt_hi):
+            v = ct.load(V, index=(b, t, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO,
+                        latency=4).reshape((TN, DVP))
+            acc = ct.mma(p.astype(Q.dtype), v, acc)
+        ps += (p,)
+    has = l_i > 0.0
+    l_safe = ct.where(has, l_i, 1.0)
+    out = ct.where(has, acc / l_safe, 0.0)
+    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
+    lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
+    LSEv, _ = _group_view(LSE, hk, G, GP)
+    ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
+    # IMP on the tiles _dense_tile writes: every block started by the tile's last query (zero where not visible)
+    # and every tile some row may see
+    inv = ct.where(has & (row_g < G)[:, None], 1.0 / l_safe, 0.0)
+    kt_started = ct.cdiv(min(p1 // DS + 1, NKEYS), TN)
+    for t in ct.static_iter(range(NT1)):
+        if (t < kt_started) | ((t >= kt_lo) & (t < kt_hi)):
+            imp = ct.sum((ps[t] * inv).reshape((TMQ, GP, TN)), axis=1)
+            ct.store(IMP, index=(b, qt, hk, t), tile=imp.reshape((1, TMQ, 1, TN)))
+
+
+@ct.kernel(occupancy=2)
+def dense_branch_kernel(Q, K, V, O, LSE, IMP,
+                        qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
+                        MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
+                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
+                        TPP: ConstInt, NT1: ConstInt):
+    """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
+    attention for TMQ queries x G heads of kv head ``bid(1) % H``.
+
+    ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
+    (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
+    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
+
+    ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
+    repeats the last tile where their number is not a multiple of TPP: same values written).
+
+    ``NT1`` > 0 (compression with ``WRITE_IMP``, the caller guarantees ``NKEYS <= NT1*TN``): one pass instead of
+    two (``_dense_tile_one_pass``): the scores of all key tiles are held at once, so ``IMP`` comes from the same
+    probabilities as ``o``, without a second ``q K^T``."""
+    args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+            WRITE_IMP, MASK_ALL)
+    if NT1 > 0:
+        _each_tile(_dense_tile_one_pass, TPP, ct.cdiv(TQ, TMQ), args + (NT1,))
+    else:
+        _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
+
+
+def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
+                WRITE_IMP, MASK_ALL):
+    """The body of ``dense_branch_kernel`` for query tile ``qt``."""
+    b, hk = _batch_head(K)
+    M = TMQ * GP
+    # queries of this tile and their positions
+    p0 = q_off + qt * TMQ
+    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
+    rows = ct.arange(M, dtype=np.int32)
+    row_i = rows // GP                        # local query of each row
+    row_g = rows % GP                          # head inside the group
+    pos = (p0 + row_i)[:, None]                # [M,1]
+    Qv, hidx = _group_view(Q, hk, G, GP)
+    Ov, _ = _group_view(O, hk, G, GP)
+    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
     offs_n = ct.arange(TN, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(kt_lo, kt_hi):

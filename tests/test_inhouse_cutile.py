@@ -494,6 +494,28 @@ def test_dense_kernels_tiles_per_program(monkeypatch, cmp_tpp, win_tpp):
     assert calls[0][0] is K.dense_branch_kernel and calls[0][2][_params(K.dense_branch_kernel).index("IS_CMP")] is True
 
 
+@pytest.mark.parametrize("nc,key_tile,limit,want", [(7, 64, 4, 1), (256, 64, 4, 4), (257, 64, 4, 0), (256, 128, 4, 2),
+                                                     (256, 64, 0, 0), (200, 64, 3, 0)])
+def test_compression_one_pass_when_the_blocks_fit(monkeypatch, nc, key_tile, limit, want):
+    """``CMP_ONE_PASS_TILES``: the compression with importance runs in one pass (NT1 = its number of key tiles)
+    when the pooled blocks fit in that many key tiles, else in two (NT1 = 0); without importance always two
+    (CPU, no launch)."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from oracles.inhouse_cutile import forward as F
+    from oracles.inhouse_cutile import kernels as K
+    calls = []
+    monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
+    B, T, HQ, H, D = 1, 100, 32, 2, 32
+    q, kc, vc = torch.randn(B, T, HQ, D), torch.randn(B, nc, H, D), torch.randn(B, nc, H, D)
+    with F.flags(CMP_ONE_PASS_TILES=limit, CMP_TILE=(64, key_tile)):
+        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True)
+        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=False)
+    names = _params(K.dense_branch_kernel)
+    (_, _, with_imp), (_, _, without) = calls
+    assert len(with_imp) == len(names)
+    assert dict(zip(names, with_imp))["NT1"] == want and dict(zip(names, without))["NT1"] == 0
+
+
 def test_combine_gates_passes_the_three_gates(monkeypatch):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from oracles.inhouse_cutile import forward as F

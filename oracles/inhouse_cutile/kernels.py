@@ -179,6 +179,25 @@ def _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN):
     return kt_lo, kt_hi
 
 
+def _one_pass_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2):
+    """Scores of key tile ``t`` for the rows at ``pos``, scaled to base 2, -inf where not visible (the mask only
+    on a tile some row does not see whole, unless ``MASK_ALL``)."""
+    k = ct.load(K, index=(b, hk, 0, t), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
+                padding_mode=ZERO, latency=2).reshape((DP, TN))
+    s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
+    if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, t * TN, t * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
+        s = s * qk_scale2
+    else:
+        key = t * TN + ct.arange(TN, dtype=np.int32)[None, :]
+        s = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), s * qk_scale2, -np.inf)
+    return s
+
+
+def _one_pass_values(V, b, hk, t, TN, DVP):
+    """``V`` tile ``t`` ``[TN, DVP]`` of kv head ``hk`` (zero-padded past the end)."""
+    return ct.load(V, index=(b, t, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
+
+
 def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
                          DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
     """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
@@ -196,19 +215,12 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
     Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
     kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
-    offs_n = ct.arange(TN, dtype=np.int32)[None, :]
     m_i = ct.full((M, 1), NEG, dtype=np.float32)
     ss = ()
     for t in ct.static_iter(range(NT1)):
         if (t >= kt_lo) & (t < kt_hi):
-            k = ct.load(K, index=(b, hk, 0, t), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
-                        padding_mode=ZERO, latency=2).reshape((DP, TN))
-            s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
-            if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, t * TN, t * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
-                s = s * qk_scale2
-            else:
-                key = t * TN + offs_n
-                s = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), s * qk_scale2, -np.inf)
+            s = _one_pass_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL,
+                                 qk_scale2)
         else:
             s = ct.full((M, TN), -np.inf, dtype=np.float32)
         m_i = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
@@ -220,9 +232,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
         p = ct.exp2(ss[t] - m_i, flush_to_zero=True)      # m_i >= NEG is finite: masked keys give 0
         l_i = l_i + ct.sum(p, axis=-1, keepdims=True)
         if (t >= kt_lo) & (t < kt_hi):
-            v = ct.load(V, index=(b, t, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO,
-                        latency=4).reshape((TN, DVP))
-            acc = ct.mma(p.astype(Q.dtype), v, acc)
+            acc = ct.mma(p.astype(Q.dtype), _one_pass_values(V, b, hk, t, TN, DVP), acc)
         ps += (p,)
     has = l_i > 0.0
     l_safe = ct.where(has, l_i, 1.0)
@@ -259,7 +269,8 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
 
     ``NT1`` > 0 (compression with ``WRITE_IMP``, the caller guarantees ``NKEYS <= NT1*TN``): one pass instead of
     two (``_dense_tile_one_pass``): the scores of all key tiles are held at once, so ``IMP`` comes from the same
-    probabilities as ``o``, without a second ``q K^T``."""
+    probabilities as ``o``, without a second ``q K^T``. Only the tiles some row may see are loaded (loading every
+    tile, masked, so that no branch sits between the loads, measured slower)."""
     args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
             WRITE_IMP, MASK_ALL)
     if NT1 > 0:

@@ -136,8 +136,20 @@ def _tile_all_visible(IS_CMP, mode, c0, c1, p0, p1, NKEYS, L, DS, W):
 def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2,
                 m_i, l_i, acc, dtype):
     """One key tile ``kt`` (TN keys) of the compression or window attention (``_visible``) for the rows at
-    ``pos``: the online-softmax step, with the mask only on tiles that some row does not see whole
-    (``_tile_all_visible``) unless ``MASK_ALL``."""
+    ``pos``: the online-softmax step over ``_tile_scores``."""
+    s = _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2)
+    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
+    p = ct.exp2(s - m_new, flush_to_zero=True)
+    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
+    l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
+    acc = ct.mma(p.astype(dtype), _tile_values(V, b, hk, kt, TN, DVP), acc * alpha)
+    return m_new, l_i, acc
+
+
+def _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2):
+    """Scores of key tile ``kt`` (TN keys) for the rows at ``pos``, scaled to base 2, -inf where not visible
+    (``_visible``); the mask only on tiles that some row does not see whole (``_tile_all_visible``) unless
+    ``MASK_ALL``."""
     k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
                 padding_mode=ZERO, latency=2).reshape((DP, TN))
     s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
@@ -145,15 +157,13 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
         s = s * qk_scale2                 # no mask on tiles every row sees whole
     else:
         key = kt * TN + ct.arange(TN, dtype=np.int32)[None, :]
-        vis = _visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS)
-        s = ct.where(vis, s * qk_scale2, -np.inf)
-    m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
-    p = ct.exp2(s - m_new, flush_to_zero=True)
-    alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-    l_i = l_i * alpha + ct.sum(p, axis=-1, keepdims=True)
-    v = ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
-    acc = ct.mma(p.astype(dtype), v, acc * alpha)
-    return m_new, l_i, acc
+        s = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), s * qk_scale2, -np.inf)
+    return s
+
+
+def _tile_values(V, b, hk, kt, TN, DVP):
+    """``V`` tile ``kt`` ``[TN, DVP]`` of kv head ``hk`` (zero-padded past the end)."""
+    return ct.load(V, index=(b, kt, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
 
 
 def _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN):
@@ -179,25 +189,6 @@ def _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN):
     return kt_lo, kt_hi
 
 
-def _one_pass_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2):
-    """Scores of key tile ``t`` for the rows at ``pos``, scaled to base 2, -inf where not visible (the mask only
-    on a tile some row does not see whole, unless ``MASK_ALL``)."""
-    k = ct.load(K, index=(b, hk, 0, t), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
-                padding_mode=ZERO, latency=2).reshape((DP, TN))
-    s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
-    if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, t * TN, t * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
-        s = s * qk_scale2
-    else:
-        key = t * TN + ct.arange(TN, dtype=np.int32)[None, :]
-        s = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), s * qk_scale2, -np.inf)
-    return s
-
-
-def _one_pass_values(V, b, hk, t, TN, DVP):
-    """``V`` tile ``t`` ``[TN, DVP]`` of kv head ``hk`` (zero-padded past the end)."""
-    return ct.load(V, index=(b, t, hk, 0), shape=(1, TN, 1, DVP), padding_mode=ZERO, latency=4).reshape((TN, DVP))
-
-
 def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
                          DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
     """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
@@ -219,7 +210,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
     ss = ()
     for t in ct.static_iter(range(NT1)):
         if (t >= kt_lo) & (t < kt_hi):
-            s = _one_pass_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL,
+            s = _tile_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL,
                                  qk_scale2)
         else:
             s = ct.full((M, TN), -np.inf, dtype=np.float32)
@@ -232,7 +223,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
         p = ct.exp2(ss[t] - m_i, flush_to_zero=True)      # m_i >= NEG is finite: masked keys give 0
         l_i = l_i + ct.sum(p, axis=-1, keepdims=True)
         if (t >= kt_lo) & (t < kt_hi):
-            acc = ct.mma(p.astype(Q.dtype), _one_pass_values(V, b, hk, t, TN, DVP), acc)
+            acc = ct.mma(p.astype(Q.dtype), _tile_values(V, b, hk, t, TN, DVP), acc)
         ps += (p,)
     has = l_i > 0.0
     l_safe = ct.where(has, l_i, 1.0)

@@ -189,12 +189,10 @@ def _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN):
     return kt_lo, kt_hi
 
 
-def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
-                         DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
-    """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
-    the scaled, masked scores ``s_t`` of the tiles ``t`` in ``kt_lo .. kt_hi - 1`` (the others: -inf, no load),
-    ``m = max_t rowmax(s_t)``, ``p_t = 2^(s_t - m)``, ``l = sum_t rowsum(p_t)``, ``o = sum_t p_t V_t / l``,
-    ``IMP[.., t] = sum_g p_t / l``: the same values as the two passes (up to rounding), one ``q K^T`` per tile."""
+def _dense_rows(qt, Q, K, q_off, TQ, G, GP, TMQ, DP):
+    """The rows of query tile ``qt`` (TMQ queries x the GP padded heads of kv head ``bid(1) % H``): batch, kv head,
+    row count M, first and last position, each row's head in the group ``[M]`` and position ``[M,1]``, the head-tile
+    index of ``_group_view`` and ``q`` ``[M, DP]``."""
     b, hk = _batch_head(K)
     M = TMQ * GP
     p0 = q_off + qt * TMQ
@@ -203,8 +201,32 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
     row_g = rows % GP                          # head inside the group
     pos = (p0 + rows // GP)[:, None]           # [M,1]
     Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
     q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    return b, hk, M, p0, p1, row_g, pos, hidx, q
+
+
+def _dense_finish(m_i, l_i, acc, O, LSE, b, qt, hk, hidx, G, GP, TMQ, DVP, IS_CMP):
+    """Store ``o = acc / l`` (0 for a row that saw no key) and, for the compression (``IS_CMP``), the natural-log
+    LSE (-inf: no key); returns ``has = l > 0``, ``l`` with 1 where not ``has``, and the base-2 LSE ``[M,1]``."""
+    has = l_i > 0.0
+    l_safe = ct.where(has, l_i, 1.0)
+    out = ct.where(has, acc / l_safe, 0.0)
+    Ov, _ = _group_view(O, hk, G, GP)
+    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
+    lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
+    if IS_CMP:
+        LSEv, _ = _group_view(LSE, hk, G, GP)
+        ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
+    return has, l_safe, lse2
+
+
+def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
+                         DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
+    """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
+    the scaled, masked scores ``s_t`` of the tiles ``t`` in ``kt_lo .. kt_hi - 1`` (the others: -inf, no load),
+    ``m = max_t rowmax(s_t)``, ``p_t = 2^(s_t - m)``, ``l = sum_t rowsum(p_t)``, ``o = sum_t p_t V_t / l``,
+    ``IMP[.., t] = sum_g p_t / l``: the same values as the two passes (up to rounding), one ``q K^T`` per tile."""
+    b, hk, M, p0, p1, row_g, pos, hidx, q = _dense_rows(qt, Q, K, q_off, TQ, G, GP, TMQ, DP)
     kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
     m_i = ct.full((M, 1), NEG, dtype=np.float32)
     ss = ()
@@ -225,13 +247,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
         if (t >= kt_lo) & (t < kt_hi):
             acc = ct.mma(p.astype(Q.dtype), _tile_values(V, b, hk, t, TN, DVP), acc)
         ps += (p,)
-    has = l_i > 0.0
-    l_safe = ct.where(has, l_i, 1.0)
-    out = ct.where(has, acc / l_safe, 0.0)
-    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
-    lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
-    LSEv, _ = _group_view(LSE, hk, G, GP)
-    ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
+    has, l_safe, _ = _dense_finish(m_i, l_i, acc, O, LSE, b, qt, hk, hidx, G, GP, TMQ, DVP, IS_CMP)
     # IMP on the tiles _dense_tile writes: every block started by the tile's last query (zero where not visible)
     # and every tile some row may see
     inv = ct.where(has & (row_g < G)[:, None], 1.0 / l_safe, 0.0)
@@ -273,32 +289,14 @@ def dense_branch_kernel(Q, K, V, O, LSE, IMP,
 def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
                 WRITE_IMP, MASK_ALL):
     """The body of ``dense_branch_kernel`` for query tile ``qt``."""
-    b, hk = _batch_head(K)
-    M = TMQ * GP
-    # queries of this tile and their positions
-    p0 = q_off + qt * TMQ
-    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
-    rows = ct.arange(M, dtype=np.int32)
-    row_i = rows // GP                        # local query of each row
-    row_g = rows % GP                          # head inside the group
-    pos = (p0 + row_i)[:, None]                # [M,1]
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    Ov, _ = _group_view(O, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    b, hk, M, p0, p1, row_g, pos, hidx, q = _dense_rows(qt, Q, K, q_off, TQ, G, GP, TMQ, DP)
     kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
     offs_n = ct.arange(TN, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(kt_lo, kt_hi):
         m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W,
                                     MASK_ALL, qk_scale2, m_i, l_i, acc, Q.dtype)
-    has = l_i > 0.0
-    l_safe = ct.where(has, l_i, 1.0)
-    out = ct.where(has, acc / l_safe, 0.0)
-    ct.store(Ov, index=(b, qt, hidx, 0), tile=out.reshape((1, TMQ, GP, DVP)).astype(O.dtype))
-    lse2 = ct.where(has, m_i + ct.log2(l_safe), -np.inf)   # [M,1] base 2
-    if IS_CMP:
-        LSEv, _ = _group_view(LSE, hk, G, GP)
-        ct.store(LSEv, index=(b, qt, hidx), tile=(lse2 * LN2).reshape((1, TMQ, GP)))
+    has, _, lse2 = _dense_finish(m_i, l_i, acc, O, LSE, b, qt, hk, hidx, G, GP, TMQ, DVP, IS_CMP)
     if WRITE_IMP:
         keep = has & (row_g < G)[:, None]
         # IMP is defined on every block started by the tile's last query (zero where not visible), so

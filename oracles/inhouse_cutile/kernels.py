@@ -233,7 +233,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
     for t in ct.static_iter(range(NT1)):
         if (t >= kt_lo) & (t < kt_hi):
             s = _tile_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL,
-                                 qk_scale2)
+                             qk_scale2)
         else:
             s = ct.full((M, TN), -np.inf, dtype=np.float32)
         m_i = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
@@ -357,13 +357,7 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
 def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE,
                         NLOCAL, G, GP, TMQ, LS, DP, DVP, WRITE_SWA, WRITE_SLC):
     """The body of ``window_forced_kernel`` for query tile ``qt``."""
-    b, hk = _batch_head(K)
-    M = TMQ * GP
-    p0 = q_off + qt * TMQ
-    p1 = min(p0 + TMQ - 1, q_off + TQ - 1)
-    pos = (p0 + ct.arange(M, dtype=np.int32) // GP)[:, None]
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TMQ, GP, DP), padding_mode=ZERO).reshape((M, DP))
+    b, hk, M, p0, p1, _, pos, hidx, q = _dense_rows(qt, Q, K, q_off, TQ, G, GP, TMQ, DP)
     c = p0 // LS
     loc_lo = max(c - NLOCAL + 1, 0)
     kt_lo = max(p0 - W, 0) // LS

@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first (a bare `torch` would resolve to a multi-GB CUDA build)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e .
+	# nsaconf with the pinned external oracles it judges in CI ([oracles]) and the test tools ([test])
+	$(PY) -m pip install -q -e ".[oracles,test]"
 	@touch $@
 
 setup: $(VENV)/.installed

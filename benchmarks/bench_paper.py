@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from cases.model import Case  # noqa: E402
-from cases.tensors import Inputs  # noqa: E402
-from harness import bench as hb  # noqa: E402
+from nsaconf.cases.model import Case  # noqa: E402
+from nsaconf.cases.tensors import Inputs  # noqa: E402
+from nsaconf.harness import bench as hb  # noqa: E402
 
 
 def paper_case(T: int, dtype: str = "bfloat16", window: int = 512) -> Case:
@@ -95,7 +95,7 @@ def finish(records: list, out: str, header: str, row) -> None:
 
 def config_note() -> str:
     """The in-house kernel configuration in effect (module flags of ``forward``)."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     return " ".join(f"{n}={getattr(F, n)!r}".replace(" ", "") for n in TUNABLES)
 
 
@@ -104,7 +104,7 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = Fals
     (``forward`` module flags; every timing is a record of group "tuning"); prints ``TUNED ...``.
     ``tiles``: also the compression and window tiles; ``quick``: not the union kernel (slower in every
     earlier H100 run)."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     T, scale = case.seq_len, case.softmax_scale
     kc, vc = F.mean_pool(xs[0].k, xs[0].v, 64, 64)
 
@@ -149,7 +149,7 @@ def tune(case: Case, xs: list, idx, run, tiles: bool = False, quick: bool = Fals
 
 def selection_variants(case, case_nw, xs, idx, idx32, gw, run, both_forwards, g_sel) -> None:
     """The selection kernel variants and probes of earlier runs (not with --quick)."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     scale = case.softmax_scale
     # where the selection kernel's time goes: same loads with less arithmetic (benchmarks/selection_probes.py)
     try:
@@ -196,7 +196,7 @@ def main() -> int:
                     help="set a module flag of oracles.inhouse_cutile.forward (Python literal) before timing")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     try:
         F.set_flags(**F.parse_flags(args.set))
     except ValueError as e:
@@ -348,7 +348,7 @@ def main() -> int:
         del kc0, vc0, imp0
         if "fla" not in skip:
             try:
-                from oracles.fla import _triton_modules
+                from nsaconf.oracles.fla import _triton_modules
                 par, compression, mean_pooling = _triton_modules()
                 run(case_nw, "fla.parallel_nsa", "e2e", ("o",), fla_parallel_nsa_fns(par, xs, scale), group=g_nw,
                     cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE)
@@ -367,7 +367,7 @@ def main() -> int:
                 print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
         if "tilelang" not in skip:
             try:
-                from oracles.base import get_oracle
+                from nsaconf.oracles.base import get_oracle
                 tl = get_oracle("tilelang_fwd")
                 case16 = paper_case(T, "float16")
                 why = tl.check_support(case16, "cuda")

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from bench_paper import (DENSE_NOTE, FLA_NOTE, dense_sdpa_fns, device_ceilings, finish,  # noqa: E402
                          fla_parallel_nsa_fns, gpu_inputs, paper_case)  # (benchmarks/ is sys.path[0])
-from harness import bench as hb  # noqa: E402
+from nsaconf.harness import bench as hb  # noqa: E402
 
 
 PARTS = ("pool", "cmp", "cmp_imp", "window", "selection", "window_forced", "selection16", "probes")
@@ -35,7 +35,7 @@ HIDDEN_GROUP = "fwd w/o window, host launch gaps hidden (diagnostic)"
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``'LABEL: NAME=VALUE; NAME=VALUE'`` -> (label, flags); ValueError names the bad part."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     label, sep, body = text.partition(":")
     if not sep or not label.strip():
         raise ValueError(f"--variant {text!r}: expected 'LABEL: NAME=VALUE; ...'")
@@ -63,7 +63,7 @@ def main() -> int:
         return 2
     if "parts" in skip:
         parts = set()
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     try:
         variants = [("default", {})] + [parse_variant(v) for v in args.variant]
     except ValueError as e:
@@ -159,7 +159,7 @@ def main() -> int:
         del kc0, vc0
         if "fla" not in skip:
             try:
-                from oracles.fla import _triton_modules
+                from nsaconf.oracles.fla import _triton_modules
                 par, _, _ = _triton_modules()
                 run(case_nw, "fla.parallel_nsa", ("o",), fla_parallel_nsa_fns(par, xs, scale),
                     "fwd w/o window (cmp+topk+slc+gates)", cost=hb.cost_of(case_nw, ("o",)), note=FLA_NOTE)

@@ -23,7 +23,7 @@ probe_one() {  # $1 = T:BS:W  $2 = oracle
   if [ -n "${KEEP:-}" ] && [ -f "$KEEP/$T-$BS-$W-$2.jsonl" ]; then   # records of an earlier run: reuse
     cp "$KEEP/$T-$BS-$W-$2.jsonl" "$f.jsonl"; echo "T=$T l'=$BS w=$W $2: kept from $KEEP"; return
   fi
-  timeout ${ORACLE_TIMEOUT:-240} python -m harness masks --device "$DEVICE" --oracles "$2" --seq-len "$T" --block-size "$BS" \
+  timeout ${ORACLE_TIMEOUT:-240} python -m nsaconf masks --device "$DEVICE" --oracles "$2" --seq-len "$T" --block-size "$BS" \
       --window "$W" --top-n 4 --json > "$f.jsonl" 2> "$f.err"
   local rc=$?
   echo "T=$T l'=$BS w=$W $2: rc=$rc $(( $(date +%s) - t0 )) s"
@@ -42,7 +42,7 @@ for cfg in $CONFIGS; do
   IFS=: read -r T BS W <<< "$cfg"
   for o in ${ORACLES//,/ }; do cat "$OUTD/records/$T-$BS-$W-$o.jsonl" 2>/dev/null; done > "$OUTD/records/$T-$BS-$W.jsonl"
   cat "$OUTD/records/$T-$BS-$W.jsonl" >> "$OUTD/conventions.jsonl"
-  python -m harness masks --from-json "$OUTD/records/$T-$BS-$W.jsonl" --md "$OUTD/pass.md" --html "$OUTD/conventions-$T-$BS-$W.html" > /dev/null
+  python -m nsaconf masks --from-json "$OUTD/records/$T-$BS-$W.jsonl" --md "$OUTD/pass.md" --html "$OUTD/conventions-$T-$BS-$W.html" > /dev/null
   sed -e "1s/.*/## T=$T, l'=$BS, w=$W/" -e 's/^## ASCII diffs/### ASCII diffs/' "$OUTD/pass.md" >> "$OUTD/conventions.md"
   echo >> "$OUTD/conventions.md"
 done

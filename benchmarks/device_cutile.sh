@@ -13,7 +13,7 @@ if [ -n "${1:-}" ]; then
   grep -v "^PASS" $OUTD/check.log | head -40
 fi
 if [ -n "${2:-}" ]; then
-  timeout ${RUN_TIMEOUT:-200} python -m harness run --profile $2 --device cuda --oracles ${ORACLES:-inhouse_cutile,inhouse_cutile_kernels} \
+  timeout ${RUN_TIMEOUT:-200} python -m nsaconf run --profile $2 --device cuda --oracles ${ORACLES:-inhouse_cutile,inhouse_cutile_kernels} \
      --out /tmp/nsarun --no-probe --no-progress > $OUTD/run.log 2>&1; echo "engine rc=$?"
   tail -25 $OUTD/run.log; cp /tmp/nsarun/summary.md $OUTD/run_summary.md 2>/dev/null; cp /tmp/nsarun/results.jsonl $OUTD/run_results.jsonl 2>/dev/null
 fi

@@ -44,7 +44,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("forward_timeline: error: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     try:
         F.set_flags(**F.parse_flags(args.set))
     except ValueError as e:

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cases.model import Case  # noqa: E402
-from cases.tensors import materialize  # noqa: E402
-from oracles.base import get_oracle  # noqa: E402
-from oracles.reference import nsa_reference  # noqa: E402
+from nsaconf.cases.model import Case  # noqa: E402
+from nsaconf.cases.tensors import materialize  # noqa: E402
+from nsaconf.oracles.base import get_oracle  # noqa: E402
+from nsaconf.oracles.reference import nsa_reference  # noqa: E402
 
 ORACLES = ("fla_parallel", "fla_parallel_sel", "fla_naive", "tilelang_fwd", "tilelang_ref", "nsa_impl", "flash_window", "flex")
 
@@ -102,7 +102,7 @@ def main() -> int:
         print(f"versions {n}: {versions[n]}  availability: {o.availability()}", flush=True)
     cases = CASES
     if args.profile:
-        from cases.generator import GENERATORS
+        from nsaconf.cases.generator import GENERATORS
         cases = GENERATORS[args.profile](0)
     sel = [int(x) for x in args.cases.split(",") if x] or list(range(len(cases)))
     rows = []

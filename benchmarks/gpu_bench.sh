@@ -12,9 +12,9 @@ OUTD=${OUT:-out/gpu-bench}; mkdir -p "$OUTD"
 BENCH_ORACLES=${BENCH_ORACLES:-fla_parallel,fla_parallel_sel,nsa_impl,tilelang_fwd,flash_window,flex,inhouse_cutile,inhouse_cutile_kernels}
 ORACLES=${ORACLES:-reference,$BENCH_ORACLES}
 CASES=${CASES:-benchmarks/bench-cases.json}
-timeout ${RUN_TIMEOUT:-200} python -m harness run --case "$CASES" --device cuda --oracles "$ORACLES" --out "$OUTD/run" \
+timeout ${RUN_TIMEOUT:-200} python -m nsaconf run --case "$CASES" --device cuda --oracles "$ORACLES" --out "$OUTD/run" \
   --no-probe --no-report --no-progress > "$OUTD/run.log" 2>&1; echo "run rc=$?"
-timeout ${BENCH_TIMEOUT:-250} python -m harness bench --case "$CASES" --oracles "$BENCH_ORACLES" --reps 20 \
+timeout ${BENCH_TIMEOUT:-250} python -m nsaconf bench --case "$CASES" --oracles "$BENCH_ORACLES" --reps 20 \
   --out "$OUTD/run" > "$OUTD/bench.log" 2>&1; echo "bench rc=$?"
-python -m harness report "$OUTD/run"; echo "report rc=$?"
+python -m nsaconf report "$OUTD/run"; echo "report rc=$?"
 tail -4 "$OUTD/run.log"; grep -vE "^\s*$" "$OUTD/bench.log" | tail -30

@@ -18,17 +18,17 @@ ORACLES=${ORACLES:-reference,fla_parallel,fla_parallel_sel,nsa_impl,tilelang_fwd
 CASES=${CASES:-external/gpu-cases.json}
 [ -f "$CASES" ] || python -c "from cases.generator import profile_cases; from cases.model import dump_cases; dump_cases(profile_cases('gpu'), '$CASES')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python -m harness list 2>/dev/null | grep -E "^[a-z_]+ " | awk '{print $1, $3}' | tr '\n' ';'; echo
+python -m nsaconf list 2>/dev/null | grep -E "^[a-z_]+ " | awk '{print $1, $3}' | tr '\n' ';'; echo
 t0=$(date +%s)
 for k in $(seq 0 $((SHARDS - 1))); do
   d="$OUTD/shards/s$k"; extra=""
   if [ -n "${RESUME:-}" ] && [ -f "${RESUME}/s$k/results.jsonl" ]; then mkdir -p "$d"; cp "${RESUME}/s$k/results.jsonl" "$d/"; extra="--resume"; fi
-  timeout ${TIME_LIMIT:-500} python -m harness run --case "$CASES" --shard "$k/$SHARDS" --device ${DEVICE:-cuda} --oracles "$ORACLES" \
+  timeout ${TIME_LIMIT:-500} python -m nsaconf run --case "$CASES" --shard "$k/$SHARDS" --device ${DEVICE:-cuda} --oracles "$ORACLES" \
       --out "$d" --no-progress --no-probe --no-report --timeout ${CELL_TIMEOUT:-150} $extra > "$OUTD/shards/s$k.log" 2>&1 &
 done
 wait
 echo "shards done in $(( $(date +%s) - t0 )) s"
 for k in $(seq 0 $((SHARDS - 1))); do echo "s$k: $(wc -l < "$OUTD/shards/s$k/results.jsonl") cells; $(tail -1 "$OUTD/shards/s$k.log")"; done
-python -m harness merge "$OUTD/matrix" "$OUTD"/shards/s*/
+python -m nsaconf merge "$OUTD/matrix" "$OUTD"/shards/s*/
 grep -E "^\*\*Verdict|cases|^(ERROR|CRASH|TIMEOUT)" "$OUTD/matrix/summary.md" | head -20
 grep -hE "^(ERROR|CRASH|TIMEOUT)" "$OUTD"/shards/s*.log | cut -c1-300 | head -30

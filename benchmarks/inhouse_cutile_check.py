@@ -41,12 +41,12 @@ def _err(a, b) -> float:
 
 def check_case(case_json: str) -> dict:
     import torch
-    from cases.conventions import max_forced
-    from cases.model import Case
-    from cases.tensors import TORCH_DTYPES, materialize
-    from oracles.inhouse_cutile.forward import nsa_forward
-    from oracles.reference import nsa_reference
-    import oracles.inhouse_cutile.forward as fwd
+    from nsaconf.cases.conventions import max_forced
+    from nsaconf.cases.model import Case
+    from nsaconf.cases.tensors import TORCH_DTYPES, materialize
+    from nsaconf.oracles.inhouse_cutile.forward import nsa_forward
+    from nsaconf.oracles.reference import nsa_reference
+    import nsaconf.oracles.inhouse_cutile.forward as fwd
     fwd.set_flags(**json.loads(os.environ.get("NSACONF_CHECK_FLAGS", "{}")))   # names checked by main
     case = Case.from_json(case_json)
     rec = {"case": case.id, "ok": True, "branches": {}}
@@ -160,7 +160,7 @@ def main() -> int:
                     help="only the default kernels (chunked selection, streaming top-n): fewer first-call compiles")
     args = ap.parse_args()
     os.environ["NSACONF_CHECK_FAST"] = "1" if args.fast else "0"
-    from oracles.inhouse_cutile.forward import parse_flags
+    from nsaconf.oracles.inhouse_cutile.forward import parse_flags
     try:
         flags = parse_flags(args.set)
     except ValueError as e:
@@ -168,7 +168,7 @@ def main() -> int:
         return 2
     os.environ["NSACONF_CHECK_FLAGS"] = json.dumps(flags)   # spawn workers inherit the environment
     print(f"flags: {flags}{' (fast: default kernels only)' if args.fast else ''}", flush=True)
-    from cases.generator import profile_cases
+    from nsaconf.cases.generator import profile_cases
     cases = [c for p in args.profile.split(",") for c in profile_cases(p)]
     cases = [c for c in cases if c.dtype != "float64"]
     if args.max_cases:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench_paper import gpu_inputs, paper_case  # noqa: E402  (benchmarks/ is sys.path[0])
-from harness import bench as hb  # noqa: E402
+from nsaconf.harness import bench as hb  # noqa: E402
 
 
 @functools.cache
@@ -136,7 +136,7 @@ def main() -> int:
     except ValueError as e:
         print(f"l2_ceiling: error: {e}", file=sys.stderr)
         return 2
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     from selection_probes import run_probe
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []

@@ -24,7 +24,7 @@ def main() -> int:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--parts", default="", help="comma list of the parts to profile (default: all)")
     args = ap.parse_args()
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     case = paper_case(args.T)
     x = gpu_inputs(case, seed=args.T)
     scale = case.softmax_scale

@@ -23,9 +23,9 @@ def one(seq_len: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from cases.model import Case
-    from cases.tensors import materialize
-    from oracles.reference import default_chunk, nsa_reference
+    from nsaconf.cases.model import Case
+    from nsaconf.cases.tensors import materialize
+    from nsaconf.oracles.reference import default_chunk, nsa_reference
 
     case = Case(seq_len=seq_len, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=16, window=512, dtype="float64")
     x = materialize(case)

@@ -18,8 +18,8 @@ import cuda.tile as ct
 import numpy as np
 import torch
 
-from oracles.inhouse_cutile import forward as F
-from oracles.inhouse_cutile.kernels import _batch_head, _chunk_kv, _chunk_tiles, _each_tile, _group_view
+from nsaconf.oracles.inhouse_cutile import forward as F
+from nsaconf.oracles.inhouse_cutile.kernels import _batch_head, _chunk_kv, _chunk_tiles, _each_tile, _group_view
 
 ConstInt = ct.Constant[int]
 ConstBool = ct.Constant[bool]

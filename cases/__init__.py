@@ -1,5 +1,4 @@
-"""Canonical NSA cases: the case model, the mask conventions and the case generator."""
-from cases.model import Case, CaseError, load_cases, dump_cases
-from cases.tensors import Inputs, materialize
+"""Canonical NSA cases: the shared vocabulary, the mask conventions, the case model and the generator.
 
-__all__ = ["Case", "CaseError", "Inputs", "materialize", "load_cases", "dump_cases"]
+``nsaconf.cases.vocabulary`` is torch-free; the other modules import torch (import them directly).
+"""

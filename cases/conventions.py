@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from nsaconf.cases import vocabulary as V
+
 # --------------------------------------------------------------------------------------------------
 # Compression-branch visibility: may query p attend to compressed block c?
 # --------------------------------------------------------------------------------------------------
@@ -65,7 +67,8 @@ CMP_MASKS: dict[str, Callable] = {
     "anti_causal": anti_causal,
     "end_exclusive": end_exclusive,
 }
-CAUSAL_CMP_MASKS = ("end_inclusive", "end_exclusive")
+CAUSAL_CMP_MASKS = V.CAUSAL_CMP_MASKS
+assert tuple(CMP_MASKS) == V.CMP_MASKS
 
 def cmp_block_covers(c, s, l, d):
     """Compressed block c is pooled from key s: ``c*d <= s < c*d + l`` (keys past T do not exist)."""
@@ -96,6 +99,7 @@ def window_w_plus_1(p, s, w):
 
 
 WINDOW_KEYS: dict[str, Callable] = {"w": window_w, "w_plus_1": window_w_plus_1}
+assert tuple(WINDOW_KEYS) == V.WINDOW_KEYS
 
 # --------------------------------------------------------------------------------------------------
 # Selection branch
@@ -113,7 +117,7 @@ def selection_candidate(j, p, ls):
     return j * ls <= p
 
 
-FORCED_BLOCKS = ("none", "current", "initial_local")
+FORCED_BLOCKS = V.FORCED_BLOCKS
 
 
 def forced_none(j, p, ls):
@@ -135,6 +139,7 @@ def forced_initial_local(j, p, ls):
 
 FORCED_RULES: dict[str, Callable] = {"none": forced_none, "current": forced_current,
                                      "initial_local": forced_initial_local}
+assert tuple(FORCED_RULES) == V.FORCED_BLOCKS
 
 
 def is_forced(kind: str, j, p, ls):

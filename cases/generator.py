@@ -22,8 +22,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS
-from cases.model import DTYPES, Case, CaseError
+from nsaconf.cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS
+from nsaconf.cases.model import DTYPES, Case, CaseError
 
 PROFILES = ("smoke", "ci", "full", "paper", "gpu")
 

@@ -12,11 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS, max_forced
-
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
-BLOCK_INDICES = ("topk", "random")
+from nsaconf.cases.conventions import max_forced
+from nsaconf.cases.vocabulary import BLOCK_INDICES, CMP_MASKS, DTYPE_SHORT, DTYPES, FORCED_BLOCKS, WINDOW_KEYS
 
 
 class CaseError(ValueError):
@@ -88,8 +85,8 @@ class Case:
         need(self.q_len <= self.seq_len, f"q_len ({self.q_len}) must be <= seq_len ({self.seq_len})")
         need(self.heads_q % self.heads_kv == 0, f"heads_kv ({self.heads_kv}) must divide heads_q ({self.heads_q})")
         need(self.dtype in DTYPES, f"field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.cmp_mask in CMP_MASKS, f"field 'cmp_mask' must be one of {tuple(CMP_MASKS)}, got {self.cmp_mask!r}")
-        need(self.window_keys in WINDOW_KEYS, f"field 'window_keys' must be one of {tuple(WINDOW_KEYS)}, got {self.window_keys!r}")
+        need(self.cmp_mask in CMP_MASKS, f"field 'cmp_mask' must be one of {CMP_MASKS}, got {self.cmp_mask!r}")
+        need(self.window_keys in WINDOW_KEYS, f"field 'window_keys' must be one of {WINDOW_KEYS}, got {self.window_keys!r}")
         need(self.forced_blocks in FORCED_BLOCKS, f"field 'forced_blocks' must be one of {FORCED_BLOCKS}, got {self.forced_blocks!r}")
         need(self.block_indices in BLOCK_INDICES, f"field 'block_indices' must be one of {BLOCK_INDICES}, got {self.block_indices!r}")
         need(self.cmp_block % self.cmp_stride == 0, f"cmp_block ({self.cmp_block}) must be a multiple of cmp_stride ({self.cmp_stride})")

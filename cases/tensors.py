@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from cases.conventions import num_sel_blocks, selection_candidate
-from cases.model import Case
+from nsaconf.cases.conventions import num_sel_blocks, selection_candidate
+from nsaconf.cases.model import Case
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 

@@ -1,2 +1,1 @@
-"""nsaconf harness: runner, comparator, tolerance, probe and CLI."""
-__version__ = "0.1.0"
+"""The engine: runner, comparator, tolerance, convention probe, worker processes and the CLI."""

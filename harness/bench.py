@@ -21,9 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from cases.conventions import cmp_mask_matrix, num_cmp_blocks, window_mask_matrix
-from cases.model import Case, CaseError, load_cases
-from cases.tensors import TORCH_DTYPES, Inputs, materialize, query_positions
+from nsaconf.cases.conventions import cmp_mask_matrix, num_cmp_blocks, window_mask_matrix
+from nsaconf.cases.model import Case, CaseError, load_cases
+from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, materialize, query_positions
 
 L2_BYTES = 50 * 2**20           # H100 L2; inputs are rotated so that > 2x this is touched between reuses
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -206,7 +206,7 @@ def write_records(out: Path, records: list[BenchRecord]) -> Path:
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
-    from reports.performance import render_performance_section
+    from nsaconf.reports.performance import render_performance_section
     (out / "performance.html").write_text(render_performance_section([asdict(r) for r in records]))
     return path
 
@@ -227,8 +227,8 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
     """Time ``oracle.run`` (forward branches: inside ``forward_only()``) for every supported (case,
     oracle) on CUDA; ``on_record(records so far)``
     after each timing (the CLI rewrites DIR/bench.jsonl, so a run cut off by a time limit keeps them)."""
-    from oracles.base import GRAD_BRANCHES, forward_only, get_oracle
-    from oracles.reference import nsa_reference
+    from nsaconf.oracles.base import GRAD_BRANCHES, forward_only, get_oracle
+    from nsaconf.oracles.reference import nsa_reference
     ceil = measure_ceilings()
     log(f"ceilings on {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s")
     records: list[BenchRecord] = []
@@ -269,7 +269,7 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
 def default_bench_oracles() -> tuple[list[str], list[tuple[str, str]]]:
     """The oracles ``nsaconf bench`` times without ``--oracles``: every registered CUDA oracle except
     those declaring ``not_timed_by_default``; returns (names, [(left-out name, reason)])."""
-    from oracles.base import registry
+    from nsaconf.oracles.base import registry
     names, left_out = [], []
     for name, cls in sorted(registry().items()):
         if "cuda" not in cls.devices:
@@ -291,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         cases = [c for f in args.case for c in load_cases(f)]
         if args.profile:
-            from cases.generator import profile_cases
+            from nsaconf.cases.generator import profile_cases
             cases += profile_cases(args.profile, args.seed)
     except CaseError as e:
         print(f"nsaconf: error: {e}", file=sys.stderr)
@@ -299,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not cases:
         print("nsaconf: error: no cases (give --case FILE or --profile NAME)", file=sys.stderr)
         return 2
-    from oracles.base import OracleError
+    from nsaconf.oracles.base import OracleError
     if args.oracles:
         names = args.oracles.split(",")
     else:

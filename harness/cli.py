@@ -1,4 +1,4 @@
-"""Command line: ``nsaconf`` (also ``python -m harness``).
+"""Command line: ``nsaconf`` (also ``python -m nsaconf``).
 
 ``nsaconf run``    run a case matrix -> DIR/results.jsonl (+ run.json, conventions.jsonl, reports)
 ``nsaconf list``   every oracle with layer, devices, dtypes, branches and availability
@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-# Subcommands contributed by other modules: each exposes ``register(subparsers)`` and sets ``func``.
-SUBCOMMAND_MODULES = ("harness.masks", "harness.bench")
+from nsaconf.cases.vocabulary import BAD_STATUSES, DTYPE_ALIASES
 
-DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                 "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64",
-                 "double": "float64"}
+# Subcommands contributed by other modules: each exposes ``register(subparsers)`` and sets ``func``.
+SUBCOMMAND_MODULES = ("nsaconf.harness.masks", "nsaconf.harness.bench")
+
 
 
 class UsageError(Exception):
@@ -44,7 +43,7 @@ def _fail(msg: str) -> int:
 
 # ----------------------------------------------------------------------------------------- helpers
 def _load_oracle_sources(plugins: list[str]) -> None:
-    from oracles.base import load_builtins, load_entry_points, load_plugin
+    from nsaconf.oracles.base import load_builtins, load_entry_points, load_plugin
 
     load_builtins()
     for p in plugins:
@@ -65,8 +64,8 @@ def _parse_dtypes(text: Optional[str]) -> list[str]:
 
 
 def _select_cases(args: argparse.Namespace):
-    from cases.generator import dedupe_cases, profile_cases
-    from cases.model import load_cases
+    from nsaconf.cases.generator import dedupe_cases, profile_cases
+    from nsaconf.cases.model import load_cases
 
     cases = []
     if args.profile:
@@ -100,7 +99,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _select_oracles(spec: Optional[str], device: str) -> list[str]:
-    from oracles.base import get_oracle, registry
+    from nsaconf.oracles.base import get_oracle, registry
 
     if spec:
         names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -111,7 +110,7 @@ def _select_oracles(spec: Optional[str], device: str) -> list[str]:
 
 
 def _write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], cases, table) -> None:
-    from harness.results import base_versions
+    from nsaconf.harness.results import base_versions
 
     info = {"command": "nsaconf " + " ".join(sys.argv[1:]) if sys.argv else "nsaconf run",
             "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
@@ -124,7 +123,7 @@ def _write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], cas
 def _write_reports(out: Path, quiet: bool = False) -> Optional[Path]:
     """Call ``reports.write_reports`` when the reports package provides it."""
     try:
-        from reports import write_reports
+        from nsaconf.reports import write_reports
     except ImportError as e:
         if not quiet:
             print(f"nsaconf: reports not written (reports.write_reports unavailable: {e})", file=sys.stderr)
@@ -136,7 +135,7 @@ def _write_reports(out: Path, quiet: bool = False) -> Optional[Path]:
 def _write_probe(out: Path, oracles: list[str], device: str) -> None:
     """DIR/conventions.jsonl from the probe helper's leak check (imported lazily)."""
     try:
-        from harness.probe import leak_check_records
+        from nsaconf.harness.probe import leak_check_records
     except ImportError as e:
         print(f"nsaconf: convention probe skipped (harness.probe unavailable: {e})", file=sys.stderr)
         return
@@ -152,8 +151,8 @@ def _write_probe(out: Path, oracles: list[str], device: str) -> None:
 
 # ----------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.config import load_config, tolerance_table
-    from harness.runner import RunConfig, Runner
+    from nsaconf.harness.config import load_config, tolerance_table
+    from nsaconf.harness.runner import RunConfig, Runner
 
     cfg = load_config(args.config)
     table = tolerance_table(cfg, args.tol)
@@ -185,18 +184,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"nsaconf: report failed: {type(e).__name__}: {e}", file=sys.stderr)
     counts_d = summary.counts
     if args.resume:  # the verdict covers the cells recorded by earlier invocations too
-        from harness.results import iter_records, summarize
+        from nsaconf.harness.results import iter_records, summarize
 
         counts_d = {k: v for k, v in summarize(iter_records(out)).items() if v}
     counts = " ".join(f"{k}={v}" for k, v in sorted(counts_d.items())) or "no cells"
     print(f"nsaconf: {counts}; results: {out / 'results.jsonl'}" + (f"; report: {html}" if html else ""))
-    from harness.results import BAD_STATUSES
-
     return 1 if any(counts_d.get(s, 0) for s in BAD_STATUSES) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from oracles.base import registry
+    from nsaconf.oracles.base import registry
 
     _load_oracle_sources(args.plugin)
     rows = []
@@ -225,13 +222,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
-    from harness.repro import repro
+    from nsaconf.harness.repro import repro
 
     return repro(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from harness.results import merge_runs
+    from nsaconf.harness.results import merge_runs
 
     out = Path(args.out)
     try:
@@ -256,7 +253,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from cases.generator import PROFILES
+    from nsaconf.cases.generator import PROFILES
 
     p = _Parser(prog="nsaconf", description="NSA conformance harness")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -321,10 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from cases.model import CaseError
-    from harness.config import ConfigError
-    from harness.tolerance import ToleranceError
-    from oracles.base import OracleError
+    from nsaconf.cases.model import CaseError
+    from nsaconf.harness.config import ConfigError
+    from nsaconf.harness.tolerance import ToleranceError
+    from nsaconf.oracles.base import OracleError
 
     try:
         args = build_parser().parse_args(argv)

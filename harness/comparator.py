@@ -32,12 +32,12 @@ from typing import Any, Optional
 
 import torch
 
-from cases.conventions import is_forced, selection_candidate
-from cases.model import Case
-from cases.tensors import TORCH_DTYPES, Inputs, canonical_order, query_positions
-from harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
-from oracles.base import GRAD_BRANCHES
-from oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads  # noqa: F401 (re-exported)
+from nsaconf.cases.conventions import is_forced, selection_candidate
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, canonical_order, query_positions
+from nsaconf.harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
+from nsaconf.oracles.base import GRAD_BRANCHES
+from nsaconf.oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads  # noqa: F401 (re-exported)
 
 SELECTION_DEPENDENT = ("slc_o", "o") + GRAD_BRANCHES
 
@@ -74,7 +74,7 @@ class CaseTruth:
     def compute(cls, case: Case, inputs: Optional[Inputs] = None, device: str = "cpu") -> "CaseTruth":
         """Truth and baseline computed on ``device`` (float64 on a GPU is fine and much faster for
         paper-size cases); every tensor kept here is on the CPU."""
-        from cases.tensors import materialize
+        from nsaconf.cases.tensors import materialize
 
         inputs = inputs if inputs is not None else materialize(case, device)
         truth = _cpu(nsa_reference(case, inputs, dtype=torch.float64, return_importance=True))

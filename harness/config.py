@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore
 
-from harness.tolerance import ToleranceTable
+from nsaconf.harness.tolerance import ToleranceTable
 
 CONFIG_ENV = "NSACONF_CONFIG"
 CONFIG_FILE = "nsaconf.toml"

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-BRANCH_CHOICES = ("cmp", "slc", "swa", "e2e")
 
 
 def register(subparsers) -> None:
@@ -61,12 +60,12 @@ def _fail(msg: str) -> int:
 
 
 def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
-    from harness.probe import BRANCH_ALIASES
+    from nsaconf.cases.vocabulary import BRANCH_ALIASES
 
     names = [v.strip() for item in values for v in item.split(",") if v.strip()]
     bad = [n for n in names if n not in BRANCH_ALIASES]
     if bad:
-        raise ValueError(f"unknown branch {bad[0]!r}; use one of {', '.join(BRANCH_CHOICES)}")
+        raise ValueError(f"unknown branch {bad[0]!r}; use one of cmp, slc, swa, e2e")
     return tuple(dict.fromkeys(BRANCH_ALIASES[n] for n in names)) or None
 
 
@@ -76,7 +75,7 @@ def collect(oracle_names: Optional[list[str]], device: str, cfg, branches=None, 
 
     ``emit(record)``, when given, is called for each record as soon as its oracle is done, so that a
     long run (GPU compiles) killed by a time limit keeps what it had already measured."""
-    from oracles.base import registry
+    from nsaconf.oracles.base import registry
 
     names = oracle_names or sorted(registry())
     records, results = [], []
@@ -103,8 +102,8 @@ def _where(device: str) -> dict:
 
 def _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records: list, results: list) -> None:
     """Probe one oracle, appending its records (and ProbeResults)."""
-    from harness.probe import PROBE_BRANCHES, ProbeError, _kind, probe_oracle, skipped_record
-    from oracles.base import get_oracle
+    from nsaconf.harness.probe import PROBE_BRANCHES, ProbeError, _kind, probe_oracle, skipped_record
+    from nsaconf.oracles.base import get_oracle
 
     oracle = get_oracle(name)
     want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
@@ -127,7 +126,7 @@ def _probe_one(name, device, cfg, branches, cmp_mask, window_keys, records: list
 
 def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
     """Human summary of one record with the ASCII diff."""
-    from reports.conventions import diff_chars, downsample
+    from nsaconf.reports.conventions import diff_chars, downsample
 
     head = f"{rec['oracle']:<14} {rec['branch']:<6}"
     if rec.get("skipped"):
@@ -207,8 +206,8 @@ def _load_records(path: str, names: Optional[list[str]], branches) -> list[dict]
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
-    from harness.probe import ProbeConfig, ProbeError
-    from oracles.base import OracleError, load_builtins, load_entry_points, load_plugin
+    from nsaconf.harness.probe import ProbeConfig, ProbeError
+    from nsaconf.oracles.base import OracleError, load_builtins, load_entry_points, load_plugin
 
     try:
         load_builtins()
@@ -223,7 +222,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda but torch sees no CUDA device")
-        from cases.conventions import CMP_MASKS, WINDOW_KEYS
+        from nsaconf.cases.conventions import CMP_MASKS, WINDOW_KEYS
 
         if args.cmp_mask and args.cmp_mask not in CMP_MASKS:
             raise ValueError(f"unknown --cmp-mask {args.cmp_mask!r}; use one of {', '.join(CMP_MASKS)}")
@@ -251,7 +250,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
         return _fail(str(e))
     try:
         if args.html:
-            from reports.conventions import render_standalone
+            from nsaconf.reports.conventions import render_standalone
 
             Path(args.html).write_text(render_standalone(records), encoding="utf-8")
         if args.md:
@@ -263,7 +262,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m harness.masks`` (same as ``nsaconf masks``)."""
+    """``python -m nsaconf.masks`` (same as ``nsaconf masks``)."""
     p = _OneLineParser(prog="nsaconf masks", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     try:

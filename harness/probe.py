@@ -31,15 +31,13 @@ from typing import Callable, Optional
 
 import torch
 
-from cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_block_covers, cmp_mask_matrix, num_cmp_blocks,
+from nsaconf.cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_block_covers, cmp_mask_matrix, num_cmp_blocks,
                                selection_key_mask, window_mask_matrix)
-from cases.model import Case, CaseError
-from cases.tensors import Inputs, materialize
-from oracles.base import Oracle, OracleError, get_oracle
+from nsaconf.cases.model import Case, CaseError
+from nsaconf.cases.tensors import Inputs, materialize
+from nsaconf.cases.vocabulary import BRANCH_ALIASES, PROBE_BRANCHES, SLC_CONVENTION  # noqa: F401 (re-exported)
+from nsaconf.oracles.base import Oracle, OracleError, get_oracle
 
-PROBE_BRANCHES = ("cmp_o", "slc_o", "swa_o", "o")
-BRANCH_ALIASES = {"cmp": "cmp_o", "slc": "slc_o", "swa": "swa_o", "e2e": "o",
-                  "cmp_o": "cmp_o", "slc_o": "slc_o", "swa_o": "swa_o", "o": "o"}
 DTYPE_PREFERENCE = ("float64", "float32", "float16", "bfloat16")  # most mantissa bits first
 # relative noise floor of the threshold, times max|out| of the branch
 # (an unperturbed-but-masked key changes nothing bit-for-bit in a deterministic kernel, so the floor is
@@ -48,7 +46,6 @@ NOISE_FLOOR = {"float64": 1e-12, "float32": 1e-7, "float16": 1e-5, "bfloat16": 1
 NOISE_FACTOR = 8.0
 LOW_PRECISION_DRAWS = 2  # fp16/bf16: independent perturbation draws, dependencies OR-ed
 BATCH_CHOICES = (64, 32, 16, 8, 4, 2, 1)
-SLC_CONVENTION = "causal"
 
 
 class ProbeError(Exception):
@@ -456,7 +453,7 @@ def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch
         if case.block_indices == "random":
             given_idx = base_in.block_indices
         else:
-            from oracles.reference import nsa_reference
+            from nsaconf.oracles.reference import nsa_reference
             given_idx = nsa_reference(case, base_in)["topk_idx"]
     ask = tuple(dict.fromkeys(want + (["topk_idx"] if "topk_idx" in oracle.branches else [])))
 
@@ -512,7 +509,7 @@ def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch
         if "topk_idx" in base_out:
             return base_out["topk_idx"][0]
         if cm not in sel_cache:
-            from oracles.reference import nsa_reference
+            from nsaconf.oracles.reference import nsa_reference
             sel_cache[cm] = nsa_reference(case.replace(cmp_mask=cm), base_in)["topk_idx"][0]
         return sel_cache[cm]
 

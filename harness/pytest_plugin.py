@@ -18,6 +18,8 @@ from typing import Optional
 
 import pytest
 
+from nsaconf.cases.vocabulary import BAD_STATUSES
+
 DEFAULT_ORACLES = "reference,dense"
 SLOW_PROFILES = ("full", "paper", "gpu")
 
@@ -68,8 +70,8 @@ class NsaCell:
     cache: dict
 
     def check(self) -> None:
-        from harness.config import load_config, tolerance_table
-        from harness.runner import evaluate
+        from nsaconf.harness.config import load_config, tolerance_table
+        from nsaconf.harness.runner import evaluate
 
         table = tolerance_table(load_config(), self.tol)
         cells = evaluate(self.case, [self.oracle], device=self.device, table=table, plugins=self.plugins,
@@ -77,7 +79,7 @@ class NsaCell:
         if len(self.cache) > 4:  # items are ordered by case: keep only recent truths
             for k in list(self.cache)[:-4]:
                 del self.cache[k]
-        bad = [c for c in cells if c.status in ("FAIL", "ERROR", "CRASH", "TIMEOUT")]
+        bad = [c for c in cells if c.status in BAD_STATUSES]
         if bad:
             pytest.fail("\n".join(f"{c.status} {c.oracle}.{c.branch}: {c.reason} (metrics: "
                                   f"err={c.metrics.get('max_abs_err')}, bound={c.metrics.get('bound')}, "
@@ -90,7 +92,7 @@ _TRUTHS: dict = {}
 
 
 def _oracle_names(config) -> list[str]:
-    from oracles.base import load_entry_points, load_plugin, registry
+    from nsaconf.oracles.base import load_entry_points, load_plugin, registry
 
     for p in config.getoption("--nsaconf-plugin"):
         load_plugin(p)
@@ -105,7 +107,7 @@ def _oracle_names(config) -> list[str]:
 def pytest_generate_tests(metafunc) -> None:
     if "nsaconf_cell" not in metafunc.fixturenames:
         return
-    from cases.generator import profile_cases
+    from nsaconf.cases.generator import profile_cases
 
     cfg = metafunc.config
     profile = cfg.getoption("--nsaconf-profile")

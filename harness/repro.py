@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cases.model import Case, CaseError, load_cases
-from harness.results import BAD_STATUSES, CellResult
+from nsaconf.cases.model import Case, CaseError, load_cases
+from nsaconf.harness.results import BAD_STATUSES, CellResult
 
 
 def resolve_cases(spec: str) -> list[Case]:
@@ -36,9 +36,9 @@ def format_cells(cells: list[CellResult]) -> str:
 
 
 def repro(args: argparse.Namespace) -> int:
-    from harness.cli import _load_oracle_sources, _select_oracles
-    from harness.config import load_config, tolerance_table
-    from harness.runner import evaluate
+    from nsaconf.harness.cli import _load_oracle_sources, _select_oracles
+    from nsaconf.harness.config import load_config, tolerance_table
+    from nsaconf.harness.runner import evaluate
 
     table = tolerance_table(load_config(args.config), args.tol)
     _load_oracle_sources(args.plugin)

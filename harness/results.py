@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-STATUSES = ("PASS", "FAIL", "SKIP", "ERROR", "CRASH", "TIMEOUT")
-BAD_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
-RESULTS_FILE = "results.jsonl"
+from nsaconf.cases.vocabulary import BAD_STATUSES, RESULTS_FILE, STATUSES  # noqa: F401 (BAD_STATUSES re-exported)
 
 
 @dataclass

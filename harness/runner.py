@@ -16,12 +16,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cases.model import Case
-from harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
-from harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
-from harness.tolerance import ToleranceTable
-from harness.worker import Reply, Worker, release_cuda_cache
-from oracles.base import GRAD_BRANCHES, Oracle, get_oracle
+from nsaconf.cases.model import Case
+from nsaconf.harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
+from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
+from nsaconf.harness.tolerance import ToleranceTable
+from nsaconf.harness.worker import Reply, Worker, release_cuda_cache
+from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, get_oracle
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _record(case: Case, oracle: Oracle, branch: str, device: str, status: str, r
 
 def run_in_process(oracle: Oracle, case: Case, device: str, block_indices: Optional[torch.Tensor]) -> Reply:
     """Run an oracle in this process (no crash isolation)."""
-    from cases.tensors import materialize
+    from nsaconf.cases.tensors import materialize
 
     try:
         inputs = materialize(case, device)
@@ -213,7 +213,7 @@ class Runner:
         except Exception as e:  # noqa: BLE001
             truth_error = f"truth failed: {type(e).__name__}: {e}"
         if cfg.save_tensors and ct is not None:
-            from harness.tensors_io import save_inputs, save_truth
+            from nsaconf.harness.tensors_io import save_inputs, save_truth
 
             save_inputs(out, case, ct.inputs.to("cpu"))
             saved = {k: v for k, v in ct.truth.items() if k != "importance"}
@@ -243,7 +243,7 @@ class Runner:
             oracle = self.oracles[name]
             reply = replies.get(name) or self._worker(name).collect(cfg.timeout)
             if reply.status == "ok" and cfg.save_tensors:
-                from harness.tensors_io import save_outputs
+                from nsaconf.harness.tensors_io import save_outputs
 
                 save_outputs(out, case, name, {k: v for k, v in (reply.outputs or {}).items() if isinstance(v, torch.Tensor)})
             if reply.status == "ok" and ct is None:

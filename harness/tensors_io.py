@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
 
 
 def case_dir(out: Path, case: Case) -> Path:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from oracles.base import ALL_BRANCHES, GRAD_BRANCHES
+from nsaconf.oracles.base import ALL_BRANCHES, GRAD_BRANCHES
 
 DEFAULTS: dict[str, float] = {
     "k": 2.0,               # forward outputs: err <= k * baseline_err + floor

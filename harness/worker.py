@@ -31,7 +31,7 @@ def _loads(data: bytes) -> Any:
 
 
 def _setup(oracle_name: str, plugins: list[str], threads: int):
-    from oracles.base import get_oracle, load_entry_points, load_plugin
+    from nsaconf.oracles.base import get_oracle, load_entry_points, load_plugin
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -55,8 +55,8 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
     except BaseException as e:  # noqa: BLE001
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
-    from cases.model import Case
-    from cases.tensors import materialize
+    from nsaconf.cases.model import Case
+    from nsaconf.cases.tensors import materialize
 
     while True:
         try:

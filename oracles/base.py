@@ -25,13 +25,9 @@ from typing import ClassVar, Optional
 
 import torch
 
-from cases.model import DTYPES, Case
-from cases.tensors import Inputs
-
-LAYERS = ("reference", "kernel", "e2e")
-FORWARD_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
-GRAD_BRANCHES = ("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa")
-ALL_BRANCHES = FORWARD_BRANCHES + GRAD_BRANCHES
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.cases.vocabulary import ALL_BRANCHES, DEVICES, DTYPES, GRAD_BRANCHES, LAYERS
 
 
 _FORWARD_ONLY: "contextvars.ContextVar[bool]" = contextvars.ContextVar("nsaconf_forward_only", default=False)
@@ -51,7 +47,7 @@ def forward_only():
 def gradients_wanted(case: Case) -> bool:
     """Whether an oracle declaring gradient branches computes them for ``case``: the engine has a
     gradient truth for it (``grad_truth_skip_reason``) and no ``forward_only()`` block is active."""
-    from oracles.reference import grad_truth_skip_reason
+    from nsaconf.oracles.reference import grad_truth_skip_reason
     return not _FORWARD_ONLY.get() and grad_truth_skip_reason(case) is None
 
 
@@ -135,7 +131,7 @@ def register_oracle(cls: type[Oracle]) -> type[Oracle]:
     bad = [b for b in cls.branches if b not in ALL_BRANCHES]
     if bad or not cls.branches:
         raise OracleError(f"oracle {cls.name!r}: unknown branches {bad}; known: {ALL_BRANCHES}")
-    bad = [d for d in cls.devices if d not in ("cpu", "cuda")]
+    bad = [d for d in cls.devices if d not in DEVICES]
     if bad:
         raise OracleError(f"oracle {cls.name!r}: unknown devices {bad}")
     prev = _REGISTRY.get(cls.name)
@@ -167,7 +163,7 @@ def load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    import oracles.builtin  # noqa: F401  (registers by import)
+    import nsaconf.oracles.builtin  # noqa: F401  (registers by import)
 
 
 def load_plugin(path: str | Path) -> list[str]:

@@ -6,13 +6,13 @@ this import never fails on a machine without them.
 import importlib
 
 BUILTIN_MODULES = (
-    "oracles.reference_oracles",
-    "oracles.inhouse_cutile.oracle",
-    "oracles.fla",
-    "oracles.tilelang",
-    "oracles.nsa_impl",
-    "oracles.flash_window",
-    "oracles.flex",
+    "nsaconf.oracles.reference_oracles",
+    "nsaconf.oracles.inhouse_cutile.oracle",
+    "nsaconf.oracles.fla",
+    "nsaconf.oracles.tilelang",
+    "nsaconf.oracles.nsa_impl",
+    "nsaconf.oracles.flash_window",
+    "nsaconf.oracles.flex",
 )
 
 for _name in BUILTIN_MODULES:

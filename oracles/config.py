@@ -45,7 +45,7 @@ CHECKOUTS: dict[str, Checkout] = {
 
 def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:
     """The config file's contents and folder (``harness.config`` finds and parses it)."""
-    from harness.config import config_path, load_config
+    from nsaconf.harness.config import config_path, load_config
 
     path = config_path()
     if path is None or not path.is_file():

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from cases.conventions import CMP_MASKS, WINDOW_KEYS, is_forced, selection_candidate, selection_causal
-from cases.model import Case
-from cases.tensors import Inputs
+from nsaconf.cases.conventions import CMP_MASKS, WINDOW_KEYS, is_forced, selection_candidate, selection_causal
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -42,7 +42,7 @@ def nsa_dense_grads(case: Case, inputs: Inputs, dtype: torch.dtype = torch.float
                     block_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Gradients of ``L = sum(o * dO)`` (``cases.tensors.output_cotangent``) by autograd through the dense
     forward (selection piecewise constant), in ``dtype``: ``dq, dk, dv, dg_cmp, dg_slc`` (+ ``dg_swa``)."""
-    from oracles.reference import autograd_grads  # the shared loss/autograd driver only
+    from nsaconf.oracles.reference import autograd_grads  # the shared loss/autograd driver only
 
     return autograd_grads(lambda xi: _dense(case, xi, block_indices), case, inputs.to(dtype=dtype))
 

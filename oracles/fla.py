@@ -27,11 +27,11 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
-from oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
-from oracles.compat import flash_attn_shim
-from oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_window_size, full_queries, given_indices_full,
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
+from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
+from nsaconf.oracles.compat import flash_attn_shim
+from nsaconf.oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_window_size, full_queries, given_indices_full,
                                    is_pow2, next_pow2, pad_last, single_thread, window_keys_count)
 
 FLA_VERSION = "0.6.0"

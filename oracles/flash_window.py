@@ -14,11 +14,11 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
-from oracles.compat import flash_attn_shim
-from oracles.compat.common import cu_tensor, flash_window_size
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.compat import flash_attn_shim
+from nsaconf.oracles.compat.common import cu_tensor, flash_window_size
 
 
 @register_oracle

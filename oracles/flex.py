@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 
-from cases.conventions import CMP_MASKS, WINDOW_KEYS, num_cmp_blocks
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
+from nsaconf.cases.conventions import CMP_MASKS, WINDOW_KEYS, num_cmp_blocks
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.base import Oracle, register_oracle
 
 _COMPILED = None
 

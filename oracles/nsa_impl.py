@@ -34,12 +34,12 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
-from oracles.compat import flash_attn_shim
-from oracles.compat.common import is_pow2, next_pow2, window_keys_count
-from oracles.config import checkout_status, how_to_enable
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.compat import flash_attn_shim
+from nsaconf.oracles.compat.common import is_pow2, next_pow2, window_keys_count
+from nsaconf.oracles.config import checkout_status, how_to_enable
 
 _MOD: Optional[types.ModuleType] = None
 

@@ -23,10 +23,10 @@ from typing import Callable, Optional
 
 import torch
 
-from cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks,
+from nsaconf.cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks,
                                selection_candidate, selection_key_mask, window_mask_matrix)
-from cases.model import Case
-from cases.tensors import GRAD_INPUTS, Inputs, TORCH_DTYPES, canonical_order, grad_branches, output_cotangent
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, TORCH_DTYPES, canonical_order, grad_branches, output_cotangent
 
 _ELEMENT_BUDGET = 1 << 21  # elements of the largest per-chunk temporary
 

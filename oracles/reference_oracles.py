@@ -5,13 +5,14 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
-from oracles.dense import nsa_dense
-from oracles.reference import nsa_reference, nsa_reference_grads
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
+from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
+from nsaconf.oracles.dense import nsa_dense
+from nsaconf.oracles.reference import nsa_reference, nsa_reference_grads
 
-REFERENCE_BRANCHES = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+REFERENCE_BRANCHES = FORWARD_BRANCHES
 
 
 @register_oracle

@@ -27,11 +27,11 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
-from oracles.compat.common import full_queries, given_indices_full, single_thread, window_keys_count
-from oracles.config import checkout_status, how_to_enable
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.compat.common import full_queries, given_indices_full, single_thread, window_keys_count
+from nsaconf.oracles.config import checkout_status, how_to_enable
 
 _MODS: dict[str, types.ModuleType] = {}
 

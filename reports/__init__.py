@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports.load import ReportError, load, load_results
+from nsaconf.reports.load import ReportError, load, load_results
 
 __all__ = ["write_reports", "load_results", "ReportError", "OUTPUT_FILES"]
 
@@ -22,9 +22,9 @@ def write_reports(out_dir: str | Path) -> dict[str, Path]:
     Returns ``{"summary": path, "csv": path, "html": path}``. Raises ``ReportError`` (one line) when
     results.jsonl cannot be read.
     """
-    from reports.html import render_html
-    from reports.load import write_csv
-    from reports.markdown import render_summary
+    from nsaconf.reports.html import render_html
+    from nsaconf.reports.load import write_csv
+    from nsaconf.reports.markdown import render_summary
 
     res = load(out_dir)
     d = res.out_dir

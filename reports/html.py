@@ -18,9 +18,9 @@ from typing import Any, Optional
 import jinja2
 from markupsafe import Markup
 
-from reports.load import (METRIC_ORDER, STATUSES, CellRecord, Results, fmt_metric, metric_rank,
+from nsaconf.reports.load import (METRIC_ORDER, STATUSES, CellRecord, Results, fmt_metric, metric_rank,
                           read_jsonl)
-from reports.tables import (configured_tolerance, environment, generic_table, layer_views,
+from nsaconf.reports.tables import (configured_tolerance, environment, generic_table, layer_views,
                             run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -88,7 +88,7 @@ def _side(res: Results, filename: str, module: str, func: str, what: str) -> Sid
     records, bad = read_jsonl(path)
     extra = f" ({bad} unreadable line(s) in {filename} were ignored)" if bad else ""
     try:
-        mod = importlib.import_module(f"reports.{module}")
+        mod = importlib.import_module(f"nsaconf.reports.{module}")
         fn = getattr(mod, func)
     except (ImportError, AttributeError) as e:
         return SideSection(True, Markup(""),

@@ -21,20 +21,11 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-RESULTS_FILE = "results.jsonl"
-STATUSES = ("PASS", "FAIL", "SKIP", "ERROR", "CRASH", "TIMEOUT")
-BAD_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
-#: worst-of order for matrix cells: a wrong answer (FAIL) is worse than a loud one (CRASH/ERROR/TIMEOUT);
-#: PASS outranks SKIP so that a cell with some passes and some skips reads PASS (skips are counted).
-SEVERITY = {"SKIP": 0, "PASS": 1, "TIMEOUT": 2, "ERROR": 3, "CRASH": 4, "FAIL": 5}
+from nsaconf.cases.vocabulary import (ALL_BRANCHES as BRANCH_ORDER, DTYPE_SHORT, LAYER_KEYS, LAYER_TITLES,  # noqa: F401
+                                      LAYERS, RESULTS_FILE, SEVERITY, STATUSES)
+
 UNKNOWN_SEVERITY = 6  # a status outside STATUSES is shown as is and treated as worst
-LAYERS = ("reference", "kernel", "e2e")
-LAYER_TITLES = {"reference": "L0 · reference", "kernel": "L1 · kernel", "e2e": "L2 · end-to-end"}
-LAYER_KEYS = {"reference": "L0", "kernel": "L1", "e2e": "L2"}
-BRANCH_ORDER = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o",
-                "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa")
-DTYPE_SHORT = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-DTYPE_ORDER = ("fp64", "fp32", "bf16", "fp16")
+DTYPE_ORDER = ("fp64", "fp32", "bf16", "fp16")  # column order: most mantissa bits first
 #: column order of the compression masks (presentation only; the rules live in cases.conventions)
 MASK_ORDER = ("end_inclusive", "current_block", "end_exclusive", "anti_causal")
 #: metrics shown first (in this order) in tables; any others follow alphabetically

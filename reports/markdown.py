@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from reports.load import STATUSES, Results, fmt_metric
-from reports.tables import MatrixCell, layer_views, skip_groups
+from nsaconf.reports.load import STATUSES, Results, fmt_metric
+from nsaconf.reports.tables import MatrixCell, layer_views, skip_groups
 
 MAX_FAILURES = 100
 ICON = {"PASS": "✅", "FAIL": "❌", "SKIP": "⏭️", "ERROR": "⚠️", "CRASH": "💥", "TIMEOUT": "⏱️"}

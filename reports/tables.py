@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from reports.load import (LAYER_KEYS, LAYER_TITLES, SEVERITY, STATUSES, UNKNOWN_SEVERITY, CellRecord, Results, branch_rank,
+from nsaconf.reports.load import (LAYER_KEYS, LAYER_TITLES, SEVERITY, STATUSES, UNKNOWN_SEVERITY, CellRecord, Results, branch_rank,
                           fmt_metric, group_rank, layer_rank, one_line)
 
 #: PASS cells whose worst err_ratio exceeds this are flagged "near the bound" (lighter colour)

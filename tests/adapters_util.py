@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.reference import nsa_reference
 
 
 def as_set(idx: torch.Tensor, width: int) -> torch.Tensor:

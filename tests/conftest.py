@@ -1,2 +1,2 @@
 """Loads the nsaconf pytest plugin (profile matrix items, gpu/slow markers)."""
-pytest_plugins = ("harness.pytest_plugin",)
+pytest_plugins = ("nsaconf.harness.pytest_plugin",)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cases.model import Case
+from nsaconf.cases.model import Case
 
 XSS = '<script>alert(1)</script> & "quotes" | pipes'
 VERSIONS = {"nsaconf": "0.1.0", "torch": "2.13.0+cpu", "python": "3.11.2", "fla-core": "0.6.0"}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS, max_forced
-from cases.model import Case
+from nsaconf.cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS, max_forced
+from nsaconf.cases.model import Case
 
 
 @st.composite

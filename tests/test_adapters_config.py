@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from oracles import config
-from oracles.base import get_oracle
+from nsaconf.oracles import config
+from nsaconf.oracles.base import get_oracle
 
 
 def _fake_checkout(root: Path, key: str, commit: str | None) -> Path:

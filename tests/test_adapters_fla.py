@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import get_oracle
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.reference import nsa_reference
 from tests.adapters_util import check_against_reference
 
 pytest.importorskip("fla", reason="fla-core==0.6.0 is a runtime dependency: pip install -e .")
@@ -59,7 +59,7 @@ def test_fla_naive_topk_is_score_ordered_with_minus_one_padding():
 
 
 def test_loader_leaves_no_stub_modules():
-    from oracles.fla import load_naive_without_triton
+    from nsaconf.oracles.fla import load_naive_without_triton
     mod = load_naive_without_triton()
     assert hasattr(mod, "naive_nsa") and hasattr(mod, "naive_nsa_selection")
     for name in ("fla.ops", "fla.ops.utils", "fla.ops.utils.pooling"):
@@ -68,7 +68,7 @@ def test_loader_leaves_no_stub_modules():
 
 
 def test_stub_mean_pooling_tail_is_true_mean():
-    from oracles.fla import _mean_pooling
+    from nsaconf.oracles.fla import _mean_pooling
     x = torch.arange(10, dtype=torch.float32).view(1, 10, 1, 1)
     got = _mean_pooling(x, 4).flatten().tolist()
     assert got == [1.5, 5.5, 8.5]

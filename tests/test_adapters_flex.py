@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from cases.conventions import CMP_MASKS
-from cases.model import Case
-from oracles.base import get_oracle
-from oracles.flex import pool
-from oracles.reference import mean_pool
+from nsaconf.cases.conventions import CMP_MASKS
+from nsaconf.cases.model import Case
+from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.flex import pool
+from nsaconf.oracles.reference import mean_pool
 from tests.adapters_util import check_against_reference
 
 FLEX = get_oracle("flex")
@@ -41,8 +41,8 @@ def test_pooling_is_independent_but_equal():
 
 def test_wrong_mask_is_detected():
     """flex run under end_inclusive must not match the truth of an end_exclusive case (one position apart)."""
-    from cases.tensors import materialize
-    from oracles.reference import nsa_reference
+    from nsaconf.cases.tensors import materialize
+    from nsaconf.oracles.reference import nsa_reference
     case = Case(**{**BASE, "cmp_mask": "end_exclusive"})
     x = materialize(case)
     got = FLEX.run(case.replace(cmp_mask="end_inclusive"), x, "cpu")["cmp_o"]

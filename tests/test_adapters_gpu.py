@@ -5,10 +5,10 @@ skipped with its availability() reason. nsa_impl's compression branch must FAIL 
 import pytest
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import get_oracle
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.reference import nsa_reference
 from tests.adapters_util import check_against_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

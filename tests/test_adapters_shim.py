@@ -4,11 +4,11 @@ import sys
 import pytest
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import get_oracle
-from oracles.compat import flash_attn_shim as shim
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.compat import flash_attn_shim as shim
+from nsaconf.oracles.reference import nsa_reference
 from tests.adapters_util import check_against_reference
 
 

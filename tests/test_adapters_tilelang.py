@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import get_oracle
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.reference import nsa_reference
 from tests.adapters_util import check_against_reference
 
 REF = get_oracle("tilelang_ref")
@@ -48,7 +48,7 @@ def test_wrong_indices_are_detected():
 
 
 def test_import_does_not_reseed_rngs():
-    import oracles.tilelang as tl
+    import nsaconf.oracles.tilelang as tl
     tl._MODS.clear()
     random.seed(123)
     torch.manual_seed(123)

@@ -2,10 +2,10 @@
 CUDA oracles it times by default (CPU tests)."""
 from __future__ import annotations
 
-import harness.bench as hb
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import GRAD_BRANCHES, forward_only, get_oracle, gradients_wanted
+import nsaconf.harness.bench as hb
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import GRAD_BRANCHES, forward_only, get_oracle, gradients_wanted
 
 SMALL = Case(seq_len=48, heads_q=2, heads_kv=1, head_dim=16, block_size=16, top_n=3, window=8, dtype="float32")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases.model import Case, dump_cases
-from harness.cli import main
+from nsaconf.cases.model import Case, dump_cases
+from nsaconf.harness.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).parent / "plugins"
@@ -55,13 +55,13 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, case_file):
 def test_exit_code_2_from_the_console(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[{]")
-    p = subprocess.run([sys.executable, "-m", "harness", "run", "--case", str(bad)], cwd=ROOT, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "nsaconf", "run", "--case", str(bad)], cwd=ROOT, capture_output=True, text=True,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 2 and p.stderr.strip().startswith("nsaconf: error:") and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_list_shows_availability_and_plugins(capsys):
-    assert main(["list", "--plugin", str(ROOT / "examples" / "plugin_example.py")]) == 0
+    assert main(["list", "--plugin", str(ROOT / "oracles" / "plugin_example.py")]) == 0
     out = capsys.readouterr().out
     assert "reference" in out and "my_sdpa_window" in out and "available" in out
     assert main(["list", "--json"]) == 0
@@ -107,7 +107,7 @@ def test_tol_override_is_recorded_and_changes_the_verdict(tmp_path, case_file):
 
 
 def test_plugin_example_loads_and_passes(tmp_path):
-    rc = main(["run", "--plugin", str(ROOT / "examples" / "plugin_example.py"), "--oracles", "my_sdpa_window",
+    rc = main(["run", "--plugin", str(ROOT / "oracles" / "plugin_example.py"), "--oracles", "my_sdpa_window",
                "--case", str(ROOT / "examples" / "case.json"), "--out", str(tmp_path / "pe"), "--no-progress", "--no-report"])
     assert rc == 0
     rec = json.loads((tmp_path / "pe" / "results.jsonl").read_text().splitlines()[0])
@@ -115,7 +115,7 @@ def test_plugin_example_loads_and_passes(tmp_path):
 
 
 def test_dtype_and_seed_expand_cases(tmp_path, case_file):
-    from harness.cli import _select_cases, build_parser
+    from nsaconf.harness.cli import _select_cases, build_parser
 
     args = build_parser().parse_args(["run", "--case", str(case_file), "--dtype", "fp16,fp32", "--seed", "9"])
     cs = _select_cases(args)

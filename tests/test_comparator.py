@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cases.model import Case
-from harness.comparator import CaseTruth, check_empty_cmp_o, compare_numeric, compare_topk, judge
-from harness.tolerance import ToleranceTable
+from nsaconf.cases.model import Case
+from nsaconf.harness.comparator import CaseTruth, check_empty_cmp_o, compare_numeric, compare_topk, judge
+from nsaconf.harness.tolerance import ToleranceTable
 
 CASE = Case(seq_len=64, heads_q=4, heads_kv=2, head_dim=16, block_size=16, top_n=3, window=8, dtype="bfloat16", seed=3)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS
-from cases.generator import PROFILES, profile_cases
-from cases.model import DTYPES, Case, CaseError
+from nsaconf.cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS
+from nsaconf.cases.generator import PROFILES, profile_cases
+from nsaconf.cases.model import DTYPES, Case, CaseError
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -46,7 +46,7 @@ def test_gpu_profile_edges():
     assert {16, 32, 64} <= {c.group for c in cs}
     assert any(c.seq_len < c.block_size for c in cs) and any(c.q_len < c.seq_len for c in cs) and any(c.cu_seqlens for c in cs)
     assert {(c.head_dim, c.head_dim_v) for c in cs} >= {(64, 64), (128, 128), (192, 128)}
-    from oracles.reference import grad_truth_skip_reason
+    from nsaconf.oracles.reference import grad_truth_skip_reason
 
     # gradients of the one-block-size kernels (FLA's backward) are judged on at least one case per dtype
     grads = [c for c in cs if c.block_size == c.cmp_block == c.cmp_stride == 64 and c.q_len == c.seq_len

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases.model import Case
-from cases.tensors import materialize
-from harness.comparator import CaseTruth
-from harness.runner import branch_skip_reason, evaluate
-from oracles.base import GRAD_BRANCHES, load_plugin
-from oracles.reference import grad_truth_skip_reason, nsa_reference_grads
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.harness.comparator import CaseTruth
+from nsaconf.harness.runner import branch_skip_reason, evaluate
+from nsaconf.oracles.base import GRAD_BRANCHES, load_plugin
+from nsaconf.oracles.reference import grad_truth_skip_reason, nsa_reference_grads
 
 
 
@@ -100,9 +100,9 @@ def test_large_cases_skip_gradients_with_a_reason():
 def test_tie_only_selection_difference_rederives_the_gradient_truth():
     """An e2e oracle that picks a tied block instead of the truth's n-th block: its gradients are judged
     against the gradient truth recomputed with its own indices (PASS); the same swap without a tie FAILs."""
-    from harness.comparator import judge
-    from harness.tolerance import ToleranceTable
-    from oracles.reference import nsa_reference
+    from nsaconf.harness.comparator import judge
+    from nsaconf.harness.tolerance import ToleranceTable
+    from nsaconf.oracles.reference import nsa_reference
 
     case = Case(batch=1, seq_len=40, q_len=4, heads_q=2, heads_kv=1, head_dim=8, dtype="float16", block_size=4,
                 top_n=3, forced_blocks="none")
@@ -133,8 +133,8 @@ def test_tie_only_selection_difference_rederives_the_gradient_truth():
 def test_oracle_can_decline_a_branch_per_case():
     """``Oracle.branch_supports`` turns a declared branch into SKIP cells with the oracle's reason, and
     the oracle's other branches are still judged (fla_parallel declines gradients for TQ < T)."""
-    from oracles.base import register_oracle
-    from oracles.reference_oracles import ReferenceOracle
+    from nsaconf.oracles.base import register_oracle
+    from nsaconf.oracles.reference_oracles import ReferenceOracle
 
     @register_oracle
     class NoGradsWhenDecoding(ReferenceOracle):
@@ -150,6 +150,6 @@ def test_oracle_can_decline_a_branch_per_case():
     assert cells[("test_no_grads_when_decoding", "o")].status == "PASS"
     full = _cells(SMALL[0], ["test_no_grads_when_decoding"])
     assert full[("test_no_grads_when_decoding", "dq")].status == "PASS"
-    from oracles.fla import FlaParallel
+    from nsaconf.oracles.fla import FlaParallel
 
     assert "TQ < T" in FlaParallel().branch_supports(FLA_CASE, "dk") and FlaParallel().branch_supports(FLA_CASE, "o") is None

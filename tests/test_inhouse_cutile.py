@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from cases.conventions import eq9_weights, max_forced
-from cases.model import Case
-from cases.tensors import materialize
-from oracles.base import get_oracle, registry
-from oracles.reference import nsa_reference, select_blocks
+from nsaconf.cases.conventions import eq9_weights, max_forced
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import materialize
+from nsaconf.oracles.base import get_oracle, registry
+from nsaconf.oracles.reference import nsa_reference, select_blocks
 
 
 def test_registered_with_declarations():
@@ -42,7 +42,7 @@ def test_supports_reasons(kw, word):
 @pytest.mark.parametrize("forced,n", [(f, n) for f in ("none", "current", "initial_local") for n in (1, 3, 16)
                                       if n >= max_forced(f)])  # fewer is not a valid case
 def test_top_n_matches_reference_rule_with_exact_ties(forced, n):
-    from oracles.inhouse_cutile.forward import top_n
+    from nsaconf.oracles.inhouse_cutile.forward import top_n
     g = torch.Generator().manual_seed(n)
     case = Case(seq_len=120, block_size=8, top_n=n, forced_blocks=forced, heads_q=2, heads_kv=2)
     imp = torch.rand((1, 50, 2, 15), generator=g)
@@ -58,8 +58,8 @@ def test_top_n_matches_reference_rule_with_exact_ties(forced, n):
 def test_top_n_is_forced_plus_top_n_of_the_others(forced, ls, T, q_off):
     """What the shared-forced selection relies on: for every rule and every n >= its forced count,
     top_n(n) = the forced candidates + top_n_others(n - max_forced), per row (ties and zeros included)."""
-    from cases.conventions import is_forced, selection_candidate
-    from oracles.inhouse_cutile.forward import top_n, top_n_others
+    from nsaconf.cases.conventions import is_forced, selection_candidate
+    from nsaconf.oracles.inhouse_cutile.forward import top_n, top_n_others
     g = torch.Generator().manual_seed(ls * T + q_off)
     NS = -(-T // ls)
     pos = torch.arange(q_off, T)
@@ -82,8 +82,8 @@ def test_top_n_is_forced_plus_top_n_of_the_others(forced, ls, T, q_off):
                                                ("initial_local", 0, 64, 40)])
 def test_forced_list_is_each_querys_forced_candidates(forced, q_off, ls, T):
     """Also when the sequence has fewer blocks than forced slots (T = 100 or 40 with l' = 64)."""
-    from cases.conventions import is_forced, selection_candidate
-    from oracles.inhouse_cutile.forward import forced_list
+    from nsaconf.cases.conventions import is_forced, selection_candidate
+    from nsaconf.oracles.inhouse_cutile.forward import forced_list
     TQ, NS = T - q_off, -(-T // ls)
     fl = forced_list(q_off, TQ, NS, ls, forced, "cpu")
     assert fl.dtype == torch.int32 and fl.shape == (TQ, max_forced(forced))
@@ -102,9 +102,9 @@ def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T)
     each query's forced candidates, with no overlap; every local key ``s <= p`` is inside the window of p
     (what lets one softmax state serve both branches); no plan when a window misses them, when one window
     tile's queries straddle two blocks, or with the flag off."""
-    from cases.conventions import WINDOW_KEYS, is_forced, selection_candidate
-    from cases.model import Case
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.cases.conventions import WINDOW_KEYS, is_forced, selection_candidate
+    from nsaconf.cases.model import Case
+    from nsaconf.oracles.inhouse_cutile import forward as F
     case = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=2 * ls, window_keys="w")
     want_nlocal = 2 if forced == "initial_local" else 1
     with F.flags(FORCED_LOCAL_IN_WINDOW=True):
@@ -138,7 +138,7 @@ def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T)
 def test_tile_fully_visible_iff_two_corners_are(rule, l, d, w):
     """What ``kernels._tile_all_visible`` relies on: for every convention, a tile of keys ``c0..c1`` x
     positions ``p0..p1`` is visible everywhere exactly when ``(c1, p0)`` and ``(c0, p1)`` are."""
-    from cases.conventions import CMP_MASKS, WINDOW_KEYS
+    from nsaconf.cases.conventions import CMP_MASKS, WINDOW_KEYS
     kind, name = rule.split(":")
     vis = (lambda c, p: CMP_MASKS[name](c, p, l, d)) if kind == "cmp" else (lambda c, p: WINDOW_KEYS[name](p, c, w))
     g = torch.Generator().manual_seed(l + d + w)
@@ -211,7 +211,7 @@ def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n, slot_by_value):
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 32), (64, 64, 64), (8, 8, 16)])
 def test_importance_is_eq9(l, d, ls):
-    from oracles.inhouse_cutile.forward import importance
+    from nsaconf.oracles.inhouse_cutile.forward import importance
     T = 300
     nc, ns = -(-T // d), -(-T // ls)
     p = torch.rand((1, 7, 2, nc))
@@ -220,7 +220,7 @@ def test_importance_is_eq9(l, d, ls):
 
 
 def test_flop_and_byte_model_paper_config():
-    from harness.bench import branch_costs, cost_of, dense_causal_cost
+    from nsaconf.harness.bench import branch_costs, cost_of, dense_causal_cost
     c = Case(seq_len=4096, heads_q=64, heads_kv=4, head_dim=128, block_size=64, top_n=16, window=512, dtype="bfloat16")
     costs = branch_costs(c)
     T, HQ, D = 4096, 64, 128
@@ -237,7 +237,7 @@ def test_flop_and_byte_model_paper_config():
 
 
 def test_performance_section_renders():
-    from reports.performance import render_performance_section
+    from nsaconf.reports.performance import render_performance_section
     assert "No timings" in render_performance_section([])
     rec = dict(case="c<1>", oracle="inhouse_cutile", layer="e2e", branches=["o"], ms=2.0, ratio_to_fastest=1.0,
                flops=1e12, bytes=1e9, floor_ms=1.5, pct_of_floor=75.0, device="H100", ceilings={"matmul_tflops": 700})
@@ -259,7 +259,7 @@ def _tileiras() -> bool:
 @pytest.mark.skipif(not _tileiras(), reason="needs tileiras 13.4 (PATH or nvidia-cuda-tileiras) to compile sm_90 cubins on the CPU")
 def test_kernels_compile_for_sm90(capsys, tmp_path):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile.compile_check import main
+    from nsaconf.oracles.inhouse_cutile.compile_check import main
     assert main([]) == 0
     # with run-time alignment: TMA loads; heads-on-rows selection = mma.sync m16n8k16 (16-row tiles are
     # below wgmma's 64), keys-on-rows = wgmma m64n16k16; both fit two CTAs per SM (<= 114 KB smem)
@@ -318,7 +318,7 @@ def test_gpu_matches_fp64_reference(case):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
 def test_bench_command_without_gpu_exits_2(tmp_path, capsys):
     import argparse
-    from harness.bench import register
+    from nsaconf.harness.bench import register
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["bench", "--case", "examples/case.json", "--out", str(tmp_path)])
@@ -327,7 +327,7 @@ def test_bench_command_without_gpu_exits_2(tmp_path, capsys):
 
 
 def test_bench_records_and_ratios(tmp_path):
-    from harness.bench import Ceilings, cost_of, fill_ratios, make_record, write_records
+    from nsaconf.harness.bench import Ceilings, cost_of, fill_ratios, make_record, write_records
     c = Case(seq_len=256, heads_q=4, heads_kv=1, head_dim=32, block_size=16, top_n=4, dtype="bfloat16")
     ceil = Ceilings(700.0, 3000.0, "test-card")
     recs = [make_record(c, n, "e2e", ("o",), ms, 20, cost_of(c, ("o",)), ceil) for n, ms in (("a", 2.0), ("b", 3.0))]
@@ -339,7 +339,7 @@ def test_bench_records_and_ratios(tmp_path):
 
 
 def test_forward_flags_set_restore_and_parse():
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     before = (F.CHUNK_BLOCKS, F.TOPN_KERNEL)
     with F.flags(CHUNK_BLOCKS=4, TOPN_KERNEL="packed"):
         assert (F.CHUNK_BLOCKS, F.TOPN_KERNEL) == (4, "packed")
@@ -391,7 +391,7 @@ def test_bench_variants_parses_flag_sets():
 
 def _launches(monkeypatch):
     """Record ``forward._launch(kernel, grid, args)`` calls instead of launching (CPU)."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, args)))
     return calls
@@ -408,7 +408,7 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
     """The host side of the gated selection kernels: one argument per kernel parameter, the epilogue
     flags in place, and the buffers it returns are the ones the kernel writes (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     calls = _launches(monkeypatch)
     B, T, HQ, H, D, n = 1, 256, 16, 1, 64, 4
     q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
@@ -437,8 +437,8 @@ def test_selection_partial_host_side(monkeypatch, idx_once, qpp, mask_all):
     per kernel parameter; with ``SEL_IDX_ONCE`` the index rows are padded with -1 to pow2(n) columns (one
     aligned load; the kernel reads the first n), else passed as they are (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import kernels as K
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
     B, T, HQ, H, D, n = 1, 10, 8, 2, 32, 14
@@ -473,8 +473,8 @@ def test_dense_kernels_tiles_per_program(monkeypatch, cmp_tpp, win_tpp):
     """``CMP_TILES_PER_PROGRAM`` / ``WINDOW_TILES_PER_PROGRAM``: the compression, window and window-forced kernels get
     the flag as TPP and ceil(TQ / (TMQ * TPP)) programs per kv head, one argument per kernel parameter (CPU)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import kernels as K
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
     B, T, HQ, H, D = 1, 100, 32, 2, 32            # G = 16: TMQ = 64 // 16 = 4 queries per tile, 25 tiles
@@ -501,8 +501,8 @@ def test_compression_one_pass_when_the_blocks_fit(monkeypatch, nc, key_tile, lim
     when the pooled blocks fit in that many key tiles, else in two (NT1 = 0); without importance always two
     (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import kernels as K
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
     B, T, HQ, H, D = 1, 100, 32, 2, 32
@@ -518,7 +518,7 @@ def test_compression_one_pass_when_the_blocks_fit(monkeypatch, nc, key_tile, lim
 
 def test_combine_gates_passes_the_three_gates(monkeypatch):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     calls = _launches(monkeypatch)
     x = torch.randn(1, 8, 4, 16)
     g = [torch.full((1, 8, 4), float(i)) for i in range(3)]
@@ -538,8 +538,8 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, b
     per-query kernel, the window kernel only when w > 0; with TOPN_FORCED_BY_RULE and topk_idx not
     returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
-    from oracles.inhouse_cutile import forward as F
-    from oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import kernels as K
     calls = _launches(monkeypatch)
     case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
     with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule):

@@ -8,12 +8,12 @@ from typing import Optional
 import pytest
 import torch
 
-from cases.conventions import CMP_MASKS, WINDOW_KEYS
-from harness.probe import (ModuleProbe, ProbeConfig, ProbeError, cmp_dependency_mask, leak_check_records,
+from nsaconf.cases.conventions import CMP_MASKS, WINDOW_KEYS
+from nsaconf.harness.probe import (ModuleProbe, ProbeConfig, ProbeError, cmp_dependency_mask, leak_check_records,
                            probe_module, probe_oracle)
-from oracles.base import get_oracle, load_plugin, registry
-from oracles.reference import nsa_reference
-from oracles.reference_oracles import ReferenceOracle
+from nsaconf.oracles.base import get_oracle, load_plugin, registry
+from nsaconf.oracles.reference import nsa_reference
+from nsaconf.oracles.reference_oracles import ReferenceOracle
 
 PLUGIN = Path(__file__).parent / "plugins" / "probe_planted.py"
 
@@ -199,7 +199,7 @@ def test_leak_check_records(planted):
 
 
 def test_conventions_section_html(planted):
-    from reports.conventions import COLOURS, render_conventions_section, render_standalone
+    from nsaconf.reports.conventions import COLOURS, render_conventions_section, render_standalone
 
     recs = leak_check_records(["probe_bug_block_causal"], "cpu")
     html = render_conventions_section(recs)

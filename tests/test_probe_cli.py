@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.masks import main
+from nsaconf.harness.masks import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = Path(__file__).parent / "plugins" / "probe_planted.py"
@@ -58,13 +58,13 @@ def test_masks_usage_errors(capsys):
 
 
 def test_nsaconf_masks_subcommand():
-    """Wired into ``nsaconf`` (python -m harness masks)."""
-    p = subprocess.run([sys.executable, "-m", "harness", "masks", "--oracles", "reference", "--branch", "cmp", "--json", *SMALL],
+    """Wired into ``nsaconf`` (python -m nsaconf masks)."""
+    p = subprocess.run([sys.executable, "-m", "nsaconf", "masks", "--oracles", "reference", "--branch", "cmp", "--json", *SMALL],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     (rec,) = [json.loads(line) for line in p.stdout.splitlines()]
     assert rec["convention"] == "end_inclusive" and rec["leaks"] == 0
-    p = subprocess.run([sys.executable, "-m", "harness", "masks", "--branch", "bogus"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "nsaconf", "masks", "--branch", "bogus"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
 
 

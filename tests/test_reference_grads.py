@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cases.conventions import CAUSAL_CMP_MASKS
-from cases.model import Case
-from cases.tensors import GRAD_INPUTS, Inputs, grad_branches, materialize, output_cotangent, query_positions
-from oracles.dense import nsa_dense_grads
-from oracles.reference import _forward, nsa_reference, nsa_reference_grads
+from nsaconf.cases.conventions import CAUSAL_CMP_MASKS
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, materialize, output_cotangent, query_positions
+from nsaconf.oracles.dense import nsa_dense_grads
+from nsaconf.oracles.reference import _forward, nsa_reference, nsa_reference_grads
 from tests.strategies import small_cases
 
 FIELDS = ("q", "k", "v", "g_cmp", "g_slc", "g_swa")

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from cases.conventions import (CMP_MASKS, WINDOW_KEYS, anti_causal, current_block, end_exclusive, end_inclusive,
+from nsaconf.cases.conventions import (CMP_MASKS, WINDOW_KEYS, anti_causal, current_block, end_exclusive, end_inclusive,
                                eq9_weights, is_forced, window_w, window_w_plus_1)
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.dense import nsa_dense
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.dense import nsa_dense
+from nsaconf.oracles.reference import nsa_reference
 
 LN2 = math.log(2.0)
 NAN = float("nan")

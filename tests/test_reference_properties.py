@@ -6,11 +6,11 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cases.conventions import CAUSAL_CMP_MASKS
-from cases.model import Case, CaseError
-from cases.tensors import Inputs, materialize
-from oracles.dense import nsa_dense
-from oracles.reference import nsa_reference
+from nsaconf.cases.conventions import CAUSAL_CMP_MASKS
+from nsaconf.cases.model import Case, CaseError
+from nsaconf.cases.tensors import Inputs, materialize
+from nsaconf.oracles.dense import nsa_dense
+from nsaconf.oracles.reference import nsa_reference
 from tests.strategies import small_cases
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from reports import ReportError, write_reports
-from reports.load import load
-from reports.markdown import md_escape
+from nsaconf.reports import ReportError, write_reports
+from nsaconf.reports.load import load
+from nsaconf.reports.markdown import md_escape
 from tests.report_fixtures import XSS, fixture_records, write_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,10 +213,10 @@ def test_run_json_other_tolerance_forms(tmp_path: Path) -> None:
 
 def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fixture(tmp_path, side_files=True)
-    conv = types.ModuleType("reports.conventions")
+    conv = types.ModuleType("nsaconf.reports.conventions")
     conv.render_conventions_section = lambda recs: f'<div id="conv-ok">{len(recs)} convention record(s)</div>'
-    monkeypatch.setitem(sys.modules, "reports.conventions", conv)
-    monkeypatch.setitem(sys.modules, "reports.performance", None)  # import fails: must be said, not hidden
+    monkeypatch.setitem(sys.modules, "nsaconf.reports.conventions", conv)
+    monkeypatch.setitem(sys.modules, "nsaconf.reports.performance", None)  # import fails: must be said, not hidden
     html = write_reports(tmp_path)["html"].read_text()
     assert '<div id="conv-ok">1 convention record(s)</div>' in html
     assert 'id="performance"' in html
@@ -247,7 +247,7 @@ def test_reports_import_is_cheap() -> None:
 
 def test_records_written_by_the_engine_writer(tmp_path: Path) -> None:
     """Schema check against the engine's own writer (strict JSON: inf/nan become strings)."""
-    results = pytest.importorskip("harness.results", reason="the engine's harness/results.py is not in this tree")
+    results = pytest.importorskip("nsaconf.harness.results", reason="the engine's harness/results.py is not in this tree")
     with results.ResultWriter(tmp_path) as w:
         for r in fixture_records():
             m = {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in r["metrics"].items()}

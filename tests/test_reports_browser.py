@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from reports import write_reports
+from nsaconf.reports import write_reports
 from tests.chromium_cdp import Chromium, find_chromium
 from tests.report_fixtures import write_fixture
 
@@ -49,9 +49,9 @@ def test_report_loads_clean_with_sections_and_fail_drilldown(browser: Chromium, 
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     write_fixture(tmp_path, run_json=True, side_files=True)
     # a performance section from a (fake) owner module, so that the optional section is exercised too
-    perf = types.ModuleType("reports.performance")
+    perf = types.ModuleType("nsaconf.reports.performance")
     perf.render_performance_section = lambda recs: '<table class="grid"><tr><td>1.5 ms</td></tr></table>'
-    monkeypatch.setitem(sys.modules, "reports.performance", perf)
+    monkeypatch.setitem(sys.modules, "nsaconf.reports.performance", perf)
     html = write_reports(tmp_path)["html"]
     page = browser.load(html, PROBE)
     assert page.console_errors == []

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cases.model import Case, dump_cases
-from harness.cli import main
+from nsaconf.cases.model import Case, dump_cases
+from nsaconf.harness.cli import main
 
 PLUGINS = Path(__file__).parent / "plugins"
 ORACLES = "reference,bug_window,bug_scale,bug_kvmap,bad_raise,bad_crash,bad_abort,bad_hang,bad_zeros,bad_const"
@@ -125,7 +125,7 @@ def test_shards_merge_to_the_full_run(run_dir, tmp_path):
     assert main(["merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0  # merge itself succeeded
     merged = {(r["case_id"], r["oracle"], r["branch"]): r["status"]
               for r in map(json.loads, (tmp_path / "m" / "results.jsonl").read_text().splitlines())}
-    from harness.results import iter_records  # the module's run dir may hold the resume test's torn line
+    from nsaconf.harness.results import iter_records  # the module's run dir may hold the resume test's torn line
 
     full = {(r["case_id"], r["oracle"], r["branch"]): r["status"]
             for r in iter_records(d / "out") if r["oracle"] in ("reference", "bug_window")}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import tolerance_table
-from harness.tolerance import DEFAULTS, ToleranceError, ToleranceTable
+from nsaconf.harness.config import tolerance_table
+from nsaconf.harness.tolerance import DEFAULTS, ToleranceError, ToleranceTable
 
 
 def test_defaults_fa_rule_for_kernels_and_tight_for_reference():

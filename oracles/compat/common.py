@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from cases.conventions import cmp_mask_matrix, num_cmp_blocks
-from cases.model import Case
-from cases.tensors import Inputs, query_positions
+from nsaconf.cases.conventions import cmp_mask_matrix, num_cmp_blocks
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs, query_positions
 
 
 def flash_window_size(case: Case) -> tuple[int, int]:

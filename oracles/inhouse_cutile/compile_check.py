@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every in-house kernel variant to an sm_90 cubin, without a GPU.
 
-``python -m oracles.inhouse_cutile.compile_check [dtype] [label filter] [--stats] [--ptx DIR]`` needs ``cuda-tile``
+``python -m nsaconf.oracles.inhouse_cutile.compile_check [dtype] [label filter] [--stats] [--ptx DIR]`` needs ``cuda-tile``
 and tileiras/ptxas 13.4 (``pip install cuda-tile==1.7.0 nvidia-cuda-tileiras==13.4.92
 nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92``). It catches typing and lowering errors before any
 device time is spent. ``--stats`` compiles with the alignment the runtime sees for contiguous
@@ -110,7 +110,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
     """(label, kernel, signature parameters) for the variants the benchmark and tests use."""
     import cuda.tile as ct
     from cuda.tile.compilation import ScalarConstraint
-    from oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile import kernels as K
     dt = getattr(ct, dtype)
     a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
@@ -196,7 +196,7 @@ def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
 
 def _runtime_occupancy(label: str):
     """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
-    from oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile import forward as F
     if label.startswith(("selection_chunk", "selection_keyrows")):
         return F.SEL_OCCUPANCY
     if label.startswith("selection_union"):

@@ -24,10 +24,10 @@ from typing import Iterable, Optional
 
 import torch
 
-from cases.conventions import (FORCED_RULES, WINDOW_KEYS, eq9_weights, is_forced, max_forced, num_cmp_blocks,
+from nsaconf.cases.conventions import (FORCED_RULES, WINDOW_KEYS, eq9_weights, is_forced, max_forced, num_cmp_blocks,
                                num_sel_blocks, selection_candidate)
-from cases.model import Case
-from cases.tensors import Inputs, canonical_order
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs, canonical_order
 
 LOG2E = 1.0 / math.log(2.0)
 CMP_TILE = (64, 64)     # (rows = queries x heads, compressed blocks per step) of the compression kernel
@@ -53,7 +53,7 @@ def pow2(x: int) -> int:
 
 def _ct():
     import cuda.tile as ct
-    from oracles.inhouse_cutile import kernels
+    from nsaconf.oracles.inhouse_cutile import kernels
     return ct, kernels
 
 

@@ -17,7 +17,7 @@ import math
 import cuda.tile as ct
 import numpy as np
 
-from cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive, forced_current,
+from nsaconf.cases.conventions import (anti_causal, current_block, end_exclusive, end_inclusive, forced_current,
                                forced_initial_local, forced_none,
                                selection_candidate, selection_causal, window_w, window_w_plus_1)
 

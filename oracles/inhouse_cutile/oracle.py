@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from cases.model import Case
-from cases.tensors import Inputs
-from oracles.base import Oracle, register_oracle
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.oracles.base import Oracle, register_oracle
 
 ENABLE = ("needs cuda-tile 1.7.0 and an sm_80+/sm_90 GPU with tileiras 13.4 "
           "(../shared/tools/device-bundles.sh cutile, then `source .device/env.sh`)")
@@ -68,7 +68,7 @@ class InhouseCuTile(_CuTileBase):
     description = "in-house cuTile NSA forward (H100/sm_90, cuda-tile 1.7.0): all branches, own top-n"
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
-        from oracles.inhouse_cutile.forward import nsa_forward
+        from nsaconf.oracles.inhouse_cutile.forward import nsa_forward
         return nsa_forward(case, inputs, block_indices=None)
 
 
@@ -84,7 +84,7 @@ class InhouseCuTileKernels(_CuTileBase):
     description = "in-house cuTile kernels per branch (compression+LSE, selection on given indices, window)"
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
-        from oracles.inhouse_cutile.forward import nsa_forward
+        from nsaconf.oracles.inhouse_cutile.forward import nsa_forward
         if block_indices is None:
             raise ValueError("inhouse_cutile_kernels needs block_indices (the runner passes them)")
         return nsa_forward(case, inputs, block_indices=block_indices.to(inputs.q.device),

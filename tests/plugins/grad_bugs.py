@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cases.tensors import GRAD_INPUTS, grad_branches
-from oracles.base import Oracle, register_oracle
-from oracles.reference import nsa_reference_grads
+from nsaconf.cases.tensors import GRAD_INPUTS, grad_branches
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.reference import nsa_reference_grads
 
 
 class _GradBug(Oracle):

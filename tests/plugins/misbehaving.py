@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from oracles.base import Oracle, register_oracle
-from oracles.reference import nsa_reference
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.reference import nsa_reference
 
 
 class _Good(Oracle):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from oracles.base import Oracle, register_oracle
-from oracles.reference import nsa_reference
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.reference import nsa_reference
 
 
 @register_oracle

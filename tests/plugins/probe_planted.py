@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from cases.model import Case
-from oracles.base import Oracle, register_oracle
-from oracles.reference import nsa_reference
+from nsaconf.cases.model import Case
+from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.reference import nsa_reference
 
 
 class _PaperOnly(Oracle):

@@ -1,15 +1,15 @@
 """A complete nsaconf plugin: the sliding-window branch computed with torch SDPA.
 
-    nsaconf run --plugin examples/plugin_example.py --oracles my_sdpa_window --profile smoke
+    nsaconf run --plugin oracles/plugin_example.py --oracles my_sdpa_window --profile smoke
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from cases.conventions import window_mask_matrix
-from cases.tensors import query_positions
-from oracles.base import Oracle, register_oracle
+from nsaconf.cases.conventions import window_mask_matrix
+from nsaconf.cases.tensors import query_positions
+from nsaconf.oracles.base import Oracle, register_oracle
 
 
 @register_oracle

@@ -1,0 +1,6 @@
+"""``python -m nsaconf`` = the ``nsaconf`` command."""
+import sys
+
+from nsaconf.harness.cli import main
+
+sys.exit(main())

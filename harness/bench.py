@@ -1,19 +1,16 @@
-"""``nsaconf bench``: time GPU oracles on cases, with a roofline floor per case (issue 6).
+"""GPU timing of oracles (``nsaconf bench``), with a roofline floor per case.
 
 Timing: CUDA events around each call, ``--warmup`` calls first, median of ``--reps`` (>= 20) calls,
 rotating over enough copies of the inputs that each call reads data not left in L2 by the previous.
 Ceilings are measured in the same run: a large bf16 matmul (FLOP/s) and a device-to-device copy
 (bytes read + written per second). Floor of a case = ``max(FLOPs / matmul rate, bytes / copy rate)``
 with FLOPs and minimum bytes counted per branch (``branch_costs``). Writes ``DIR/bench.jsonl`` (one
-record per oracle x case) and ``DIR/performance.html`` (the report section).
+record per oracle x case); ``nsaconf bench`` renders it as ``DIR/performance.html``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +19,9 @@ from typing import Callable, Optional
 import torch
 
 from nsaconf.cases.conventions import cmp_mask_matrix, num_cmp_blocks, window_mask_matrix
-from nsaconf.cases.model import Case, CaseError, load_cases
+from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, materialize, query_positions
+from nsaconf.harness.environment import versions as environment_versions
 
 L2_BYTES = 50 * 2**20           # H100 L2; inputs are rotated so that > 2x this is touched between reuses
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -201,24 +199,13 @@ def fill_ratios(records: list[BenchRecord]) -> None:
 
 
 def write_records(out: Path, records: list[BenchRecord]) -> Path:
+    """``out/bench.jsonl``, one record per line (``nsaconf.reports.performance`` renders it)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.jsonl"
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
-    from nsaconf.reports.performance import render_performance_section
-    (out / "performance.html").write_text(render_performance_section([asdict(r) for r in records]))
     return path
-
-
-def versions() -> dict:
-    v = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
-    for mod in ("cuda.tile", "triton"):
-        try:
-            v[mod] = __import__(mod, fromlist=["_"]).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    return v
 
 
 # ------------------------------------------------------------------------------------ command
@@ -256,7 +243,8 @@ def bench_oracles(cases: list[Case], oracle_names: list[str], reps: int, warmup:
             except Exception as e:  # noqa: BLE001  (a failing oracle is reported, not fatal)
                 log(f"FAIL {case.id} {o.name}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            rec = make_record(case, o.name, o.layer, branches, ms, reps, cost_of(case, branches), ceil, versions())
+            rec = make_record(case, o.name, o.layer, branches, ms, reps, cost_of(case, branches), ceil,
+                              {**environment_versions(), **o.versions()})
             log(f"{case.id} {o.name}: {ms:.3f} ms ({rec.pct_of_floor:.0f} % of floor)")
             records.append(rec)
             if on_record is not None:
@@ -279,51 +267,3 @@ def default_bench_oracles() -> tuple[list[str], list[tuple[str, str]]]:
         else:
             names.append(name)
     return names, left_out
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("nsaconf: error: bench needs a CUDA device", file=sys.stderr)
-        return 2
-    if args.reps < 20:
-        print(f"nsaconf: error: --reps must be >= 20, got {args.reps}", file=sys.stderr)
-        return 2
-    try:
-        cases = [c for f in args.case for c in load_cases(f)]
-        if args.profile:
-            from nsaconf.cases.generator import profile_cases
-            cases += profile_cases(args.profile, args.seed)
-    except CaseError as e:
-        print(f"nsaconf: error: {e}", file=sys.stderr)
-        return 2
-    if not cases:
-        print("nsaconf: error: no cases (give --case FILE or --profile NAME)", file=sys.stderr)
-        return 2
-    from nsaconf.oracles.base import OracleError
-    if args.oracles:
-        names = args.oracles.split(",")
-    else:
-        names, left_out = default_bench_oracles()
-        for name, why in left_out:
-            print(f"nsaconf bench: not timed by default: {name} ({why}); name it in --oracles to time it")
-    try:
-        records = bench_oracles(cases, names, args.reps, args.warmup, on_record=lambda rs: write_records(Path(args.out), rs))
-    except OracleError as e:
-        print(f"nsaconf: error: {e}", file=sys.stderr)
-        return 2
-    path = write_records(Path(args.out), records)
-    print(f"wrote {path} ({len(records)} records)")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``nsaconf bench`` to the CLI."""
-    p = subparsers.add_parser("bench", help="time GPU oracles (CUDA events), write DIR/bench.jsonl + performance section")
-    p.add_argument("--case", action="append", default=[], help="case JSON file (repeatable)")
-    p.add_argument("--profile", default=None, help="case profile (e.g. paper, gpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--oracles", default=None, help="comma-separated (default: every oracle with a cuda device)")
-    p.add_argument("--reps", type=int, default=20, help="timed calls per oracle x case (median; >= 20)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="out/run")
-    p.set_defaults(func=cmd_bench)

@@ -688,3 +688,36 @@ def leak_check_records(oracle_names: list[str], device: str) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - one oracle's crash must not lose the others' records
             records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in branches)
     return records
+
+
+def probe_records(oracle_names: list[str], device: str, cfg: ProbeConfig = ProbeConfig(),
+                  branches: Optional[tuple[str, ...]] = None, cmp_mask: Optional[str] = None,
+                  window_keys: Optional[str] = None, emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """``nsaconf masks``: one record per (oracle, branch) probed with ``cfg`` (default: every branch of
+    ``PROBE_BRANCHES`` the oracle returns). Oracles that cannot be probed give records carrying the
+    reason (``skipped``); ``bad probe parameters`` raise ``ProbeError``. ``emit(record)`` is called as soon
+    as an oracle is done, so that a run cut off by a time limit keeps what it had measured."""
+    from nsaconf.harness.environment import where
+
+    here = where(device)
+    records: list[dict] = []
+    for name in oracle_names:
+        oracle = get_oracle(name)
+        want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
+        if not want:
+            recs = [skipped_record(name, ",".join(branches or PROBE_BRANCHES), f"{name} returns none of these branches")]
+        else:
+            try:
+                recs = [r.to_record() for r in probe_oracle(oracle, device, cfg, tuple(want), cmp_mask, window_keys)]
+            except ProbeError as e:
+                if str(e).startswith("bad probe parameters"):
+                    raise
+                recs = [skipped_record(name, b, str(e), _kind(e)) for b in want]
+            except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
+                recs = [skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in want]
+        for rec in recs:
+            rec.update(here)
+            if emit is not None:
+                emit(rec)
+        records += recs
+    return records

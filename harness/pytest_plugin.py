@@ -70,8 +70,9 @@ class NsaCell:
     cache: dict
 
     def check(self) -> None:
-        from nsaconf.harness.config import load_config, tolerance_table
         from nsaconf.harness.runner import evaluate
+        from nsaconf.harness.tolerance import tolerance_table
+        from nsaconf.oracles.config import load_config
 
         table = tolerance_table(load_config(), self.tol)
         cells = evaluate(self.case, [self.oracle], device=self.device, table=table, plugins=self.plugins,
@@ -92,11 +93,9 @@ _TRUTHS: dict = {}
 
 
 def _oracle_names(config) -> list[str]:
-    from nsaconf.oracles.base import load_entry_points, load_plugin, registry
+    from nsaconf.oracles.base import load_oracle_sources, registry
 
-    for p in config.getoption("--nsaconf-plugin"):
-        load_plugin(p)
-    load_entry_points()
+    load_oracle_sources(config.getoption("--nsaconf-plugin"))
     spec = config.getoption("--nsaconf-oracles")
     device = config.getoption("--nsaconf-device")
     if spec == "all":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,19 +130,6 @@ def record_key(d: dict[str, Any]) -> tuple[str, str, str, str]:
 def done_keys(path: str | Path) -> set[tuple[str, str, str, str]]:
     """Cells already recorded (for ``--resume``)."""
     return {record_key(d) for d in iter_records(path)}
-
-
-def base_versions() -> dict[str, str]:
-    """python, torch, nsaconf versions (an oracle's own ``versions()`` is merged in by the runner)."""
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        ours = version("nsa-conformance")
-    except Exception:  # noqa: BLE001 - not installed (PYTHONPATH use)
-        ours = "0.1.0+src"
-    return {"python": platform.python_version(), "torch": torch.__version__, "nsaconf": ours}
 
 
 def summarize(records: Iterable[CellResult | dict]) -> dict[str, int]:

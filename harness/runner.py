@@ -18,7 +18,8 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
-from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, base_versions, done_keys
+from nsaconf.harness.environment import versions as environment_versions
+from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, done_keys
 from nsaconf.harness.tolerance import ToleranceTable
 from nsaconf.harness.worker import Reply, Worker, release_cuda_cache
 from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, get_oracle
@@ -115,7 +116,7 @@ class Runner:
         self.cfg = cfg
         self.oracles = {n: get_oracle(n) for n in cfg.oracles}
         self.workers: dict[str, Worker] = {}
-        self.base_versions = base_versions()
+        self.base_versions = environment_versions()
 
     def _worker(self, name: str) -> Worker:
         if name not in self.workers:
@@ -267,3 +268,14 @@ def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Op
                         plugins=list(plugins or []), table=table or ToleranceTable(), isolate=isolate,
                         timeout=timeout, progress=False, echo=lambda s: None, truth_cache=truth_cache)
         return Runner(cfg).run().results
+
+
+def run(cases: list[Case], oracles: list[str], device: str = "cpu", out: str | Path = "out/run", *,
+        table: Optional[ToleranceTable] = None, plugins: Optional[list[str]] = None, timeout: float = 300.0,
+        resume: bool = False, save_tensors: bool = False, progress: bool = False) -> RunSummary:
+    """Judge ``oracles`` on ``cases`` as ``nsaconf run`` does (each oracle in its worker process), cells
+    appended to ``out/results.jsonl``; ``nsaconf.write_reports(out)`` then writes the reports."""
+    cfg = RunConfig(cases=list(cases), oracles=list(oracles), device=device, out=Path(out),
+                    plugins=[str(Path(p).resolve()) for p in plugins or []], save_tensors=save_tensors, resume=resume,
+                    timeout=timeout, table=table or ToleranceTable(), progress=progress)
+    return Runner(cfg).run()

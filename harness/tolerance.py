@@ -183,3 +183,24 @@ def rule_dict(rule: Rule, floor: Optional[float] = None) -> dict[str, Any]:
     d["floor"] = floor
     d["text"] = rule.describe()
     return d
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def tolerance_table(cfg: dict[str, Any], cli_overrides: list[str], source_name: str = "config") -> ToleranceTable:
+    """Defaults, then the config's ``[tolerance]`` section, then ``--tol`` overrides (CLI wins)."""
+    table = ToleranceTable()
+    for key, value in _flatten(cfg.get("tolerance", {})).items():
+        table.set(key, value, source_name)
+    for text in cli_overrides:
+        table.set_from_string(text, "cli")
+    return table

@@ -31,13 +31,11 @@ def _loads(data: bytes) -> Any:
 
 
 def _setup(oracle_name: str, plugins: list[str], threads: int):
-    from nsaconf.oracles.base import get_oracle, load_entry_points, load_plugin
+    from nsaconf.oracles.base import get_oracle, load_oracle_sources
 
     if threads > 0:
         torch.set_num_threads(threads)
-    for p in plugins:
-        load_plugin(p)
-    load_entry_points()
+    load_oracle_sources(plugins)
     return get_oracle(oracle_name)
 
 
@@ -45,12 +43,10 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
     """Process entry point: set up, then serve requests until ``None``."""
     try:
         oracle = _setup(oracle_name, plugins, threads)
-        versions = {}
-        if hasattr(oracle, "versions"):
-            try:
-                versions = {str(k): str(v) for k, v in dict(oracle.versions()).items()}
-            except Exception as e:  # noqa: BLE001
-                versions = {"versions_error": f"{type(e).__name__}: {e}"}
+        try:
+            versions = {str(k): str(v) for k, v in dict(oracle.versions()).items()}
+        except Exception as e:  # noqa: BLE001
+            versions = {"versions_error": f"{type(e).__name__}: {e}"}
         conn.send(("ready", versions))
     except BaseException as e:  # noqa: BLE001
         conn.send(("fatal", f"{type(e).__name__}: {e}"))

@@ -29,7 +29,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-__version__ = "0.2.0"
+from nsaconf._version import __version__
 
 # Source tree (a checkout, or an editable install of it): the layer folders sit beside this package.
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent

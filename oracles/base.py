@@ -21,7 +21,7 @@ import contextvars
 import importlib.util
 import sys
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterable, Optional
 
 import torch
 
@@ -71,7 +71,8 @@ class Oracle:
       ``nsaconf bench`` leaves the oracle out unless ``--oracles`` names it (None: timed).
 
     Methods to override: ``run`` (required), ``supports`` (shape limits), ``availability``
-    (missing package / checkout, with what to install or configure).
+    (missing package / checkout, with what to install or configure), ``versions`` (what it ran:
+    package versions, checkout commits; recorded with every cell).
     """
 
     name: ClassVar[str] = ""
@@ -87,6 +88,11 @@ class Oracle:
     def availability(self) -> Optional[str]:
         """None when usable here, else why not and exactly how to enable it."""
         return None
+
+    def versions(self) -> dict[str, str]:
+        """Versions of what the oracle runs (package versions, checkout commits), e.g.
+        ``{"fla-core": "0.6.0"}``; merged into every cell's ``versions`` (called once per worker)."""
+        return {}
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         """None when ``case`` is supported on ``device``, else a human reason (it becomes the SKIP reason)."""
@@ -193,6 +199,15 @@ def load_plugin(path: str | Path) -> list[str]:
         raise OracleError(f"plugin {str(path)!r} registered no oracle (decorate an Oracle subclass with @register_oracle)")
     _PLUGINS[str(path.resolve())] = added
     return added
+
+
+def load_oracle_sources(plugins: Iterable[str | Path] = ()) -> list[str]:
+    """Every source of oracles, in order: the built-ins, the plugin files (``--plugin``), the
+    ``nsaconf.oracles`` entry points. Returns the names the plugins and entry points registered.
+    The one loader of the CLI, the worker processes and the pytest plugin."""
+    load_builtins()
+    names = [n for p in plugins for n in load_plugin(p)]
+    return names + load_entry_points()
 
 
 def load_entry_points() -> list[str]:

@@ -1,15 +1,23 @@
-"""Where the external checkouts live, and which commit they are at.
+"""The config file ``nsaconf.toml`` and the external checkouts the adapters load code from.
+
+The config file is ``--config FILE``, else ``$NSACONF_CONFIG``, else ``./nsaconf.toml``, else
+``<repo>/nsaconf.toml``. It is data: parsed as TOML, never executed. Sections::
+
+    [tolerance]            # overrides of the tolerance table (same keys as --tol)
+    k = 2
+    "fla.slc_o.k" = 3
+
+    [oracles.<name>]       # adapter settings: the path of an external checkout
+    path = "external/nsa-impl"
 
 Lookup order for a checkout (``tilelang``, ``nsa_impl``):
 
 1. the environment variable (``NSACONF_TILELANG_EXAMPLES``, ``NSACONF_NSA_IMPL``);
-2. ``[oracles.<name>] path = "..."`` in ``nsaconf.toml`` (``$NSACONF_CONFIG``, else ``./nsaconf.toml``,
-   else ``<repo>/nsaconf.toml``); a relative path is relative to the file's folder;
+2. ``[oracles.<name>] path = "..."`` in the config file; a relative path is relative to the file's folder;
 3. the default folder under ``<repo>/external/`` when it exists.
 
 A checkout is the repository root (a git work tree, or a ``git archive`` of the pinned commit with a
-``COMMIT`` file holding the full hash). External code is never vendored (DEVELOPERS.md): it is only
-loaded from here.
+``COMMIT`` file holding the full hash). External code is never vendored: it is only loaded from here.
 """
 from __future__ import annotations
 
@@ -19,6 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore
+
+CONFIG_ENV = "NSACONF_CONFIG"
+CONFIG_FILE = "nsaconf.toml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,20 +58,44 @@ CHECKOUTS: dict[str, Checkout] = {
 }
 
 
-def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:
-    """The config file's contents and folder (``harness.config`` finds and parses it)."""
-    from nsaconf.harness.config import config_path, load_config
+class ConfigError(ValueError):
+    """Unreadable or malformed config file (one-line message)."""
 
+
+def config_path(explicit: Optional[str] = None) -> Optional[Path]:
+    """``explicit``, else ``$NSACONF_CONFIG``, else ``./nsaconf.toml``, else ``<repo>/nsaconf.toml``
+    (the first that is given / exists)."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    for p in (Path.cwd() / CONFIG_FILE, REPO_ROOT / CONFIG_FILE):
+        if p.exists():
+            return p
+    return None
+
+
+def load_config(explicit: Optional[str] = None) -> dict[str, Any]:
+    """The parsed config (``{}`` when there is none)."""
+    p = config_path(explicit)
+    if p is None:
+        return {}
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {str(p)!r}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"malformed config {str(p)!r}: {e}") from None
+
+
+def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:
+    """The config file's contents and folder."""
     path = config_path()
     if path is None or not path.is_file():
         return {}, None
     return load_config(str(path)), path.resolve().parent
-
-
-def oracle_options(key: str) -> dict[str, Any]:
-    """The ``[oracles.<key>]`` table of ``nsaconf.toml`` (empty when absent)."""
-    data, _ = _load_toml()
-    return dict(data.get("oracles", {}).get(key, {}))
 
 
 def checkout_path(key: str) -> tuple[Optional[Path], str]:

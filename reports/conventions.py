@@ -149,3 +149,62 @@ def render_standalone(records: list[dict], title: str = "nsaconf masks") -> str:
             "<style>body{font-family:sans-serif;margin:20px} table{border-collapse:collapse} "
             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px} figcaption{font-size:12px}</style>"
             f"</head><body><h1>{html.escape(title)}</h1>{render_conventions_section(records)}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------ text and markdown
+def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
+    """Human summary of one record with the ASCII diff."""
+    head = f"{rec['oracle']:<14} {rec['branch']:<6}"
+    if rec.get("skipped"):
+        return f"{head} {'ERROR' if rec.get('finding') == 'error' else 'SKIP'}: {rec['skipped']}"
+    conv = rec["convention"]
+    if conv == "unknown":
+        conv += f" (nearest {rec['nearest']}, {rec['differing_cells']} cells differ)"
+    exp = rec.get("expected_convention") or (f"claims {rec['claimed_convention']}" if rec.get("claimed_convention") else "-")
+    leak = f"{rec['leaks']} cells with s > p, first (p,s)={tuple(rec['first_leak'])}" if rec["leaks"] else "no leak"
+    lines = [f"{head} {conv}  [expected: {exp}]  {rec['finding'].upper()}  {leak}",
+             f"{'':21}T={rec['seq_len']} l={rec['cmp_block']} d={rec['cmp_stride']} l'={rec['block_size']} w={rec['window']} "
+             f"{rec['dtype']} {rec['block_indices']}; threshold {rec['threshold']:.2g} (noise {rec['noise']:.2g}, "
+             f"min signal {rec['min_signal'] if rec['min_signal'] is None else format(rec['min_signal'], '.2g')}); {rec['calls']} calls"]
+    if rec.get("gated"):
+        lines.append(f"{'':21}parts: {rec['gated']}")
+    if rec.get("differences"):
+        shown = ", ".join(f"{k}({p},{s})" for p, s, k in rec["differences"][:8])
+        lines.append(f"{'':21}differs from {rec['diff_against']} in {rec['differing_vs_reference']} cells: "
+                     f"{shown}{' ...' if len(rec['differences']) > 8 else ''}")
+    if not diff:
+        return "\n".join(lines)
+    rows, f = downsample(diff_chars(rec["matrix"], rec.get("expected_matrix"), rec.get("dont_care")), width)
+    scale = "" if f == 1 else f", 1 char = {f}x{f} cells"
+    lines.append(f"{'':21}M vs {rec['diff_against']} (rows p, columns s{scale}):")
+    for i, row in enumerate(rows):
+        lines.append(f"  {i * f:>4} {row}")
+    return "\n".join(lines)
+
+
+def format_markdown(records: list[dict], here: dict, width: int = 64, title: str = "Convention probe") -> str:
+    """Markdown report: a summary table and the ASCII diffs. ``here`` (``device``, ``device_name``,
+    ``torch``) names where records without their own provenance were measured."""
+    seen = sorted({(r.get("device", here["device"]), r.get("device_name", ""), r.get("torch", "")) for r in records
+                   if r.get("device_name")})
+    if not seen:  # records without provenance: this process's device
+        seen = [(here["device"], here["device_name"], here["torch"])]
+    where = "; ".join(f"`nsaconf masks --device {d}` on {n}, torch {t}" for d, n, t in seen)
+    out = [f"# {title}", "", f"{where}.", "",
+           "| oracle | branch | convention | expected / claimed | finding | leaks (first p,s) | differing cells | threshold | calls | dtype |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("skipped"):
+            out.append(f"| {r['oracle']} | {r['branch']} | – | – | {r['finding']}: {r['skipped']} | – | – | – | – | – |")
+            continue
+        exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
+        conv = r["convention"] + (f" (nearest {r['nearest']})" if r["convention"] == "unknown" else "")
+        leak = f"{r['leaks']} {tuple(r['first_leak'])}" if r["leaks"] else "0"
+        out.append(f"| {r['oracle']} | {r['branch']} | {conv} | {exp} | {r['finding']} | {leak} | {r['differing_cells']} | "
+                   f"{r['threshold']:.2g} | {r['calls']} | {r['dtype']} |")
+    out += ["", "## ASCII diffs", "", "`.` no dependency, expected; `#` dependency, expected; `+` extra; `-` missing; "
+            "`~` ignored (through the oracle's own top-k).", ""]
+    for r in records:
+        if not r.get("skipped"):
+            out += ["```", format_text(r, width), "```", ""]
+    return "\n".join(out)

@@ -53,3 +53,10 @@ def render_performance_section(records: Iterable[dict]) -> str:
              "<th>ratio</th><th>TFLOP</th><th>GB</th><th>floor ms</th><th>% of floor</th><th>note</th></tr></thead><tbody>"
              + "".join(rows) + "</tbody></table>")
     return f'<section id="performance"><h2>Performance</h2>{head}{table}</section>'
+
+
+def write_performance(out_dir: str | Path) -> Path:
+    """``out_dir/performance.html`` from ``out_dir/bench.jsonl`` (the section report.html also shows)."""
+    out = Path(out_dir) / "performance.html"
+    out.write_text(render_performance_section(load_bench(Path(out_dir) / "bench.jsonl")), encoding="utf-8")
+    return out

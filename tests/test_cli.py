@@ -115,7 +115,8 @@ def test_plugin_example_loads_and_passes(tmp_path):
 
 
 def test_dtype_and_seed_expand_cases(tmp_path, case_file):
-    from nsaconf.harness.cli import _select_cases, build_parser
+    from nsaconf.harness.cli import build_parser
+    from nsaconf.harness.cli.common import select_cases as _select_cases
 
     args = build_parser().parse_args(["run", "--case", str(case_file), "--dtype", "fp16,fp32", "--seed", "9"])
     cs = _select_cases(args)

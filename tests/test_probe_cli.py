@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nsaconf.harness.masks import main
+from nsaconf.harness.cli import main as nsaconf_main
+
+
+def main(argv):
+    """``nsaconf masks ARGV``."""
+    return nsaconf_main(["masks", *argv])
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = Path(__file__).parent / "plugins" / "probe_planted.py"

@@ -233,14 +233,15 @@ def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest
 def test_missing_results_is_one_line_error_exit_2(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="cannot read results file"):
         write_reports(tmp_path / "nope")
-    p = subprocess.run([sys.executable, "-m", "reports", str(tmp_path / "nope")], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "nsaconf", "report", str(tmp_path / "nope")], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("nsaconf: error: cannot read results file")
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("nsaconf: error: ") and "results.jsonl' does not exist" in p.stderr
 
 
 def test_reports_import_is_cheap() -> None:
-    code = "import sys, reports, reports.html, reports.markdown; print(sorted(m for m in ('torch', 'cases', 'oracles', 'harness') if m in sys.modules))"
+    code = ("import sys, nsaconf.reports, nsaconf.reports.html, nsaconf.reports.markdown; print(sorted(m for m in "
+            "('torch', 'nsaconf.cases.model', 'nsaconf.oracles', 'nsaconf.harness') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
 

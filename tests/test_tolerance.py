@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nsaconf.harness.config import tolerance_table
+from nsaconf.harness.tolerance import tolerance_table
 from nsaconf.harness.tolerance import DEFAULTS, ToleranceError, ToleranceTable
 
 

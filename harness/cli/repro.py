@@ -1,11 +1,26 @@
-"""``nsaconf repro CASE_ID|FILE --oracles X``: rerun one case and print the comparison per branch."""
+"""``nsaconf repro CASE_ID|FILE --oracles X``: rerun one case and print the comparison per branch
+(exit 1 when a cell FAILed/ERRORed/CRASHed/TIMEOUTed)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from nsaconf.cases.model import Case, CaseError, load_cases
-from nsaconf.harness.results import BAD_STATUSES, CellResult
+from nsaconf.cases.vocabulary import BAD_STATUSES
+from nsaconf.harness.cli.common import (add_oracle_options, add_tolerance_options, load_oracle_sources, resolved,
+                                        select_oracles, tolerance_from_args)
+from nsaconf.harness.results import CellResult
+
+
+def register(sub) -> None:
+    rp = sub.add_parser("repro", help="rerun one case and print the comparison")
+    rp.add_argument("case", help="a case id (as in results.jsonl) or a case JSON file")
+    add_oracle_options(rp, "comma-separated oracle names (required)")
+    add_tolerance_options(rp)
+    rp.add_argument("--isolate", action="store_true", help="run the oracles in worker processes")
+    rp.add_argument("--timeout", type=float, default=300.0, help="per-cell timeout in seconds with --isolate (default 300)")
+    rp.add_argument("--save-tensors", metavar="DIR", help="also write the tensor contract to DIR")
+    rp.set_defaults(func=repro)
 
 
 def resolve_cases(spec: str) -> list[Case]:
@@ -36,20 +51,21 @@ def format_cells(cells: list[CellResult]) -> str:
 
 
 def repro(args: argparse.Namespace) -> int:
-    from nsaconf.harness.cli import _load_oracle_sources, _select_oracles
-    from nsaconf.harness.config import load_config, tolerance_table
+    from nsaconf.harness.cli.common import UsageError
     from nsaconf.harness.runner import evaluate
 
-    table = tolerance_table(load_config(args.config), args.tol)
-    _load_oracle_sources(args.plugin)
+    if not args.oracles:
+        raise UsageError("repro needs --oracles (comma-separated oracle names)")
+    table = tolerance_from_args(args)
+    load_oracle_sources(args.plugin)
     cases = resolve_cases(args.case)
-    oracles = _select_oracles(args.oracles, args.device)
+    oracles = select_oracles(args.oracles, args.device)
     bad = False
     for case in cases:
         print(f"case {case.id}")
         print(f"  {case.to_json()}")
         cells = evaluate(case, oracles, device=args.device, table=table, isolate=args.isolate, timeout=args.timeout,
-                         plugins=[str(Path(p).resolve()) for p in args.plugin],
+                         plugins=resolved(args.plugin),
                          out=Path(args.save_tensors) if args.save_tensors else None, save_tensors=bool(args.save_tensors))
         print(format_cells(cells))
         bad |= any(c.status in BAD_STATUSES for c in cells)

@@ -1,0 +1,138 @@
+"""``nsaconf masks``: which masking conventions does each oracle really compute?
+
+Per oracle and branch: the convention classified from behaviour (``harness.probe``), causality leaks,
+and an ASCII diff of the measured dependency matrix M against the expected mask::
+
+    .  no dependency, expected      #  dependency, expected
+    +  extra dependency             -  missing dependency       ~  ignored (through the oracle's own top-k)
+
+T <= 64 prints every cell; larger T is shrunk by an integer factor (a cell shows the most severe char
+of its block). ``--json`` prints one JSON object per (oracle, branch); ``--html FILE`` writes a page
+with heatmaps; ``--md FILE`` a markdown report (docs/results/conventions.md).
+Exit codes: 0 (1 with ``--fail-on-leak`` when a leak or mismatch is found), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+from nsaconf.harness.cli.common import UsageError, add_oracle_options, check_device, load_oracle_sources
+
+
+def register(sub) -> None:
+    """Add the ``masks`` subcommand to ``nsaconf``'s subparsers."""
+    p = sub.add_parser("masks", help="classify each oracle's masking conventions from behaviour",
+                              description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=cmd_masks)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_oracle_options(p, "comma-separated oracle names (default: every registered oracle)", device=False)
+    p.add_argument("--branch", action="append", default=[], metavar="B",
+                   help="cmp, slc, swa or e2e (repeatable or comma-separated; default: every branch the oracle returns)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16, help="selection block l' (also l and d unless given)")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--cmp-block", type=int, help="compression block l (default: block size)")
+    p.add_argument("--cmp-stride", type=int, help="compression stride d (default: compression block)")
+    p.add_argument("--top-n", type=int, default=4)
+    p.add_argument("--cmp-mask", help="configure the probe case's cmp_mask (oracles that follow the case)")
+    p.add_argument("--window-keys", help="configure the probe case's window_keys")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per oracle/branch on stdout")
+    p.add_argument("--html", metavar="FILE", help="write a standalone HTML page with heatmaps")
+    p.add_argument("--md", metavar="FILE", help="write a markdown report")
+    p.add_argument("--width", type=int, default=64, help="max ASCII diff width (default 64)")
+    p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
+    p.add_argument("--from-json", metavar="FILE", help="no probing: render --md/--html/text from the JSON Lines of "
+                   "earlier `--json` runs (e.g. one run per oracle, each under its own time limit)")
+    p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
+
+
+def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
+    from nsaconf.cases.vocabulary import BRANCH_ALIASES
+
+    names = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    bad = [n for n in names if n not in BRANCH_ALIASES]
+    if bad:
+        raise UsageError(f"unknown branch {bad[0]!r}; use one of cmp, slc, swa, e2e")
+    return tuple(dict.fromkeys(BRANCH_ALIASES[n] for n in names)) or None
+
+
+def _load_records(path: str, names: Optional[list[str]], branches) -> list[dict]:
+    """Probe records from a ``--json`` output file (ValueError naming the file and line when malformed)."""
+    recs = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read --from-json {path!r}: {e.strerror or e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON probe record ({e.msg})") from None
+        if not isinstance(r, dict) or "oracle" not in r or "branch" not in r:
+            raise ValueError(f"{path}:{i}: not a probe record (needs 'oracle' and 'branch')")
+        if (names is None or r["oracle"] in names) and (branches is None or r["branch"] in branches):
+            recs.append(r)
+    return recs
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from nsaconf.cases.vocabulary import CMP_MASKS, WINDOW_KEYS
+    from nsaconf.harness.environment import where
+    from nsaconf.harness.probe import ProbeConfig, probe_records
+    from nsaconf.oracles.base import registry
+    from nsaconf.reports.conventions import format_markdown, format_text
+
+    load_oracle_sources(args.plugin)
+    branches = _branches(args.branch)
+    check_device(args.device, indexed=True)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but torch sees no CUDA device")
+    if args.cmp_mask and args.cmp_mask not in CMP_MASKS:
+        raise UsageError(f"unknown --cmp-mask {args.cmp_mask!r}; use one of {', '.join(CMP_MASKS)}")
+    if args.window_keys and args.window_keys not in WINDOW_KEYS:
+        raise UsageError(f"unknown --window-keys {args.window_keys!r}; use one of {', '.join(WINDOW_KEYS)}")
+    if args.width < 8:
+        raise UsageError(f"--width must be >= 8, got {args.width}")
+    cfg = ProbeConfig(seq_len=args.seq_len, block_size=args.block_size, window=args.window, cmp_block=args.cmp_block,
+                      cmp_stride=args.cmp_stride, top_n=args.top_n, seed=args.seed)
+    names = [n.strip() for n in args.oracles.split(",") if n.strip()] if args.oracles else None
+
+    def emit(r: dict) -> None:  # streamed: a run cut off by a time limit keeps the oracles already probed
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            print(format_text(r, args.width, diff=not args.summary) + ("" if args.summary else "\n"), flush=True)
+
+    if args.from_json:
+        try:
+            records = _load_records(args.from_json, names, branches)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for r in records:
+            emit(r)
+    else:
+        records = probe_records(names or sorted(registry()), args.device, cfg, branches, args.cmp_mask,
+                                args.window_keys, emit=emit)
+    try:
+        if args.html:
+            from nsaconf.reports.conventions import render_standalone
+
+            Path(args.html).write_text(render_standalone(records), encoding="utf-8")
+        if args.md:
+            Path(args.md).write_text(format_markdown(records, where(args.device), args.width), encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write output: {e}") from None
+    bad = any(r.get("finding") in ("leak", "mismatch", "error") for r in records)
+    return 1 if (args.fail_on_leak and bad) else 0

@@ -1,0 +1,106 @@
+"""``nsaconf run``: judge oracles on cases against the fp64 truth -> DIR/results.jsonl, run.json,
+conventions.jsonl, summary.md, results.csv, report.html.
+
+Exit status: 0 nothing FAILed/ERRORed/CRASHed/TIMEOUTed, 1 otherwise, 2 bad usage or input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from nsaconf.cases.vocabulary import BAD_STATUSES, CONVENTIONS_FILE, RESULTS_FILE, RUN_INFO_FILE
+from nsaconf.harness.cli.common import (UsageError, add_case_options, add_oracle_options, add_tolerance_options,
+                                        check_device, load_oracle_sources, resolved, select_cases, select_oracles,
+                                        tolerance_from_args)
+
+
+def register(sub) -> None:
+    r = sub.add_parser("run", help="run oracles on cases and judge them against the fp64 truth")
+    add_case_options(r)
+    add_oracle_options(r, "comma-separated oracle names (default: every oracle for --device)")
+    r.add_argument("--out", default="out/run", help="output directory (default out/run)")
+    r.add_argument("--save-tensors", action="store_true", help="write DIR/tensors/<case>/{inputs,reference,oracles/*}.pt")
+    r.add_argument("--resume", action="store_true", help="keep DIR/results.jsonl and skip cells already recorded")
+    r.add_argument("--timeout", type=float, default=300.0, help="per-cell timeout in seconds (default 300)")
+    add_tolerance_options(r)
+    r.add_argument("--no-probe", action="store_true", help="skip the convention probe after a profile run")
+    r.add_argument("--no-report", action="store_true", help="do not write summary.md/results.csv/report.html")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--shard", metavar="K/N", help="run only cases K, K+N, K+2N, ... of the selection (parallel "
+                   "runs; combine them with `nsaconf merge`)")
+    r.set_defaults(func=cmd_run)
+
+
+def write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], n_cases: int, table) -> None:
+    """DIR/run.json: the command, the selection, the tolerance table and the versions."""
+    from nsaconf.harness.environment import versions
+
+    info = {"command": "nsaconf " + " ".join(sys.argv[1:]) if sys.argv else "nsaconf run",
+            "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
+            "n_cases": n_cases, "shard": args.shard, "seed": args.seed, "timeout_s": args.timeout,
+            "plugins": args.plugin, "tolerance": table.as_dict(), "versions": versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def write_reports_or_say(out: Path) -> Optional[Path]:
+    """summary.md, results.csv, report.html of DIR; a failure is said on stderr (the results stay on disk)."""
+    from nsaconf.reports import write_reports
+
+    try:
+        return Path(write_reports(out)["html"])
+    except Exception as e:  # noqa: BLE001 - the results are on disk; say why the report failed
+        print(f"nsaconf: report failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def write_probe(out: Path, oracles: list[str], device: str) -> None:
+    """DIR/conventions.jsonl: the convention probe of the run's oracles."""
+    from nsaconf.harness.probe import leak_check_records
+
+    try:
+        recs = leak_check_records(oracles, device)
+    except Exception as e:  # noqa: BLE001 - the probe must never lose the run's results
+        print(f"nsaconf: convention probe failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    with open(out / CONVENTIONS_FILE, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, default=str) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nsaconf.harness.results import iter_records, summarize
+    from nsaconf.harness.runner import RunConfig, Runner
+
+    table = tolerance_from_args(args)
+    load_oracle_sources(args.plugin)
+    check_device(args.device)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    cases = select_cases(args)
+    oracles = select_oracles(args.oracles, args.device)
+    if not oracles:
+        raise UsageError(f"no oracle runs on {args.device}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, args, oracles, len(cases), table)
+    print(f"nsaconf: {len(cases)} cases x {len(oracles)} oracles ({', '.join(oracles)}) on {args.device} -> {out / RESULTS_FILE}",
+          file=sys.stderr)
+    run_cfg = RunConfig(cases=cases, oracles=oracles, device=args.device, out=out, plugins=resolved(args.plugin),
+                        save_tensors=args.save_tensors, resume=args.resume, timeout=args.timeout, table=table,
+                        progress=not args.no_progress)
+    summary = Runner(run_cfg).run()
+    html = None if args.no_report else write_reports_or_say(out)
+    if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
+        write_probe(out, oracles, args.device)
+        html = None if args.no_report else write_reports_or_say(out)
+    counts_d = summary.counts
+    if args.resume:  # the verdict covers the cells recorded by earlier invocations too
+        counts_d = {k: v for k, v in summarize(iter_records(out)).items() if v}
+    counts = " ".join(f"{k}={v}" for k, v in sorted(counts_d.items())) or "no cells"
+    print(f"nsaconf: {counts}; results: {out / RESULTS_FILE}" + (f"; report: {html}" if html else ""))
+    return 1 if any(counts_d.get(s, 0) for s in BAD_STATUSES) else 0

@@ -26,7 +26,8 @@ differing cells). Any dependence on ``s > p`` is a causality leak (count and fir
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -364,6 +365,27 @@ def convention_candidates(oracle: Oracle, cmp_mask: Optional[str] = None, window
     return list(itertools.product(cms, wks))
 
 
+def probe_case(cfg: ProbeConfig, heads: tuple[int, int, int] = HEAD_SHAPES[0], dtype: str = "float64",
+               cmp_mask: Optional[str] = None, window_keys: Optional[str] = None, block_indices: str = "random") -> Case:
+    """The batch-1 probe case of ``cfg`` with ``heads = (heads_q, heads_kv, head_dim)`` (conventions:
+    the first of ``CMP_MASKS`` / ``WINDOW_KEYS`` unless given); ProbeError ``bad probe parameters: ...``
+    when ``cfg`` makes no valid case."""
+    hq, h, dh = heads
+    try:
+        return Case(batch=1, seq_len=cfg.seq_len, heads_q=hq, heads_kv=h, head_dim=dh, dtype=dtype,
+                    block_size=cfg.block_size, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, top_n=cfg.top_n,
+                    window=cfg.window, cmp_mask=cmp_mask or next(iter(CMP_MASKS)),
+                    window_keys=window_keys or next(iter(WINDOW_KEYS)), block_indices=block_indices, seed=cfg.seed)
+    except CaseError as e:
+        raise ProbeError(f"bad probe parameters: {e}") from None
+
+
+def probed_branches(oracle: Oracle, branches: Optional[tuple[str, ...]] = None, window: int = 1) -> list[str]:
+    """The branches of ``branches`` (default ``PROBE_BRANCHES``) the oracle returns; no ``swa_o`` when
+    ``window == 0``."""
+    return [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches and not (b == "swa_o" and window == 0)]
+
+
 def probe_cases(oracle: Oracle, device: str, cfg: ProbeConfig, cmp_mask: Optional[str] = None,
                 window_keys: Optional[str] = None, head_shapes: tuple = HEAD_SHAPES):
     """Yield ``(case, batch)`` the oracle supports, in order of preference: head shapes (many kv heads
@@ -376,13 +398,7 @@ def probe_cases(oracle: Oracle, device: str, cfg: ProbeConfig, cmp_mask: Optiona
             found = False
             for cm, wk in convention_candidates(oracle, cmp_mask, window_keys):
                 for bi in ("random", "topk"):
-                    try:
-                        case = Case(batch=1, seq_len=cfg.seq_len, heads_q=hq, heads_kv=h, head_dim=dh, dtype=dtype,
-                                    block_size=cfg.block_size, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
-                                    top_n=cfg.top_n, window=cfg.window, cmp_mask=cm, window_keys=wk,
-                                    block_indices=bi, seed=cfg.seed)
-                    except CaseError as e:
-                        raise ProbeError(f"bad probe parameters: {e}") from None
+                    case = probe_case(cfg, (hq, h, dh), dtype, cm, wk, bi)
                     why = oracle.check_support(case, device)
                     if why:
                         if why not in reasons:
@@ -407,9 +423,7 @@ def probe_oracle(oracle: Oracle | str, device: str = "cpu", cfg: ProbeConfig = P
     Tries the supported probe cases in ``probe_cases`` order and keeps the first that runs."""
     if isinstance(oracle, str):
         oracle = get_oracle(oracle)
-    want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
-    if cfg.window == 0:
-        want = [b for b in want if b != "swa_o"]
+    want = probed_branches(oracle, branches, cfg.window)
     if not want:
         raise ProbeError(f"{oracle.name} returns none of the probed branches {', '.join(branches or PROBE_BRANCHES)}")
     errors = []
@@ -661,63 +675,145 @@ def _kind(e: ProbeError) -> str:
     return "error" if (".run failed" in m or "returned" in m or "non-deterministic" in m) else "skipped"
 
 
-def leak_check_records(oracle_names: list[str], device: str) -> list[dict]:
-    """One record per (oracle, branch) for the report's leak / convention column.
+PROBE_TIMEOUT_S = 300.0  # default limit of one oracle's probe in its worker
 
-    Unavailable or unsupported oracles give one ``skipped`` record carrying the reason (never silent).
-    """
-    records: list[dict] = []
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """One oracle's probe, as sent to its worker process:
+    ``probe_with_fallback(oracle, device, configs, branches=..., cmp_mask=..., window_keys=...)``."""
+
+    configs: tuple[ProbeConfig, ...] = LEAK_CHECK_CONFIGS
+    branches: Optional[tuple[str, ...]] = None  # default: every branch of PROBE_BRANCHES the oracle returns
+    cmp_mask: Optional[str] = None
+    window_keys: Optional[str] = None
+
+    def wanted(self, oracle: Oracle) -> list[str]:
+        """The branches this request probes on ``oracle``."""
+        return probed_branches(oracle, self.branches, max(c.window for c in self.configs))
+
+    def to_json(self) -> str:
+        return json.dumps({"configs": [asdict(c) for c in self.configs], "branches": self.branches,
+                           "cmp_mask": self.cmp_mask, "window_keys": self.window_keys})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbeRequest":
+        d = json.loads(text)
+        return cls(configs=tuple(ProbeConfig(**c) for c in d["configs"]),
+                   branches=tuple(d["branches"]) if d["branches"] else None,
+                   cmp_mask=d["cmp_mask"], window_keys=d["window_keys"])
+
+
+def oracle_probe_records(oracle: Oracle, device: str, request: ProbeRequest) -> list[dict]:
+    """The records of one oracle's probe (what its worker process runs): one per probed branch, or,
+    when the probe cannot run (``ProbeError``), one per branch carrying the reason."""
+    want = request.wanted(oracle)
+    try:
+        return [r.to_record() for r in probe_with_fallback(oracle, device, request.configs, branches=tuple(want),
+                                                           cmp_mask=request.cmp_mask, window_keys=request.window_keys)]
+    except ProbeError as e:
+        return [skipped_record(oracle.name, b, str(e), _kind(e)) for b in want]
+
+
+FAILURE_WORDS = {"crash": "probe crashed", "timeout": "probe timed out"}  # Reply status -> reason prefix
+
+
+def failure_records(oracle: str, branches: list[str], reply) -> list[dict]:
+    """``error`` records for a probe whose worker gave no records: ``probe crashed: worker process
+    killed by SIGSEGV (exit -11)``, ``probe timed out: ...``, ``probe failed: ...``."""
+    why = f"{FAILURE_WORDS.get(reply.status, 'probe failed')}: {reply.message}"
+    return [skipped_record(oracle, b, why, "error") for b in branches]
+
+
+def probe_in_workers(oracle_names: list[str], device: str, request: ProbeRequest = ProbeRequest(),
+                     plugins: tuple[str, ...] = (), timeout: float = PROBE_TIMEOUT_S,
+                     emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Each oracle's probe in its own worker process (``harness.worker``, all at once; CPU threads
+    split between them), records in ``oracle_names`` order. A crash, a poisoned CUDA context, a failed
+    set-up or a probe past ``timeout`` seconds gives that oracle's ``failure_records``; unknown,
+    unavailable or branch-less oracles give ``skipped`` records without a worker. ``emit(record)`` is
+    called as each oracle's records arrive. ``plugins``: resolved ``--plugin`` paths."""
+    import os
+
+    from nsaconf.harness.worker import Worker, collect_all
+
+    done: dict[str, list[dict]] = {}
+    live: dict[str, list[str]] = {}
+
+    def finish(name: str, recs: list[dict]) -> None:
+        done[name] = recs
+        for r in recs:
+            if emit is not None:
+                emit(r)
+
     for name in oracle_names:
         try:
             oracle = get_oracle(name)
         except OracleError as e:
-            records.append(skipped_record(name, "*", str(e)))
+            finish(name, [skipped_record(name, "*", str(e))])
             continue
-        branches = [b for b in PROBE_BRANCHES if b in oracle.branches]
-        if not branches:
-            records.append(skipped_record(name, "*", f"{name} returns none of {', '.join(PROBE_BRANCHES)}"))
-            continue
-        why = oracle.availability()
-        if why:
-            records.extend(skipped_record(name, b, why) for b in branches)
+        want = request.wanted(oracle)
+        if not want:
+            listed = ", ".join(request.branches or PROBE_BRANCHES)
+            finish(name, [skipped_record(name, "*", f"{name} returns none of {listed}")])
             continue
         try:
-            records.extend(r.to_record() for r in probe_with_fallback(oracle, device))
-        except ProbeError as e:
-            records.extend(skipped_record(name, b, str(e), _kind(e)) for b in branches)
-        except Exception as e:  # noqa: BLE001 - one oracle's crash must not lose the others' records
-            records.extend(skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in branches)
-    return records
+            why = oracle.availability()
+        except Exception as e:  # noqa: BLE001 - foreign code: recorded, the other oracles still run
+            finish(name, [skipped_record(name, b, f"availability() raised {type(e).__name__}: {e}", "error") for b in want])
+            continue
+        if why:
+            finish(name, [skipped_record(name, b, why) for b in want])
+        else:
+            live[name] = want
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(live))) if device == "cpu" else 0
+    workers = {name: Worker(name, device, list(plugins), threads, restart=False) for name in live}
+    sent = []
+    try:
+        for name, w in workers.items():
+            bad = w.submit_probe(request.to_json())
+            if bad is None:
+                sent.append(w)
+            else:
+                finish(name, failure_records(name, live[name], bad))
+        for w, reply in collect_all(sent, timeout):
+            ok = reply.status == "ok"
+            finish(w.oracle, reply.records if ok else failure_records(w.oracle, live[w.oracle], reply))
+    finally:
+        for w in workers.values():
+            w.stop()
+    return [r for name in oracle_names for r in done.get(name, [])]
+
+
+def leak_check_records(oracle_names: list[str], device: str, plugins: tuple[str, ...] = (),
+                       timeout: float = PROBE_TIMEOUT_S) -> list[dict]:
+    """``nsaconf run``'s convention probe: one record per (oracle, branch) for the report's Conventions
+    section, each oracle probed in its worker process with the first of ``LEAK_CHECK_CONFIGS`` it
+    supports. Oracles that cannot be probed, or whose probe crashed or timed out, give records
+    carrying the reason (never silent, never an exception)."""
+    return probe_in_workers(oracle_names, device, ProbeRequest(), plugins, timeout)
 
 
 def probe_records(oracle_names: list[str], device: str, cfg: ProbeConfig = ProbeConfig(),
                   branches: Optional[tuple[str, ...]] = None, cmp_mask: Optional[str] = None,
-                  window_keys: Optional[str] = None, emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                  window_keys: Optional[str] = None, emit: Optional[Callable[[dict], None]] = None,
+                  plugins: tuple[str, ...] = (), timeout: float = PROBE_TIMEOUT_S) -> list[dict]:
     """``nsaconf masks``: one record per (oracle, branch) probed with ``cfg`` (default: every branch of
-    ``PROBE_BRANCHES`` the oracle returns). Oracles that cannot be probed give records carrying the
-    reason (``skipped``); ``bad probe parameters`` raise ``ProbeError``. ``emit(record)`` is called as soon
-    as an oracle is done, so that a run cut off by a time limit keeps what it had measured."""
+    ``PROBE_BRANCHES`` the oracle returns), each oracle in its worker process (``probe_in_workers``),
+    with the device's description. Raises ``OracleError`` for an unknown name and ``ProbeError`` for
+    ``bad probe parameters`` before probing anything; ``emit(record)`` is called as soon as an oracle
+    is done, so that a run cut off by a time limit keeps what it had measured."""
     from nsaconf.harness.environment import where
 
-    here = where(device)
-    records: list[dict] = []
     for name in oracle_names:
-        oracle = get_oracle(name)
-        want = [b for b in (branches or PROBE_BRANCHES) if b in oracle.branches]
-        if not want:
-            recs = [skipped_record(name, ",".join(branches or PROBE_BRANCHES), f"{name} returns none of these branches")]
-        else:
-            try:
-                recs = [r.to_record() for r in probe_oracle(oracle, device, cfg, tuple(want), cmp_mask, window_keys)]
-            except ProbeError as e:
-                if str(e).startswith("bad probe parameters"):
-                    raise
-                recs = [skipped_record(name, b, str(e), _kind(e)) for b in want]
-            except Exception as e:  # noqa: BLE001 - a crashing oracle is reported, the others still run
-                recs = [skipped_record(name, b, f"probe crashed: {type(e).__name__}: {e}", "error") for b in want]
-        for rec in recs:
-            rec.update(here)
-            if emit is not None:
-                emit(rec)
-        records += recs
-    return records
+        get_oracle(name)
+    probe_case(cfg, cmp_mask=cmp_mask, window_keys=window_keys)
+    here = where(device)
+
+    def located(rec: dict) -> None:
+        rec.update(here)
+        if emit is not None:
+            emit(rec)
+
+    request = ProbeRequest((cfg,), branches, cmp_mask, window_keys)
+    return probe_in_workers(oracle_names, device, request, plugins, timeout, located)

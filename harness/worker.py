@@ -1,19 +1,22 @@
 """Oracle worker processes: one per (oracle, device), reused across cases (multiprocessing spawn).
 
-The parent sends ``(case JSON, block indices or None)``; the worker materializes the inputs itself
+Two requests: ``("run", case JSON, block indices or None)``: the worker materializes the inputs itself
 (``materialize`` is deterministic), runs the oracle and sends back CPU tensors serialized with
-``torch.save``. A segfault, an abort, a poisoned CUDA context or a hang past the per-cell timeout kills
-only the worker: the parent reports CRASH / TIMEOUT for that cell and starts a fresh worker.
+``torch.save``; ``("probe", ProbeRequest JSON)``: the worker runs the convention probe of its oracle
+(``harness.probe.oracle_probe_records``) and sends back the records as JSON text. A segfault, an abort,
+a poisoned CUDA context or a hang past the timeout kills only the worker: the parent reports CRASH /
+TIMEOUT for that request (and the runner starts a fresh worker).
 """
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import signal
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -51,9 +54,6 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
     except BaseException as e:  # noqa: BLE001
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
-    from nsaconf.cases.model import Case
-    from nsaconf.cases.tensors import materialize
-
     while True:
         try:
             msg = conn.recv()
@@ -61,21 +61,9 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
             return
         if msg is None:
             return
-        case_json, idx_bytes = msg
         try:
-            case = Case.from_json(case_json)
-            inputs = materialize(case, device)
-            idx = _loads(idx_bytes).to(device) if idx_bytes is not None else None
-            t0 = time.perf_counter()
-            out = oracle.run(case, inputs, device, block_indices=idx)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            secs = time.perf_counter() - t0
-            if not isinstance(out, dict):
-                raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
-            cpu = {str(k): (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-            conn.send(("ok", _dumps(cpu), secs))
-        except Exception as e:  # noqa: BLE001 - every oracle failure becomes an ERROR cell
+            conn.send(_SERVE[msg[0]](oracle, device, *msg[1:]))
+        except Exception as e:  # noqa: BLE001 - every oracle failure becomes an ERROR reply
             tb = traceback.format_exc(limit=-3)
             poisoned = False
             if device.startswith("cuda"):  # a sticky CUDA error poisons the context: exit, get restarted
@@ -87,9 +75,39 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
             if poisoned:
                 return
         finally:
-            inputs = out = idx = cpu = None  # noqa: F841 - drop this case's tensors before the next one
-            if device.startswith("cuda"):
+            if device.startswith("cuda"):  # this request's tensors are gone: give their memory back
                 release_cuda_cache()
+
+
+def _serve_run(oracle, device: str, case_json: str, idx_bytes: Optional[bytes]) -> tuple:
+    """``("ok", torch.save bytes of {branch: CPU tensor}, seconds)``."""
+    from nsaconf.cases.model import Case
+    from nsaconf.cases.tensors import materialize
+
+    case = Case.from_json(case_json)
+    inputs = materialize(case, device)
+    idx = _loads(idx_bytes).to(device) if idx_bytes is not None else None
+    t0 = time.perf_counter()
+    out = oracle.run(case, inputs, device, block_indices=idx)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    if not isinstance(out, dict):
+        raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
+    cpu = {str(k): (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+    return ("ok", _dumps(cpu), secs)
+
+
+def _serve_probe(oracle, device: str, request_json: str) -> tuple:
+    """``("probed", JSON text of the probe records, seconds)``."""
+    from nsaconf.harness.probe import ProbeRequest, oracle_probe_records
+
+    t0 = time.perf_counter()
+    recs = oracle_probe_records(oracle, device, ProbeRequest.from_json(request_json))
+    return ("probed", json.dumps(recs, default=str), time.perf_counter() - t0)
+
+
+_SERVE = {"run": _serve_run, "probe": _serve_probe}  # request kind -> handler(oracle, device, *body) -> reply
 
 
 def release_cuda_cache() -> None:
@@ -104,10 +122,12 @@ def release_cuda_cache() -> None:
 
 @dataclass
 class Reply:
-    """What came back for one request: status ok | error | crash | timeout | fatal."""
+    """What came back for one request: status ok | error | crash | timeout | fatal; ``outputs`` (run)
+    or ``records`` (probe) when ok."""
 
     status: str
     outputs: Optional[dict[str, Any]] = None
+    records: Optional[list[dict]] = None
     message: str = ""
     detail: str = ""
     seconds: Optional[float] = None
@@ -126,12 +146,14 @@ def _signal_name(code: Optional[int]) -> str:
 
 @dataclass
 class Worker:
-    """Parent-side handle of one worker process (started lazily, restarted after a crash/timeout)."""
+    """Parent-side handle of one worker process (started lazily, restarted after a crash/timeout unless
+    ``restart`` is False: a one-request worker, e.g. the probe's)."""
 
     oracle: str
     device: str
     plugins: list[str] = field(default_factory=list)
     threads: int = 0
+    restart: bool = True
     proc: Any = None
     conn: Any = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -173,7 +195,19 @@ class Worker:
         return self.proc is not None and self.proc.is_alive()
 
     def submit(self, case_json: str, block_indices: Optional[torch.Tensor]) -> Optional[Reply]:
-        """Send one request (starting the worker if needed); a Reply only if the worker cannot start."""
+        """Send one ``run`` request (starting the worker if needed); a Reply only if the worker cannot start."""
+        payload = _dumps(block_indices.cpu()) if block_indices is not None else None
+        return self._send(("run", case_json, payload))
+
+    def submit_probe(self, request_json: str) -> Optional[Reply]:
+        """Send one ``probe`` request (a ``ProbeRequest`` as JSON); a Reply only if the worker cannot start."""
+        return self._send(("probe", request_json))
+
+    def probe(self, request_json: str, timeout: float) -> Reply:
+        """Run the probe of this worker's oracle: records (ok), or why there are none."""
+        return self.submit_probe(request_json) or self.collect(timeout)
+
+    def _send(self, msg: tuple) -> Optional[Reply]:
         if self.fatal:
             return Reply("error", message=f"worker set-up failed: {self.fatal}")
         if not self.alive():
@@ -183,41 +217,54 @@ class Worker:
         bad = self._await_ready()
         if bad is not None:
             return bad
-        payload = _dumps(block_indices.cpu()) if block_indices is not None else None
         try:
-            self.conn.send((case_json, payload))
+            self.conn.send(msg)
         except (BrokenPipeError, OSError):
             code = self._reap()
             return Reply("crash", message=f"worker {_signal_name(code)}")
         self._sent_at = time.monotonic()
         return None
 
+    def deadline(self, timeout: float) -> float:
+        """``time.monotonic()`` past which the last request is late."""
+        return self._sent_at + timeout
+
     def collect(self, timeout: float) -> Reply:
         """Wait for the reply of the last request, at most ``timeout`` seconds from its submission."""
-        left = max(0.0, timeout - (time.monotonic() - self._sent_at))
+        left = max(0.0, self.deadline(timeout) - time.monotonic())
+        then = " and restarted" if self.restart else ""
         try:
             ready = self.conn.poll(left)
         except (EOFError, OSError):
             ready = True
         if not ready:
             self.kill()
-            return Reply("timeout", message=f"no result within {timeout:g}s (worker killed and restarted)",
+            return Reply("timeout", message=f"no result within {timeout:g}s (worker killed{then})",
                          seconds=time.monotonic() - self._sent_at)
         try:
             msg = self.conn.recv()
         except (EOFError, OSError, ConnectionResetError):
             code = self._reap()
-            return Reply("crash", message=f"worker process {_signal_name(code)} (restarted)",
+            return Reply("crash", message=f"worker process {_signal_name(code)}" + (" (restarted)" if self.restart else ""),
                          seconds=time.monotonic() - self._sent_at)
         if msg[0] == "ok":
             try:
                 return Reply("ok", outputs=_loads(msg[1]), seconds=msg[2])
             except Exception as e:  # noqa: BLE001
                 return Reply("error", message=f"cannot decode the oracle's outputs: {type(e).__name__}: {e}")
+        if msg[0] == "probed":
+            try:
+                recs = json.loads(msg[1])
+                if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+                    raise ValueError("not a list of records")
+                return Reply("ok", records=recs, seconds=msg[2])
+            except ValueError as e:
+                return Reply("error", message=f"cannot decode the probe records: {e}")
         secs = time.monotonic() - self._sent_at
         if len(msg) > 3 and msg[3]:
             self._reap()
-            return Reply("error", message=f"{msg[1]} (CUDA context poisoned: worker restarted)", detail=msg[2], seconds=secs)
+            return Reply("error", message=f"{msg[1]} (CUDA context poisoned: worker {'restarted' if self.restart else 'ended'})",
+                         detail=msg[2], seconds=secs)
         return Reply("error", message=msg[1], detail=msg[2], seconds=secs)
 
     def _reap(self) -> Optional[int]:
@@ -247,3 +294,18 @@ class Worker:
             except (BrokenPipeError, OSError):
                 pass
         self.kill()
+
+
+def collect_all(workers: list[Worker], timeout: float) -> Iterator[tuple[Worker, Reply]]:
+    """The replies of each worker's last request in order of arrival, each at most ``timeout`` seconds
+    from its own submission (``Worker.collect``: a late or dead worker gives its TIMEOUT / CRASH reply)."""
+    from multiprocessing.connection import wait
+
+    pending = list(workers)
+    while pending:
+        first = min(w.deadline(timeout) for w in pending)
+        ready = wait([w.conn for w in pending], timeout=max(0.0, first - time.monotonic()))
+        now = time.monotonic()
+        for w in [w for w in pending if w.conn in ready or w.deadline(timeout) <= now]:
+            pending.remove(w)
+            yield w, w.collect(timeout)

@@ -184,7 +184,8 @@ def test_module_probe_causal_and_leaky():
 
 
 def test_leak_check_records(planted):
-    recs = leak_check_records(["reference", "probe_bug_block_causal", "fla_parallel" if "fla_parallel" in registry() else "nope"], "cpu")
+    recs = leak_check_records(["reference", "probe_bug_block_causal", "fla_parallel" if "fla_parallel" in registry() else "nope"], "cpu",
+                              plugins=(str(PLUGIN),))
     by = {(r["oracle"], r["branch"]): r for r in recs}
     need = {"oracle", "branch", "convention", "expected_convention", "leaks", "first_leak", "differing_cells", "threshold",
             "calls", "seq_len", "block_size", "window", "matrix"}
@@ -201,7 +202,7 @@ def test_leak_check_records(planted):
 def test_conventions_section_html(planted):
     from nsaconf.reports.conventions import COLOURS, render_conventions_section, render_standalone
 
-    recs = leak_check_records(["probe_bug_block_causal"], "cpu")
+    recs = leak_check_records(["probe_bug_block_causal"], "cpu", plugins=(str(PLUGIN),))
     html = render_conventions_section(recs)
     assert html.startswith("<section id='conventions'>") and "<svg" in html and COLOURS["+"] in html
     assert "current_block" in html and "leak" in html

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from nsaconf.harness.cli.common import UsageError, add_oracle_options, check_device, load_oracle_sources
+from nsaconf.harness.cli.common import UsageError, add_oracle_options, check_device, load_oracle_sources, resolved
 
 
 def register(sub) -> None:
@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
     p.add_argument("--from-json", metavar="FILE", help="no probing: render --md/--html/text from the JSON Lines of "
                    "earlier `--json` runs (e.g. one run per oracle, each under its own time limit)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="limit of each oracle's probe in its worker process, seconds (default 300)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
 
 
@@ -103,6 +105,8 @@ def cmd_masks(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --cmp-mask {args.cmp_mask!r}; use one of {', '.join(CMP_MASKS)}")
     if args.window_keys and args.window_keys not in WINDOW_KEYS:
         raise UsageError(f"unknown --window-keys {args.window_keys!r}; use one of {', '.join(WINDOW_KEYS)}")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     if args.width < 8:
         raise UsageError(f"--width must be >= 8, got {args.width}")
     cfg = ProbeConfig(seq_len=args.seq_len, block_size=args.block_size, window=args.window, cmp_block=args.cmp_block,
@@ -124,7 +128,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
             emit(r)
     else:
         records = probe_records(names or sorted(registry()), args.device, cfg, branches, args.cmp_mask,
-                                args.window_keys, emit=emit)
+                                args.window_keys, emit=emit, plugins=resolved(args.plugin), timeout=args.timeout)
     try:
         if args.html:
             from nsaconf.reports.conventions import render_standalone

@@ -58,15 +58,16 @@ def write_reports_or_say(out: Path) -> Optional[Path]:
         return None
 
 
-def write_probe(out: Path, oracles: list[str], device: str) -> None:
-    """DIR/conventions.jsonl: the convention probe of the run's oracles."""
-    from nsaconf.harness.probe import leak_check_records
+def write_probe(out: Path, oracles: list[str], device: str, plugins: list[str], timeout: float) -> None:
+    """DIR/conventions.jsonl: the convention probe of the run's oracles, each in its worker process
+    (a crash or timeout is a recorded ``error`` finding; the run goes on)."""
+    from nsaconf.harness.probe import leak_check_records, skipped_record
 
     try:
-        recs = leak_check_records(oracles, device)
+        recs = leak_check_records(oracles, device, plugins, timeout)
     except Exception as e:  # noqa: BLE001 - the probe must never lose the run's results
         print(f"nsaconf: convention probe failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return
+        recs = [skipped_record(o, "*", f"probe failed: {type(e).__name__}: {e}", "error") for o in oracles]
     with open(out / CONVENTIONS_FILE, "w", encoding="utf-8") as f:
         for r in recs:
             f.write(json.dumps(r, default=str) + "\n")
@@ -96,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = Runner(run_cfg).run()
     html = None if args.no_report else write_reports_or_say(out)
     if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
-        write_probe(out, oracles, args.device)
+        write_probe(out, oracles, args.device, run_cfg.plugins, args.timeout)
         html = None if args.no_report else write_reports_or_say(out)
     counts_d = summary.counts
     if args.resume:  # the verdict covers the cells recorded by earlier invocations too

@@ -5,7 +5,7 @@
     pytest tests/test_matrix.py --nsaconf-profile ci --nsaconf-oracles all --junitxml=out/junit.xml
     pytest tests/test_matrix.py --nsaconf-device cuda --nsaconf-profile gpu   # items marked gpu
 
-Loaded by ``tests/conftest.py`` (``pytest_plugins``); elsewhere use ``pytest -p harness.pytest_plugin``.
+Loaded by ``tests/conftest.py`` (``pytest_plugins``); in your own repository use ``pytest -p nsaconf.harness.pytest_plugin``.
 A test requests the ``nsaconf_cell`` fixture and calls ``.check()``: FAIL/ERROR/CRASH/TIMEOUT cells
 fail the item (with every bad branch and its reason), an item whose cells are all SKIP is skipped with
 the reason. Markers: ``gpu`` (skipped, with the reason, when CUDA is absent) and ``slow`` (profiles

@@ -51,7 +51,7 @@ _EXPORTS = {
     "RunConfig": "nsaconf.harness.runner", "RunSummary": "nsaconf.harness.runner",
     "CellResult": "nsaconf.harness.results", "load_results": "nsaconf.harness.results",
     "probe_oracle": "nsaconf.harness.probe",
-    "write_reports": "nsaconf.reports",
+    "write_reports": "nsaconf.reports", "results_frame": "nsaconf.reports",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -181,7 +181,7 @@ def load_plugin(path: str | Path) -> list[str]:
         raise OracleError(f"plugin file {str(path)!r} does not exist")
     if str(path.resolve()) in _PLUGINS:  # already imported in this process
         return _PLUGINS[str(path.resolve())]
-    before = set(_REGISTRY)
+    before = dict(_REGISTRY)
     mod_name = f"nsaconf_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
@@ -194,7 +194,7 @@ def load_plugin(path: str | Path) -> list[str]:
         raise OracleError(f"plugin {str(path)!r}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure of foreign code is reported, never raised raw
         raise OracleError(f"plugin {str(path)!r} failed to import: {type(e).__name__}: {e}") from None
-    added = sorted(set(_REGISTRY) - before)
+    added = sorted(n for n, cls in _REGISTRY.items() if before.get(n) is not cls)  # new names, or a copy re-registered
     if not added:
         raise OracleError(f"plugin {str(path)!r} registered no oracle (decorate an Oracle subclass with @register_oracle)")
     _PLUGINS[str(path.resolve())] = added

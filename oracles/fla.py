@@ -29,7 +29,8 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
-from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, gradients_wanted, register_oracle
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
+from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
 from nsaconf.oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_window_size, full_queries, given_indices_full,
                                    is_pow2, next_pow2, pad_last, single_thread, window_keys_count)
@@ -175,7 +176,7 @@ class FlaNaive(Oracle):
 
     name = "fla_naive"
     layer = "reference"
-    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o") + GRAD_BRANCHES
+    branches = FORWARD_BRANCHES + GRAD_BRANCHES
     devices = ("cpu", "cuda")
     description = f"FLA fla-core {FLA_VERSION} naive_nsa (pure torch; CPU via stubbed Triton helpers), w via flash-attn shim"
     #: max of B * T * HQ * n * l' * (D + DV) (Python-loop work) -- about 4 s for a whole run on one CPU thread
@@ -308,7 +309,7 @@ class FlaParallel(Oracle):
 
     name = "fla_parallel"
     layer = "e2e"
-    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o") + GRAD_BRANCHES
+    branches = FORWARD_BRANCHES + GRAD_BRANCHES
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
     description = f"FLA fla-core {FLA_VERSION} Triton parallel_nsa (compression + top-k + selection), window via flash-attn/shim"

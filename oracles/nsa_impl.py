@@ -36,6 +36,7 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import Inputs
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES
 from nsaconf.oracles.base import Oracle, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
 from nsaconf.oracles.compat.common import is_pow2, next_pow2, window_keys_count
@@ -116,7 +117,7 @@ class NsaImpl(Oracle):
 
     name = "nsa_impl"
     layer = "e2e"
-    branches = ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o")
+    branches = FORWARD_BRANCHES
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16")
     description = "tilde-research/nsa-impl@623e2c5 nsa_func (+ branches) via FLA 0.6 compat layer; anti-causal compression (expected FAIL)"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsaconf.reports.load import ReportError, load, load_results
+from nsaconf.reports.load import ReportError, load, results_frame
 
-__all__ = ["write_reports", "load_results", "ReportError", "OUTPUT_FILES"]
+__all__ = ["write_reports", "results_frame", "ReportError", "OUTPUT_FILES"]
 
 OUTPUT_FILES = {"summary": "summary.md", "csv": "results.csv", "html": "report.html"}
 

@@ -364,6 +364,6 @@ def write_csv(records: list[CellRecord], path: Path) -> Path:
     return path
 
 
-def load_results(out_dir: str | Path) -> pd.DataFrame:
+def results_frame(out_dir: str | Path) -> pd.DataFrame:
     """``DIR/results.jsonl`` as a DataFrame (see ``to_frame``)."""
     return to_frame(load(out_dir).records)

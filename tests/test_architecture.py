@@ -170,7 +170,11 @@ def test_pytest_plugin_in_a_repo_with_its_own_cases_and_reports_folders(tmp_path
 def test_wheel_installs_nsaconf_only(tmp_path):
     """``pip wheel .``: every module under ``nsaconf/``, the report template and the plugin example inside;
     fla-core only in the ``oracles`` extra (a kernel author's own FLA is kept by a plain install)."""
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+    import shutil
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info into the source folder
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "out", "build", "*.egg-info", "__pycache__", ".device"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=300)
     if p.returncode != 0 and "No module named" in p.stderr:
         pytest.skip(f"cannot build a wheel here: {p.stderr.strip().splitlines()[-1]}")

@@ -123,3 +123,38 @@ def test_dtype_and_seed_expand_cases(tmp_path, case_file):
     assert [(c.dtype, c.seed) for c in cs] == [("float16", 9), ("float32", 9)]
     args = build_parser().parse_args(["run", "--profile", "smoke", "--seed", "3"])
     assert [c.seed for c in _select_cases(args)][:2] == [3, 4]
+
+
+def test_new_plugin_writes_the_shipped_example_and_it_runs(tmp_path, capsys):
+    target = tmp_path / "mine.py"
+    assert main(["new-plugin", str(target)]) == 0
+    assert target.read_text() == (ROOT / "oracles" / "plugin_example.py").read_text()
+    assert main(["new-plugin", str(target)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+    assert main(["list", "--plugin", str(target)]) == 0
+    assert "my_sdpa_window" in capsys.readouterr().out
+
+
+def test_version_and_one_line_usage_errors(capsys):
+    import nsaconf
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nsaconf {nsaconf.__version__}"
+    for argv in (["run", "--device", "tpu"], ["run", "--bogus"], ["repro", "x"], ["masks", "--branch", "nope"],
+                 ["run", "--oracles", "no_such_oracle"], ["report", "/nonexistent/dir"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("nsaconf: error: ") and err.count("\n") == 1, (argv, err)
+
+
+def test_python_api_run_and_evaluate(tmp_path):
+    import nsaconf
+
+    case = nsaconf.Case(seq_len=40, heads_q=4, heads_kv=1, head_dim=8, block_size=8, top_n=3, window=8, dtype="float64")
+    cells = nsaconf.evaluate(case, ["reference", "dense"])
+    assert {c.status for c in cells} == {"PASS"} and {c.oracle for c in cells} == {"reference", "dense"}
+    summary = nsaconf.run([case], ["dense"], out=tmp_path / "r")
+    assert summary.ok and summary.counts == {"PASS": 6}
+    assert [c.status for c in nsaconf.load_results(tmp_path / "r")] == ["PASS"] * 6
+    assert nsaconf.write_reports(tmp_path / "r")["html"].exists()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from nsaconf.cases.model import Case, CaseError, load_cases
 from nsaconf.cases.vocabulary import BAD_STATUSES
-from nsaconf.harness.cli.common import (add_oracle_options, add_tolerance_options, load_oracle_sources, resolved,
-                                        select_oracles, tolerance_from_args)
+from nsaconf.harness.cli.common import (UsageError, add_oracle_options, add_tolerance_options, load_oracle_sources,
+                                        resolved, select_oracles, tolerance_from_args)
 from nsaconf.harness.results import CellResult
 
 
@@ -51,7 +51,6 @@ def format_cells(cells: list[CellResult]) -> str:
 
 
 def repro(args: argparse.Namespace) -> int:
-    from nsaconf.harness.cli.common import UsageError
     from nsaconf.harness.runner import evaluate
 
     if not args.oracles:

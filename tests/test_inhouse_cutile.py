@@ -3,6 +3,7 @@ reasons, the device-side top-n / Eq. 9 glue against the reference rule, the FLOP
 performance section. GPU tests (marked ``gpu``) run the kernels against the fp64 reference."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -21,6 +22,26 @@ def test_registered_with_declarations():
     assert e2e.layer == "e2e" and set(e2e.branches) == {"cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o"}
     assert ker.layer == "kernel" and ker.needs_block_indices and "topk_idx" not in ker.branches
     assert e2e.devices == ("cuda",) and "float64" not in e2e.dtypes
+
+
+def test_oracles_run_the_forward_with_their_config(monkeypatch):
+    """Both oracles call ``nsa_forward`` with their ``config`` (the default ``KernelConfig``; a subclass may set
+    another): the e2e oracle with its own top-n, the kernel oracle with the given indices (CPU, no kernel)."""
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile.config import DEFAULT, KernelConfig
+    seen = []
+    monkeypatch.setattr(F, "nsa_forward", lambda case, inputs, **kw: seen.append(kw) or {})
+    case = Case(seq_len=64, heads_q=2, heads_kv=1, head_dim=16, block_size=16, top_n=3, window=8, dtype="float32")
+    x = materialize(case, "cpu")
+    e2e, ker = get_oracle("inhouse_cutile"), get_oracle("inhouse_cutile_kernels")
+    e2e.run(case, x, "cpu")
+    ker.run(case, x, "cpu", block_indices=torch.zeros(1, 64, 1, 3, dtype=torch.long))
+    assert [kw["config"] for kw in seen] == [DEFAULT, DEFAULT] and seen[0]["block_indices"] is None
+    assert seen[1]["branches"] == ("cmp_o", "cmp_lse", "slc_o", "swa_o")
+    other = KernelConfig(chunk_blocks=4)
+    monkeypatch.setattr(type(e2e), "config", other)
+    e2e.run(case, x, "cpu")
+    assert seen[-1]["config"] is other
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only availability message")
@@ -95,27 +116,30 @@ def test_forced_list_is_each_querys_forced_candidates(forced, q_off, ls, T):
 
 
 @pytest.mark.parametrize("forced,q_off,ls,T", [("initial_local", 0, 16, 150), ("initial_local", 4, 64, 300),
+                                               ("initial_local", 8, 64, 300),
                                                ("current", 8, 32, 200), ("initial_local", 0, 64, 40)])
 def test_window_forced_split_covers_the_forced_blocks_once(forced, q_off, ls, T):
-    """``FORCED_LOCAL_IN_WINDOW``: the selection kernel's forced blocks (``forced_list(.., nlocal)``) and the
+    """``window_forced_plan``: the selection kernel's forced blocks (``forced_list(.., nlocal)``) and the
     local blocks the window kernel takes (``p//l' - nlocal + 1 .. p//l'``, clipped at 0) are together exactly
     each query's forced candidates, with no overlap; every local key ``s <= p`` is inside the window of p
     (what lets one softmax state serve both branches); no plan when a window misses them, when one window
-    tile's queries straddle two blocks, or with the flag off."""
+    tile's queries straddle two blocks (the tile comes from ``KernelConfig.window_tile``) or without a window."""
     from nsaconf.cases.conventions import WINDOW_KEYS, is_forced, selection_candidate
     from nsaconf.cases.model import Case
     from nsaconf.oracles.inhouse_cutile import forward as F
+    from nsaconf.oracles.inhouse_cutile.config import KernelConfig
     case = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=2 * ls, window_keys="w")
     want_nlocal = 2 if forced == "initial_local" else 1
-    with F.flags(FORCED_LOCAL_IN_WINDOW=True):
-        nlocal = F.window_forced_plan(case, 16, q_off)
-        assert nlocal == want_nlocal
-        for w, wk in ((2 * ls - 1, "w"), (2 * ls - 2, "w_plus_1")):     # the farthest local key is 2*ls-1 back
-            short = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=w, window_keys=wk)
-            assert (F.window_forced_plan(short, 16, q_off) is None) == (want_nlocal == 2)
-        assert F.window_forced_plan(case, 16, q_off + 1) is None       # queries of one window tile in two blocks
-    with F.flags(FORCED_LOCAL_IN_WINDOW=False):
-        assert F.window_forced_plan(case, 16, q_off) is None
+    nlocal = F.window_forced_plan(case, 16, q_off)
+    assert nlocal == want_nlocal
+    for w, wk in ((2 * ls - 1, "w"), (2 * ls - 2, "w_plus_1")):     # the farthest local key is 2*ls-1 back
+        short = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=w, window_keys=wk)
+        assert (F.window_forced_plan(short, 16, q_off) is None) == (want_nlocal == 2)
+    assert F.window_forced_plan(case, 16, q_off + 1) is None       # queries of one window tile in two blocks
+    # 128-row window tiles: 8 queries of a group of 16 heads per tile, so q_off must be a multiple of 8
+    assert (F.window_forced_plan(case, 16, q_off, KernelConfig(window_tile=(128, 64))) is None) == (q_off % 8 != 0)
+    no_window = Case(seq_len=T, q_len=T - q_off, block_size=ls, forced_blocks=forced, window=0)
+    assert F.window_forced_plan(no_window, 16, q_off) is None
     TQ, NS = T - q_off, -(-T // ls)
     fl = F.forced_list(q_off, TQ, NS, ls, forced, "cpu", nlocal=nlocal)
     assert fl.shape == (TQ, max_forced(forced) - nlocal)
@@ -158,39 +182,31 @@ def test_tile_fully_visible_iff_two_corners_are(rule, l, d, w):
     assert 0 < n_full < 400       # both outcomes were exercised
 
 
-def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int, slot_by_value: bool = False) -> torch.Tensor:
+def _stream_topn_model(key: torch.Tensor, n: int, tr: int, cw: int) -> torch.Tensor:
     """The algorithm of ``topn_stream_kernel`` on packed keys ``[rows, cols]`` (-1 = not a candidate), in
     torch: a running top-n per tile of ``tr`` rows updated chunk by chunk, with as many extraction steps
-    as the chunk's rows have valid keys above their current n-th best (at most n). ``slot_by_value``: empty
-    slots start as ``-1 - slot`` and the worst slot is the one equal to the row minimum (no index
-    reduction); only valid keys enter. Returns the kept sets (empty = -1), sorted."""
+    as the chunk's rows have valid keys above their current n-th best (at most n); empty slots start as
+    ``-1 - slot`` and the worst slot is the one equal to the row minimum; only valid keys enter. Returns
+    the kept sets (empty = -1), sorted."""
     out = []
     cols = torch.arange(n)
     for r0 in range(0, key.shape[0], tr):
         k = key[r0:r0 + tr]
-        if slot_by_value:
-            best = (-1 - cols).expand(k.shape[0], n).clone()
-        else:
-            best = torch.full((k.shape[0], n), -1, dtype=torch.int64)
+        best = (-1 - cols).expand(k.shape[0], n).clone()
         for c0 in range(0, key.shape[1], cw):
             ch = k[:, c0:c0 + cw].clone()
             worst = best.amin(1, keepdim=True)
             for _ in range(min(n, int((ch > worst.clamp(min=-1)).sum(1).max()))):
                 m = ch.amax(1, keepdim=True)
                 worst = best.amin(1, keepdim=True)
-                if slot_by_value:
-                    best = torch.where((best == worst) & (m > worst) & (m >= 0), m, best)
-                else:
-                    slot = torch.where(best == worst, cols, n).amin(1, keepdim=True)
-                    best = torch.where((cols == slot) & (m > worst), m, best)
+                best = torch.where((best == worst) & (m > worst) & (m >= 0), m, best)
                 ch = torch.where(ch == m, torch.full_like(ch, -1), ch)
         out.append(torch.where(best < 0, torch.full_like(best, -1), best).sort(1).values)
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("slot_by_value", [False, True])
 @pytest.mark.parametrize("n", [1, 3, 13, 16])
-def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n, slot_by_value):
+def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n):
     """The step bound (extract only while some row has keys above its n-th best) loses no key; finding the
     worst slot by value keeps the slots distinct (rows with fewer than n candidates included)."""
     g = torch.Generator().manual_seed(n)
@@ -204,9 +220,9 @@ def test_streaming_topn_algorithm_keeps_exactly_the_top_n(n, slot_by_value):
     key = torch.where((score > 0) & (j < last) & ~sparse_start, key, torch.full_like(key, -1))   # many later
     want = key.topk(n, 1).values
     want = torch.where(want < 0, torch.full_like(want, -1), want).sort(1).values
-    assert torch.equal(_stream_topn_model(key, n, 16, 128, slot_by_value), want)
-    assert torch.equal(_stream_topn_model(key, n, 8, 64, slot_by_value), want)
-    assert torch.equal(_stream_topn_model(key, n, 32, 16, slot_by_value), want)
+    assert torch.equal(_stream_topn_model(key, n, 16, 128), want)
+    assert torch.equal(_stream_topn_model(key, n, 8, 64), want)
+    assert torch.equal(_stream_topn_model(key, n, 64, 8), want)
 
 
 @pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (16, 16, 32), (64, 64, 64), (8, 8, 16)])
@@ -261,23 +277,24 @@ def test_kernels_compile_for_sm90(capsys, tmp_path):
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile.compile_check import main
     assert main([]) == 0
-    # with run-time alignment: TMA loads; heads-on-rows selection = mma.sync m16n8k16 (16-row tiles are
-    # below wgmma's 64), keys-on-rows = wgmma m64n16k16; both fit two CTAs per SM (<= 114 KB smem)
+    # with run-time alignment: the gated chunked selection of the default configuration (4 queries per program,
+    # 2 blocks per step) uses TMA loads and mma.sync m16n8k16 (16-row tiles are below wgmma's 64), 256 threads x
+    # 128 registers without spills and <= 114 KB of shared memory: the layout two CTAs per SM need
     capsys.readouterr()
     assert main(["bfloat16", "CH2 NP16 LS64 D128 slc=False", "--stats"]) == 0
     lines = capsys.readouterr().out.splitlines()
     stats = [dict(kv.split("=", 1) for kv in line.split()) for line in lines if line.startswith("     ")]
-    assert len(stats) == 2
-    assert stats[0]["mma_shapes"] == "m16n8k16" and int(stats[0]["tma"]) > 0 and stats[0]["wgmma"] == "0"
-    assert stats[1]["mma_shapes"] == "m64n16k16" and int(stats[1]["tma"]) > 0
-    assert all(int(s["smem_bytes"]) <= 114 * 1024 for s in stats)
-    # ptxas -v on the embedded PTX: 256 threads x 128 registers, no spills (the layout two CTAs per SM need)
-    assert (stats[0]["threads"], stats[0]["registers"], stats[0]["spill_stores"]) == ("256", "128", "0")
-    # --ptx: the PTX body of each variant, for diffing a kernel refactor
+    assert len(stats) == 1 and "qpp4 occupancy=2" in lines[0]
+    s = stats[0]
+    assert s["mma_shapes"] == "m16n8k16" and int(s["tma"]) > 0 and s["wgmma"] == "0"
+    assert int(s["smem_bytes"]) <= 114 * 1024
+    assert (s["threads"], s["registers"], s["spill_stores"]) == ("256", "128", "0")
+    # --ptx: the PTX body of each variant (label on the first line), for diffing a kernel refactor
     out = tmp_path / "ptx"
-    assert main(["bfloat16", "CH2 NP16 LS64 D128 slc=False", "--ptx", str(out)]) == 0
+    assert main(["bfloat16", "NP14 LS64 D128", "--ptx", str(out)]) == 0
     bodies = sorted(out.glob("*.ptx"))
     assert len(bodies) == 2 and all("mma" in b.read_text() and ".loc" not in b.read_text() for b in bodies)
+    assert bodies[0].read_text().startswith("selection_chunk G16/16 CH2 NP14 LS64 D128")
     assert main(["bfloat16", "x", "--ptx"]) == 2
 
 
@@ -288,7 +305,19 @@ GPU_CASES = [
          window=33, dtype="float16", cmp_mask="anti_causal", window_keys="w_plus_1", forced_blocks="current"),
     Case(seq_len=40, heads_q=4, heads_kv=4, head_dim=64, block_size=64, top_n=3, window=16, dtype="float32",
          cmp_mask="current_block", block_indices="random"),
+    Case(seq_len=300, heads_q=32, heads_kv=2, head_dim=64, block_size=32, top_n=5, window=0, dtype="float16"),
 ]
+
+
+def _assert_close_to_truth(name, got, truth, base):
+    """The GPU tests' rule: the same non-finite pattern as the fp64 truth and a max error of at most twice the
+    reference's own in the case dtype, + 1e-2."""
+    t, got, b = truth.double(), got.double(), base.double()
+    fin = torch.isfinite(t)
+    assert torch.equal(torch.isfinite(got), fin), f"{name}: non-finite pattern differs"
+    err = float((got[fin] - t[fin]).abs().max())
+    berr = float((b[fin] - t[fin]).abs().max())
+    assert err <= 2 * berr + 1e-2, f"{name}: err {err:.3e} vs baseline {berr:.3e}"
 
 
 @pytest.mark.gpu
@@ -304,25 +333,63 @@ def test_gpu_matches_fp64_reference(case):
     base = nsa_reference(case, x, dtype=None)
     out = oracle.run(case, x, "cuda")
     for name in ("cmp_o", "cmp_lse", "slc_o", "swa_o", "o"):
-        if name not in truth:
-            continue
-        t, got, b = truth[name], out[name].double(), base[name].double()
-        fin = torch.isfinite(t)
-        assert torch.equal(torch.isfinite(got), fin), f"{name}: non-finite pattern differs"
-        err = float((got[fin] - t[fin]).abs().max())
-        berr = float((b[fin] - t[fin]).abs().max())
-        assert err <= 2 * berr + 1e-2, f"{name}: err {err:.3e} vs baseline {berr:.3e}"
+        if name in truth:
+            _assert_close_to_truth(name, out[name], truth[name], base[name])
     assert torch.equal(torch.sort(out["topk_idx"].cpu(), -1).values, torch.sort(truth["topk_idx"].cpu(), -1).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_forward_without_topk_matches_fp64_reference(case):
+    """The paths of ``nsa_forward`` that the oracles (which return ``topk_idx``) do not take and the benchmarks
+    time: without ``topk_idx`` the selection gets the forced blocks by rule + the top-n of the others, and where
+    the window holds the forced local blocks the window kernel finishes slc_o and o. Same rule as above."""
+    from nsaconf.oracles.inhouse_cutile.forward import nsa_forward
+    why = get_oracle("inhouse_cutile").check_support(case, "cuda")
+    if why:
+        pytest.skip(why)
+    x = materialize(case, "cuda")
+    truth = nsa_reference(case, x, dtype=torch.float64)
+    base = nsa_reference(case, x, dtype=None)
+    for branches in (("o",), ("slc_o", "swa_o", "o")):
+        out = nsa_forward(case, x, branches=branches)
+        assert set(out) == {b for b in branches if b in truth}
+        for name, got in out.items():
+            _assert_close_to_truth(f"{branches}: {name}", got, truth[name], base[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c.cu_seqlens is None], ids=lambda c: c.id)
+def test_gpu_topn_kernel_equals_torch_rule(case):
+    """The streaming top-n kernel picks exactly the blocks of the torch statement of the rule (``top_n``), and its
+    others-only form those of ``top_n_others``, on the same importance; with l = d = l' the importance beyond
+    the blocks the compression writes holds 3e38, so a read outside the candidates would show."""
+    pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
+    from nsaconf.oracles.inhouse_cutile import forward as F
+    why = get_oracle("inhouse_cutile").check_support(case, "cuda")
+    if why:
+        pytest.skip(why)
+    x = materialize(case, "cuda")
+    l, d, ls, T = case.cmp_block, case.cmp_stride, case.block_size, case.seq_len
+    kc, vc = F.mean_pool(x.k, x.v, l, d)
+    args = (x.q, kc, vc, T, l, d, case.cmp_mask, case.softmax_scale)
+    imp = F.importance(F.compression(*args, want_importance=True)[2], l, d, ls, T)
+    imp_k = F.compression(*args, want_importance=True, importance_fill=3.0e38)[2] if l == d == ls else imp
+    pos = torch.arange(case.q_offset, T, device="cuda")
+    got = F.top_n_cutile(imp_k, case.q_offset, case.top_n, ls, case.forced_blocks)
+    assert torch.equal(got, F.top_n(imp, pos, case.top_n, ls, case.forced_blocks))
+    mf = max_forced(case.forced_blocks)
+    if mf and case.top_n > mf:
+        got = F.top_n_cutile(imp_k, case.q_offset, case.top_n - mf, ls, case.forced_blocks, others=True)
+        assert torch.equal(got, F.top_n_others(imp, pos, case.top_n - mf, ls, case.forced_blocks))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
 def test_bench_command_without_gpu_exits_2(tmp_path, capsys):
-    import argparse
-    from nsaconf.harness.bench import register
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="cmd"))
-    args = p.parse_args(["bench", "--case", "examples/case.json", "--out", str(tmp_path)])
-    assert args.func(args) == 2
+    from nsaconf.harness.cli import main
+    assert main(["bench", "--case", "examples/case.json", "--out", str(tmp_path)]) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -335,58 +402,29 @@ def test_bench_records_and_ratios(tmp_path):
     assert [r.ratio_to_fastest for r in recs] == [1.0, 1.5]
     assert 0 < recs[0].pct_of_floor < 100 and recs[0].floor_ms > 0
     path = write_records(tmp_path, recs)
-    assert len(path.read_text().splitlines()) == 2 and (tmp_path / "performance.html").exists()
+    assert [json.loads(line)["oracle"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
-def test_forward_flags_set_restore_and_parse():
-    from nsaconf.oracles.inhouse_cutile import forward as F
-    before = (F.CHUNK_BLOCKS, F.TOPN_KERNEL)
-    with F.flags(CHUNK_BLOCKS=4, TOPN_KERNEL="packed"):
-        assert (F.CHUNK_BLOCKS, F.TOPN_KERNEL) == (4, "packed")
-    assert (F.CHUNK_BLOCKS, F.TOPN_KERNEL) == before
-    with pytest.raises(ValueError, match="no flag NOPE"):
-        with F.flags(NOPE=1):
-            pass
-    assert F.parse_flags(["SEL_LATENCY=(3, 3)", "DEFAULT_SELECTION='union'"]) == {
-        "SEL_LATENCY": (3, 3), "DEFAULT_SELECTION": "union"}
-    for bad, why in (("CHUNK_BLOCKS", "NAME=VALUE"), ("pow2=1", "no flag pow2"), ("CHUNK_BLOCKS=x", "not a Python literal")):
-        with pytest.raises(ValueError, match=why):
-            F.parse_flags([bad])
-
-
-@pytest.mark.parametrize("script, option, value, bad, known", [
-    ("bench_variants", "--parts", "cmp,selection17", "selection17", "selection16"),
-    ("l2_ceiling", "--patterns", "top-n,cold", "cold", "shared-by"),
-    ("l2_ceiling", "--T", "16k", "--T", "'16k' is not a comma list of int"),
-    ("l2_ceiling", "--buffers-mib", "2,big", "--buffers-mib", "of float values"),
-])
-def test_benchmarks_reject_unknown_names(monkeypatch, capsys, script, option, value, bad, known):
-    """``bench_variants.py --parts`` and ``l2_ceiling.py --patterns`` name only known parts / patterns, and
-    ``l2_ceiling.py``'s number lists are numbers: otherwise a one-line error naming the bad value and the known
-    ones or the option, and exit 2, before any GPU work."""
-    import importlib
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    mod = importlib.import_module(script)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", option, value])
-    assert mod.main() == 2
-    err = capsys.readouterr().err.strip()
-    assert bad in err and known in err and len(err.splitlines()) == 1
-
-
-def test_bench_variants_parses_flag_sets():
-    """``benchmarks/bench_variants.py --variant 'LABEL: NAME=VALUE; ...'``: label and flags, or a ValueError
-    naming the bad part (the script turns it into a one-line error and exit 2)."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_variants import parse_variant
-    assert parse_variant('two: SEL_QUERIES_PER_PROGRAM=2; CMP_HINTS={"num_ctas": 2}') == (
-        "two", {"SEL_QUERIES_PER_PROGRAM": 2, "CMP_HINTS": {"num_ctas": 2}})
-    assert parse_variant("none:") == ("none", {})
-    for bad, why in (("SEL_IDX_ONCE=True", "expected 'LABEL: NAME=VALUE"), (": SEL_IDX_ONCE=True", "expected"),
-                     ("x: NOPE=1", "no flag NOPE"), ("x: SEL_IDX_ONCE=yes", "not a Python literal")):
-        with pytest.raises(ValueError, match=why):
-            parse_variant(bad)
+def test_kernel_config_defaults_frozen_and_checked():
+    """``KernelConfig``: the measured defaults, frozen (no run-time flips), bad values refused, and the kernel
+    constants derived from it the way the forward launches them."""
+    import dataclasses
+    from nsaconf.oracles.inhouse_cutile.config import DEFAULT, KernelConfig
+    assert DEFAULT == KernelConfig() and dataclasses.asdict(DEFAULT) == {
+        "cmp_tile": (64, 64), "window_tile": (64, 64), "cmp_one_pass_tiles": 4, "chunk_blocks": 2,
+        "sel_queries_per_program": 4, "sel_occupancy": 2, "topn_stream_tile": (64, 8), "topn_occupancy": 4,
+        "pool_occupancy": 4}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT.chunk_blocks = 4
+    for bad in (dict(cmp_tile=(48, 64)), dict(window_tile=(64,)), dict(topn_stream_tile=(64, 0)), dict(chunk_blocks=3),
+                dict(sel_queries_per_program=0), dict(sel_occupancy=True), dict(cmp_one_pass_tiles=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            KernelConfig(**bad)
+    assert DEFAULT.dense_tile(True, 16) == (16, 4, 64) and DEFAULT.dense_tile(False, 3) == (4, 16, 64)
+    assert KernelConfig(cmp_tile=(128, 32)).dense_tile(True, 1) == (1, 128, 32)
+    assert [DEFAULT.one_pass_tiles(nc, 64) for nc in (7, 256, 257)] == [1, 4, 0]
+    assert [DEFAULT.chunk(n, 64) for n in (1, 3, 16)] == [1, 2, 2] and KernelConfig(chunk_blocks=4).chunk(16, 128) == 2
+    assert DEFAULT.topn_tile(1000) == (64, 8) and KernelConfig(topn_stream_tile=(16, 128)).topn_tile(20) == (16, 32)
 
 
 def _launches(monkeypatch):
@@ -403,9 +441,8 @@ def _params(kernel) -> list[str]:
 
 
 @pytest.mark.parametrize("gated,want_slc,window", [(False, True, False), (True, False, False), (True, True, True)])
-@pytest.mark.parametrize("impl", ["chunked", "union"])
-def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, gated, want_slc, window):
-    """The host side of the gated selection kernels: one argument per kernel parameter, the epilogue
+def test_selection_chunked_passes_every_kernel_parameter(monkeypatch, gated, want_slc, window):
+    """The host side of the gated chunked selection kernel: one argument per kernel parameter, the epilogue
     flags in place, and the buffers it returns are the ones the kernel writes (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile import forward as F
@@ -415,8 +452,7 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
     idx = torch.randint(0, T // 64, (B, T, H, n))
     g = [torch.rand(B, T, HQ) for _ in range(3)]
     cmp_o, swa_o = torch.randn(B, T, HQ, D), (torch.randn(B, T, HQ, D) if window else None)
-    fn = F.selection_chunked if impl == "chunked" else F.selection_union
-    res = fn(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
+    res = F.selection_chunked(q, k, v, idx, 64, 0.1, gated=(cmp_o, swa_o, *g) if gated else None, want_slc=want_slc)
     (kernel, args), = calls
     names = _params(kernel)
     assert len(args) == len(names)
@@ -431,75 +467,77 @@ def test_selection_entry_points_pass_every_kernel_parameter(monkeypatch, impl, g
         assert res is a["O"] and res.shape == (B, T, HQ, D)
 
 
-@pytest.mark.parametrize("idx_once,qpp,mask_all", [(True, 4, False), (True, 1, True), (False, 4, True), (False, 1, False)])
-def test_selection_partial_host_side(monkeypatch, idx_once, qpp, mask_all):
-    """``selection_partial`` launches ceil(TQ / SEL_QUERIES_PER_PROGRAM) programs per kv head with one argument
-    per kernel parameter; with ``SEL_IDX_ONCE`` the index rows are padded with -1 to pow2(n) columns (one
-    aligned load; the kernel reads the first n), else passed as they are (CPU, no launch)."""
+@pytest.mark.parametrize("qpp,chunk_blocks", [(4, 2), (1, 2), (3, 4), (2, 1)])
+def test_selection_partial_host_side(monkeypatch, qpp, chunk_blocks):
+    """``selection_partial`` and ``selection_chunked`` launch ceil(TQ / sel_queries_per_program) programs per kv
+    head with one argument per kernel parameter and CH = ``KernelConfig.chunk``; the index rows are padded with -1
+    to pow2 of the kernel's NP (one aligned load; the kernel reads the first NP): n for the partial result, a
+    multiple of CH for the chunked entry point (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile import forward as F
     from nsaconf.oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile.config import KernelConfig
+    cfg = KernelConfig(sel_queries_per_program=qpp, chunk_blocks=chunk_blocks, sel_occupancy=3)
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
     B, T, HQ, H, D, n = 1, 10, 8, 2, 32, 14
     q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
     idx = torch.randint(-1, 3, (B, T, H, n))
-    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_MASK_ALL=mask_all):
-        o, lse = F.selection_partial(q, k, v, idx, 64, 0.1)
+    o, lse = F.selection_partial(q, k, v, idx, 64, 0.1, config=cfg)
     (kernel, grid, args), = calls
     assert kernel._annotated_function.pyfunc is K.selection_chunk_kernel._annotated_function.pyfunc
+    assert F._hinted(K.selection_chunk_kernel, 3) is kernel          # the config's occupancy hint
     names = _params(K.selection_chunk_kernel)
     assert len(args) == len(names)
     a = dict(zip(names, args))
-    assert grid == (-(-T // qpp), B * H, 1) and a["QPP"] == qpp and a["IDX_ONCE"] is idx_once
-    assert a["MASK_ALL"] is mask_all
+    assert grid == (-(-T // qpp), B * H, 1) and a["QPP"] == qpp and a["CH"] == chunk_blocks
     assert (a["NP"], a["NPP"]) == (n, 16) and a["O"] is o and a["LSE"] is lse and a["WRITE_LSE"] is True
     assert a["IDX"].dtype == torch.int32 and torch.equal(a["IDX"][..., :n], idx.to(torch.int32))
-    assert a["IDX"].shape[-1] == (16 if idx_once else n)
-    assert bool((a["IDX"][..., n:] == -1).all())
-    calls.clear()      # the chunked entry point: rows padded to NP (a multiple of CH), then to pow2(NP) with idx_once
-    with F.flags(SEL_IDX_ONCE=idx_once, SEL_QUERIES_PER_PROGRAM=qpp, SEL_MASK_ALL=mask_all):
-        F.selection_chunked(q, k, v, idx[..., :13], 64, 0.1)
+    assert a["IDX"].shape[-1] == 16 and bool((a["IDX"][..., n:] == -1).all())
+    calls.clear()      # the chunked entry point: rows padded to NP (a multiple of CH), then to pow2(NP)
+    F.selection_chunked(q, k, v, idx[..., :13], 64, 0.1, config=cfg)
     (kernel, grid, args), = calls
     a = dict(zip(names, args))
-    assert grid == (-(-T // qpp), B * H, 1) and (a["NP"], a["NPP"], a["QPP"]) == (14, 16, qpp)
-    assert a["MASK_ALL"] is mask_all
-    assert a["IDX"].shape[-1] == (16 if idx_once else 14) and torch.equal(a["IDX"][..., :13], idx[..., :13].int())
-    assert bool((a["IDX"][..., 13:] == -1).all())
+    NP = -(-13 // chunk_blocks) * chunk_blocks
+    assert grid == (-(-T // qpp), B * H, 1) and (a["NP"], a["NPP"], a["QPP"]) == (NP, 16, qpp)
+    assert a["WRITE_LSE"] is False and a["IDX"].shape[-1] == 16
+    assert torch.equal(a["IDX"][..., :13], idx[..., :13].int()) and bool((a["IDX"][..., 13:] == -1).all())
 
 
-@pytest.mark.parametrize("cmp_tpp,win_tpp", [(1, 1), (4, 3)])
-def test_dense_kernels_tiles_per_program(monkeypatch, cmp_tpp, win_tpp):
-    """``CMP_TILES_PER_PROGRAM`` / ``WINDOW_TILES_PER_PROGRAM``: the compression, window and window-forced kernels get
-    the flag as TPP and ceil(TQ / (TMQ * TPP)) programs per kv head, one argument per kernel parameter (CPU)."""
+@pytest.mark.parametrize("cmp_tile,window_tile", [((64, 64), (64, 64)), ((128, 32), (32, 128))])
+def test_dense_kernels_take_their_tiles_from_the_config(monkeypatch, cmp_tile, window_tile):
+    """``KernelConfig.cmp_tile`` / ``window_tile``: the compression, window and window-forced kernels get
+    TMQ = rows // 16 queries (G = 16) and TN keys per tile and ceil(TQ / TMQ) programs per kv head, one argument
+    per kernel parameter (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile import forward as F
     from nsaconf.oracles.inhouse_cutile import kernels as K
+    from nsaconf.oracles.inhouse_cutile.config import KernelConfig
+    cfg = KernelConfig(cmp_tile=cmp_tile, window_tile=window_tile)
     calls = []
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
-    B, T, HQ, H, D = 1, 100, 32, 2, 32            # G = 16: TMQ = 64 // 16 = 4 queries per tile, 25 tiles
+    B, T, HQ, H, D = 1, 100, 32, 2, 32
     q, k, v = torch.randn(B, T, HQ, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
     kc, vc = torch.randn(B, 7, H, D), torch.randn(B, 7, H, D)
     g = [torch.rand(B, T, HQ) for _ in range(3)]
-    with F.flags(CMP_TILES_PER_PROGRAM=cmp_tpp, WINDOW_TILES_PER_PROGRAM=win_tpp):
-        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True)
-        F.sliding_window(q, k, v, 32, "w", 0.1)
-        F.window_forced(q, k, v, q, torch.zeros(B, T, HQ), q, g, 2, 64, 512, "w", 0.1)
-    assert len(calls) == 3
-    for (kernel, grid, args), tpp in zip(calls, (cmp_tpp, win_tpp, win_tpp)):
+    F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True, config=cfg)
+    F.sliding_window(q, k, v, 32, "w", 0.1, config=cfg)
+    F.window_forced(q, k, v, q, torch.zeros(B, T, HQ), q, g, 2, 64, 512, "w", 0.1, config=cfg)
+    assert [kernel for kernel, _, _ in calls] == [K.dense_branch_kernel, K.dense_branch_kernel, K.window_forced_kernel]
+    for (kernel, grid, args), (rows, key_tile) in zip(calls, (cmp_tile, window_tile, window_tile)):
         names = _params(kernel)
         a = dict(zip(names, args))
-        assert len(args) == len(names) and a["TMQ"] == 4 and a["TPP"] == tpp
-        assert grid == (-(-T // (4 * tpp)), B * H, 1)
-    assert calls[0][0] is K.dense_branch_kernel and calls[0][2][_params(K.dense_branch_kernel).index("IS_CMP")] is True
+        assert len(args) == len(names) and a["TMQ"] == rows // 16
+        assert a.get("TN", key_tile) == key_tile and grid == (-(-T // (rows // 16)), B * H, 1)
+    assert calls[0][2][_params(K.dense_branch_kernel).index("IS_CMP")] is True
 
 
 @pytest.mark.parametrize("nc,key_tile,limit,want", [(7, 64, 4, 1), (256, 64, 4, 4), (257, 64, 4, 0), (256, 128, 4, 2),
                                                      (256, 64, 0, 0), (200, 64, 3, 0)])
 def test_compression_one_pass_when_the_blocks_fit(monkeypatch, nc, key_tile, limit, want):
-    """``CMP_ONE_PASS_TILES``: the compression with importance runs in one pass (NT1 = its number of key tiles)
-    when the pooled blocks fit in that many key tiles, else in two (NT1 = 0); without importance always two
-    (CPU, no launch)."""
+    """``KernelConfig.cmp_one_pass_tiles``: the compression with importance runs in one pass (NT1 = its number of
+    key tiles) when the pooled blocks fit in that many key tiles, else in two (NT1 = 0); without importance always
+    two (CPU, no launch)."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile import forward as F
     from nsaconf.oracles.inhouse_cutile import kernels as K
@@ -507,9 +545,10 @@ def test_compression_one_pass_when_the_blocks_fit(monkeypatch, nc, key_tile, lim
     monkeypatch.setattr(F, "_launch", lambda kernel, grid, args: calls.append((kernel, grid, args)))
     B, T, HQ, H, D = 1, 100, 32, 2, 32
     q, kc, vc = torch.randn(B, T, HQ, D), torch.randn(B, nc, H, D), torch.randn(B, nc, H, D)
-    with F.flags(CMP_ONE_PASS_TILES=limit, CMP_TILE=(64, key_tile)):
-        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True)
-        F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=False)
+    from nsaconf.oracles.inhouse_cutile.config import KernelConfig
+    cfg = KernelConfig(cmp_one_pass_tiles=limit, cmp_tile=(64, key_tile))
+    F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=True, config=cfg)
+    F.compression(q, kc, vc, T, 16, 16, "end_inclusive", 0.1, want_importance=False, config=cfg)
     names = _params(K.dense_branch_kernel)
     (_, _, with_imp), (_, _, without) = calls
     assert len(with_imp) == len(names)
@@ -529,69 +568,50 @@ def test_combine_gates_passes_the_three_gates(monkeypatch):
     assert a["THREE"] is False
 
 
-@pytest.mark.parametrize("branches,selection,window,by_rule", [
-    (("o",), "chunked", 32, True), (("o",), "chunked", 0, False), (("slc_o", "o"), "union", 32, True),
-    (("o",), "per_query", 32, True), (("topk_idx", "o"), "chunked", 32, True), (("o",), "chunked", 32, False)])
-def test_nsa_forward_launch_sequence(monkeypatch, branches, selection, window, by_rule):
-    """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated
-    selection epilogue writes o (slc_o only when asked for), the gate kernel runs only for the
-    per-query kernel, the window kernel only when w > 0; with TOPN_FORCED_BY_RULE and topk_idx not
-    returned, the top-n picks n - 3 of the other blocks and the selection gets the 3 forced ones first."""
+@pytest.mark.parametrize("branches,window,forced,ls", [
+    (("o",), 32, "initial_local", 64), (("o",), 0, "initial_local", 64), (("slc_o", "o"), 32, "initial_local", 64),
+    (("topk_idx", "o"), 32, "initial_local", 64), (("o",), 32, "none", 64), (("o",), 32, "initial_local", 48),
+    (("slc_o", "swa_o", "o"), 64, "initial_local", 16)])
+def test_nsa_forward_launch_sequence(monkeypatch, branches, window, forced, ls):
+    """Which kernels ``nsa_forward`` launches, with which epilogue flags (CPU, no launch): the gated chunked
+    selection epilogue writes o (slc_o only when asked for); the per-query kernel (l' not a power of two) and the
+    gate kernel; the window kernel only when w > 0; with forced blocks and topk_idx not returned, the top-n picks
+    n - 3 of the other blocks and the selection gets the 3 forced ones first; with a window that holds the forced
+    local blocks, the selection's partial result and the window + forced-local kernel that finishes o."""
     pytest.importorskip("cuda.tile", reason="cuda-tile 1.7.0 not installed")
     from nsaconf.oracles.inhouse_cutile import forward as F
     from nsaconf.oracles.inhouse_cutile import kernels as K
     calls = _launches(monkeypatch)
-    case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=64, top_n=4, window=window, dtype="bfloat16")
-    with F.flags(DEFAULT_SELECTION=selection, TOPN_FORCED_BY_RULE=by_rule):
-        out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
+    case = Case(seq_len=256, heads_q=16, heads_kv=1, head_dim=64, block_size=ls, top_n=4, window=window,
+                forced_blocks=forced, dtype="bfloat16")
+    out = F.nsa_forward(case, materialize(case, "cpu"), branches=branches)
     assert set(out) == set(branches)
     names = [kernel for kernel, _ in calls]
     same = lambda a, b: a._annotated_function.pyfunc is b._annotated_function.pyfunc  # noqa: E731 (hinted copies)
     (topn_args,) = [args for kernel, args in calls if same(kernel, K.topn_stream_kernel)]
     t = dict(zip(_params(K.topn_stream_kernel), topn_args))
-    others = by_rule and "topk_idx" not in branches
+    others = forced != "none" and "topk_idx" not in branches
     assert (t["OTHERS"], t["N"]) == ((True, 1) if others else (False, 4))
-    sel_kernel = {"chunked": K.selection_chunk_kernel, "union": K.selection_union_kernel,
-                  "per_query": K.selection_kernel}[selection]
+    in_window = others and F.window_forced_plan(case, 16, 0) is not None
+    assert in_window == (window == 64)
     dense = [args for kernel, args in calls if same(kernel, K.dense_branch_kernel)]
-    assert len(dense) == (2 if window else 1)                          # compression (+ window)
-    assert any(same(kernel, K.mean_pool_kernel) for kernel in names)   # (hinted: POOL_HINTS)
+    assert len(dense) == (2 if window and not in_window else 1)        # compression (+ window)
+    assert any(same(kernel, K.mean_pool_kernel) for kernel in names)   # (hinted: pool_occupancy)
+    sel_kernel = K.selection_chunk_kernel if ls in (16, 64) else K.selection_kernel
     (sel_args,) = [args for kernel, args in calls if same(kernel, sel_kernel)]
     a = dict(zip(_params(sel_kernel), sel_args))
-    idx = a.get("IDX", a.get("SEL"))
-    if others and selection != "union":   # l' = 64: forced = block 0, then cur-1 and cur once they exist
-        want = [sorted({0, c - 1, c} - {-1}) for c in (p // 64 for p in range(256))]
+    if others and not in_window:   # initial_local: forced = block 0, then cur-1 and cur once they exist
+        want = [sorted({0, c - 1, c} - {-1}) for c in (p // ls for p in range(256))]
         want = torch.tensor([w + [-1] * (3 - len(w)) for w in want], dtype=torch.int32)
-        assert torch.equal(idx[0, :, 0, :3], want)
-    if selection == "per_query":
+        assert torch.equal(a["IDX"][0, :, 0, :3], want)
+    if in_window:
+        (w_args,) = [args for kernel, args in calls if same(kernel, K.window_forced_kernel)]
+        w = dict(zip(_params(K.window_forced_kernel), w_args))
+        assert (a["WRITE_LSE"], a["GATES"], w["NLOCAL"]) == (True, False, 2) and out["o"] is w["OUT"]
+        assert (w["WRITE_SWA"], w["WRITE_SLC"]) == (True, True) and out["slc_o"] is w["SLC"]
+        assert K.gate_kernel not in names
+    elif sel_kernel is K.selection_kernel:
         assert K.gate_kernel in names
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
-
-
-def test_l2_ceiling_index_patterns():
-    """``benchmarks/l2_ceiling.py``: every probe pattern has the top-n's shape (so the same bytes are loaded) and
-    its defining property: ``streaming`` walks consecutive blocks, ``hot`` is blocks 0..n-1 for every query,
-    ``shared-by-4`` repeats one row per program of 4 queries, ``random in W`` stays below W; only the families
-    asked for are built, and ``--patterns`` with an unknown name is a one-line error before any GPU work."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    from l2_ceiling import index_patterns
-    g = torch.Generator().manual_seed(0)
-    TQ, H, n, n_blocks = 10, 2, 16, 40
-    idx16 = torch.randint(0, n_blocks, (1, TQ, H, n), generator=g, dtype=torch.int32)
-    assert set(index_patterns(idx16, n_blocks, 4, ("hot", "shared-by"))) == {"hot", "shared-by-4"}
-    pats = index_patterns(idx16, n_blocks, 4, working_sets=(8, 64))
-    assert set(pats) == {"top-n", "streaming", "hot", "shared-by-4", "random in 8", "random in 64"}
-    for name, p in pats.items():
-        assert tuple(p.shape) == (1, TQ, H, n), name
-        assert int(p.min()) >= 0 and int(p.max()) < n_blocks, name
-    assert torch.equal(pats["top-n"], idx16)
-    s = pats["streaming"]
-    assert torch.equal(s[0, 3, 1], (torch.arange(n) + 3 * n) % n_blocks)
-    assert bool((pats["hot"] == torch.arange(n)).all())
-    sh = pats["shared-by-4"]
-    assert torch.equal(sh[:, 0], sh[:, 3]) and torch.equal(sh[:, 8], sh[:, 9]) and not torch.equal(sh[:, 3], sh[:, 4])
-    assert int(pats["random in 8"].max()) < 8 and int(pats["random in 64"].max()) < n_blocks
-

@@ -10,6 +10,10 @@ counts of ``wgmma`` / ``mma.sync`` / ``ldmatrix`` / TMA (``cp.async.bulk.tensor`
 from ``ptxas -v`` on that PTX, threads per CTA, registers per thread and spill bytes.
 ``--ptx DIR`` writes each variant's PTX without its debug part (same alignment) to ``DIR/NN.ptx``:
 run it before and after a kernel refactor and ``diff -r`` the folders.
+
+The variants are the kernel constants of ``KernelConfig`` objects (``config.py``; the default one and a few
+others) on a few shapes, each compiled with the occupancy hint the forward launches it with. A
+kernel-development tool: the oracles do not use it.
 """
 from __future__ import annotations
 
@@ -18,16 +22,18 @@ import re
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
-ALIGNED = False   # --stats: strides divisible by 8 elements, as contiguous tensors are at run time
+from nsaconf.oracles.inhouse_cutile.config import DEFAULT, MIN_SEL_ROWS, KernelConfig, pow2
 
 
-def _arr(ct, dtype, ndim: int):
+def _arr(ct, dtype, ndim: int, aligned: bool):
+    """The constraint of a contiguous ``ndim``-d array; ``aligned``: strides divisible by 8 elements, as the
+    runtime sees for contiguous tensors (without it cuTile falls back to plain 16-bit loads, no TMA)."""
     from cuda.tile.compilation import ArrayConstraint
     return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0, alias_groups=(),
                            may_alias_internally=False, stride_constant=[None] * (ndim - 1) + [1],
-                           stride_divisible_by=([8] * (ndim - 1) + [1]) if ALIGNED else 1,
+                           stride_divisible_by=([8] * (ndim - 1) + [1]) if aligned else 1,
                            base_addr_divisible_by=16)
 
 
@@ -106,113 +112,80 @@ def cubin_stats(cubin: bytes) -> dict:
     return out
 
 
-def variants(dtype: str = "bfloat16") -> list[tuple[str, Any, list]]:
-    """(label, kernel, signature parameters) for the variants the benchmark and tests use."""
+def variants(dtype: str = "bfloat16", aligned: bool = False) -> list[tuple[str, Any, list, Optional[int]]]:
+    """(label, kernel, signature parameters, occupancy hint or None) of every kernel variant: the kernel constants
+    come from ``KernelConfig`` objects (the default one and a few others) through the same ``KernelConfig``
+    methods the forward launches with, the occupancy hints from the config too."""
     import cuda.tile as ct
     from cuda.tile.compilation import ScalarConstraint
     from nsaconf.oracles.inhouse_cutile import kernels as K
     dt = getattr(ct, dtype)
-    a4, f32_3, f32_4, i32_4 = _arr(ct, dt, 4), _arr(ct, ct.float32, 3), _arr(ct, ct.float32, 4), _arr(ct, ct.int32, 4)
+    a3, a4 = _arr(ct, dt, 3, aligned), _arr(ct, dt, 4, aligned)
+    f32_3, f32_4 = _arr(ct, ct.float32, 3, aligned), _arr(ct, ct.float32, 4, aligned)
+    i32_4 = _arr(ct, ct.int32, 4, aligned)
     f, i = ScalarConstraint(ct.float32), ScalarConstraint(ct.int32)
     out = []
-    for cmp, G, GP, TMQ, TN, DP, mask_all, tpp, nt1 in [(True, 16, 16, 4, 64, 128, False, 1, 0),
-                                                        (True, 3, 4, 16, 64, 64, False, 1, 0),
-                                                        (False, 16, 16, 4, 64, 128, False, 1, 0),
-                                                        (False, 1, 1, 64, 64, 32, False, 1, 0),
-                                                        (True, 16, 16, 4, 64, 128, True, 1, 0),
-                                                        (True, 16, 16, 8, 64, 128, False, 1, 0),
-                                                        (False, 16, 16, 8, 64, 128, False, 1, 0),
-                                                        (True, 16, 16, 4, 64, 128, False, 4, 0),
-                                                        (True, 16, 16, 4, 128, 128, False, 2, 0),
-                                                        # one pass (compression + importance, few pooled blocks)
-                                                        (True, 16, 16, 4, 64, 128, False, 1, 4),
-                                                        (True, 16, 16, 4, 64, 128, False, 1, 1),
-                                                        (True, 16, 16, 4, 128, 128, False, 1, 2),
-                                                        (True, 3, 4, 16, 64, 64, True, 1, 3)]:
-        out.append((f"dense cmp={cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (" mask_all" if mask_all else "")
-                    + (f" tpp{tpp}" if tpp > 1 else "") + (f" one_pass{nt1}" if nt1 else ""), K.dense_branch_kernel,
-                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, cmp, cmp, mask_all,
-                     tpp, nt1]))
-    for G, GP, LSP, DP, al in [(16, 16, 64, 128, True), (1, 16, 32, 64, False), (3, 16, 16, 256, True)]:
+    # compression (with or without importance; pooled blocks: one pass when they fit cmp_one_pass_tiles) and window
+    for cfg, is_cmp, want_imp, G, DP, nkeys in [(DEFAULT, True, True, 16, 128, 1024), (DEFAULT, True, True, 3, 64, 1024),
+                                                (DEFAULT, False, False, 16, 128, 0), (DEFAULT, False, False, 1, 32, 0),
+                                                (KernelConfig(cmp_tile=(128, 64)), True, True, 16, 128, 1024),
+                                                (KernelConfig(window_tile=(128, 64)), False, False, 16, 128, 0),
+                                                (DEFAULT, True, True, 16, 128, 256), (DEFAULT, True, True, 16, 128, 7),
+                                                (KernelConfig(cmp_tile=(64, 128)), True, True, 16, 128, 256),
+                                                (DEFAULT, True, True, 3, 64, 150), (DEFAULT, True, False, 16, 128, 256)]:
+        GP, TMQ, TN = cfg.dense_tile(is_cmp, G)
+        nt1 = cfg.one_pass_tiles(nkeys, TN) if is_cmp and want_imp else 0
+        out.append((f"dense cmp={is_cmp} G{G}/{GP} TMQ{TMQ} TN{TN} D{DP}" + (f" one_pass{nt1}" if nt1 else "")
+                    + (" no_importance" if is_cmp and not want_imp else ""), K.dense_branch_kernel,
+                    [a4, a4, a4, a4, f32_3, f32_4, f, i, i, i, i, i, i, i, G, GP, TMQ, TN, DP, DP, is_cmp, want_imp, nt1],
+                    None))
+    # per-query selection (any block size; aligned = the block size is the power-of-two tile)
+    for G, LSP, DP, al in [(16, 64, 128, True), (1, 32, 64, False), (3, 16, 256, True)]:
+        GP = max(pow2(G), MIN_SEL_ROWS)
         out.append((f"selection G{G}/{GP} LS{LSP} D{DP} aligned={al}", K.selection_kernel,
-                    [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al]))
-    i32_3 = _arr(ct, ct.int32, 3)
-    a3 = _arr(ct, dt, 3)
-    for G, GP, TQB, LSP, DP, al, gates, win in [(16, 16, 4, 64, 128, True, True, False), (16, 16, 8, 64, 128, True, True, False),
-                                                (3, 4, 16, 32, 64, False, False, False),
-                                                (3, 4, 16, 32, 64, False, True, True)]:
-        out.append((f"selection_union G{G}/{GP} TQB{TQB} LS{LSP} D{DP} aligned={al} gates={gates} window={win}",
-                    K.selection_union_kernel,
-                    [a4, a4, a4, i32_4, i32_4, i32_3, a4, a4, a4, a3, a3, a3, a4, f, i, i, i, 16, TQB, G, GP, LSP, DP, DP,
-                     al, not gates, gates, win]))
-    for G, GP, CH, NP, LS, DP, slc, gates, win, lse in [(16, 16, 4, 16, 64, 128, True, False, False, False),
-                                                        (16, 16, 2, 16, 64, 128, False, True, False, False),
-                                                        (16, 16, 2, 14, 64, 128, True, False, False, True),
-                                                        (16, 16, 2, 13, 64, 128, True, False, False, True),
-                                                        (16, 16, 4, 14, 64, 128, True, False, False, True),
-                                                        (3, 16, 2, 4, 32, 64, True, True, True, False),
-                                                        (1, 16, 1, 8, 16, 256, True, False, False, False)]:
+                    [a4, a4, a4, i32_4, a4, f, i, i, i, 16, G, GP, LSP, DP, DP, al], None))
+    # chunked selection: n blocks of LS keys; gated epilogue, or the partial result with its LSE (NP = n)
+    for cfg, G, n, LS, DP, slc, gates, win, lse in [
+            (DEFAULT, 16, 16, 64, 128, False, True, False, False),
+            (KernelConfig(chunk_blocks=4), 16, 16, 64, 128, True, False, False, False),
+            (DEFAULT, 3, 4, 32, 64, True, True, True, False),
+            (KernelConfig(chunk_blocks=1), 1, 8, 16, 256, True, False, False, False),
+            (DEFAULT, 16, 14, 64, 128, True, False, False, True), (DEFAULT, 16, 13, 64, 128, True, False, False, True),
+            (KernelConfig(chunk_blocks=4), 16, 14, 64, 128, True, False, False, True)]:
+        GP = max(pow2(G), MIN_SEL_ROWS)
+        CH = cfg.chunk(n, LS)
+        NP = n if lse else -(-n // CH) * CH
+        QPP = cfg.sel_queries_per_program
         out.append((f"selection_chunk G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}"
-                    + (" lse" if lse else ""), K.selection_chunk_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
-                     slc, gates, win, lse, False, 1 << (NP - 1).bit_length(), 1, True]))
-        # indices loaded once: one or 4 queries per program; every step masked or only those not seen whole
-        for qpp, mask_all in ((1, True), (4, True), (4, False)) if lse else ():
-            out.append((f"selection_chunk idx_once{' qpp4' if qpp == 4 else ''}{'' if mask_all else ' mask_skip'} G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} "
-                        f"slc={slc} gates={gates} window={win} lse", K.selection_chunk_kernel,
-                        [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2,
-                         4, slc, gates, win, lse, True, 1 << (NP - 1).bit_length(), qpp, mask_all]))
-        if lse:
-            continue
-        out.append((f"selection_keyrows G{G}/{GP} CH{CH} NP{NP} LS{LS} D{DP} slc={slc} gates={gates} window={win}",
-                    K.selection_keyrows_kernel,
-                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f, i, i, NP, CH, LS, G, GP, DP, DP, True, 2, 4,
-                     slc, gates, win]))
-    for N, NOUT, TR, NSP, FORCED in [(16, 16, 8, 1024, 2), (3, 4, 64, 128, 0), (5, 8, 16, 512, 1)]:
-        out.append((f"topn N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_kernel,
-                    [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
-        out.append((f"topn_packed N{N} TR{TR} NSP{NSP} forced{FORCED}", K.topn_packed_kernel,
-                    [f32_4, i32_4, i, i, i, i, N, NOUT, TR, NSP, FORCED]))
-        for sbv in (False, True):
-            out.append((f"topn_stream N{N} TR16 CW{min(NSP, 128)} forced{FORCED} slot_by_value={sbv}", K.topn_stream_kernel,
-                        [f32_4, i32_4, i, i, i, i, N, NOUT, 16, min(NSP, 128), FORCED, False, sbv]))
-            out.append((f"topn_stream others N{N - 1} TR16 CW{min(NSP, 128)} forced{FORCED} slot_by_value={sbv}",
-                        K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 16, min(NSP, 128), FORCED, True, sbv]))
-            out.append((f"topn_stream others N{N - 1} TR32 CW16 forced{FORCED} slot_by_value={sbv}",
-                        K.topn_stream_kernel, [f32_4, i32_4, i, i, i, i, N - 1, NOUT, 32, 16, FORCED, True, sbv]))
-    for NLOCAL, G, GP, TMQ, LS, DP, wswa, wslc, tpp in [(2, 16, 16, 4, 64, 128, False, False, 1),
-                                                        (1, 3, 4, 16, 32, 64, True, True, 1),
-                                                        (2, 1, 1, 64, 64, 32, True, True, 1),
-                                                        (2, 16, 16, 4, 64, 128, False, False, 4)]:
-        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc}"
-                    + (f" tpp{tpp}" if tpp > 1 else ""), K.window_forced_kernel,
-                    [a4, a4, a4, a4, f32_3, a4, a3, a3, a3, a4, a4, a4, f, i, i, i, i, i,
-                     NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc, tpp]))
-    out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, _arr(ct, dt, 3), _arr(ct, dt, 3), _arr(ct, dt, 3), a4,
-                                                      4, 16, 128, True]))
-    out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128]))
+                    + (" lse" if lse else "") + f" qpp{QPP}", K.selection_chunk_kernel,
+                    [a4, a4, a4, i32_4, a4, a4, a4, a3, a3, a3, a4, f32_3, f, i, i, NP, CH, LS, G, GP, DP, DP,
+                     slc, gates, win, lse, pow2(NP), QPP], cfg.sel_occupancy))
+    # streaming top-n: the N best of NS blocks into NOUT slots, forced rule FORCED (index into K.FORCED_KINDS);
+    # others: only the non-forced blocks (what the forward asks for); last: the default tile at T = 16k
+    topn = [(KernelConfig(topn_stream_tile=tile), N - others, NOUT, NS, FORCED, others)
+            for N, NOUT, NS, FORCED in [(16, 16, 1024, 2), (3, 4, 128, 0), (5, 8, 512, 1)]
+            for tile, others in [((16, 128), False), ((16, 128), True), ((32, 16), True)]]
+    for cfg, N, NOUT, NS, FORCED, others in topn + [(DEFAULT, 13, 16, 256, 2, True)]:
+        TR, CW = cfg.topn_tile(NS)
+        out.append((f"topn_stream{' others' if others else ''} N{N} TR{TR} CW{CW} forced{FORCED}", K.topn_stream_kernel,
+                    [f32_4, i32_4, i, i, i, i, N, NOUT, TR, CW, FORCED, others], cfg.topn_occupancy))
+    # sliding window + the NLOCAL forced local blocks + gates
+    for cfg, NLOCAL, G, LS, DP, wswa, wslc in [(DEFAULT, 2, 16, 64, 128, False, False), (DEFAULT, 1, 3, 32, 64, True, True),
+                                               (DEFAULT, 2, 1, 64, 32, True, True)]:
+        GP, TMQ, _ = cfg.dense_tile(False, G)
+        out.append((f"window_forced NLOCAL{NLOCAL} G{G}/{GP} TMQ{TMQ} LS{LS} D{DP} swa={wswa} slc={wslc}",
+                    K.window_forced_kernel, [a4, a4, a4, a4, f32_3, a4, a3, a3, a3, a4, a4, a4, f, i, i, i, i, i,
+                                             NLOCAL, G, GP, TMQ, LS, DP, DP, wswa, wslc], None))
+    out.append(("gate HP16 TM4 DV128", K.gate_kernel, [a4, a4, a4, a3, a3, a3, a4, 4, 16, 128, True], None))
+    out.append(("mean_pool LP64 D128", K.mean_pool_kernel, [a4, a4, a4, a4, i, i, i, 64, 128, 128],
+                DEFAULT.pool_occupancy))
     return out
-
-
-def _runtime_occupancy(label: str):
-    """The occupancy hint ``forward`` applies to the kernel of ``label`` (None: the kernel's own)."""
-    from nsaconf.oracles.inhouse_cutile import forward as F
-    if label.startswith(("selection_chunk", "selection_keyrows")):
-        return F.SEL_OCCUPANCY
-    if label.startswith("selection_union"):
-        return F.UNION_OCCUPANCY
-    if label.startswith("topn_stream"):
-        return F.TOPN_HINTS.get("occupancy")
-    if label.startswith("mean_pool"):
-        return F.POOL_HINTS.get("occupancy")
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """``argv``: [dtype (default bfloat16), substring filter of the variant labels] [--stats]
     [--ptx DIR] (write each variant's ``ptx_body`` to DIR/NN.ptx: diff two such folders around a
-    kernel refactor)."""
-    global ALIGNED
+    kernel refactor; the first line of each file is the variant's label)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ptx_dir = None
     if "--ptx" in argv:
@@ -226,20 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(ptx_dir, exist_ok=True)
     stats = "--stats" in argv
     argv = [a for a in argv if a != "--stats"]
-    ALIGNED = stats or ptx_dir is not None
     import cuda.tile as ct  # noqa: F401
     from cuda.tile.compilation import CallingConvention, KernelSignature, export_kernel
     cc = CallingConvention.cutile_python_v1()
     bad = 0
     only = argv[1] if len(argv) > 1 else ""
-    for n, (label, kern, params) in enumerate(variants(argv[0] if argv else "bfloat16")):
+    aligned = stats or ptx_dir is not None
+    for n, (label, kern, params, occ) in enumerate(variants(argv[0] if argv else "bfloat16", aligned)):
         if only not in label:
             continue
         t = time.time()
         try:
             sig = KernelSignature(params, cc).with_mangled_symbol(kern._annotated_function.pyfunc.__name__)
-            occ = _runtime_occupancy(label)
-            if ALIGNED and occ is not None:    # the hint the forward launches these kernels with
+            if occ is not None:    # the hint the forward launches this kernel with
                 kern = kern.replace_hints(occupancy=occ)
                 label += f" occupancy={occ}"
             buf = io.BytesIO()

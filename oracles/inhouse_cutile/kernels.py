@@ -133,11 +133,11 @@ def _tile_all_visible(IS_CMP, mode, c0, c1, p0, p1, NKEYS, L, DS, W):
     return (c1 < NKEYS) & _visible(IS_CMP, mode, c1, p0, L, DS, W) & _visible(IS_CMP, mode, c0, p1, L, DS, W)
 
 
-def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2,
+def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, qk_scale2,
                 m_i, l_i, acc, dtype):
     """One key tile ``kt`` (TN keys) of the compression or window attention (``_visible``) for the rows at
     ``pos``: the online-softmax step over ``_tile_scores``."""
-    s = _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2)
+    s = _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, qk_scale2)
     m_new = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
     p = ct.exp2(s - m_new, flush_to_zero=True)
     alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
@@ -146,14 +146,13 @@ def _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, N
     return m_new, l_i, acc
 
 
-def _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL, qk_scale2):
+def _tile_scores(q, K, b, hk, kt, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, qk_scale2):
     """Scores of key tile ``kt`` (TN keys) for the rows at ``pos``, scaled to base 2, -inf where not visible
-    (``_visible``); the mask only on tiles that some row does not see whole (``_tile_all_visible``) unless
-    ``MASK_ALL``."""
+    (``_visible``); the mask only on tiles that some row does not see whole (``_tile_all_visible``)."""
     k = ct.load(K, index=(b, hk, 0, kt), shape=(1, 1, DP, TN), order=(0, 2, 3, 1),
                 padding_mode=ZERO, latency=2).reshape((DP, TN))
     s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
-    if (not MASK_ALL) and _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
+    if _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
         s = s * qk_scale2                 # no mask on tiles every row sees whole
     else:
         key = kt * TN + ct.arange(TN, dtype=np.int32)[None, :]
@@ -221,7 +220,7 @@ def _dense_finish(m_i, l_i, acc, O, LSE, b, qt, hk, hidx, G, GP, TMQ, DVP, IS_CM
 
 
 def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP,
-                         DVP, IS_CMP, WRITE_IMP, MASK_ALL, NT1):
+                         DVP, IS_CMP, WRITE_IMP, NT1):
     """``_dense_tile`` for the compression with importance when every key tile fits at once (``NKEYS <= NT1*TN``):
     the scaled, masked scores ``s_t`` of the tiles ``t`` in ``kt_lo .. kt_hi - 1`` (the others: -inf, no load),
     ``m = max_t rowmax(s_t)``, ``p_t = 2^(s_t - m)``, ``l = sum_t rowsum(p_t)``, ``o = sum_t p_t V_t / l``,
@@ -232,8 +231,7 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
     ss = ()
     for t in ct.static_iter(range(NT1)):
         if (t >= kt_lo) & (t < kt_hi):
-            s = _tile_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, MASK_ALL,
-                             qk_scale2)
+            s = _tile_scores(q, K, b, hk, t, M, TN, DP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W, qk_scale2)
         else:
             s = ct.full((M, TN), -np.inf, dtype=np.float32)
         m_i = ct.maximum(m_i, ct.max(s, axis=-1, keepdims=True))
@@ -262,32 +260,27 @@ def _dense_tile_one_pass(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, 
 def dense_branch_kernel(Q, K, V, O, LSE, IMP,
                         qk_scale2: float, q_off: int, TQ: int, NKEYS: int, L: int, DS: int, W: int,
                         MODE: int, G: ConstInt, GP: ConstInt, TMQ: ConstInt, TN: ConstInt,
-                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, MASK_ALL: ConstBool,
-                        TPP: ConstInt, NT1: ConstInt):
+                        DP: ConstInt, DVP: ConstInt, IS_CMP: ConstBool, WRITE_IMP: ConstBool, NT1: ConstInt):
     """Compression (MODE 0..3, K/V = pooled blocks, NKEYS = #blocks) or sliding-window (MODE 4/5)
     attention for TMQ queries x G heads of kv head ``bid(1) % H``.
 
     ``o = softmax(scale q K^T + mask) V``; ``LSE`` natural log; ``IMP[b,i,h,c] = sum_g p[i,g,c]``
     (second pass over the same key tiles reusing the LSE; compression only). Key tiles that every
-    row of the tile sees whole (``_tile_all_visible``) skip the mask unless ``MASK_ALL``.
-
-    ``TPP`` > 1: each program takes the query tiles ``bid(0)*TPP ..`` one after the other (the last program
-    repeats the last tile where their number is not a multiple of TPP: same values written).
+    row of the tile sees whole (``_tile_all_visible``) skip the mask.
 
     ``NT1`` > 0 (compression with ``WRITE_IMP``, the caller guarantees ``NKEYS <= NT1*TN``): one pass instead of
     two (``_dense_tile_one_pass``): the scores of all key tiles are held at once, so ``IMP`` comes from the same
-    probabilities as ``o``, without a second ``q K^T``. Only the tiles some row may see are loaded (loading every
-    tile, masked, so that no branch sits between the loads, measured slower)."""
+    probabilities as ``o``, without a second ``q K^T``. Only the tiles some row may see are loaded."""
     args = (Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-            WRITE_IMP, MASK_ALL)
+            WRITE_IMP)
     if NT1 > 0:
-        _each_tile(_dense_tile_one_pass, TPP, ct.cdiv(TQ, TMQ), args + (NT1,))
+        _dense_tile_one_pass(ct.bid(0), *args, NT1)
     else:
-        _each_tile(_dense_tile, TPP, ct.cdiv(TQ, TMQ), args)
+        _dense_tile(ct.bid(0), *args)
 
 
 def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W, MODE, G, GP, TMQ, TN, DP, DVP, IS_CMP,
-                WRITE_IMP, MASK_ALL):
+                WRITE_IMP):
     """The body of ``dense_branch_kernel`` for query tile ``qt``."""
     b, hk, M, p0, p1, row_g, pos, hidx, q = _dense_rows(qt, Q, K, q_off, TQ, G, GP, TMQ, DP)
     kt_lo, kt_hi = _key_tiles(MODE, p0, p1, NKEYS, L, DS, W, TN)
@@ -295,7 +288,7 @@ def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W,
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(kt_lo, kt_hi):
         m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, TN, DP, DVP, IS_CMP, MODE, pos, p0, p1, NKEYS, L, DS, W,
-                                    MASK_ALL, qk_scale2, m_i, l_i, acc, Q.dtype)
+                                    qk_scale2, m_i, l_i, acc, Q.dtype)
     has, _, lse2 = _dense_finish(m_i, l_i, acc, O, LSE, b, qt, hk, hidx, G, GP, TMQ, DVP, IS_CMP)
     if WRITE_IMP:
         keep = has & (row_g < G)[:, None]
@@ -313,7 +306,7 @@ def _dense_tile(qt, Q, K, V, O, LSE, IMP, qk_scale2, q_off, TQ, NKEYS, L, DS, W,
                         padding_mode=ZERO, latency=2).reshape((DP, TN))
             s = ct.mma(q, k, ct.full((M, TN), 0.0, dtype=np.float32))
             pr = ct.exp2(s * qk_scale2 - lse_keep, flush_to_zero=True)
-            if MASK_ALL or not _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
+            if not _tile_all_visible(IS_CMP, MODE, kt * TN, kt * TN + TN - 1, p0, p1, NKEYS, L, DS, W):
                 key = kt * TN + offs_n
                 pr = ct.where(_visible(IS_CMP, MODE, key, pos, L, DS, W) & (key < NKEYS), pr, 0.0)
             imp = ct.sum(pr.reshape((TMQ, GP, TN)), axis=1)
@@ -336,7 +329,7 @@ def _merge_normalised(o_a, lse_a, m_b, l_b, acc_b):
 def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
                          qk_scale2: float, q_off: int, TQ: int, T: int, W: int, MODE: int,
                          NLOCAL: ConstInt, G: ConstInt, GP: ConstInt, TMQ: ConstInt, LS: ConstInt,
-                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool, TPP: ConstInt):
+                         DP: ConstInt, DVP: ConstInt, WRITE_SWA: ConstBool, WRITE_SLC: ConstBool):
     """Sliding window (MODE 4/5) that also finishes the selection branch and the gates, for TMQ queries x
     the G heads of kv head ``bid(1) % H``, key tiles of LS keys = selection blocks.
 
@@ -346,12 +339,9 @@ def window_forced_kernel(Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC,
       1. state B over the local tiles; ``slc_o`` = merge(B, the selection kernel's result over the
          other blocks ``(OS, LSES)``: normalised, base-2 log-sum-exp);
       2. the window goes on from B over its other tiles: ``swa_o``;
-      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those).
-
-    ``TPP``: query tiles per program, as in ``dense_branch_kernel``."""
-    args = (Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE, NLOCAL, G, GP, TMQ,
-            LS, DP, DVP, WRITE_SWA, WRITE_SLC)
-    _each_tile(_window_forced_tile, TPP, ct.cdiv(TQ, TMQ), args)
+      3. ``OUT = GC*CMP + GS*slc_o + GW*swa_o`` in fp32 (``WRITE_SWA``/``WRITE_SLC``: also store those)."""
+    _window_forced_tile(ct.bid(0), Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE,
+                        NLOCAL, G, GP, TMQ, LS, DP, DVP, WRITE_SWA, WRITE_SLC)
 
 
 def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, qk_scale2, q_off, TQ, T, W, MODE,
@@ -366,7 +356,7 @@ def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, q
     lse_s = ct.load(LSv, index=(b, qt, hidx), shape=(1, TMQ, GP), padding_mode=ZERO).reshape((M, 1))
     m_i, l_i, acc = _softmax_state(M, DVP)
     for kt in range(loc_lo, c + 1):
-        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W, False,
+        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W,
                                     qk_scale2, m_i, l_i, acc, Q.dtype)
     slc = _merge_normalised(o_s, lse_s, m_i, l_i, acc)
     if WRITE_SLC:
@@ -375,7 +365,7 @@ def _window_forced_tile(qt, Q, K, V, OS, LSES, CMP, GC, GS, GW, OUT, SWA, SLC, q
     gated = slc * _gate_of(GS, b, qt, hk, G, GP, TMQ) \
         + _gate_of(GC, b, qt, hk, G, GP, TMQ) * _rows_of(CMP, b, qt, hk, G, GP, TMQ, DVP)
     for kt in range(kt_lo, loc_lo):
-        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W, False,
+        m_i, l_i, acc = _dense_step(q, K, V, b, hk, kt, M, LS, DP, DVP, False, MODE, pos, p0, p1, T, 1, 1, W,
                                     qk_scale2, m_i, l_i, acc, Q.dtype)
     swa = _softmax_finish(acc, l_i)
     if WRITE_SWA:
@@ -433,42 +423,6 @@ def mean_pool_kernel(K, V, KC, VC, T: int, L: int, DS: int, LP: ConstInt, DP: Co
     ct.store(VC, index=(b, c, h, 0), tile=vc.astype(VC.dtype))
 
 
-@ct.kernel
-def selection_union_kernel(Q, K, V, SEL, UNI, NU, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int,
-                           T: int, LS: int, NP: ConstInt, TQB: ConstInt, G: ConstInt, GP: ConstInt, LSP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt, ALIGNED: ConstBool, WRITE_SLC: ConstBool,
-                           GATES: ConstBool, WINDOW: ConstBool):
-    """Selection attention for TQB consecutive queries x G heads of kv head ``bid(1) % H`` (rows
-    ``TQB*GP``): loops over the union ``UNI[b,qt,h,:NU]`` of the blocks the TQB queries selected, so a
-    block chosen by several neighbours is loaded once; row r uses block j iff its query lists j in
-    ``SEL[b,i,h,:]`` (``[B,TQ,H,NP]``, -1 padded) and the key satisfies ``selection_causal``.
-    Epilogue as ``selection_chunk_kernel`` (slc_o and/or the gated output)."""
-    qt = ct.bid(0)
-    b, hk = _batch_head(K)
-    M = TQB * GP
-    p0 = q_off + qt * TQB
-    rows = ct.arange(M, dtype=np.int32)
-    pos = (p0 + rows // GP)[:, None]
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    q = ct.load(Qv, index=(b, qt, hidx, 0), shape=(1, TQB, GP, DP), padding_mode=ZERO).reshape((M, DP))
-    sel = ct.load(SEL, index=(b, qt, hk, 0), shape=(1, TQB, 1, NP)).reshape((TQB, NP))
-    nu = ct.load(NU, index=(b, qt, hk), shape=())
-    offs = ct.arange(LSP, dtype=np.int32)[None, :]
-    m_i, l_i, acc = _softmax_state(M, DVP)
-    for u in range(nu):
-        j = ct.load(UNI, index=(b, qt, hk, u), shape=())
-        start = j * LS
-        member = ct.sum(ct.where(sel == j, 1, 0), axis=1, keepdims=True)            # [TQB,1]
-        member = ct.broadcast_to(member, (TQB, GP)).reshape((M, 1))
-        k, v = _selected_kv(K, V, b, hk, j, start, T, LS, LSP, DP, DVP, ALIGNED)
-        s = ct.mma(q, k, ct.full((M, LSP), 0.0, dtype=np.float32))
-        key = start + offs
-        vis = (member > 0) & selection_causal(pos, key) & (offs < LS) & (key < T)
-        m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
-    out = _softmax_finish(acc, l_i)
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, qt, hk, G, GP, TQB, DVP, WRITE_SLC, GATES, WINDOW)
-
-
 def _cat4(ts, axis):
     """Concatenate a tuple of 1, 2 or 4 equal tiles along ``axis`` (ct.cat takes pairs)."""
     if len(ts) == 1:
@@ -479,16 +433,7 @@ def _cat4(ts, axis):
         return ct.cat((ct.cat((ts[0], ts[1]), axis), ct.cat((ts[2], ts[3]), axis)), axis)
 
 
-def _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
-    """Step ``c`` of the chunked selection: the CH block indices ``jv`` ``[CH, 1]`` of query ``i`` (-1 =
-    none) and their tiles concatenated, ``K^T`` ``[DP, CH*LS]`` and ``V`` ``[CH*LS, DVP]`` (a -1 slot
-    loads block 0; the caller masks it)."""
-    jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
-    k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-    return jv, k, v
-
-
-def _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
+def _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP):
     """``K^T`` ``[DP, CH*LS]`` and ``V`` ``[CH*LS, DVP]`` of the CH blocks ``jv`` ``[CH, 1]`` of kv head ``hk``,
     concatenated (a -1 slot loads block 0; the caller masks it)."""
     ks = ()
@@ -496,30 +441,26 @@ def _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V):
     for t in ct.static_iter(range(CH)):
         j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
         ks += (ct.load(K, index=(b, hk, 0, j), shape=(1, 1, DP, LS), order=(0, 2, 3, 1),
-                       padding_mode=ZERO, latency=LAT_K, allow_tma=TMA).reshape((DP, LS)),)
+                       padding_mode=ZERO, latency=2, allow_tma=True).reshape((DP, LS)),)
         vs += (ct.load(V, index=(b, j, hk, 0), shape=(1, LS, 1, DVP), padding_mode=ZERO,
-                       latency=LAT_V, allow_tma=TMA).reshape((LS, DVP)),)
+                       latency=4, allow_tma=True).reshape((LS, DVP)),)
     return _cat4(ks, 1), _cat4(vs, 0)
 
 
-def _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, dtype, MASK_ALL):
+def _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, dtype):
     """One step of the chunked selection over the CH blocks ``jv`` ``[CH, 1]`` (-1 = none; keys
     ``selection_causal``, ``s < T``) with their concatenated tiles ``k`` ``[DP, CH*LS]``, ``v`` ``[CH*LS, DVP]``.
-    Unless ``MASK_ALL``, a step whose blocks are all valid and whose last key is visible (the rule keeps a
-    prefix of the keys, so then every key is) skips the mask."""
+    A step whose blocks are all valid and whose last key is visible (the rule keeps a prefix of the keys, so
+    then every key is) skips the mask."""
     s = ct.mma(q, k, ct.full((GP, CH * LS), 0.0, dtype=np.float32))
-    if MASK_ALL:
-        every = False
-    else:
-        lo = jv.extract((0, 0), (1, 1)).item()
-        hi = lo
-        for t in ct.static_iter(range(1, CH)):
-            jt = jv.extract((t, 0), (1, 1)).item()
-            lo = min(lo, jt)
-            hi = max(hi, jt)
-        last = hi * LS + LS - 1
-        every = (lo >= 0) & selection_causal(p, last) & (last < T)
-    if every:
+    lo = jv.extract((0, 0), (1, 1)).item()
+    hi = lo
+    for t in ct.static_iter(range(1, CH)):
+        jt = jv.extract((t, 0), (1, 1)).item()
+        lo = min(lo, jt)
+        hi = max(hi, jt)
+    last = hi * LS + LS - 1
+    if (lo >= 0) & selection_causal(p, last) & (last < T):
         s = s * qk_scale2
     else:
         key = (jv * LS + offs).reshape((1, CH * LS))
@@ -531,31 +472,27 @@ def _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, d
 @ct.kernel
 def selection_chunk_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2: float, q_off: int, T: int,
                            NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                           DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
-                           WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool, WRITE_LSE: ConstBool,
-                           IDX_ONCE: ConstBool, NPP: ConstInt, QPP: ConstInt, MASK_ALL: ConstBool):
-    """Selection attention of query ``bid(0)`` (of queries ``bid(0)*QPP ..``, see below) and the G heads of kv
-    head ``bid(1) % H`` for a power-of-two block size ``LS``: the selected blocks are taken CH at a time (indices
-    ``IDX[b,i,h,:]``, ``NP`` = width, -1 = none; the last ``NP % CH`` blocks one at a time), their K/V tiles
-    loaded by tile index and concatenated into one ``CH*LS``-key step (one MMA, one softmax update).
-    No data-dependent branch: a -1 slot loads block 0 and is masked, as are keys ``s > p``.
+                           DP: ConstInt, DVP: ConstInt, WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool,
+                           WRITE_LSE: ConstBool, NPP: ConstInt, QPP: ConstInt):
+    """Selection attention of the queries ``bid(0)*QPP ..`` (one after the other; the last program repeats the
+    last query where TQ is not a multiple of QPP: same values written) and the G heads of kv head ``bid(1) % H``
+    for a power-of-two block size ``LS``. A query's ``NP`` block indices ``IDX[b,i,h,:NP]`` (-1 = none) are loaded
+    once, as one ``[NPP]`` tile (NPP = pow2(NP)); the blocks are then taken CH at a time (the last ``NP % CH`` one at
+    a time), their K/V tiles loaded by tile index and concatenated into one ``CH*LS``-key step (one MMA, one
+    softmax update). No data-dependent branch: a -1 slot loads block 0 and is masked, as are keys ``s > p``; a
+    step whose keys the query sees whole skips the mask (``_chunk_step``).
 
     Writes ``slc_o`` to ``O`` (``WRITE_SLC``), its base-2 log-sum-exp of the scaled scores to ``LSE``
     ``[B,TQ,HQ]`` fp32 (``WRITE_LSE``; -inf for a row that saw no key, so another kernel can merge
     more blocks into it) and, with ``GATES``, the gated output in fp32 from the unrounded ``slc_o``:
-    ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``.
-
-    ``IDX_ONCE``: the NP indices are loaded once, as one ``[NPP]`` tile (NPP = pow2(NP)), before the steps,
-    instead of CH indices per step. ``QPP`` > 1: each program takes queries ``bid(0)*QPP ..`` one after the
-    other (the last program repeats the last query where TQ is not a multiple of QPP: same values written).
-    ``MASK_ALL``: mask every step (else only steps with an invalid slot or a key not visible, ``_chunk_step``)."""
-    args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP, TMA,
-            LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL)
+    ``OUT = GC*CMP + GS*slc_o (+ GW*SWA if WINDOW)``."""
+    args = (Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP, DVP,
+            WRITE_SLC, GATES, WINDOW, WRITE_LSE, NPP)
     _each_tile(_selection_query, QPP, Q.shape[1], args)
 
 
 def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scale2, q_off, T, NP, CH, LS, G, GP, DP,
-                     DVP, TMA, LAT_K, LAT_V, WRITE_SLC, GATES, WINDOW, WRITE_LSE, IDX_ONCE, NPP, MASK_ALL):
+                     DVP, WRITE_SLC, GATES, WINDOW, WRITE_LSE, NPP):
     """The body of ``selection_chunk_kernel`` for query ``i``."""
     b, hk = _batch_head(K)
     p = q_off + i
@@ -563,29 +500,15 @@ def _selection_query(i, Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, LSE, qk_scal
     q = ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP))
     offs = ct.arange(LS, dtype=np.int32)[None, :]
     m_i, l_i, acc = _softmax_state(GP, DVP)
-    if IDX_ONCE:
-        jall = ct.load(IDX, index=(b, i, hk, 0), shape=(1, 1, 1, NPP), padding_mode=ZERO).reshape((NPP, 1))
-        for c in range(NP // CH):
-            jv = jall.extract((c, 0), (CH, 1))
-            k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                        MASK_ALL)
-        for r in ct.static_iter(range(NP % CH)):
-            jv = jall.extract(((NP // CH) * CH + r, 0), (1, 1))
-            k, v = _chunk_tiles(K, V, jv, b, hk, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, 1, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                        MASK_ALL)
-    else:
-        for c in range(NP // CH):
-            jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, c, CH, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype,
-                                        MASK_ALL)
-        for r in ct.static_iter(range(NP % CH)):     # the last NP % CH blocks one at a time
-            jv, k, v = _chunk_kv(K, V, IDX, b, i, hk, (NP // CH) * CH + r, 1, LS, DP, DVP, TMA, LAT_K, LAT_V)
-            key = jv * LS + offs
-            s = ct.mma(q, k, ct.full((GP, LS), 0.0, dtype=np.float32))
-            vis = (jv >= 0) & selection_causal(p, key) & (key < T)
-            m_i, l_i, acc = _softmax_step(s, vis, qk_scale2, m_i, l_i, acc, v, Q.dtype)
+    jall = ct.load(IDX, index=(b, i, hk, 0), shape=(1, 1, 1, NPP), padding_mode=ZERO).reshape((NPP, 1))
+    for c in range(NP // CH):
+        jv = jall.extract((c, 0), (CH, 1))
+        k, v = _chunk_tiles(K, V, jv, b, hk, CH, LS, DP, DVP)
+        m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, CH, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype)
+    for r in ct.static_iter(range(NP % CH)):
+        jv = jall.extract(((NP // CH) * CH + r, 0), (1, 1))
+        k, v = _chunk_tiles(K, V, jv, b, hk, 1, LS, DP, DVP)
+        m_i, l_i, acc = _chunk_step(q, k, v, jv, offs, p, T, 1, LS, GP, qk_scale2, m_i, l_i, acc, Q.dtype)
     out = _softmax_finish(acc, l_i)
     _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
     if WRITE_LSE:
@@ -623,53 +546,7 @@ def _gate_of(A, b, qt, hk, G, GP, NQ):
     return ct.load(Av, index=(b, qt, hidx), shape=(1, NQ, GP), padding_mode=ZERO).reshape((NQ * GP, 1)).astype(np.float32)
 
 
-@ct.kernel
-def selection_keyrows_kernel(Q, K, V, IDX, O, CMP, SWA, GC, GS, GW, OUT, qk_scale2: float, q_off: int, T: int,
-                             NP: ConstInt, CH: ConstInt, LS: ConstInt, G: ConstInt, GP: ConstInt,
-                             DP: ConstInt, DVP: ConstInt, TMA: ConstBool, LAT_K: ConstInt, LAT_V: ConstInt,
-                             WRITE_SLC: ConstBool, GATES: ConstBool, WINDOW: ConstBool):
-    """``selection_chunk_kernel`` with the keys on the rows of both MMAs and the G heads on the narrow
-    side: ``S^T = K_sel Q^T`` ``[CH*LS, GP]``, ``O^T += V_sel^T P^T`` ``[DVP, GP]`` (Hopper's tensor-core
-    MMA takes 64-row operands; with heads on the rows G = 16 would fill a quarter of each). The
-    online softmax runs down the columns (one column per head); same result, same epilogue."""
-    i = ct.bid(0)
-    b, hk = _batch_head(K)
-    p = q_off + i
-    Qv, hidx = _group_view(Q, hk, G, GP)
-    qT = ct.transpose(ct.load(Qv, index=(b, i, hidx, 0), shape=(1, 1, GP, DP), padding_mode=ZERO).reshape((GP, DP)))
-    offs = ct.arange(LS, dtype=np.int32)[None, :]
-    m_i = ct.full((1, GP), NEG, dtype=np.float32)
-    l_i = ct.full((1, GP), 0.0, dtype=np.float32)
-    accT = ct.full((DVP, GP), 0.0, dtype=np.float32)
-    for c in range(NP // CH):
-        jv = ct.load(IDX, index=(b, i, hk, c), shape=(1, 1, 1, CH)).reshape((CH, 1))
-        ks = ()
-        vs = ()
-        for t in ct.static_iter(range(CH)):
-            j = ct.maximum(jv.extract((t, 0), (1, 1)).item(), 0)
-            ks += (ct.load(K, index=(b, j, hk, 0), shape=(1, LS, 1, DP), padding_mode=ZERO,
-                           latency=LAT_K, allow_tma=TMA).reshape((LS, DP)),)
-            vs += (ct.load(V, index=(b, hk, 0, j), shape=(1, 1, DVP, LS), order=(0, 2, 3, 1), padding_mode=ZERO,
-                           latency=LAT_V, allow_tma=TMA).reshape((DVP, LS)),)
-        k = _cat4(ks, 0)
-        vT = _cat4(vs, 1)
-        key = (jv * LS + offs).reshape((CH * LS, 1))
-        ok = ct.broadcast_to(jv >= 0, (CH, LS)).reshape((CH * LS, 1))
-        sT = ct.mma(k, qT, ct.full((CH * LS, GP), 0.0, dtype=np.float32))
-        vis = ok & selection_causal(p, key) & (key < T)
-        sT = ct.where(vis, sT * qk_scale2, -np.inf)
-        m_new = ct.maximum(m_i, ct.max(sT, axis=0, keepdims=True))
-        pT = ct.exp2(sT - m_new, flush_to_zero=True)
-        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)
-        l_i = l_i * alpha + ct.sum(pT, axis=0, keepdims=True)
-        accT = ct.mma(vT, pT.astype(Q.dtype), accT * alpha)
-        m_i = m_new
-    has = l_i > 0.0
-    out = ct.transpose(ct.where(has, accT / ct.where(has, l_i, 1.0), 0.0))
-    _selection_epilogue(out, O, CMP, SWA, GC, GS, GW, OUT, b, i, hk, G, GP, 1, DVP, WRITE_SLC, GATES, WINDOW)
-
-
-FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_kernel
+FORCED_KINDS = ("none", "current", "initial_local")   # index = FORCED constexpr of topn_stream_kernel
 
 
 def _forced(FORCED, j, p, LS):
@@ -687,39 +564,6 @@ def _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED):
     inside = (j < NS) & (p < q_off + TQ)
     forced = _forced(FORCED, j, p, LS) & inside
     return forced, selection_candidate(j, p, LS) & ((imp > 0.0) | forced) & inside
-
-
-def _topn_whole_rows(IMP, q_off, TR, NSP):
-    """This program's rows of the whole-row top-n kernels: query tile ``qt``, batch, kv head, the
-    importance ``[TR, NSP]`` (zero-padded), block indices ``j`` ``[1, NSP]``, positions ``p`` ``[TR, 1]``."""
-    qt = ct.bid(0)
-    b, h = _batch_head(IMP)
-    imp = ct.load(IMP, index=(b, qt, h, 0), shape=(1, TR, 1, NSP), padding_mode=ZERO).reshape((TR, NSP))
-    j = ct.arange(NSP, dtype=np.int32)[None, :]
-    p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
-    return qt, b, h, imp, j, p
-
-
-@ct.kernel
-def topn_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
-                NSP: ConstInt, FORCED: ConstInt):
-    """Top-n selection blocks of TR queries x kv head ``bid(1) % H`` from ``IMP [B,TQ,H,NS]`` (>= 0):
-    candidates are ``selection_candidate`` blocks with importance > 0 or forced (``is_forced``);
-    forced first (score +inf), then by importance, ties to the lower index (argmax = smallest
-    index attaining the max); -1 when fewer than N candidates. Writes ``OUT [B,TQ,H,NOUT]`` in pick
-    order (the caller sorts into canonical order)."""
-    qt, b, h, imp, j, p = _topn_whole_rows(IMP, q_off, TR, NSP)
-    forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
-    score = ct.where(forced, np.inf, imp)
-    score = ct.where(cand, score, -np.inf)
-    cols = ct.arange(NOUT, dtype=np.int32)[None, :]
-    res = ct.full((TR, NOUT), -1, dtype=np.int32)
-    for t in range(N):
-        m = ct.max(score, axis=1, keepdims=True)
-        jsel = ct.min(ct.where(score == m, j, NSP), axis=1, keepdims=True)
-        res = ct.where((cols == t) & (m > -np.inf), jsel, res)
-        score = ct.where(j == jsel, -np.inf, score)
-    ct.store(OUT, index=(b, qt, h, 0), tile=res.reshape((1, TR, 1, NOUT)))
 
 
 @ct.kernel
@@ -741,41 +585,23 @@ def gate_kernel(A, B_, C, GA, GB, GC, O, TM: ConstInt, HP: ConstInt, DVP: ConstI
 
 
 @ct.kernel
-def topn_packed_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
-                       NSP: ConstInt, FORCED: ConstInt):
-    """``topn_kernel`` with one int64 key per block, ``(float bits of the score) << 32 | (NSP-1-j)``
-    (non-negative floats order like their bits; forced = +inf bits; non-candidate = -1): each of the
-    N picks is one max-reduction (the lower index wins ties by construction) + one knock-out."""
-    qt, b, h, imp, j, p = _topn_whole_rows(IMP, q_off, TR, NSP)
-    forced, cand = _topn_candidates(imp, j, p, q_off, TQ, NS, LS, FORCED)
-    bits = ct.bitcast(imp, np.int32).astype(np.int64)
-    bits = ct.where(forced, 0x7F800000, bits)
-    key = (bits << 32) | (NSP - 1 - j).astype(np.int64)
-    key = ct.where(cand, key, -1)
-    cols = ct.arange(NOUT, dtype=np.int32)[None, :]
-    res = ct.full((TR, NOUT), -1, dtype=np.int64)
-    for t in range(N):
-        m = ct.max(key, axis=1, keepdims=True)
-        res = ct.where(cols == t, m, res)
-        key = ct.where(key == m, -1, key)
-    idx = ct.where(res < 0, -1, (NSP - 1) - (res & 0xFFFFFFFF))
-    ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))
-
-
-
-@ct.kernel
 def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: ConstInt, NOUT: ConstInt, TR: ConstInt,
-                       CW: ConstInt, FORCED: ConstInt, OTHERS: ConstBool, SLOT_BY_VALUE: ConstBool):
-    """``topn_packed_kernel`` streamed over column chunks of CW blocks, only up to the tile's last
-    ``selection_candidate`` column (the causal part of the row; IMP beyond it is never read unmasked).
-    Keeps the N best keys of each row in ``best`` (slots >= N hold the int64 maximum, never replaced);
-    a chunk takes as many extraction steps as its rows have keys above their current N-th best
-    (at most N), each step moving the row's best remaining key in place of its N-th best if larger.
-    Keys are unique per row (the index is in the low bits), so the kept set is exactly the top N.
-    ``OTHERS``: the forced blocks are not candidates (the top N of the other blocks).
-    ``SLOT_BY_VALUE``: the empty slots start as distinct negative values (``-1 - slot``) and only valid
-    keys (>= 0) enter, so every slot value is unique and the worst slot is found by equality with the
-    row minimum: one reduction less per step."""
+                       CW: ConstInt, FORCED: ConstInt, OTHERS: ConstBool):
+    """Top-N selection blocks of TR queries x kv head ``bid(1) % H`` from ``IMP [B,TQ,H,NS]`` (>= 0): candidates
+    are ``selection_candidate`` blocks with importance > 0 or forced (``is_forced``); forced first, then by
+    importance, ties to the lower index; -1 when fewer than N candidates. Writes ``OUT [B,TQ,H,NOUT]`` in pick
+    order (the caller sorts into canonical order when it needs to).
+
+    One int64 key per block, ``(float bits of the score) << 32 | (NS-1-j)`` (non-negative floats order like
+    their bits; forced = +inf bits; non-candidate = -1), streamed over column chunks of CW blocks, only up to
+    the tile's last ``selection_candidate`` column (the causal part of the row; IMP beyond it is never read
+    unmasked). Keeps the N best keys of each row in ``best`` (slots >= N hold the int64 maximum, never
+    replaced); a chunk takes as many extraction steps as its rows have keys above their current N-th best
+    (at most N), each step moving the row's best remaining key in place of its N-th best if larger. Keys are
+    unique per row (the index is in the low bits), so the kept set is exactly the top N. The empty slots
+    start as distinct negative values (``-1 - slot``) and only valid keys (>= 0) enter, so every slot value is
+    unique and the worst slot is the one equal to the row minimum.
+    ``OTHERS``: the forced blocks are not candidates (the top N of the other blocks)."""
     qt = ct.bid(0)
     b, h = _batch_head(IMP)
     p = (q_off + qt * TR + ct.arange(TR, dtype=np.int32))[:, None]
@@ -783,10 +609,7 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
     n_chunks = ct.cdiv(min(p_last // LS + 1, NS), CW)
     jc = ct.arange(CW, dtype=np.int32)[None, :]
     cols = ct.arange(NOUT, dtype=np.int32)[None, :]
-    if SLOT_BY_VALUE:
-        best = ct.where(cols < N, ct.broadcast_to(-1 - cols, (TR, NOUT)).astype(np.int64), 0x7FFFFFFFFFFFFFFF)
-    else:
-        best = ct.where(cols < N, ct.full((TR, NOUT), -1, dtype=np.int64), 0x7FFFFFFFFFFFFFFF)
+    best = ct.where(cols < N, ct.broadcast_to(-1 - cols, (TR, NOUT)).astype(np.int64), 0x7FFFFFFFFFFFFFFF)
     for c in range(n_chunks):
         imp = ct.load(IMP, index=(b, qt, h, c), shape=(1, TR, 1, CW), padding_mode=ZERO).reshape((TR, CW))
         j = c * CW + jc
@@ -801,11 +624,7 @@ def topn_stream_kernel(IMP, OUT, q_off: int, TQ: int, NS: int, LS: int, N: Const
         for t in range(steps):
             m = ct.max(key, axis=1, keepdims=True)
             worst = ct.min(best, axis=1, keepdims=True)
-            if SLOT_BY_VALUE:
-                best = ct.where((best == worst) & (m > worst) & (m >= 0), m, best)
-            else:
-                slot = ct.min(ct.where(best == worst, cols, NOUT), axis=1, keepdims=True)
-                best = ct.where((cols == slot) & (m > worst), m, best)
+            best = ct.where((best == worst) & (m > worst) & (m >= 0), m, best)
             key = ct.where(key == m, -1, key)
     idx = ct.where((best < 0) | (cols >= N), -1, (NS - 1) - (best & 0xFFFFFFFF))
     ct.store(OUT, index=(b, qt, h, 0), tile=idx.astype(np.int32).reshape((1, TR, 1, NOUT)))

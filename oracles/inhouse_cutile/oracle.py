@@ -1,6 +1,7 @@
 """Oracles ``inhouse_cutile`` (e2e: every branch, own top-n) and ``inhouse_cutile_kernels`` (kernel
 layer: compression, selection on the given block indices, sliding window) over
-``oracles.inhouse_cutile.forward``. ``cuda.tile`` is imported only when an oracle is used."""
+``nsaconf.oracles.inhouse_cutile.forward``, with the kernel tuning of ``config`` (``KernelConfig``, default: the
+measured best). ``cuda.tile`` is imported only when an oracle is used."""
 from __future__ import annotations
 
 import shutil
@@ -11,6 +12,7 @@ import torch
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import Inputs
 from nsaconf.oracles.base import Oracle, register_oracle
+from nsaconf.oracles.inhouse_cutile.config import DEFAULT, KernelConfig
 
 ENABLE = ("needs cuda-tile 1.7.0 and an sm_80+/sm_90 GPU with tileiras 13.4 "
           "(../shared/tools/device-bundles.sh cutile, then `source .device/env.sh`)")
@@ -49,6 +51,7 @@ def shape_support(case: Case) -> Optional[str]:
 class _CuTileBase(Oracle):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
+    config: KernelConfig = DEFAULT     # the kernels' tile shapes, loop lengths and occupancy hints
 
     def availability(self) -> Optional[str]:
         return cutile_availability()
@@ -69,7 +72,7 @@ class InhouseCuTile(_CuTileBase):
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
         from nsaconf.oracles.inhouse_cutile.forward import nsa_forward
-        return nsa_forward(case, inputs, block_indices=None)
+        return nsa_forward(case, inputs, block_indices=None, config=self.config)
 
 
 @register_oracle
@@ -88,4 +91,4 @@ class InhouseCuTileKernels(_CuTileBase):
         if block_indices is None:
             raise ValueError("inhouse_cutile_kernels needs block_indices (the runner passes them)")
         return nsa_forward(case, inputs, block_indices=block_indices.to(inputs.q.device),
-                           branches=("cmp_o", "cmp_lse", "slc_o", "swa_o"))
+                           branches=("cmp_o", "cmp_lse", "slc_o", "swa_o"), config=self.config)

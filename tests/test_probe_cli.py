@@ -58,8 +58,9 @@ def test_masks_usage_errors(capsys):
     assert main(["--branch", "xyz"]) == 2
     assert main(["--oracles", "reference", "--seq-len", "40", "--block-size", "0"]) == 2
     assert main(["--oracles", "reference", "--cmp-mask", "causal"]) == 2
+    assert main(["--oracles", "reference", "--timeout", "0"]) == 2
     errs = [e for e in capsys.readouterr().err.splitlines() if e]
-    assert len(errs) == 4 and all(e.startswith("nsaconf: error: ") for e in errs)
+    assert len(errs) == 5 and all(e.startswith("nsaconf: error: ") for e in errs)
 
 
 def test_nsaconf_masks_subcommand():

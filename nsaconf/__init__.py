@@ -7,11 +7,13 @@ first use)::
 
     case = nsaconf.Case(seq_len=256, heads_q=16, heads_kv=1, top_n=4, window=64)
     cells = nsaconf.evaluate(case, ["reference", "dense"])          # list[CellResult]
-    summary = nsaconf.run([case], ["reference"], out="out/mine")    # results.jsonl + reports
-    nsaconf.write_reports("out/mine")
+    summary = nsaconf.run([case], ["reference"], out="out/mine")    # out/mine/results.jsonl
+    nsaconf.write_reports("out/mine")                                # summary.md, results.csv, report.html
 
     @nsaconf.register_oracle
     class Mine(nsaconf.Oracle): ...
+
+``run`` starts worker processes (multiprocessing spawn): call it under ``if __name__ == "__main__":``.
 
 The product is four layers, each a subpackage, dependencies pointing one way::
 

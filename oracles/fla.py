@@ -36,7 +36,7 @@ from nsaconf.oracles.compat.common import (cu_tensor, empty_cmp_rows, flash_wind
                                    is_pow2, next_pow2, pad_last, single_thread, window_keys_count)
 
 FLA_VERSION = "0.6.0"
-FLA_HOWTO = f"pip install fla-core=={FLA_VERSION} (a runtime dependency of nsaconf: `pip install -e .`)"
+FLA_HOWTO = f"pip install fla-core=={FLA_VERSION} (or nsaconf with its pinned oracles: pip install \"nsaconf[oracles]\")"
 
 
 def _fla_version() -> Optional[str]:

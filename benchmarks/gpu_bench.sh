@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# nsaconf's own performance layer on the GPU (issue 6): `nsaconf run` (verdicts) and `nsaconf bench`
-# (CUDA-event timings) of every GPU oracle on benchmarks/bench-cases.json, then `nsaconf report`:
-# DIR/report.html gets the Performance section (ms, ratio to the fastest, % of the roofline floor).
-#   carry: .device/oracles.tar.xz .device/env.sh external  (stage .device/cutile.tar.xz in the call before)
-#   env: OUT, ORACLES (run), BENCH_ORACLES (timed; the fp64 reference is the truth, not timed), CASES,
-#        RUN_TIMEOUT, BENCH_TIMEOUT (seconds)
+# Timings of every GPU oracle beside its verdicts: `nsaconf run` (judged against the fp64 truth) and `nsaconf bench`
+# (CUDA-event timings, median of 20, each beside its roofline floor) on benchmarks/bench-cases.json (the paper
+# configuration at T=4k, and a G=16, D=192 case), then `nsaconf report`: DIR/report.html gets the Performance
+# section (ms, ratio to the fastest, % of the floor).
+#   usage: bash benchmarks/gpu_bench.sh        (from the repository root, on a CUDA machine) -> $OUT/run/
+#   env: OUT (out/gpu-bench), ORACLES (judged), BENCH_ORACLES (timed; the fp64 reference is the truth, not timed),
+#        CASES, RUN_TIMEOUT, BENCH_TIMEOUT (seconds). On the project's GPU machines: carry .device/oracles.tar.xz
+#        .device/env.sh external (stage .device/cutile.tar.xz in the call before).
 set -u
 [ -f .device/env.sh ] && source .device/env.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} CUDA_TILE_CACHE_DIR=/tmp/cutile-cache

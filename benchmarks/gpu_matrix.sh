@@ -1,34 +1,59 @@
 #!/usr/bin/env bash
-# GPU conformance matrix (issue 4): the `gpu` profile over every GPU oracle, split into SHARDS parallel
-# `nsaconf run --shard K/N` processes (first-call compiles -- FLA autotune, TileLang, cuTile, flex --
-# are CPU-bound and dominate; shards overlap them), merged with `nsaconf merge` into $OUT/matrix.
-#   carry: .device/oracles.tar.xz .device/env.sh external   (cuTile: stage .device/cutile.tar.xz in the
-#          call before, see ../shared/tools/device-env.sh)
-#   usage: bash benchmarks/gpu_matrix.sh   (override: DEVICE=cpu (dry run) SHARDS=4 ORACLES=a,b CASES=file TIME_LIMIT=500)
-# Each shard stops at TIME_LIMIT seconds; cells recorded so far are kept (results.jsonl is flushed per
-# cell) and the merged report says which cases ran. Rerun with RESUME=DIR (a previous $OUT/shards
-# carried up) to finish the rest.
+# GPU conformance: the `gpu` case profile over every GPU oracle, judged by the engine (`nsaconf run`), and the
+# convention probe of the same oracles (`nsaconf masks`).
+#   usage: bash benchmarks/gpu_matrix.sh        (from the repository root, on a CUDA machine)
+#   steps: STEPS=matrix,conventions (default both; a 10-minute device call fits one of them)
+#     matrix       SHARDS parallel `nsaconf run --shard K/N` processes (first-call compiles of FLA, TileLang,
+#                  cuTile and flex dominate; shards overlap them), merged by `nsaconf merge` -> $OUT/matrix/
+#                  {summary.md,report.html,results.jsonl}; each shard stops at TIME_LIMIT s keeping the cells
+#                  recorded so far; RESUME=DIR (an earlier $OUT/shards) finishes the rest
+#     conventions  `nsaconf masks --json` per probe shape (T=128 l'=16 w=32; T=256 l'=64 w=64), each oracle in its
+#                  own worker under ORACLE_TIMEOUT s -> $OUT/conventions/conventions.md (docs/results/conventions.md)
+#   env: OUT (out/gpu-matrix), ORACLES, DEVICE (cuda; cpu = dry run), CASES (a case file instead of the profile),
+#        SHARDS (3), TIME_LIMIT (500), CELL_TIMEOUT (150), ORACLE_TIMEOUT (240). On the project's GPU machines: carry .device/oracles.tar.xz .device/env.sh
+#        external (stage .device/cutile.tar.xz in the call before, ../shared/tools/device-env.sh).
 set -u
 [ -f .device/env.sh ] && source .device/env.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} CUDA_TILE_CACHE_DIR=/tmp/cutile-cache
-OUTD=${OUT:-out/gpu-matrix}; mkdir -p "$OUTD/shards"
-SHARDS=${SHARDS:-3}   # each shard has a worker process (CUDA context) per oracle: 4 exhausted the 80 GB card
+OUTD=${OUT:-out/gpu-matrix}
+STEPS=${STEPS:-matrix,conventions}
+DEVICE=${DEVICE:-cuda}
 # fla_naive and tilelang_ref loop over queries in Python (tens of seconds per GPU case); they run in the CPU `ci` profile
 ORACLES=${ORACLES:-reference,fla_parallel,fla_parallel_sel,nsa_impl,tilelang_fwd,flash_window,flex,inhouse_cutile,inhouse_cutile_kernels}
-CASES=${CASES:-external/gpu-cases.json}
-[ -f "$CASES" ] || python -c "from cases.generator import profile_cases; from cases.model import dump_cases; dump_cases(profile_cases('gpu'), '$CASES')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -m nsaconf list 2>/dev/null | grep -E "^[a-z_]+ " | awk '{print $1, $3}' | tr '\n' ';'; echo
-t0=$(date +%s)
-for k in $(seq 0 $((SHARDS - 1))); do
-  d="$OUTD/shards/s$k"; extra=""
-  if [ -n "${RESUME:-}" ] && [ -f "${RESUME}/s$k/results.jsonl" ]; then mkdir -p "$d"; cp "${RESUME}/s$k/results.jsonl" "$d/"; extra="--resume"; fi
-  timeout ${TIME_LIMIT:-500} python -m nsaconf run --case "$CASES" --shard "$k/$SHARDS" --device ${DEVICE:-cuda} --oracles "$ORACLES" \
-      --out "$d" --no-progress --no-probe --no-report --timeout ${CELL_TIMEOUT:-150} $extra > "$OUTD/shards/s$k.log" 2>&1 &
-done
-wait
-echo "shards done in $(( $(date +%s) - t0 )) s"
-for k in $(seq 0 $((SHARDS - 1))); do echo "s$k: $(wc -l < "$OUTD/shards/s$k/results.jsonl") cells; $(tail -1 "$OUTD/shards/s$k.log")"; done
-python -m nsaconf merge "$OUTD/matrix" "$OUTD"/shards/s*/
-grep -E "^\*\*Verdict|cases|^(ERROR|CRASH|TIMEOUT)" "$OUTD/matrix/summary.md" | head -20
-grep -hE "^(ERROR|CRASH|TIMEOUT)" "$OUTD"/shards/s*.log | cut -c1-300 | head -30
+
+if [[ ",$STEPS," == *",matrix,"* ]]; then
+  SHARDS=${SHARDS:-3}   # each shard has a worker process (CUDA context) per oracle: 4 exhausted the 80 GB card
+  SELECT="--profile gpu"; [ -n "${CASES:-}" ] && SELECT="--case $CASES"
+  mkdir -p "$OUTD/shards"; t0=$(date +%s)
+  for k in $(seq 0 $((SHARDS - 1))); do
+    d="$OUTD/shards/s$k"; extra=""
+    if [ -n "${RESUME:-}" ] && [ -f "${RESUME}/s$k/results.jsonl" ]; then mkdir -p "$d"; cp "${RESUME}/s$k/results.jsonl" "$d/"; extra="--resume"; fi
+    timeout ${TIME_LIMIT:-500} python -m nsaconf run $SELECT --shard "$k/$SHARDS" --device "$DEVICE" --oracles "$ORACLES" \
+        --out "$d" --no-progress --no-probe --no-report --timeout ${CELL_TIMEOUT:-150} $extra > "$OUTD/shards/s$k.log" 2>&1 &
+  done
+  wait
+  echo "shards done in $(( $(date +%s) - t0 )) s"
+  for k in $(seq 0 $((SHARDS - 1))); do echo "s$k: $(wc -l < "$OUTD/shards/s$k/results.jsonl") cells; $(tail -1 "$OUTD/shards/s$k.log")"; done
+  python -m nsaconf merge "$OUTD/matrix" "$OUTD"/shards/s*/
+  grep -E "^\*\*Verdict|cases|^(ERROR|CRASH|TIMEOUT)" "$OUTD/matrix/summary.md" | head -20
+  grep -hE "^(ERROR|CRASH|TIMEOUT)" "$OUTD"/shards/s*.log | cut -c1-300 | head -30
+fi
+
+if [[ ",$STEPS," == *",conventions,"* ]]; then
+  C="$OUTD/conventions"; mkdir -p "$C"
+  { echo "# Convention probe on the GPU oracles"; echo
+    echo "Generated by \`STEPS=conventions bash benchmarks/gpu_matrix.sh\` (\`nsaconf masks --device $DEVICE --json\` per shape, rendered with \`nsaconf masks --from-json\`)."; echo; } > "$C/conventions.md"
+  for cfg in 128:16:32 256:64:64; do   # FLA, nsa-impl, flash/flex window; kernels that need 64-token blocks
+    IFS=: read -r T BS W <<< "$cfg"; t0=$(date +%s)
+    python -m nsaconf masks --device "$DEVICE" --oracles "$ORACLES" --seq-len "$T" --block-size "$BS" --window "$W" \
+        --top-n 4 --timeout ${ORACLE_TIMEOUT:-240} --json > "$C/$T-$BS-$W.jsonl" 2> "$C/$T-$BS-$W.err"
+    echo "T=$T l'=$BS w=$W: rc=$? $(( $(date +%s) - t0 )) s"
+    python -m nsaconf masks --from-json "$C/$T-$BS-$W.jsonl" --md "$C/pass.md" --html "$C/conventions-$T-$BS-$W.html" > /dev/null
+    sed -e "1s/.*/## T=$T, l'=$BS, w=$W/" -e 's/^## ASCII diffs/### ASCII diffs/' "$C/pass.md" >> "$C/conventions.md"
+    echo >> "$C/conventions.md"
+  done
+  rm -f "$C/pass.md"
+  grep -v '^```' "$C/conventions.md" | grep '^|' | head -60
+fi

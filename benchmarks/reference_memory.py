@@ -1,9 +1,10 @@
-"""Time and peak memory of the float64 reference (a benchmark, not a test).
+"""Time and peak memory of the float64 reference forward on the CPU (a benchmark, not a test).
 
-Config (issue 2): HQ=16, H=1, D=64, n=16, l=d=l'=64, w=512, float64, CPU. Each T runs in a fresh
-subprocess so that its peak RSS (ru_maxrss, includes the inputs) is its own.
+    python benchmarks/reference_memory.py [--seq-lens 4096,8192,16384,32768,65536]     (or: make bench-memory)
 
-    python benchmarks/reference_memory.py [--seq-lens 4096,8192,16384,32768,65536] [--threads N]
+Configuration: HQ=16, H=1, D=64, n=16, l=d=l'=64, w=512, float64. Each T runs in a fresh subprocess so that its
+peak RSS (ru_maxrss, inputs included) is its own. Prints a markdown table: T, seconds, peak RSS in GB and the
+query chunk the reference chose (``nsaconf.oracles.reference.default_chunk``).
 """
 from __future__ import annotations
 

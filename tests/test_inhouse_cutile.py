@@ -615,3 +615,48 @@ def test_nsa_forward_launch_sequence(monkeypatch, branches, window, forced, ls):
     else:
         assert (a["WRITE_SLC"], a["GATES"], a["WINDOW"]) == ("slc_o" in branches, True, window > 0)
         assert K.gate_kernel not in names and out["o"] is a["OUT"]
+
+
+def _bench_paper():
+    """``benchmarks/bench_paper.py`` as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_paper.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_paper_tables_from_records(tmp_path, capsys):
+    """``bench_paper.py --table FILE`` prints every timing (fastest first per group) and the speed-ups against
+    FLA without window, dense SDPA and TileLang's selection; n/a where a side is missing (no GPU needed)."""
+    from nsaconf.harness.bench import Ceilings, cost_of, fill_ratios, make_record
+    bp = _bench_paper()
+    ceil = Ceilings(700.0, 3000.0, "test-card")
+    c, c_nw, c16 = bp.paper_case(4096), bp.paper_case(4096, window=0), bp.paper_case(4096, "float16")
+    recs = [make_record(case, name, "e2e", ("o",), ms, 20, cost_of(case, ("o",)), ceil, group=group)
+            for case, name, ms, group in ((c, "inhouse_cutile", 2.0, bp.FULL), (c, "dense causal SDPA (GQA)", 7.0, bp.DENSE),
+                                          (c_nw, "inhouse_cutile", 1.5, bp.NO_WINDOW), (c_nw, "fla.parallel_nsa", 3.0, bp.NO_WINDOW),
+                                          (c16, "inhouse_cutile.selection", 1.0, bp.SELECTION_FP16))]
+    fill_ratios(recs)
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(__import__("dataclasses").asdict(r)) + "\n" for r in recs))
+    assert bp.main(["--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 4096 | fwd w/o window (cmp+topk+slc+gates) | inhouse_cutile | 1.500 | 1.00 |" in out
+    assert "| 4096 | fwd w/o window (cmp+topk+slc+gates) | fla.parallel_nsa | 3.000 | 2.00 |" in out
+    assert "| 4096 | 2.00x (3.00 / 1.50 ms) | 3.50x (7.00 / 2.00 ms) | n/a |" in out
+
+
+@pytest.mark.parametrize("argv,word", [(["--T", "16k"], "--T"), (["--skip", "fla,flash"], "flash")])
+def test_bench_paper_rejects_bad_options_before_any_gpu_work(argv, word, capsys):
+    assert _bench_paper().main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert word in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_bench_paper_without_gpu_exits_2(capsys):
+    assert _bench_paper().main(["--T", "4096"]) == 2
+    assert "CUDA" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -37,6 +38,7 @@ from nsaconf.cases.conventions import (CMP_MASKS, WINDOW_KEYS, cmp_block_covers,
 from nsaconf.cases.model import Case, CaseError
 from nsaconf.cases.tensors import Inputs, materialize
 from nsaconf.cases.vocabulary import BRANCH_ALIASES, PROBE_BRANCHES, SLC_CONVENTION  # noqa: F401 (re-exported)
+from nsaconf.harness.worker import Reply, Worker, collect_all
 from nsaconf.oracles.base import Oracle, OracleError, get_oracle
 
 DTYPE_PREFERENCE = ("float64", "float32", "float16", "bfloat16")  # most mantissa bits first
@@ -705,8 +707,8 @@ class ProbeRequest:
 
 
 def oracle_probe_records(oracle: Oracle, device: str, request: ProbeRequest) -> list[dict]:
-    """The records of one oracle's probe (what its worker process runs): one per probed branch, or,
-    when the probe cannot run (``ProbeError``), one per branch carrying the reason."""
+    """The records of one oracle's probe: one per probed branch, or, when the probe cannot run
+    (``ProbeError``), one per branch carrying the reason."""
     want = request.wanted(oracle)
     try:
         return [r.to_record() for r in probe_with_fallback(oracle, device, request.configs, branches=tuple(want),
@@ -715,10 +717,15 @@ def oracle_probe_records(oracle: Oracle, device: str, request: ProbeRequest) -> 
         return [skipped_record(oracle.name, b, str(e), _kind(e)) for b in want]
 
 
+def serve_probe(oracle: Oracle, device: str, request_json: str) -> list[dict]:
+    """``oracle_probe_records`` of a ``ProbeRequest`` as JSON: what an oracle's worker process runs."""
+    return oracle_probe_records(oracle, device, ProbeRequest.from_json(request_json))
+
+
 FAILURE_WORDS = {"crash": "probe crashed", "timeout": "probe timed out"}  # Reply status -> reason prefix
 
 
-def failure_records(oracle: str, branches: list[str], reply) -> list[dict]:
+def failure_records(oracle: str, branches: list[str], reply: Reply) -> list[dict]:
     """``error`` records for a probe whose worker gave no records: ``probe crashed: worker process
     killed by SIGSEGV (exit -11)``, ``probe timed out: ...``, ``probe failed: ...``."""
     why = f"{FAILURE_WORDS.get(reply.status, 'probe failed')}: {reply.message}"
@@ -733,10 +740,6 @@ def probe_in_workers(oracle_names: list[str], device: str, request: ProbeRequest
     set-up or a probe past ``timeout`` seconds gives that oracle's ``failure_records``; unknown,
     unavailable or branch-less oracles give ``skipped`` records without a worker. ``emit(record)`` is
     called as each oracle's records arrive. ``plugins``: resolved ``--plugin`` paths."""
-    import os
-
-    from nsaconf.harness.worker import Worker, collect_all
-
     done: dict[str, list[dict]] = {}
     live: dict[str, list[str]] = {}
 
@@ -771,14 +774,14 @@ def probe_in_workers(oracle_names: list[str], device: str, request: ProbeRequest
     sent = []
     try:
         for name, w in workers.items():
-            bad = w.submit_probe(request.to_json())
+            bad = w.submit_call(serve_probe, request.to_json())
             if bad is None:
                 sent.append(w)
             else:
                 finish(name, failure_records(name, live[name], bad))
         for w, reply in collect_all(sent, timeout):
             ok = reply.status == "ok"
-            finish(w.oracle, reply.records if ok else failure_records(w.oracle, live[w.oracle], reply))
+            finish(w.oracle, reply.value if ok else failure_records(w.oracle, live[w.oracle], reply))
     finally:
         for w in workers.values():
             w.stop()

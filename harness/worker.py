@@ -2,10 +2,10 @@
 
 Two requests: ``("run", case JSON, block indices or None)``: the worker materializes the inputs itself
 (``materialize`` is deterministic), runs the oracle and sends back CPU tensors serialized with
-``torch.save``; ``("probe", ProbeRequest JSON)``: the worker runs the convention probe of its oracle
-(``harness.probe.oracle_probe_records``) and sends back the records as JSON text. A segfault, an abort,
-a poisoned CUDA context or a hang past the timeout kills only the worker: the parent reports CRASH /
-TIMEOUT for that request (and the runner starts a fresh worker).
+``torch.save``; ``("call", fn, *args)``: the worker runs ``fn(oracle, device, *args)`` (a module-level
+function, sent by name, e.g. the convention probe's ``harness.probe.serve_probe``) and sends back its
+value as JSON text. A segfault, an abort, a poisoned CUDA context or a hang past the timeout kills only
+the worker: the parent reports CRASH / TIMEOUT for that request (and the runner starts a fresh worker).
 """
 from __future__ import annotations
 
@@ -98,16 +98,14 @@ def _serve_run(oracle, device: str, case_json: str, idx_bytes: Optional[bytes]) 
     return ("ok", _dumps(cpu), secs)
 
 
-def _serve_probe(oracle, device: str, request_json: str) -> tuple:
-    """``("probed", JSON text of the probe records, seconds)``."""
-    from nsaconf.harness.probe import ProbeRequest, oracle_probe_records
-
+def _serve_call(oracle, device: str, fn, *args) -> tuple:
+    """``("json", JSON text of fn(oracle, device, *args), seconds)``."""
     t0 = time.perf_counter()
-    recs = oracle_probe_records(oracle, device, ProbeRequest.from_json(request_json))
-    return ("probed", json.dumps(recs, default=str), time.perf_counter() - t0)
+    value = fn(oracle, device, *args)
+    return ("json", json.dumps(value, default=str), time.perf_counter() - t0)
 
 
-_SERVE = {"run": _serve_run, "probe": _serve_probe}  # request kind -> handler(oracle, device, *body) -> reply
+_SERVE = {"run": _serve_run, "call": _serve_call}  # request kind -> handler(oracle, device, *body) -> reply
 
 
 def release_cuda_cache() -> None:
@@ -122,12 +120,12 @@ def release_cuda_cache() -> None:
 
 @dataclass
 class Reply:
-    """What came back for one request: status ok | error | crash | timeout | fatal; ``outputs`` (run)
-    or ``records`` (probe) when ok."""
+    """What came back for one request: status ok | error | crash | timeout | fatal; when ok, ``outputs``
+    (run) or ``value`` (call)."""
 
     status: str
     outputs: Optional[dict[str, Any]] = None
-    records: Optional[list[dict]] = None
+    value: Any = None
     message: str = ""
     detail: str = ""
     seconds: Optional[float] = None
@@ -147,7 +145,7 @@ def _signal_name(code: Optional[int]) -> str:
 @dataclass
 class Worker:
     """Parent-side handle of one worker process (started lazily, restarted after a crash/timeout unless
-    ``restart`` is False: a one-request worker, e.g. the probe's)."""
+    ``restart`` is False: a one-request worker, e.g. the convention probe's)."""
 
     oracle: str
     device: str
@@ -199,13 +197,10 @@ class Worker:
         payload = _dumps(block_indices.cpu()) if block_indices is not None else None
         return self._send(("run", case_json, payload))
 
-    def submit_probe(self, request_json: str) -> Optional[Reply]:
-        """Send one ``probe`` request (a ``ProbeRequest`` as JSON); a Reply only if the worker cannot start."""
-        return self._send(("probe", request_json))
-
-    def probe(self, request_json: str, timeout: float) -> Reply:
-        """Run the probe of this worker's oracle: records (ok), or why there are none."""
-        return self.submit_probe(request_json) or self.collect(timeout)
+    def submit_call(self, fn, *args) -> Optional[Reply]:
+        """Send one ``call`` request: ``fn(oracle, device, *args)`` in the worker (``fn`` a module-level
+        function, its value JSON-able); a Reply only if the worker cannot start."""
+        return self._send(("call", fn, *args))
 
     def _send(self, msg: tuple) -> Optional[Reply]:
         if self.fatal:
@@ -252,14 +247,11 @@ class Worker:
                 return Reply("ok", outputs=_loads(msg[1]), seconds=msg[2])
             except Exception as e:  # noqa: BLE001
                 return Reply("error", message=f"cannot decode the oracle's outputs: {type(e).__name__}: {e}")
-        if msg[0] == "probed":
+        if msg[0] == "json":
             try:
-                recs = json.loads(msg[1])
-                if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
-                    raise ValueError("not a list of records")
-                return Reply("ok", records=recs, seconds=msg[2])
+                return Reply("ok", value=json.loads(msg[1]), seconds=msg[2])
             except ValueError as e:
-                return Reply("error", message=f"cannot decode the probe records: {e}")
+                return Reply("error", message=f"cannot decode the worker's value: {e}")
         secs = time.monotonic() - self._sent_at
         if len(msg) > 3 and msg[3]:
             self._reap()

@@ -25,7 +25,8 @@ def register(sub) -> None:
     r.add_argument("--out", default="out/run", help="output directory (default out/run)")
     r.add_argument("--save-tensors", action="store_true", help="write DIR/tensors/<case>/{inputs,reference,oracles/*}.pt")
     r.add_argument("--resume", action="store_true", help="keep DIR/results.jsonl and skip cells already recorded")
-    r.add_argument("--timeout", type=float, default=300.0, help="per-cell timeout in seconds (default 300)")
+    r.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per cell, and per oracle for the convention probe (default 300)")
     add_tolerance_options(r)
     r.add_argument("--no-probe", action="store_true", help="skip the convention probe after a profile run")
     r.add_argument("--no-report", action="store_true", help="do not write summary.md/results.csv/report.html")

@@ -66,6 +66,42 @@ def dense_sdpa_fns(xs: list) -> list:
     return [lambda t=t: sdpa(*t) for t in qkv]
 
 
+def shared_indices(F, x, T: int, scale: float):
+    """The block indices every selection kernel gets: the in-house importance of ``x`` and the torch top-n."""
+    import torch
+    kc, vc = F.mean_pool(x.k, x.v, 64, 64)
+    imp = F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
+    return F.top_n(imp, torch.arange(T, device="cuda"), 16, 64, "initial_local")
+
+
+def time_parts(F, hb, run, case, case_nw, xs: list, idx32) -> None:
+    """The kernels of the in-house full forward one by one: pooling, compression + importance (one pass up to 16k),
+    the top-n of the 13 non-forced blocks, the selection over the other 14 blocks (+ its LSE), the window kernel
+    that also takes the 2 forced local blocks and applies the gates; and the separate gate kernel."""
+    T, scale, x0 = case.seq_len, case.softmax_scale, xs[0]
+    gates = [(x.g_cmp, x.g_slc, x.g_swa) for x in xs]
+    kc, vc = F.mean_pool(x0.k, x0.v, 64, 64)
+    imp = F.compression(x0.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
+    idx14 = idx32[..., :14].contiguous()
+    o_s, lse_s = F.selection_partial(x0.q, x0.k, x0.v, idx14, 64, scale)
+    run(case, "inhouse_cutile.pool", "kernel", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs], PARTS,
+        cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
+    run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
+        [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
+                                   importance_fill=None) for x in xs], PARTS, cost=hb.cost_of(case, ("topk_idx",)))
+    run(case, "inhouse_cutile.top_n (13 non-forced blocks)", "kernel", ("topk_idx",),
+        [lambda: F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)], PARTS,
+        cost=hb.Cost(0.0, imp.numel() * 4.0 / 2))
+    run(case_nw, "inhouse_cutile.selection_partial (14 blocks)", "kernel", ("slc_o",),
+        [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs], PARTS)
+    run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
+        [lambda x=x, g=g: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, g, 2, 64, case.window, case.window_keys,
+                                          scale) for x, g in zip(xs, gates)], PARTS)
+    run(case, "inhouse_cutile.gates", "kernel", ("o",),
+        [lambda x=x, g=g: F.combine_gates(x.q, x.q, x.q, g) for x, g in zip(xs, gates)], PARTS,
+        cost=hb.Cost(0.0, 4.0 * x0.q.numel() * 2))
+
+
 def tables(recs: list[dict]) -> str:
     """Markdown: every timing (per T and group, fastest first) and the speed-ups the targets are stated in."""
     by_t: dict[str, list[dict]] = defaultdict(list)
@@ -150,11 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         base = gpu_inputs(case, seed=T)
         xs = [base] + [hb.clone_inputs(base) for _ in range(hb.input_copies(case, base) - 1)]
         scale = case.softmax_scale
-        kc, vc = F.mean_pool(base.k, base.v, 64, 64)
-        imp = F.compression(base.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
-        idx = F.top_n(imp, torch.arange(T, device="cuda"), 16, 64, "initial_local")     # shared block indices
+        idx = shared_indices(F, base, T, scale)
         idx32 = idx.to(torch.int32).contiguous()
-        gates = [(x.g_cmp, x.g_slc, x.g_swa) for x in xs]
 
         run(case, "inhouse_cutile", "e2e", ("o",), [lambda x=x: F.nsa_forward(case, x, branches=("o",)) for x in xs],
             FULL, note=config)
@@ -169,28 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             [lambda x=x: cmp_topk(x) for x in xs], CMP_TOPK)
         run(case, "inhouse_cutile.selection", "kernel", ("slc_o",),
             [lambda x=x: F.selection_chunked(x.q, x.k, x.v, idx, 64, scale) for x in xs], SELECTION)
-        # the kernels of the full forward one by one: pooling, compression + importance (one pass up to 16k),
-        # the top-n of the 13 non-forced blocks, the selection over the other 14 blocks (+ its LSE), the window
-        # kernel that also takes the 2 forced local blocks and applies the gates; and the separate gate kernel
-        run(case, "inhouse_cutile.pool", "kernel", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs], PARTS,
-            cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
-        run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
-            [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
-                                       importance_fill=None) for x in xs], PARTS, cost=hb.cost_of(case, ("topk_idx",)))
-        run(case, "inhouse_cutile.top_n (13 non-forced blocks)", "kernel", ("topk_idx",),
-            [lambda: F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)], PARTS,
-            cost=hb.Cost(0.0, imp.numel() * 4.0 / 2))
-        idx14 = idx32[..., :14].contiguous()
-        run(case_nw, "inhouse_cutile.selection_partial (14 blocks)", "kernel", ("slc_o",),
-            [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs], PARTS)
-        o_s, lse_s = F.selection_partial(base.q, base.k, base.v, idx14, 64, scale)
-        run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
-            [lambda x=x, g=g: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, g, 2, 64, case.window, case.window_keys,
-                                              scale) for x, g in zip(xs, gates)], PARTS)
-        run(case, "inhouse_cutile.gates", "kernel", ("o",),
-            [lambda x=x, g=g: F.combine_gates(x.q, x.q, x.q, g) for x, g in zip(xs, gates)], PARTS,
-            cost=hb.Cost(0.0, 4.0 * base.q.numel() * 2))
-        del kc, vc, o_s, lse_s
+        time_parts(F, hb, run, case, case_nw, xs, idx32)
         if "fla" not in skip:
             try:
                 from nsaconf.oracles.fla import _triton_modules
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if "dense" not in skip:
             run(case, "dense causal SDPA (GQA)", "e2e", ("o",), dense_sdpa_fns(xs), DENSE,
                 cost=hb.dense_causal_cost(case), note=DENSE_NOTE)
-        del xs, base, imp
+        del xs, base
         torch.cuda.empty_cache()
     if not records:
         print("bench_paper: no timing succeeded", file=sys.stderr)

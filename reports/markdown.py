@@ -3,8 +3,9 @@
 Totals per status, per layer a compact oracle x case-group table of the worst status (with the worst
 err_ratio), every FAIL/ERROR/CRASH/TIMEOUT with a one-line reason and its repro command (capped at
 ``MAX_FAILURES`` lines; results.csv and report.html hold all), and SKIPs grouped by reason.
-Text from results is escaped for Markdown (``| < > * _ [ ] ` \\``), so a reason cannot break a table
-or inject HTML into a PR comment.
+Every text from results (names, reasons, statuses, layer headings) goes through ``md_escape``
+(``| < > * _ [ ] ` # \\``) and every code span through ``_code``, so no record can break a table or a
+heading, leave its code span or inject HTML into a PR comment.
 """
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ def md_escape(text: str) -> str:
 
 
 def _code(text: str) -> str:
-    """Inline code span that survives backticks inside ``text``."""
+    """Inline code span of ``text`` on one line: the fence is one backtick longer than the longest run of
+    backticks inside (CommonMark), and padded with a space each side when ``text`` has any."""
     text = " ".join(str(text).split())
-    fence = "``" if "`" in text else "`"
-    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+    runs = re.findall(r"`+", text)
+    if not runs:
+        return f"`{text}`"
+    fence = "`" * (max(map(len, runs)) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def _cell(c: MatrixCell | None) -> str:
@@ -65,9 +70,9 @@ def render_summary(res: Results) -> str:
         lines += ["", f"{res.duplicates} duplicate cell record(s) in results.jsonl: the last of each was used."]
 
     for view in layer_views(res):
-        lines += ["", f"## {view.title}", ""]
+        lines += ["", f"## {md_escape(view.title)}", ""]
         if not view.records:
-            lines.append(f"No {view.title} oracle produced results in this run.")
+            lines.append(f"No {md_escape(view.title)} oracle produced results in this run.")
             continue
         m = view.by_group
         lines.append("| oracle | " + " | ".join(md_escape(c) for c in m.cols) + " |")

@@ -6,6 +6,7 @@ A user error (bad option, malformed case or config, unknown oracle, broken plugi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,12 +22,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exception types that are the user's mistake (one line, exit 2), not nsaconf's."""
     from nsaconf.cases.model import CaseError
     from nsaconf.harness.probe import ProbeError
+    from nsaconf.harness.results import RunFolderError
     from nsaconf.harness.tolerance import ToleranceError
     from nsaconf.oracles.base import OracleError
     from nsaconf.oracles.config import ConfigError
     from nsaconf.reports import ReportError
 
-    return (UsageError, CaseError, OracleError, ConfigError, ToleranceError, ProbeError, ReportError)
+    return (UsageError, CaseError, OracleError, ConfigError, ToleranceError, ProbeError, ReportError, RunFolderError)
 
 
 def fail(msg: object) -> int:
@@ -78,11 +80,34 @@ def load_oracle_sources(plugins: list[str]) -> None:
 
 
 def check_device(device: str, indexed: bool = False) -> str:
-    """``cpu`` or ``cuda`` (and ``cuda:N`` where ``indexed``); UsageError otherwise."""
+    """``cpu`` or ``cuda`` (and ``cuda:N`` where ``indexed``) that torch can use; UsageError otherwise."""
     ok = device in DEVICES or (indexed and device.startswith("cuda:") and device[5:].isdigit())
     if not ok:
         raise UsageError(f"--device must be cpu or cuda{' (or cuda:N)' if indexed else ''}, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but torch sees no CUDA device")
+        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def seconds(text: str) -> float:
+    """argparse type of a time limit: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def command_line() -> str:
+    """The command this process runs, as recorded in run.json and a run folder's lock."""
+    return "nsaconf " + " ".join(sys.argv[1:]) if sys.argv else "nsaconf"
 
 
 def parse_dtypes(text: Optional[str]) -> list[str]:
@@ -111,7 +136,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def select_cases(args: argparse.Namespace) -> list:
     """The cases of ``--profile`` and ``--case`` files (``smoke`` when neither), re-run in each ``--dtype``,
-    without duplicates, then the ``--shard`` slice."""
+    without duplicates, then the ``--shard`` slice; UsageError when that leaves no case."""
     from nsaconf.cases.generator import dedupe_cases, profile_cases
     from nsaconf.cases.model import load_cases
 
@@ -129,8 +154,13 @@ def select_cases(args: argparse.Namespace) -> list:
     if dtypes:
         cases = [c.replace(dtype=dt) for c in cases for dt in dtypes]
     cases = dedupe_cases(cases)
+    if not cases:
+        where = f"the case file(s) {', '.join(args.case)} hold none" if args.case else "the profile has none"
+        raise UsageError(f"no cases selected ({where})")
     if getattr(args, "shard", None):
         k, n = parse_shard(args.shard)
+        if not cases[k::n]:
+            raise UsageError(f"no cases selected (shard {k}/{n} of {len(cases)} case(s) is empty)")
         cases = cases[k::n]
     return cases
 

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from nsaconf.harness.cli.common import UsageError, add_oracle_options, check_device, load_oracle_sources, resolved
+from nsaconf.harness.cli.common import (UsageError, add_oracle_options, check_device, load_oracle_sources, resolved,
+                                        seconds)
 
 
 def register(sub) -> None:
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary", action="store_true", help="text output without the ASCII diffs")
     p.add_argument("--from-json", metavar="FILE", help="no probing: render --md/--html/text from the JSON Lines of "
                    "earlier `--json` runs (e.g. one run per oracle, each under its own time limit)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--timeout", type=seconds, default=300.0, metavar="S",
                    help="limit of each oracle's probe in its worker process, seconds (default 300)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
 
@@ -63,6 +64,43 @@ def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
     if bad:
         raise UsageError(f"unknown branch {bad[0]!r}; use one of cmp, slc, swa, e2e")
     return tuple(dict.fromkeys(BRANCH_ALIASES[n] for n in names)) or None
+
+
+_NUMBER = (int, float)
+#: what the text, markdown and HTML renderings read of a probe record: field -> the types it may hold
+#: (None: any value, present); a skipped record needs only the first three and ``skipped``
+_COMMON_FIELDS = {"oracle": None, "branch": None, "finding": str}
+_PROBED_FIELDS = {"convention": str, "leaks": int, "differing_cells": None, "diff_against": None, "seq_len": None,
+                  "cmp_block": None, "cmp_stride": None, "block_size": None, "window": None, "dtype": None,
+                  "block_indices": None, "threshold": _NUMBER, "noise": _NUMBER, "calls": None, "matrix": list}
+
+
+def _record_problem(r: object) -> Optional[str]:
+    """Why ``r`` cannot be rendered as a probe record (a missing or mistyped field), or None."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    fields = dict(_COMMON_FIELDS)
+    if not r.get("skipped"):
+        fields.update(_PROBED_FIELDS, min_signal=(type(None), *_NUMBER))
+        if r.get("convention") == "unknown":
+            fields["nearest"] = None
+        if r.get("leaks"):
+            fields["first_leak"] = list
+        if r.get("differences"):
+            fields.update(differences=list, differing_vs_reference=None)
+    for name, types in fields.items():
+        if name not in r:
+            return f"no {name!r}"
+        if types is not None and (not isinstance(r[name], types) or isinstance(r[name], bool)):
+            return f"{name!r} is {json.dumps(r[name])[:40]}"
+    if r.get("skipped"):
+        return None
+    rows = [r["matrix"]] + [r[k] for k in ("expected_matrix", "dont_care") if r.get(k) is not None]
+    if any(not isinstance(m, list) or len(m) < len(r["matrix"]) or not all(isinstance(x, str) for x in m) for m in rows):
+        return "'matrix', 'expected_matrix' or 'dont_care' is not a list of row strings"
+    if r.get("differences") and not all(isinstance(d, list) and len(d) == 3 for d in r["differences"]):
+        return "'differences' is not a list of [p, s, kind]"
+    return None
 
 
 def _load_records(path: str, names: Optional[list[str]], branches) -> list[dict]:
@@ -79,8 +117,9 @@ def _load_records(path: str, names: Optional[list[str]], branches) -> list[dict]
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not a JSON probe record ({e.msg})") from None
-        if not isinstance(r, dict) or "oracle" not in r or "branch" not in r:
-            raise ValueError(f"{path}:{i}: not a probe record (needs 'oracle' and 'branch')")
+        why = _record_problem(r)
+        if why:
+            raise ValueError(f"{path}:{i}: not a probe record ({why})")
         if (names is None or r["oracle"] in names) and (branches is None or r["branch"] in branches):
             recs.append(r)
     return recs
@@ -96,17 +135,10 @@ def cmd_masks(args: argparse.Namespace) -> int:
     load_oracle_sources(args.plugin)
     branches = _branches(args.branch)
     check_device(args.device, indexed=True)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda but torch sees no CUDA device")
     if args.cmp_mask and args.cmp_mask not in CMP_MASKS:
         raise UsageError(f"unknown --cmp-mask {args.cmp_mask!r}; use one of {', '.join(CMP_MASKS)}")
     if args.window_keys and args.window_keys not in WINDOW_KEYS:
         raise UsageError(f"unknown --window-keys {args.window_keys!r}; use one of {', '.join(WINDOW_KEYS)}")
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     if args.width < 8:
         raise UsageError(f"--width must be >= 8, got {args.width}")
     cfg = ProbeConfig(seq_len=args.seq_len, block_size=args.block_size, window=args.window, cmp_block=args.cmp_block,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from nsaconf.cases.model import Case, CaseError, load_cases
 from nsaconf.cases.vocabulary import BAD_STATUSES
-from nsaconf.harness.cli.common import (UsageError, add_oracle_options, add_tolerance_options, load_oracle_sources,
-                                        resolved, select_oracles, tolerance_from_args)
+from nsaconf.harness.cli.common import (UsageError, add_oracle_options, add_tolerance_options, check_device,
+                                        load_oracle_sources, resolved, seconds, select_oracles, tolerance_from_args)
 from nsaconf.harness.results import CellResult
 
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
     add_oracle_options(rp, "comma-separated oracle names (required)")
     add_tolerance_options(rp)
     rp.add_argument("--isolate", action="store_true", help="run the oracles in worker processes")
-    rp.add_argument("--timeout", type=float, default=300.0, help="per-cell timeout in seconds with --isolate (default 300)")
+    rp.add_argument("--timeout", type=seconds, default=300.0, help="per-cell timeout in seconds with --isolate (default 300)")
     rp.add_argument("--save-tensors", metavar="DIR", help="also write the tensor contract to DIR")
     rp.set_defaults(func=repro)
 
@@ -57,6 +57,7 @@ def repro(args: argparse.Namespace) -> int:
         raise UsageError("repro needs --oracles (comma-separated oracle names)")
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
+    check_device(args.device)
     cases = resolve_cases(args.case)
     oracles = select_oracles(args.oracles, args.device)
     bad = False

@@ -12,20 +12,21 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from nsaconf.cases.vocabulary import BAD_STATUSES, CONVENTIONS_FILE, RESULTS_FILE, RUN_INFO_FILE
+from nsaconf.cases.vocabulary import CONVENTIONS_FILE, RESULTS_FILE, RUN_INFO_FILE
 from nsaconf.harness.cli.common import (UsageError, add_case_options, add_oracle_options, add_tolerance_options,
-                                        check_device, load_oracle_sources, resolved, select_cases, select_oracles,
-                                        tolerance_from_args)
+                                        check_device, command_line, load_oracle_sources, resolved, seconds,
+                                        select_cases, select_oracles, tolerance_from_args)
 
 
 def register(sub) -> None:
     r = sub.add_parser("run", help="run oracles on cases and judge them against the fp64 truth")
     add_case_options(r)
     add_oracle_options(r, "comma-separated oracle names (default: every oracle for --device)")
-    r.add_argument("--out", default="out/run", help="output directory (default out/run)")
+    r.add_argument("--out", default="out/run", help="output directory (default out/run); a fresh run moves its earlier "
+                   "results.jsonl, run.json, conventions.jsonl to the first free suffix .prev, .prev2, ...")
     r.add_argument("--save-tensors", action="store_true", help="write DIR/tensors/<case>/{inputs,reference,oracles/*}.pt")
     r.add_argument("--resume", action="store_true", help="keep DIR/results.jsonl and skip cells already recorded")
-    r.add_argument("--timeout", type=float, default=300.0,
+    r.add_argument("--timeout", type=seconds, default=300.0,
                    help="seconds per cell, and per oracle for the convention probe (default 300)")
     add_tolerance_options(r)
     r.add_argument("--no-probe", action="store_true", help="skip the convention probe after a profile run")
@@ -40,7 +41,7 @@ def write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], n_ca
     """DIR/run.json: the command, the selection, the tolerance table and the versions."""
     from nsaconf.harness.environment import versions
 
-    info = {"command": "nsaconf " + " ".join(sys.argv[1:]) if sys.argv else "nsaconf run",
+    info = {"command": command_line(),
             "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
             "n_cases": n_cases, "shard": args.shard, "seed": args.seed, "timeout_s": args.timeout,
             "plugins": args.plugin, "tolerance": table.as_dict(), "versions": versions(),
@@ -75,34 +76,42 @@ def write_probe(out: Path, oracles: list[str], device: str, plugins: list[str], 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nsaconf.harness.results import iter_records, summarize
+    from nsaconf.harness.results import keep_previous, owned_run_folder
     from nsaconf.harness.runner import RunConfig, Runner
 
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
     check_device(args.device)
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     cases = select_cases(args)
     oracles = select_oracles(args.oracles, args.device)
     if not oracles:
         raise UsageError(f"no oracle runs on {args.device}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, args, oracles, len(cases), table)
-    print(f"nsaconf: {len(cases)} cases x {len(oracles)} oracles ({', '.join(oracles)}) on {args.device} -> {out / RESULTS_FILE}",
-          file=sys.stderr)
-    run_cfg = RunConfig(cases=cases, oracles=oracles, device=args.device, out=out, plugins=resolved(args.plugin),
-                        save_tensors=args.save_tensors, resume=args.resume, timeout=args.timeout, table=table,
-                        progress=not args.no_progress)
-    summary = Runner(run_cfg).run()
-    html = None if args.no_report else write_reports_or_say(out)
-    if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
-        write_probe(out, oracles, args.device, run_cfg.plugins, args.timeout)
+    with owned_run_folder(args.out, command_line()) as out:
+        if not args.resume:
+            keep_previous(out)
+        write_run_info(out, args, oracles, len(cases), table)
+        print(f"nsaconf: {len(cases)} cases x {len(oracles)} oracles ({', '.join(oracles)}) on {args.device} -> "
+              f"{out / RESULTS_FILE}", file=sys.stderr)
+        run_cfg = RunConfig(cases=cases, oracles=oracles, device=args.device, out=out, plugins=resolved(args.plugin),
+                            save_tensors=args.save_tensors, resume=args.resume, timeout=args.timeout, table=table,
+                            progress=not args.no_progress)
+        Runner(run_cfg).run()
         html = None if args.no_report else write_reports_or_say(out)
-    counts_d = summary.counts
-    if args.resume:  # the verdict covers the cells recorded by earlier invocations too
-        counts_d = {k: v for k, v in summarize(iter_records(out)).items() if v}
-    counts = " ".join(f"{k}={v}" for k, v in sorted(counts_d.items())) or "no cells"
+        if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
+            write_probe(out, oracles, args.device, run_cfg.plugins, args.timeout)
+            html = None if args.no_report else write_reports_or_say(out)
+        counts, bad = cell_verdict(out)
     print(f"nsaconf: {counts}; results: {out / RESULTS_FILE}" + (f"; report: {html}" if html else ""))
-    return 1 if any(counts_d.get(s, 0) for s in BAD_STATUSES) else 0
+    return 1 if bad else 0
+
+
+def cell_verdict(out: Path) -> tuple[str, bool]:
+    """The status counts of DIR's cells and whether one is bad, as the reports read them: the last record of a
+    cell wins (``--resume`` covers earlier invocations too) and a status outside STATUSES is bad."""
+    from nsaconf.reports.load import load
+
+    res = load(out)
+    counts = " ".join(f"{k}={v}" for k, v in sorted(res.counts.items())) or "no cells"
+    if res.malformed:
+        counts += f" ({len(res.malformed)} malformed line(s) not counted)"
+    return counts, res.verdict == "FAIL"

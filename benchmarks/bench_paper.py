@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FULL, NO_WINDOW, CMP_TOPK = "full fwd (cmp+topk+slc+swa+gates)", "fwd w/o window (cmp+topk+slc+gates)", "cmp+topk"
-SELECTION, SELECTION_FP16, PARTS, DENSE = "selection on given idx (bf16)", "selection (fp16)", "parts", "dense causal"
+SELECTION, SELECTION_FP16, PARTS, DENSE = "selection on given idx (bf16)", "selection (fp16)", "part", "dense causal"
 FLA_NOTE = "FLA has no window without flash-attn"
 DENSE_NOTE = "layout pre-transposed to [B,H,T,D]"
 
@@ -84,22 +84,24 @@ def time_parts(F, hb, run, case, case_nw, xs: list, idx32) -> None:
     imp = F.compression(x0.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True)[2]
     idx14 = idx32[..., :14].contiguous()
     o_s, lse_s = F.selection_partial(x0.q, x0.k, x0.v, idx14, 64, scale)
-    run(case, "inhouse_cutile.pool", "kernel", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs], PARTS,
-        cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
-    run(case, "inhouse_cutile.cmp+importance", "kernel", ("cmp_o", "cmp_lse"),
-        [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
-                                   importance_fill=None) for x in xs], PARTS, cost=hb.cost_of(case, ("topk_idx",)))
-    run(case, "inhouse_cutile.top_n (13 non-forced blocks)", "kernel", ("topk_idx",),
-        [lambda: F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)], PARTS,
-        cost=hb.Cost(0.0, imp.numel() * 4.0 / 2))
-    run(case_nw, "inhouse_cutile.selection_partial (14 blocks)", "kernel", ("slc_o",),
-        [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs], PARTS)
-    run(case, "inhouse_cutile.window_forced (window + 2 local blocks + gates)", "kernel", ("swa_o",),
-        [lambda x=x, g=g: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, g, 2, 64, case.window, case.window_keys,
-                                          scale) for x, g in zip(xs, gates)], PARTS)
-    run(case, "inhouse_cutile.gates", "kernel", ("o",),
-        [lambda x=x, g=g: F.combine_gates(x.q, x.q, x.q, g) for x, g in zip(xs, gates)], PARTS,
-        cost=hb.Cost(0.0, 4.0 * x0.q.numel() * 2))
+
+    def part(case_, name: str, branches: tuple, fns: list, cost=None) -> None:     # one group each: no ratios
+        run(case_, f"inhouse_cutile.{name}", "kernel", branches, fns, f"{PARTS}: {name}", cost=cost)
+    part(case, "pool", (), [lambda x=x: F.mean_pool(x.k, x.v, 64, 64) for x in xs],
+         cost=hb.Cost(0.0, 2.0 * T * 4 * 256 * 2))
+    part(case, "cmp+importance", ("cmp_o", "cmp_lse"),
+         [lambda x=x: F.compression(x.q, kc, vc, T, 64, 64, "end_inclusive", scale, want_importance=True,
+                                    importance_fill=None) for x in xs], cost=hb.cost_of(case, ("topk_idx",)))
+    part(case, "top_n (13 non-forced blocks)", ("topk_idx",),
+         [lambda: F.top_n_cutile(imp, 0, 13, 64, "initial_local", canonical=False, others=True)],
+         cost=hb.Cost(0.0, imp.numel() * 4.0 / 2))
+    part(case_nw, "selection_partial (14 blocks)", ("slc_o",),
+         [lambda x=x: F.selection_partial(x.q, x.k, x.v, idx14, 64, scale) for x in xs])
+    part(case, "window_forced (window + 2 local blocks + gates)", ("swa_o",),
+         [lambda x=x, g=g: F.window_forced(x.q, x.k, x.v, o_s, lse_s, x.q, g, 2, 64, case.window, case.window_keys,
+                                           scale) for x, g in zip(xs, gates)])
+    part(case, "gates", ("o",), [lambda x=x, g=g: F.combine_gates(x.q, x.q, x.q, g) for x, g in zip(xs, gates)],
+         cost=hb.Cost(0.0, 4.0 * x0.q.numel() * 2))
 
 
 def tables(recs: list[dict]) -> str:
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_paper: error: needs a CUDA GPU (--table FILE prints an earlier run's tables)", file=sys.stderr)
         return 2
     from nsaconf.harness import bench as hb
+    from nsaconf.harness.environment import versions
+    from nsaconf.oracles.base import get_oracle
     from nsaconf.oracles.inhouse_cutile import forward as F
     from nsaconf.oracles.inhouse_cutile.config import DEFAULT
     from nsaconf.reports.performance import write_performance
 
     ceil = hb.measure_ceilings()
-    vers = hb.versions()
+    vers = {**versions(), **get_oracle("inhouse_cutile").versions()}
     print(f"device {ceil.device}: bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s, D2D copy {ceil.copy_gbps:.0f} GB/s",
           flush=True)
     config = " ".join(f"{k}={v}".replace(" ", "") for k, v in dataclasses.asdict(DEFAULT).items())

@@ -42,6 +42,7 @@ def test_oracles_run_the_forward_with_their_config(monkeypatch):
     monkeypatch.setattr(type(e2e), "config", other)
     e2e.run(case, x, "cpu")
     assert seen[-1]["config"] is other
+    assert e2e.versions()["kernel_config"] == repr(other) and "cuda-tile" in e2e.versions()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only availability message")

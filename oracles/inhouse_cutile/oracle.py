@@ -59,6 +59,15 @@ class _CuTileBase(Oracle):
     def supports(self, case: Case, device: str) -> Optional[str]:
         return shape_support(case)
 
+    def versions(self) -> dict[str, str]:
+        """cuda-tile and the kernel configuration the oracle runs with."""
+        try:
+            import cuda.tile as ct
+            tile = getattr(ct, "__version__", "unknown")
+        except Exception as e:  # noqa: BLE001 (a broken install is reported, not raised)
+            tile = f"not importable ({type(e).__name__})"
+        return {"cuda-tile": tile, "kernel_config": repr(self.config)}
+
 
 @register_oracle
 class InhouseCuTile(_CuTileBase):

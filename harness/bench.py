@@ -121,15 +121,10 @@ def measure_ceilings(reps: int = 20) -> Ceilings:
     return Ceilings(2 * n**3 / ms / 1e9, 2 * 2**30 / ms_copy / 1e6, torch.cuda.get_device_name())
 
 
-HIDE_LAUNCH_CYCLES = 20_000_000   # GPU busy-wait before each timed call of time_fn(hide_launch=True): ~10 ms
-
-
-def time_fn(fn: Callable[[], object], reps: int = 20, warmup: int = 3, rotate: Optional[list[Callable[[], object]]] = None,
-            hide_launch: bool = False) -> float:
+def time_fn(fn: Callable[[], object], reps: int = 20, warmup: int = 3,
+            rotate: Optional[list[Callable[[], object]]] = None) -> float:
     """Median ms of ``reps`` calls, each bracketed by CUDA events. ``rotate``: several closures over
-    different input copies used in turn (defeats L2 reuse). ``hide_launch`` (a diagnostic, not how results
-    are reported): the GPU first spins ``HIDE_LAUNCH_CYCLES`` so the host has queued the whole call before
-    the start event runs; the time then leaves out host launch gaps (the default time minus it = their cost)."""
+    different input copies used in turn (defeats L2 reuse)."""
     fns = rotate or [fn]
     for i in range(warmup):
         fns[i % len(fns)]()
@@ -137,8 +132,6 @@ def time_fn(fn: Callable[[], object], reps: int = 20, warmup: int = 3, rotate: O
     times = []
     for i in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if hide_launch:
-            torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
         s.record()
         fns[i % len(fns)]()
         e.record()

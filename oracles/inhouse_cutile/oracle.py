@@ -14,8 +14,8 @@ from nsaconf.cases.tensors import Inputs
 from nsaconf.oracles.base import Oracle, register_oracle
 from nsaconf.oracles.inhouse_cutile.config import DEFAULT, KernelConfig
 
-ENABLE = ("needs cuda-tile 1.7.0 and an sm_80+/sm_90 GPU with tileiras 13.4 "
-          "(../shared/tools/device-bundles.sh cutile, then `source .device/env.sh`)")
+ENABLE = ("needs cuda-tile 1.7.0 with its 13.4 toolchain and an sm_90 GPU: pip install cuda-tile==1.7.0 "
+          "nvidia-cuda-tileiras==13.4.92 nvidia-cuda-nvcc==13.4.92 nvidia-nvvm==13.4.92 (docs/gpu.md)")
 MAX_HEAD_DIM = 256
 MAX_BLOCK = 256
 MAX_GROUP = 128

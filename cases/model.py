@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -18,6 +19,29 @@ from nsaconf.cases.vocabulary import BLOCK_INDICES, CMP_MASKS, DTYPE_SHORT, DTYP
 
 class CaseError(ValueError):
     """A case that is malformed or internally inconsistent (message names the field)."""
+
+
+#: every integer field fits a signed 64-bit integer (torch's index type); the seed's range is
+#: ``[0, INT64_MAX]``, so that ``seed`` plus the offsets ``cases.tensors`` adds stays inside
+#: ``torch.Generator.manual_seed``'s ``[0, 2**64)``
+INT64_MAX = 2**63 - 1
+#: the range of a custom ``scale``: ``|q.k|`` of a case's inputs stays below about ``7*sqrt(D)`` (6 sigma of
+#: ``q ~ N(0,1)``, ``k`` of variance 1.28), so ``scale <= 100`` keeps the logits below fp16's largest finite
+#: 65504 up to ``D ~ 8000``; ``scale >= 1e-4`` keeps ``|scale*q.k|`` of ``|q.k| >= 1`` above fp16's smallest
+#: normal (6.1e-5), below which every softmax is flat and the case tests nothing but a mean
+SCALE_RANGE = (1e-4, 1e2)
+_INT_FIELDS = ("batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v", "block_size",
+               "cmp_block", "cmp_stride", "top_n", "window", "seed")
+
+
+def _is_int(v: Any) -> bool:
+    """An exact integer (``bool`` and ``1.0`` are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _r(v: Any) -> str:
+    """A short repr for messages (long strings, lists and deep nesting are cut)."""
+    return reprlib.repr(v)
 
 
 @dataclass(frozen=True)
@@ -61,11 +85,11 @@ class Case:
             set_("cmp_block", self.block_size)
         if self.cmp_stride is None:
             set_("cmp_stride", self.cmp_block)
+        self.validate()
         if self.cu_seqlens is not None:
-            set_("cu_seqlens", tuple(int(x) for x in self.cu_seqlens))
+            set_("cu_seqlens", tuple(self.cu_seqlens))
         if self.scale is not None:
             set_("scale", float(self.scale))
-        self.validate()
 
     # ---------------------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -73,10 +97,10 @@ class Case:
             if not cond:
                 raise CaseError(msg)
 
-        for name in ("batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v",
-                     "block_size", "cmp_block", "cmp_stride", "top_n", "window", "seed"):
+        for name in _INT_FIELDS:
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool), f"field {name!r} must be an integer, got {v!r}")
+            need(_is_int(v), f"field {name!r} must be an integer, got {_r(v)}")
+            need(v <= INT64_MAX, f"field {name!r} must be <= 2**63-1, got {_r(v)}")
         for name in ("batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v",
                      "block_size", "cmp_block", "cmp_stride", "top_n"):
             need(getattr(self, name) >= 1, f"field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -84,21 +108,28 @@ class Case:
         need(self.seed >= 0, f"field 'seed' must be >= 0, got {self.seed}")
         need(self.q_len <= self.seq_len, f"q_len ({self.q_len}) must be <= seq_len ({self.seq_len})")
         need(self.heads_q % self.heads_kv == 0, f"heads_kv ({self.heads_kv}) must divide heads_q ({self.heads_q})")
-        need(self.dtype in DTYPES, f"field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.cmp_mask in CMP_MASKS, f"field 'cmp_mask' must be one of {CMP_MASKS}, got {self.cmp_mask!r}")
-        need(self.window_keys in WINDOW_KEYS, f"field 'window_keys' must be one of {WINDOW_KEYS}, got {self.window_keys!r}")
-        need(self.forced_blocks in FORCED_BLOCKS, f"field 'forced_blocks' must be one of {FORCED_BLOCKS}, got {self.forced_blocks!r}")
-        need(self.block_indices in BLOCK_INDICES, f"field 'block_indices' must be one of {BLOCK_INDICES}, got {self.block_indices!r}")
+        for name, allowed in (("dtype", DTYPES), ("cmp_mask", CMP_MASKS), ("window_keys", WINDOW_KEYS),
+                              ("forced_blocks", FORCED_BLOCKS), ("block_indices", BLOCK_INDICES)):
+            v = getattr(self, name)
+            need(isinstance(v, str) and v in allowed, f"field {name!r} must be one of {allowed}, got {_r(v)}")
         need(self.cmp_block % self.cmp_stride == 0, f"cmp_block ({self.cmp_block}) must be a multiple of cmp_stride ({self.cmp_stride})")
         need(self.block_size % self.cmp_stride == 0, f"block_size ({self.block_size}) must be a multiple of cmp_stride ({self.cmp_stride})")
         need(self.top_n >= max_forced(self.forced_blocks),
              f"top_n ({self.top_n}) must be >= the {max_forced(self.forced_blocks)} forced blocks of {self.forced_blocks!r}")
-        need(self.scale is None or self.scale > 0, f"field 'scale' must be positive or null, got {self.scale!r}")
+        if self.scale is not None:
+            lo, hi = SCALE_RANGE
+            need(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool),
+                 f"field 'scale' must be a number or null, got {_r(self.scale)}")
+            need(lo <= self.scale <= hi, f"field 'scale' must be a finite number in [{lo:g}, {hi:g}] or null "
+                 f"(1/sqrt(head_dim)), got {_r(self.scale)}")
         if self.cu_seqlens is not None:
             cu = self.cu_seqlens
+            need(isinstance(cu, (list, tuple)), f"field 'cu_seqlens' must be a list of integers or null, got {_r(cu)}")
+            bad = next((i for i, x in enumerate(cu) if not _is_int(x)), None)
+            need(bad is None, f"field 'cu_seqlens' must hold integers, entry {bad} is {_r(cu[bad] if bad is not None else None)}")
             need(self.batch == 1, "cu_seqlens needs batch == 1")
-            need(len(cu) >= 2 and cu[0] == 0, f"cu_seqlens must start at 0 and hold >= 2 entries, got {list(cu)}")
-            need(all(b > a for a, b in zip(cu, cu[1:])), f"cu_seqlens must be strictly increasing, got {list(cu)}")
+            need(len(cu) >= 2 and cu[0] == 0, f"cu_seqlens must start at 0 and hold >= 2 entries, got {_r(list(cu))}")
+            need(all(b > a for a, b in zip(cu, cu[1:])), f"cu_seqlens must be strictly increasing, got {_r(list(cu))}")
             need(cu[-1] == self.seq_len, f"cu_seqlens must end at seq_len ({self.seq_len}), got {cu[-1]}")
             need(self.q_len == self.seq_len, "cu_seqlens needs q_len == seq_len (varlen decode is not modelled)")
 
@@ -166,20 +197,12 @@ class Case:
         if not isinstance(d, dict):
             raise CaseError(f"a case must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"id"})
+        unknown = sorted(map(str, set(d) - known - {"id"}))
         if unknown:
-            raise CaseError(f"unknown case field(s) {unknown}; known fields: {sorted(known)}")
-        kw = {k: v for k, v in d.items() if k in known}
-        if kw.get("cu_seqlens") is not None:
-            if not isinstance(kw["cu_seqlens"], (list, tuple)):
-                raise CaseError(f"field 'cu_seqlens' must be a list of integers or null, got {kw['cu_seqlens']!r}")
-            kw["cu_seqlens"] = tuple(kw["cu_seqlens"])
-        try:
-            case = cls(**kw)
-        except TypeError as e:  # pragma: no cover - defensive
-            raise CaseError(str(e)) from None
+            raise CaseError(f"unknown case field(s) {_r(unknown)}; known fields: {sorted(known)}")
+        case = cls(**{k: v for k, v in d.items() if k in known})
         if "id" in d and d["id"] != case.id:
-            raise CaseError(f"case id {d['id']!r} does not match its fields (expected {case.id!r})")
+            raise CaseError(f"case id {_r(d['id'])} does not match its fields (expected {case.id!r})")
         return case
 
     @classmethod
@@ -215,27 +238,51 @@ class Case:
     def from_json(cls, text: str) -> "Case":
         try:
             return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise CaseError(f"malformed case JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise CaseError(f"malformed case JSON: {_json_problem(e)}") from None
+
+
+def _json_problem(e: Exception) -> str:
+    """What ``json.loads`` found wrong, in one line."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply (a case is one JSON object of numbers, strings and one list)"
+    if not isinstance(e, json.JSONDecodeError):  # int(): more digits than sys.get_int_max_str_digits()
+        return "an integer with too many digits"
+    return str(e)
 
 
 def load_cases(path: str | Path) -> list[Case]:
-    """Read cases from a JSON file: one case object, a list of them, or ``{"cases": [...]}``.
+    """Read cases from a UTF-8 JSON file: one case object, a list of them, or ``{"cases": [...]}``.
     JSON Lines (one object per line) is accepted too."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise CaseError(f"cannot read case file {str(path)!r}: {e.strerror}") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise CaseError(f"case file {str(path)!r} is UTF-16 (byte-order mark); case files are UTF-8 JSON")
+    if b"\x00" in raw:
+        raise CaseError(f"case file {str(path)!r} holds NUL bytes (binary, or UTF-16 without a byte-order mark); "
+                        "case files are UTF-8 JSON")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CaseError(f"case file {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "case files are UTF-8 JSON") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise CaseError(f"malformed case JSON in {str(path)!r}: {e}") from None
+        except (ValueError, RecursionError):
+            raise CaseError(f"malformed case JSON in {str(path)!r}: {_json_problem(e)}") from None
     if isinstance(data, dict) and "cases" in data:
+        extra = sorted(map(str, set(data) - {"cases"}))
+        if extra:
+            raise CaseError(f"{path}: unknown key(s) {_r(extra)} beside 'cases' (a case list is {{\"cases\": [...]}})")
         data = data["cases"]
+        if not isinstance(data, list):
+            raise CaseError(f"{path}: 'cases' must be a list of case objects, got {type(data).__name__}")
     items = data if isinstance(data, list) else [data]
     out = []
     for i, item in enumerate(items):

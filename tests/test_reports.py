@@ -89,6 +89,16 @@ def test_summary_escapes_markdown_and_html(run_dir: Path) -> None:
     assert md_escape("a|b\nc <i>") == "a\\|b c \\<i\\>"
 
 
+def test_unknown_layer_heading_and_backticks_in_names_stay_in_their_markdown(tmp_path: Path) -> None:
+    rec = dict(fixture_records()[0], layer="x <img src=y> ## z", oracle="a``b`c", status="FAIL", reason="r")
+    (tmp_path / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    md = write_reports(tmp_path)["summary"].read_text()
+    assert not re.search(r"(?<!\\)<img", md)
+    assert "## layer 'x \\<img src=y\\> \\#\\# z' (unknown)" in md.splitlines()
+    # a code span's fence is longer than any run of backticks inside it
+    assert f"  ``` nsaconf repro {rec['case_id']} --oracles a``b`c ```" in md.splitlines()
+
+
 def test_pipes_in_reasons_do_not_break_tables(tmp_path: Path) -> None:
     rec = dict(fixture_records()[0], status="SKIP", reason="needs a | b\nsecond line")
     (tmp_path / "results.jsonl").write_text(json.dumps(rec) + "\n")

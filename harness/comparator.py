@@ -80,17 +80,20 @@ class CaseTruth:
         truth = _cpu(nsa_reference(case, inputs, dtype=torch.float64, return_importance=True))
         given = truth["topk_idx"] if case.block_indices == "topk" else inputs.block_indices
         given = None if given is None else given.cpu()
-        dev_given = None if given is None else given.to(inputs.q.device)
-        baseline = _cpu(nsa_reference(case, inputs, dtype=None, block_indices=dev_given, return_importance=True))
+        if _baseline_is_truth(case):
+            baseline = truth
+        else:
+            dev_given = None if given is None else given.to(inputs.q.device)
+            baseline = _cpu(nsa_reference(case, inputs, dtype=None, block_indices=dev_given, return_importance=True))
         return cls(case=case, inputs=inputs, truth=truth, baseline=baseline, given_indices=given)
 
     def _pair(self, fn, idx: Optional[torch.Tensor]) -> tuple[dict, dict]:
         """(float64 truth, case-dtype baseline) of ``fn`` (``nsa_reference`` or ``nsa_reference_grads``)
         with the selection ``idx`` (None: the case's own rule), computed on the inputs' device, kept on
-        the CPU."""
+        the CPU; one computation when the case dtype is float64."""
         d = None if idx is None else idx.to(self.inputs.q.device)
-        return (_cpu(fn(self.case, self.inputs, dtype=torch.float64, block_indices=d)),
-                _cpu(fn(self.case, self.inputs, dtype=None, block_indices=d)))
+        truth = _cpu(fn(self.case, self.inputs, dtype=torch.float64, block_indices=d))
+        return truth, truth if _baseline_is_truth(self.case) else _cpu(fn(self.case, self.inputs, dtype=None, block_indices=d))
 
     def with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
         """Truth and baseline recomputed with the selection ``idx`` (canonical order)."""
@@ -112,6 +115,11 @@ class CaseTruth:
         if key not in self._alt_grads:
             self._alt_grads[key] = self._pair(nsa_reference_grads, idx)
         return self._alt_grads[key]
+
+
+def _baseline_is_truth(case: Case) -> bool:
+    """A float64 case's baseline is its truth: the same computation, done once."""
+    return TORCH_DTYPES[case.dtype] == torch.float64
 
 
 def _cpu(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from nsaconf.harness.comparator import CaseTruth, Verdict, grad_truth_skip_reaso
 from nsaconf.harness.environment import versions as environment_versions
 from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, done_keys
 from nsaconf.harness.tolerance import ToleranceTable
-from nsaconf.harness.worker import Reply, Worker, release_cuda_cache
+from nsaconf.harness.worker import Reply, Worker, plain_outputs, release_cuda_cache
 from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, get_oracle
 
 
@@ -64,21 +64,32 @@ def _record(case: Case, oracle: Oracle, branch: str, device: str, status: str, r
 
 
 def run_in_process(oracle: Oracle, case: Case, device: str, block_indices: Optional[torch.Tensor]) -> Reply:
-    """Run an oracle in this process (no crash isolation)."""
+    """Run an oracle in this process (no crash isolation) on its own inputs and its own copy of the given
+    block indices: what it writes into them never reaches the truth."""
     from nsaconf.cases.tensors import materialize
 
     try:
         inputs = materialize(case, device)
+        idx = None if block_indices is None else block_indices.to(device, copy=True)
         t0 = time.perf_counter()
-        out = oracle.run(case, inputs, device, block_indices=None if block_indices is None else block_indices.to(device))
+        out = oracle.run(case, inputs, device, block_indices=idx)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        if not isinstance(out, dict):
-            raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
-        return Reply("ok", outputs={k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}, seconds=secs)
+        return Reply("ok", outputs={k: v.cpu() for k, v in plain_outputs(out).items()}, seconds=secs)
     except Exception as e:  # noqa: BLE001
         return Reply("error", message=f"{type(e).__name__}: {e}".strip())
+
+
+def late_reply(reply: Reply, truth_secs: float, judge_secs: float, timeout: float) -> Optional[Reply]:
+    """The TIMEOUT reply of a cell whose time (the truth's in the main process + the oracle's + its judging)
+    is over ``timeout`` seconds, else None."""
+    took = truth_secs + (reply.seconds or 0.0) + judge_secs
+    if took <= timeout:
+        return None
+    return Reply("timeout", message=f"the cell took {took:.1f}s, over the {timeout:g}s timeout (truth {truth_secs:.1f}s in "
+                                    f"the main process, oracle {reply.seconds or 0.0:.1f}s, judging {judge_secs:.1f}s)",
+                 seconds=reply.seconds)
 
 
 def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str], reply: Reply, ct: Optional[CaseTruth],
@@ -195,38 +206,32 @@ class Runner:
         if not pending:
             return
         replies: dict[str, Reply] = {}
+        budget: dict[str, float] = {}  # oracle -> seconds its worker has, from its submission
+
+        def submit(name: str, idx: Optional[torch.Tensor], spent: float) -> None:
+            failed = self._worker(name).submit(case.to_json(), idx)
+            if failed is None:
+                budget[name] = cfg.timeout - spent
+            else:
+                replies[name] = failed
+
         # oracles that compute their own selection start before the truth is ready
         if cfg.isolate:
             for name in pending:
                 if not self.oracles[name].needs_block_indices:
-                    early = self._worker(name).submit(case.to_json(), None)
-                    if early is not None:
-                        replies[name] = early
-        ct: Optional[CaseTruth] = None
-        truth_error = ""
-        try:
-            cache = cfg.truth_cache
-            ct = cache.get(case.id) if cache is not None else None
-            if ct is None:
-                ct = CaseTruth.compute(case, device=cfg.device)
-                if cache is not None:
-                    cache[case.id] = ct
-        except Exception as e:  # noqa: BLE001
-            truth_error = f"truth failed: {type(e).__name__}: {e}"
+                    submit(name, None, 0.0)
+        t0 = time.monotonic()
+        ct, truth_error = self._truth(case, pending)
+        truth_secs = time.monotonic() - t0
+        late_truth = None
+        if truth_secs > cfg.timeout:
+            late_truth = Reply("timeout", message=f"the truth took {truth_secs:.1f}s in the main process, over the "
+                                                  f"{cfg.timeout:g}s timeout")
         if cfg.save_tensors and ct is not None:
-            from nsaconf.harness.tensors_io import save_inputs, save_truth
-
-            save_inputs(out, case, ct.inputs.to("cpu"))
-            saved = {k: v for k, v in ct.truth.items() if k != "importance"}
-            if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
-                try:
-                    saved.update(ct.grads()[0])  # computed once here; judge() reuses it
-                except Exception:  # noqa: BLE001 - judge() reports the failure per cell
-                    pass
-            save_truth(out, case, saved)
+            self._save(lambda: _save_truth(out, case, ct, pending))
         for name in pending:
             oracle = self.oracles[name]
-            if name in replies:
+            if name in budget or name in replies or late_truth is not None:
                 continue
             idx = None
             if oracle.needs_block_indices:
@@ -235,25 +240,76 @@ class Runner:
                     replies[name] = Reply("error", message=truth_error or "no block indices")
                     continue
             if cfg.isolate:
-                early = self._worker(name).submit(case.to_json(), idx) if oracle.needs_block_indices else None
-                if early is not None:
-                    replies[name] = early
+                submit(name, idx, truth_secs)
             else:
                 replies[name] = run_in_process(oracle, case, cfg.device, idx)
         for name, branches in pending.items():
             oracle = self.oracles[name]
-            reply = replies.get(name) or self._worker(name).collect(cfg.timeout)
+            if name in budget:
+                reply = self._worker(name).collect(max(0.0, budget[name]))
+                if reply.status == "timeout" and budget[name] < cfg.timeout:
+                    reply = Reply("timeout", message=f"{reply.message}: the truth took {truth_secs:.1f}s of the "
+                                                     f"{cfg.timeout:g}s timeout in the main process", seconds=reply.seconds)
+            else:
+                reply = replies.pop(name, late_truth)
+            if late_truth is not None and reply.status in ("ok", "timeout"):
+                reply = late_truth
             if reply.status == "ok" and cfg.save_tensors:
                 from nsaconf.harness.tensors_io import save_outputs
 
-                save_outputs(out, case, name, {k: v for k, v in (reply.outputs or {}).items() if isinstance(v, torch.Tensor)})
+                self._save(lambda: save_outputs(out, case, name, reply.outputs or {}))
             if reply.status == "ok" and ct is None:
                 reply = Reply("error", message=truth_error, seconds=reply.seconds)
-            for rec in cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name)):
+            t1 = time.monotonic()
+            recs = cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name))
+            late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout) if reply.status == "ok" else None
+            if late is not None:
+                recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
+            del reply
+            for rec in recs:
                 emit(rec)
         if cfg.device.startswith("cuda") and cfg.truth_cache is None:
             del ct
             release_cuda_cache()  # the truth's temporaries: the workers need the card too
+
+    def _truth(self, case: Case, pending: dict[str, list[str]]) -> tuple[Optional[CaseTruth], str]:
+        """The case's truth (cached across runs when ``truth_cache`` is given), with its gradients when
+        a live branch needs them, or None and why not."""
+        cache = self.cfg.truth_cache
+        try:
+            ct = cache.get(case.id) if cache is not None else None
+            if ct is None:
+                ct = CaseTruth.compute(case, device=self.cfg.device)
+                if cache is not None:
+                    cache[case.id] = ct
+        except Exception as e:  # noqa: BLE001
+            return None, f"truth failed: {type(e).__name__}: {e}"
+        if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
+            try:
+                ct.grads()  # computed once here, inside the cells' time; judge() reuses it
+            except Exception:  # noqa: BLE001 - judge() reports the failure per cell
+                pass
+        return ct, ""
+
+    def _save(self, write: Callable[[], Any]) -> None:
+        """One ``--save-tensors`` write; a failure is reported on one line, the run and its cells go on."""
+        try:
+            write()
+        except (OSError, ValueError, RuntimeError) as e:
+            self.cfg.echo(f"--save-tensors: not written: {type(e).__name__}: {e}")
+
+
+def _save_truth(out: Path, case: Case, ct: CaseTruth, pending: dict[str, list[str]]) -> None:
+    from nsaconf.harness.tensors_io import save_inputs, save_truth
+
+    save_inputs(out, case, ct.inputs.to("cpu"))
+    saved = {k: v for k, v in ct.truth.items() if k != "importance"}
+    if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
+        try:
+            saved.update(ct.grads()[0])
+        except Exception:  # noqa: BLE001 - judge() reports the failure per cell
+            pass
+    save_truth(out, case, saved)
 
 
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,

@@ -1,18 +1,22 @@
 """Oracle worker processes: one per (oracle, device), reused across cases (multiprocessing spawn).
 
-Two requests: ``("run", case JSON, block indices or None)``: the worker materializes the inputs itself
-(``materialize`` is deterministic), runs the oracle and sends back CPU tensors serialized with
-``torch.save``; ``("call", fn, *args)``: the worker runs ``fn(oracle, device, *args)`` (a module-level
-function, sent by name, e.g. the convention probe's ``harness.probe.serve_probe``) and sends back its
-value as JSON text. A segfault, an abort, a poisoned CUDA context or a hang past the timeout kills only
-the worker: the parent reports CRASH / TIMEOUT for that request (and the runner starts a fresh worker).
+Two requests: ``("run", case JSON, block indices spec or None)``: the worker materializes the inputs itself
+(``materialize`` is deterministic), runs the oracle and sends its outputs back; ``("call", fn, *args)``: the
+worker runs ``fn(oracle, device, *args)`` (a module-level function, sent by name, e.g. the convention probe's
+``harness.probe.serve_probe``) and sends back its value as JSON. A segfault, an abort, a poisoned CUDA context
+or a hang past the timeout kills only the worker: the parent reports CRASH / TIMEOUT for that request (and the
+runner starts a fresh worker).
+
+Everything the worker sends is data, never pickled objects (``send_message`` / ``recv_message``): one JSON
+header, then the raw bytes of each tensor it lists (``WIRE_DTYPES``, read straight into tensors the receiver
+allocates). An oracle output that is not a dict of str -> tensor is an error naming the key and type,
+found in the worker (``plain_outputs``).
 """
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing as mp
-import signal
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,17 +24,92 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from nsaconf.oracles.base import process_exit
+
 STARTUP_TIMEOUT_S = 180.0
+MAX_HEADER_BYTES = 64 << 20
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool)}
 
 
-def _dumps(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+class WireError(Exception):
+    """A message that does not follow the wire format, or a peer that went away or ran late mid-message."""
 
 
-def _loads(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=False)
+def plain_outputs(out: Any) -> dict[str, torch.Tensor]:
+    """An oracle's ``run()`` value as ``{branch: detached tensor}``; ``TypeError`` naming the offending key
+    and type when it is not a dict of str -> strided tensor of a ``WIRE_DTYPES`` dtype."""
+    if not isinstance(out, dict):
+        raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
+    res = {}
+    for k, v in out.items():
+        if type(k) is not str:
+            raise TypeError(f"run() returned a key of type {type(k).__name__}; branch names are str")
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"run() returned {type(v).__name__} for branch {k!r}, not a torch.Tensor")
+        if v.layout != torch.strided or str(v.dtype).removeprefix("torch.") not in WIRE_DTYPES:
+            raise TypeError(f"run() returned a {v.layout} {v.dtype} tensor for branch {k!r}; "
+                            f"expected a dense tensor of {', '.join(WIRE_DTYPES)}")
+        res[k] = v.detach().as_subclass(torch.Tensor)
+    return res
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, shared with it."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def send_message(conn, header: dict, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """One message: ``header`` (JSON-able, non-JSON values as ``str``) with ``tensors`` listed under its
+    ``"tensors"`` key, then each tensor's raw bytes; each tensor is dropped from ``tensors`` once sent."""
+    tensors = tensors if tensors is not None else {}
+    specs = [{"key": k, "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in tensors.items()]
+    conn.send_bytes(json.dumps({**header, "tensors": specs}, default=str).encode())
+    fd = conn.fileno()
+    for spec in specs:
+        t = tensors.pop(spec["key"]).detach().cpu().contiguous()
+        buf, off = _bytes_view(t), 0
+        while off < len(buf):
+            off += os.write(fd, buf[off:])
+        del t, buf
+
+
+def _spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    if not (isinstance(spec, dict) and isinstance(spec.get("key"), str) and spec.get("dtype") in WIRE_DTYPES
+            and isinstance(spec.get("shape"), list) and len(spec["shape"]) <= 8
+            and all(type(s) is int and 0 <= s < 2**40 for s in spec["shape"])):
+        raise WireError(f"malformed tensor spec {str(spec)[:200]}")
+    return spec["key"], WIRE_DTYPES[spec["dtype"]], tuple(spec["shape"])
+
+
+def recv_message(conn, deadline: Optional[float] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and the tensors of one ``send_message``, each tensor read into memory allocated here
+    (nothing is unpickled). ``WireError`` for a malformed message, ``TimeoutError`` past ``deadline``
+    (``time.monotonic()``), ``EOFError`` / ``OSError`` when the peer went away."""
+    if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError
+    try:
+        header = json.loads(conn.recv_bytes(MAX_HEADER_BYTES))
+    except ValueError as e:  # JSON or UTF-8
+        raise WireError(f"malformed header: {e}") from None
+    if not (isinstance(header, dict) and isinstance(header.get("kind"), str) and isinstance(header.get("tensors"), list)):
+        raise WireError("malformed header")
+    fd = conn.fileno()
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in header["tensors"]:
+        key, dtype, shape = _spec(spec)
+        t = torch.empty(shape, dtype=dtype)
+        buf, off = _bytes_view(t), 0
+        while off < len(buf):
+            if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+            n = os.readv(fd, [buf[off:]])
+            if n == 0:
+                raise EOFError
+            off += n
+        tensors[key] = t
+    return header, tensors
 
 
 def _setup(oracle_name: str, plugins: list[str], threads: int):
@@ -38,7 +117,7 @@ def _setup(oracle_name: str, plugins: list[str], threads: int):
 
     if threads > 0:
         torch.set_num_threads(threads)
-    load_oracle_sources(plugins)
+    load_oracle_sources(plugins, check_timeout=None)  # the parent checked the plugins' import
     return get_oracle(oracle_name)
 
 
@@ -50,9 +129,9 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
             versions = {str(k): str(v) for k, v in dict(oracle.versions()).items()}
         except Exception as e:  # noqa: BLE001
             versions = {"versions_error": f"{type(e).__name__}: {e}"}
-        conn.send(("ready", versions))
+        send_message(conn, {"kind": "ready", "versions": versions})
     except BaseException as e:  # noqa: BLE001
-        conn.send(("fatal", f"{type(e).__name__}: {e}"))
+        send_message(conn, {"kind": "fatal", "message": f"{type(e).__name__}: {e}"})
         return
     while True:
         try:
@@ -62,50 +141,58 @@ def worker_main(conn, oracle_name: str, device: str, plugins: list[str], threads
         if msg is None:
             return
         try:
-            conn.send(_SERVE[msg[0]](oracle, device, *msg[1:]))
+            header, tensors = _SERVE[msg[0]](conn, oracle, device, *msg[1:])
         except Exception as e:  # noqa: BLE001 - every oracle failure becomes an ERROR reply
-            tb = traceback.format_exc(limit=-3)
-            poisoned = False
-            if device.startswith("cuda"):  # a sticky CUDA error poisons the context: exit, get restarted
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    poisoned = True
-            conn.send(("error", f"{type(e).__name__}: {e}".strip(), tb, poisoned))
-            if poisoned:
-                return
-        finally:
-            if device.startswith("cuda"):  # this request's tensors are gone: give their memory back
-                release_cuda_cache()
+            header, tensors = _error_header(e, device), {}
+        try:
+            send_message(conn, header, tensors)
+        except Exception:  # noqa: BLE001 - the header is out, not all its tensors: the stream is lost
+            return
+        del tensors
+        if device.startswith("cuda"):  # this request's tensors are gone: give their memory back
+            release_cuda_cache()
+        if header.get("poisoned"):
+            return
 
 
-def _serve_run(oracle, device: str, case_json: str, idx_bytes: Optional[bytes]) -> tuple:
-    """``("ok", torch.save bytes of {branch: CPU tensor}, seconds)``."""
+def _error_header(e: Exception, device: str) -> dict:
+    """The ERROR reply of a failed request; ``poisoned`` when a sticky CUDA error ends the worker."""
+    tb = traceback.format_exc(limit=-3)
+    poisoned = False
+    if device.startswith("cuda"):
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            poisoned = True
+    return {"kind": "error", "message": f"{type(e).__name__}: {e}".strip(), "detail": tb, "poisoned": poisoned}
+
+
+def _serve_run(conn, oracle, device: str, case_json: str, idx_header: Optional[dict]) -> tuple[dict, dict]:
+    """The oracle's outputs: ``({"kind": "ok", "seconds"}, {branch: tensor})``."""
     from nsaconf.cases.model import Case
     from nsaconf.cases.tensors import materialize
 
+    idx = recv_message(conn)[1]["block_indices"] if idx_header is not None else None
     case = Case.from_json(case_json)
     inputs = materialize(case, device)
-    idx = _loads(idx_bytes).to(device) if idx_bytes is not None else None
+    idx = idx.to(device) if idx is not None else None
     t0 = time.perf_counter()
     out = oracle.run(case, inputs, device, block_indices=idx)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    if not isinstance(out, dict):
-        raise TypeError(f"run() must return a dict of branch -> tensor, got {type(out).__name__}")
-    cpu = {str(k): (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-    return ("ok", _dumps(cpu), secs)
+    del inputs, idx
+    return {"kind": "ok", "seconds": secs}, plain_outputs(out)
 
 
-def _serve_call(oracle, device: str, fn, *args) -> tuple:
-    """``("json", JSON text of fn(oracle, device, *args), seconds)``."""
+def _serve_call(conn, oracle, device: str, fn, *args) -> tuple[dict, dict]:
+    """``fn(oracle, device, *args)``: ``({"kind": "json", "value", "seconds"}, {})``."""
     t0 = time.perf_counter()
-    value = fn(oracle, device, *args)
-    return ("json", json.dumps(value, default=str), time.perf_counter() - t0)
+    value = json.loads(json.dumps(fn(oracle, device, *args), default=str))
+    return {"kind": "json", "value": value, "seconds": time.perf_counter() - t0}, {}
 
 
-_SERVE = {"run": _serve_run, "call": _serve_call}  # request kind -> handler(oracle, device, *body) -> reply
+_SERVE = {"run": _serve_run, "call": _serve_call}  # request kind -> handler(conn, oracle, device, *body)
 
 
 def release_cuda_cache() -> None:
@@ -131,15 +218,8 @@ class Reply:
     seconds: Optional[float] = None
 
 
-def _signal_name(code: Optional[int]) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name} (exit {code})"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+def _number(x: Any) -> Optional[float]:
+    return float(x) if type(x) in (int, float) else None
 
 
 @dataclass
@@ -173,19 +253,23 @@ class Worker:
     def _await_ready(self) -> Optional[Reply]:
         if self._ready:
             return None
-        if not self.conn.poll(STARTUP_TIMEOUT_S):
+        try:
+            header, _ = recv_message(self.conn, time.monotonic() + STARTUP_TIMEOUT_S)
+        except TimeoutError:
             self.kill()
             return Reply("crash", message=f"worker for {self.oracle} did not start within {STARTUP_TIMEOUT_S:.0f}s")
-        try:
-            msg = self.conn.recv()
         except (EOFError, OSError):
             code = self._reap()
-            return Reply("crash", message=f"worker for {self.oracle} died while starting: {_signal_name(code)}")
-        if msg[0] == "fatal":
+            return Reply("crash", message=f"worker for {self.oracle} died while starting: {process_exit(code)}")
+        except WireError as e:
             self.kill()
-            self.fatal = msg[1]
-            return Reply("fatal", message=f"worker set-up failed: {msg[1]}")
-        self.versions = msg[1]
+            return Reply("crash", message=f"worker for {self.oracle} sent a malformed message while starting: {e}")
+        if header["kind"] != "ready":
+            self.kill()
+            self.fatal = str(header.get("message", header["kind"]))
+            return Reply("fatal", message=f"worker set-up failed: {self.fatal}")
+        versions = header.get("versions")
+        self.versions = {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
         self._ready = True
         return None
 
@@ -194,15 +278,16 @@ class Worker:
 
     def submit(self, case_json: str, block_indices: Optional[torch.Tensor]) -> Optional[Reply]:
         """Send one ``run`` request (starting the worker if needed); a Reply only if the worker cannot start."""
-        payload = _dumps(block_indices.cpu()) if block_indices is not None else None
-        return self._send(("run", case_json, payload))
+        if block_indices is None:
+            return self._send(("run", case_json, None))
+        return self._send(("run", case_json, {}), {"block_indices": block_indices})
 
     def submit_call(self, fn, *args) -> Optional[Reply]:
         """Send one ``call`` request: ``fn(oracle, device, *args)`` in the worker (``fn`` a module-level
         function, its value JSON-able); a Reply only if the worker cannot start."""
         return self._send(("call", fn, *args))
 
-    def _send(self, msg: tuple) -> Optional[Reply]:
+    def _send(self, msg: tuple, tensors: Optional[dict[str, torch.Tensor]] = None) -> Optional[Reply]:
         if self.fatal:
             return Reply("error", message=f"worker set-up failed: {self.fatal}")
         if not self.alive():
@@ -214,9 +299,11 @@ class Worker:
             return bad
         try:
             self.conn.send(msg)
-        except (BrokenPipeError, OSError):
+            if tensors is not None:
+                send_message(self.conn, {"kind": "tensors"}, dict(tensors))
+        except OSError:
             code = self._reap()
-            return Reply("crash", message=f"worker {_signal_name(code)}")
+            return Reply("crash", message=f"worker {process_exit(code)}")
         self._sent_at = time.monotonic()
         return None
 
@@ -226,38 +313,35 @@ class Worker:
 
     def collect(self, timeout: float) -> Reply:
         """Wait for the reply of the last request, at most ``timeout`` seconds from its submission."""
-        left = max(0.0, self.deadline(timeout) - time.monotonic())
         then = " and restarted" if self.restart else ""
         try:
-            ready = self.conn.poll(left)
-        except (EOFError, OSError):
-            ready = True
-        if not ready:
+            header, tensors = recv_message(self.conn, self.deadline(timeout))
+        except TimeoutError:
             self.kill()
             return Reply("timeout", message=f"no result within {timeout:g}s (worker killed{then})",
                          seconds=time.monotonic() - self._sent_at)
-        try:
-            msg = self.conn.recv()
-        except (EOFError, OSError, ConnectionResetError):
+        except (EOFError, OSError):
             code = self._reap()
-            return Reply("crash", message=f"worker process {_signal_name(code)}" + (" (restarted)" if self.restart else ""),
+            return Reply("crash", message=f"worker process {process_exit(code)}" + (" (restarted)" if self.restart else ""),
                          seconds=time.monotonic() - self._sent_at)
-        if msg[0] == "ok":
-            try:
-                return Reply("ok", outputs=_loads(msg[1]), seconds=msg[2])
-            except Exception as e:  # noqa: BLE001
-                return Reply("error", message=f"cannot decode the oracle's outputs: {type(e).__name__}: {e}")
-        if msg[0] == "json":
-            try:
-                return Reply("ok", value=json.loads(msg[1]), seconds=msg[2])
-            except ValueError as e:
-                return Reply("error", message=f"cannot decode the worker's value: {e}")
+        except (WireError, RuntimeError, MemoryError) as e:  # RuntimeError: a tensor it announced cannot be allocated
+            self.kill()
+            return Reply("error", message=f"cannot decode the worker's reply: {type(e).__name__}: {e} (worker killed{then})")
+        kind, secs = header["kind"], _number(header.get("seconds"))
+        if kind == "ok":
+            return Reply("ok", outputs=tensors, seconds=secs)
+        if kind == "json":
+            return Reply("ok", value=header.get("value"), seconds=secs)
         secs = time.monotonic() - self._sent_at
-        if len(msg) > 3 and msg[3]:
+        if kind != "error":
+            self.kill()
+            return Reply("error", message=f"unexpected reply {kind[:40]!r} from the worker (worker killed{then})", seconds=secs)
+        message, detail = str(header.get("message", "")), str(header.get("detail", ""))
+        if header.get("poisoned"):
             self._reap()
-            return Reply("error", message=f"{msg[1]} (CUDA context poisoned: worker {'restarted' if self.restart else 'ended'})",
-                         detail=msg[2], seconds=secs)
-        return Reply("error", message=msg[1], detail=msg[2], seconds=secs)
+            return Reply("error", message=f"{message} (CUDA context poisoned: worker {'restarted' if self.restart else 'ended'})",
+                         detail=detail, seconds=secs)
+        return Reply("error", message=message, detail=detail, seconds=secs)
 
     def _reap(self) -> Optional[int]:
         if self.proc is None:

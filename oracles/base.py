@@ -19,7 +19,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import json
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar, Iterable, Optional
 
@@ -124,6 +128,10 @@ class Oracle:
 
 
 _REGISTRY: dict[str, type[Oracle]] = {}
+#: an oracle name is a safe identifier: it names files (``--save-tensors``), report anchors and CLI arguments
+ORACLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+#: seconds a plugin file may take to import in the check process (``check_plugin_import``)
+PLUGIN_IMPORT_TIMEOUT_S = 120.0
 
 
 def register_oracle(cls: type[Oracle]) -> type[Oracle]:
@@ -132,6 +140,10 @@ def register_oracle(cls: type[Oracle]) -> type[Oracle]:
         raise OracleError(f"register_oracle expects an Oracle subclass, got {cls!r}")
     if not cls.name:
         raise OracleError(f"oracle class {cls.__name__} declares no name")
+    if not isinstance(cls.name, str) or not ORACLE_NAME.fullmatch(cls.name) or ".." in cls.name:
+        shown = repr(cls.name) if isinstance(cls.name, str) else f"of type {type(cls.name).__name__}"
+        raise OracleError(f"oracle class {cls.__name__}: name {shown[:80]} is not a safe identifier (1 to 64 letters, "
+                          "digits, '_', '.', '-', starting with a letter or '_', no '..')")
     if cls.layer not in LAYERS:
         raise OracleError(f"oracle {cls.name!r}: layer must be one of {LAYERS}, got {cls.layer!r}")
     bad = [b for b in cls.branches if b not in ALL_BRANCHES]
@@ -172,15 +184,23 @@ def load_builtins() -> None:
     import nsaconf.oracles.builtin  # noqa: F401  (registers by import)
 
 
-def load_plugin(path: str | Path) -> list[str]:
-    """Import a plugin file; returns the names of the oracles it registered.
-    Raises ``OracleError`` with one line naming the problem."""
-    load_builtins()
+def _plugin_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise OracleError(f"plugin file {str(path)!r} does not exist")
+    return path
+
+
+def load_plugin(path: str | Path, check_timeout: Optional[float] = PLUGIN_IMPORT_TIMEOUT_S) -> list[str]:
+    """Import a plugin file; returns the names of the oracles it registered. A file not imported yet in
+    this process is first imported in a check process (``check_plugin_import``) unless ``check_timeout``
+    is None. Raises ``OracleError`` with one line naming the problem."""
+    load_builtins()
+    path = _plugin_file(path)
     if str(path.resolve()) in _PLUGINS:  # already imported in this process
         return _PLUGINS[str(path.resolve())]
+    if check_timeout is not None:
+        check_plugin_import([path], check_timeout)
     before = dict(_REGISTRY)
     mod_name = f"nsaconf_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -201,12 +221,78 @@ def load_plugin(path: str | Path) -> list[str]:
     return added
 
 
-def load_oracle_sources(plugins: Iterable[str | Path] = ()) -> list[str]:
+def process_exit(code: Optional[int]) -> str:
+    """How a child process ended, from its exit code (negative: the signal that killed it)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit {code})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _check_import_main(conn, paths: list[str]) -> None:
+    """The check process: import each plugin, reporting progress (JSON) so that the parent names the culprit."""
+    for p in paths:
+        conn.send_bytes(json.dumps({"importing": p}).encode())
+        try:
+            load_plugin(p, check_timeout=None)
+        except OracleError as e:
+            conn.send_bytes(json.dumps({"error": str(e)}).encode())
+            return
+    conn.send_bytes(json.dumps({"done": True}).encode())
+
+
+def check_plugin_import(paths: Iterable[str | Path], timeout: float = PLUGIN_IMPORT_TIMEOUT_S) -> None:
+    """Import the plugin files once in a short-lived process (multiprocessing spawn), each within ``timeout``
+    seconds: a plugin whose import raises, crashes the process (``os._exit``, a signal) or hangs is one
+    ``OracleError`` naming it, before the caller imports it in its own process."""
+    import multiprocessing as mp
+
+    paths = [str(Path(p).resolve()) for p in paths]
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_check_import_main, args=(send, paths), daemon=True, name="nsaconf-plugin-check")
+    proc.start()
+    send.close()
+    current, deadline = paths[0], time.monotonic() + timeout
+    try:
+        while True:
+            if not recv.poll(max(0.0, deadline - time.monotonic())):
+                raise OracleError(f"plugin {current!r} hung while importing (no return within {timeout:g}s)")
+            try:
+                msg = json.loads(recv.recv_bytes(1 << 20))
+            except (EOFError, OSError, ValueError):
+                proc.join(10)
+                raise OracleError(f"plugin {current!r} crashed while importing (the check process "
+                                  f"{process_exit(proc.exitcode)})") from None
+            if "importing" in msg:
+                current, deadline = msg["importing"], time.monotonic() + timeout
+            elif "error" in msg:
+                raise OracleError(str(msg["error"]))
+            else:
+                return
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        recv.close()
+
+
+def load_oracle_sources(plugins: Iterable[str | Path] = (), check_timeout: Optional[float] = PLUGIN_IMPORT_TIMEOUT_S) -> list[str]:
     """Every source of oracles, in order: the built-ins, the plugin files (``--plugin``), the
     ``nsaconf.oracles`` entry points. Returns the names the plugins and entry points registered.
+    The plugin files not imported yet are first imported together in one check process
+    (``check_plugin_import``) unless ``check_timeout`` is None (the workers: their parent checked).
     The one loader of the CLI, the worker processes and the pytest plugin."""
     load_builtins()
-    names = [n for p in plugins for n in load_plugin(p)]
+    plugins = [_plugin_file(p) for p in plugins]
+    todo = [p for p in plugins if str(p.resolve()) not in _PLUGINS]
+    if todo and check_timeout is not None:
+        check_plugin_import(todo, check_timeout)
+    names = [n for p in plugins for n in load_plugin(p, check_timeout=None)]
     return names + load_entry_points()
 
 

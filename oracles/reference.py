@@ -19,7 +19,9 @@ Queries are processed in chunks so that memory stays bounded (T = 64k in float64
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import warnings
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -209,7 +211,7 @@ def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: C
     names = grad_branches(case)
     leaves = {f: getattr(x, f).detach().clone().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
     xi = Inputs(**leaves, block_indices=x.block_indices)
-    with torch.enable_grad():
+    with torch.enable_grad(), deterministic():
         fwd = forward(xi)
         o = fwd["o"]
         d_o = output_cotangent(case, o.device).to(o.dtype)  # dO in the case dtype (like the inputs), then o.dtype
@@ -218,6 +220,21 @@ def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: C
     if return_forward:
         res.update({k: v.detach() for k, v in fwd.items()})
     return res
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels inside the block (``torch.use_deterministic_algorithms``): the backward of a
+    gather accumulates with multi-threaded ``index_put_``, whose float sums otherwise depend on the
+    threads' timing; the same inputs then give the same gradients bit for bit."""
+    prev, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, never fails
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*determinis")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn_only)
 
 
 #: gradient truth only where B*TQ*(per-query elements of the chunk temporaries) <= this: autograd

@@ -7,6 +7,7 @@ first use)::
 
     case = nsaconf.Case(seq_len=256, heads_q=16, heads_kv=1, top_n=4, window=64)
     cells = nsaconf.evaluate(case, ["reference", "dense"])          # list[CellResult]
+    result = nsaconf.check(my_nsa)     # a plain callable (case, inputs) -> {branch: tensor}, smoke profile
     summary = nsaconf.run([case], ["reference"], out="out/mine")    # out/mine/results.jsonl
     nsaconf.write_reports("out/mine")                                # summary.md, results.csv, report.html
 
@@ -52,7 +53,8 @@ _EXPORTS = {
     "run": "nsaconf.harness.runner", "evaluate": "nsaconf.harness.runner",
     "RunConfig": "nsaconf.harness.runner", "RunSummary": "nsaconf.harness.runner",
     "CellResult": "nsaconf.harness.results", "load_results": "nsaconf.harness.results",
-    "probe_oracle": "nsaconf.harness.probe",
+    "probe_oracle": "nsaconf.harness.probe", "probe_module": "nsaconf.harness.probe",
+    "check": "nsaconf.harness.check", "assert_conforms": "nsaconf.harness.check", "CheckResult": "nsaconf.harness.check",
     "write_reports": "nsaconf.reports", "results_frame": "nsaconf.reports",
 }
 

@@ -149,9 +149,15 @@ def _nonzero_max(x: torch.Tensor) -> float:
     return float(x.abs().max()) if x.numel() else 0.0
 
 
+#: elements per step of ``compare_numeric``: its temporaries stay this small whatever the tensors' size
+COMPARE_CHUNK = 1 << 22
+
+
 def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Tensor,
                     baseline: torch.Tensor, rule: Rule, dtype: str) -> Verdict:
-    """Judge a numeric branch (see module docstring). ``truth`` float64, ``baseline`` in ``dtype``."""
+    """Judge a numeric branch (see module docstring). ``truth`` float64, ``baseline`` in ``dtype``.
+    Computed over ``COMPARE_CHUNK`` elements at a time: maxima, counts and sums of squares carry over,
+    and ``rule.floor``, a maximum over elements, is the maximum of the chunks' floors."""
     tol = rule_dict(rule)
     if not isinstance(out, torch.Tensor):
         return Verdict(branch, "FAIL", f"{branch}: expected a tensor, got {type(out).__name__}", {}, tol)
@@ -159,50 +165,65 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
         return Verdict(branch, "FAIL", f"{branch}: shape {list(out.shape)} != canonical {list(truth.shape)}", {}, tol)
     if not (out.is_floating_point()):
         return Verdict(branch, "FAIL", f"{branch}: dtype {out.dtype} is not floating point", {}, tol)
-    o = out.detach().cpu().double()
-    t = truth.double()
-    bl = baseline.detach().cpu().double()
     metrics: dict[str, Any] = {"out_dtype": str(out.dtype).replace("torch.", "")}
     problems: list[str] = []
-
-    # rows with no visible key: truth cmp_lse = -inf, judged by semantics (cmp_o: check_empty_cmp_o)
-    tfin = torch.isfinite(t)
+    flat_o, flat_t = out.detach().cpu().reshape(-1), truth.reshape(-1)
+    flat_b = baseline.detach().cpu().reshape(-1)
+    rtol, atol = TORCH_DEFAULT_TOLS[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
+    err = base_err = scale = sum_t2 = sum_d2 = 0.0
+    floor = rule.floor(flat_t[:0].double(), torch_dtype)
+    n_empty = n_empty_bad = n_nonfinite = n_finite = n_both = n_mism = 0
+    worst, worst_at = -1.0, -1
+    for s0 in range(0, flat_t.numel(), COMPARE_CHUNK):
+        rows = slice(s0, s0 + COMPARE_CHUNK)
+        o, t, bl = flat_o[rows].double(), flat_t[rows].double(), flat_b[rows].double()
+        tfin = torch.isfinite(t)
+        if branch == "cmp_lse":  # rows with no visible key: truth -inf (cmp_o: check_empty_cmp_o)
+            empty = torch.isneginf(t)
+            n_empty += int(empty.sum())
+            n_empty_bad += int((empty & ~torch.isneginf(o)).sum())
+        nonfinite = tfin & ~torch.isfinite(o)
+        n_nonfinite += int(nonfinite.sum())
+        m = tfin & torch.isfinite(o)
+        diff = torch.where(m, (o - t).abs(), 0.0)
+        err = max(err, float(diff.max()))
+        base_err = max(base_err, float(torch.where(tfin & torch.isfinite(bl), (bl - t).abs(), 0.0).max()))
+        tf = t[tfin]
+        if tf.numel():
+            scale = max(scale, float(tf.abs().max()))
+            floor = max(floor, rule.floor(tf, torch_dtype))
+            sum_t2 += float(tf.pow(2).sum())
+            n_finite += tf.numel()
+        del tf
+        d_f = (o - t)[m]
+        sum_d2 += float(d_f.pow(2).sum())
+        n_both += d_f.numel()
+        del d_f
+        n_mism += int(((diff > atol + rtol * t.abs().nan_to_num(posinf=0.0, neginf=0.0)) | nonfinite).sum())
+        src = torch.where(nonfinite, math.inf, diff)
+        at = int(src.argmax())
+        if float(src[at]) > worst:  # the first largest, as one argmax over the whole tensor
+            worst, worst_at = float(src[at]), s0 + at
     if branch == "cmp_lse":
-        empty = torch.isneginf(t)
-        bad = empty & ~torch.isneginf(o)
-        metrics["empty_rows"] = int(empty.sum())
-        metrics["empty_rows_bad"] = int(bad.sum())
-        if bad.any():
-            problems.append(f"{int(bad.sum())} of {int(empty.sum())} empty rows (no visible block) have cmp_lse != -inf")
-    nonfinite = tfin & ~torch.isfinite(o)
-    metrics["nonfinite"] = int(nonfinite.sum())
-    if nonfinite.any():
-        problems.append(f"{int(nonfinite.sum())} NaN/Inf values where the truth is finite")
-
-    m = tfin & torch.isfinite(o)
-    diff = torch.where(m, (o - t).abs(), torch.zeros_like(t))
-    err = float(diff.max()) if diff.numel() else 0.0
-    bdiff = torch.where(tfin & torch.isfinite(bl), (bl - t).abs(), torch.zeros_like(t))
-    base_err = float(bdiff.max()) if bdiff.numel() else 0.0
-    tf = t[tfin]
-    scale = _nonzero_max(tf)
-    floor = rule.floor(tf, TORCH_DTYPES[dtype])
+        metrics["empty_rows"], metrics["empty_rows_bad"] = n_empty, n_empty_bad
+        if n_empty_bad:
+            problems.append(f"{n_empty_bad} of {n_empty} empty rows (no visible block) have cmp_lse != -inf")
+    metrics["nonfinite"] = n_nonfinite
+    if n_nonfinite:
+        problems.append(f"{n_nonfinite} NaN/Inf values where the truth is finite")
     bound = rule.bound(base_err, floor, scale)
     tol = rule_dict(rule, floor)
-    rms_t = float(tf.pow(2).mean().sqrt()) if tf.numel() else 0.0
-    d_f = (o - t)[m]
-    rel_rms = float(d_f.pow(2).mean().sqrt()) / (rms_t + 1e-8) if d_f.numel() else 0.0
-    rtol, atol = TORCH_DEFAULT_TOLS[dtype]
-    mism = (diff > atol + rtol * t.abs().nan_to_num(posinf=0.0, neginf=0.0)) | nonfinite
+    rms_t = math.sqrt(sum_t2 / n_finite) if n_finite else 0.0
+    rel_rms = math.sqrt(sum_d2 / n_both) / (rms_t + 1e-8) if n_both else 0.0
     metrics.update({
         "max_abs_err": err, "baseline_err": base_err, "floor": floor, "bound": bound,
         "err_ratio": (err / bound) if bound > 0 else (0.0 if err == 0 else math.inf),
-        "rel_rms": rel_rms, "mismatch_frac": float(mism.float().mean()) if mism.numel() else 0.0,
+        "rel_rms": rel_rms, "mismatch_frac": n_mism / flat_t.numel() if flat_t.numel() else 0.0,
         "max_abs_truth": scale,
     })
-    if diff.numel():
-        src = torch.where(nonfinite, torch.full_like(diff, math.inf), diff)
-        metrics["worst_index"] = _worst_index(case, int(src.argmax()), tuple(t.shape), keys=branch in KEY_LAYOUT)
+    if worst_at >= 0:
+        metrics["worst_index"] = _worst_index(case, worst_at, tuple(truth.shape), keys=branch in KEY_LAYOUT)
     if err > bound:
         problems.append(f"max_abs_err {err:.3g} > bound {bound:.3g} ({rule.describe()}; baseline_err {base_err:.3g}, floor {floor:.3g})")
     # zero / constant outputs never pass (KernelBench#165)

@@ -170,3 +170,27 @@ def test_missing_branch_is_error():
     ct = CaseTruth.compute(CASE.replace(dtype="float32"))
     vs = judge(ct, "x", "kernel", ("cmp_o",), {}, ToleranceTable())
     assert vs[0].status == "ERROR" and "did not return" in vs[0].reason
+
+
+@pytest.mark.parametrize("branch", ["cmp_o", "cmp_lse"])
+def test_chunked_comparison_gives_the_whole_tensor_verdict(branch, monkeypatch):
+    """``compare_numeric`` in steps of 7 elements: the same metrics as in one step (sums of squares to
+    rounding), with NaN/Inf, -inf rows, exact zeros and the worst element in a later step."""
+    from nsaconf.harness import comparator
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(1, 9, 4, 5, generator=g, dtype=torch.float64)
+    if branch == "cmp_lse":
+        t = t[..., 0]
+        t[0, :2] = -math.inf
+    base = t + 1e-3 * torch.randn(t.shape, generator=g, dtype=torch.float64)
+    out = (t + 2e-3 * torch.randn(t.shape, generator=g, dtype=torch.float64)).float()
+    out.view(-1)[30] = float("nan")
+    out.view(-1)[33] = 5.0
+    rule = _rule("float32", "kernel", branch)
+    whole = compare_numeric(CASE, branch, out, t, base, rule, "float32")
+    monkeypatch.setattr(comparator, "COMPARE_CHUNK", 7)
+    steps = compare_numeric(CASE, branch, out, t, base, rule, "float32")
+    assert (steps.status, steps.reason, steps.tolerance) == (whole.status, whole.reason, whole.tolerance)
+    assert steps.metrics.pop("rel_rms") == pytest.approx(whole.metrics.pop("rel_rms"), rel=1e-12)
+    assert steps.metrics == whole.metrics and whole.metrics["nonfinite"] == 1

@@ -48,7 +48,7 @@ def test_oracles_run_the_forward_with_their_config(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only availability message")
 def test_unavailable_on_cpu_says_how_to_enable():
     why = get_oracle("inhouse_cutile").check_support(Case(), "cuda")
-    assert why and "cuda-tile 1.7.0" in why and "tileiras 13.4" in why and "device-bundles.sh cutile" in why
+    assert why and "cuda-tile 1.7.0" in why and "nvidia-cuda-tileiras==13.4.92" in why and "pip install" in why
     assert get_oracle("inhouse_cutile").check_support(Case(), "cpu")
 
 

@@ -34,7 +34,7 @@ import torch
 
 from nsaconf.cases.conventions import is_forced, selection_candidate
 from nsaconf.cases.model import Case
-from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, canonical_order, query_positions
+from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, canonical_order, materialize, query_positions
 from nsaconf.harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
 from nsaconf.oracles.base import GRAD_BRANCHES
 from nsaconf.oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads  # noqa: F401 (re-exported)
@@ -62,10 +62,11 @@ class CaseTruth:
     """
 
     case: Case
-    inputs: Inputs
     truth: dict[str, torch.Tensor]
     baseline: dict[str, torch.Tensor]
     given_indices: Optional[torch.Tensor]
+    device: str = "cpu"
+    _inputs: Optional[Inputs] = None
     _alt: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
     _grads: Optional[tuple[dict, dict]] = None
     _alt_grads: dict[bytes, tuple[dict, dict]] = field(default_factory=dict)
@@ -74,26 +75,33 @@ class CaseTruth:
     def compute(cls, case: Case, inputs: Optional[Inputs] = None, device: str = "cpu") -> "CaseTruth":
         """Truth and baseline computed on ``device`` (float64 on a GPU is fine and much faster for
         paper-size cases); every tensor kept here is on the CPU."""
-        from nsaconf.cases.tensors import materialize
-
-        inputs = inputs if inputs is not None else materialize(case, device)
-        truth = _cpu(nsa_reference(case, inputs, dtype=torch.float64, return_importance=True))
-        given = truth["topk_idx"] if case.block_indices == "topk" else inputs.block_indices
+        x = inputs if inputs is not None else materialize(case, device)
+        truth = _cpu(nsa_reference(case, x, dtype=torch.float64, return_importance=True))
+        given = truth["topk_idx"] if case.block_indices == "topk" else x.block_indices
         given = None if given is None else given.cpu()
         if _baseline_is_truth(case):
             baseline = truth
         else:
-            dev_given = None if given is None else given.to(inputs.q.device)
-            baseline = _cpu(nsa_reference(case, inputs, dtype=None, block_indices=dev_given, return_importance=True))
-        return cls(case=case, inputs=inputs, truth=truth, baseline=baseline, given_indices=given)
+            dev_given = None if given is None else given.to(x.q.device)
+            baseline = _cpu(nsa_reference(case, x, dtype=None, block_indices=dev_given, return_importance=True))
+        return cls(case=case, truth=truth, baseline=baseline, given_indices=given, device=str(x.q.device), _inputs=inputs)
+
+    @property
+    def inputs(self) -> Inputs:
+        """The case's inputs on the truth's device: those given to ``compute``, else materialized again
+        (``materialize`` is deterministic) so that they are not held between uses."""
+        if self._inputs is not None:
+            return self._inputs
+        return materialize(self.case, self.device)
 
     def _pair(self, fn, idx: Optional[torch.Tensor]) -> tuple[dict, dict]:
         """(float64 truth, case-dtype baseline) of ``fn`` (``nsa_reference`` or ``nsa_reference_grads``)
         with the selection ``idx`` (None: the case's own rule), computed on the inputs' device, kept on
         the CPU; one computation when the case dtype is float64."""
-        d = None if idx is None else idx.to(self.inputs.q.device)
-        truth = _cpu(fn(self.case, self.inputs, dtype=torch.float64, block_indices=d))
-        return truth, truth if _baseline_is_truth(self.case) else _cpu(fn(self.case, self.inputs, dtype=None, block_indices=d))
+        x = self.inputs
+        d = None if idx is None else idx.to(x.q.device)
+        truth = _cpu(fn(self.case, x, dtype=torch.float64, block_indices=d))
+        return truth, truth if _baseline_is_truth(self.case) else _cpu(fn(self.case, x, dtype=None, block_indices=d))
 
     def with_indices(self, idx: torch.Tensor) -> tuple[dict, dict]:
         """Truth and baseline recomputed with the selection ``idx`` (canonical order)."""

@@ -1,7 +1,8 @@
 """``nsaconf run``: judge oracles on cases against the fp64 truth -> DIR/results.jsonl, run.json,
 conventions.jsonl, summary.md, results.csv, report.html.
 
-Exit status: 0 nothing FAILed/ERRORed/CRASHed/TIMEOUTed, 1 otherwise, 2 bad usage or input.
+Exit status: 0 nothing FAILed/ERRORed/CRASHed/TIMEOUTed (and each ``--require`` oracle ran a cell that is
+not SKIP), 1 otherwise, 2 bad usage or input.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def register(sub) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--shard", metavar="K/N", help="run only cases K, K+N, K+2N, ... of the selection (parallel "
                    "runs; combine them with `nsaconf merge`)")
+    r.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per cell (CI test reports)")
+    r.add_argument("--require", metavar="ORACLE,...", default=[], type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
+                   help="exit 1 when one of these oracles ran no cell or SKIPped every cell (unavailable, unsupported)")
     r.set_defaults(func=cmd_run)
 
 
@@ -86,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     oracles = select_oracles(args.oracles, args.device)
     if not oracles:
         raise UsageError(f"no oracle runs on {args.device}")
+    if args.require:
+        select_oracles(",".join(args.require), args.device)  # an unknown name: exit 2 before the run
     with owned_run_folder(args.out, command_line()) as out:
         if not args.resume:
             keep_previous(out)
@@ -100,9 +106,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
             write_probe(out, oracles, args.device, run_cfg.plugins, args.timeout)
             html = None if args.no_report else write_reports_or_say(out)
+        from nsaconf.reports.junit import ci_outputs
+
+        unmet = ci_outputs(out, args.junit, args.require)  # --junit FILE, --require ORACLE,...
         counts, bad = cell_verdict(out)
     print(f"nsaconf: {counts}; results: {out / RESULTS_FILE}" + (f"; report: {html}" if html else ""))
-    return 1 if bad else 0
+    for line in unmet:
+        print(f"nsaconf: required oracle {line}", file=sys.stderr)
+    return 1 if bad or unmet else 0
 
 
 def cell_verdict(out: Path) -> tuple[str, bool]:

@@ -38,7 +38,94 @@ def register(sub) -> None:
     r.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per cell (CI test reports)")
     r.add_argument("--require", metavar="ORACLE,...", default=[], type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
                    help="exit 1 when one of these oracles ran no cell or SKIPped every cell (unavailable, unsupported)")
+    add_limit_options(r)
     r.set_defaults(func=cmd_run)
+
+
+def _size(text: str) -> int:
+    from nsaconf.oracles.resources import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _work(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of multiply-adds >= 1, got {text!r}")
+    return value
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """``--max-memory`` and ``--max-work``: what one case's float64 truth may need (``oracles.resources``)."""
+    p.add_argument("--max-memory", type=_size, metavar="SIZE",
+                   help="the most memory the float64 truth of one case may need, estimated before anything is "
+                   "allocated, e.g. 8GB, 512MB, 2GiB (default: [limits] max_memory of the config, else 8GB); a "
+                   "profile's case over it is a SKIP cell, a --case over it an error")
+    p.add_argument("--max-work", type=_work, metavar="N",
+                   help="the most multiply-adds the float64 truth of one case may need, likewise (default: [limits] "
+                   "max_work of the config, else 2e12 on cpu, about 10 minutes of 2 cores, and 2e14 on cuda)")
+
+
+def case_limits(args: argparse.Namespace) -> tuple[int, float]:
+    """(bytes, multiply-adds) one case's truth may need: the options, else the config's ``[limits]``, else the
+    defaults of ``oracles.resources``."""
+    from nsaconf.oracles.config import ConfigError, load_config
+    from nsaconf.oracles.resources import DEFAULT_MAX_MEMORY, DEFAULT_MAX_WORK
+
+    limits = load_config(args.config).get("limits", {})
+    out = []
+    for name, parse, default in (("max_memory", _size, DEFAULT_MAX_MEMORY),
+                                 ("max_work", _work, DEFAULT_MAX_WORK[args.device.split(":")[0]])):
+        value = getattr(args, name)
+        if value is None and name in limits:
+            try:
+                value = parse(str(limits[name]))
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError(f"config [limits] {name}: {e}") from None
+        out.append(default if value is None else value)
+    return out[0], out[1]
+
+
+def over_limits(args: argparse.Namespace, cases: list) -> dict[str, str]:
+    """Case id -> why its truth is over ``case_limits``, for the cases of ``--profile``; a case of a ``--case``
+    file over them is a CaseError (exit 2 before anything is written)."""
+    from nsaconf.cases.model import CaseError
+    from nsaconf.oracles.resources import resource_problem
+
+    max_bytes, max_work = case_limits(args)
+    over = {c.id: why for c in cases if (why := resource_problem(c, max_bytes, max_work))}
+    if over:
+        profile = {c.id for c in select_cases(argparse.Namespace(**{**vars(args), "case": [], "shard": None}))} \
+            if args.profile else set()
+        explicit = [cid for cid in over if cid not in profile]
+        if explicit:
+            raise CaseError(f"case {explicit[0]}: {over[explicit[0]]} (raise the limit to run it)")
+    return over
+
+
+def write_skipped(out: Path, cases: list, over: dict[str, str], oracles: list[str], device: str, resume: bool) -> None:
+    """A SKIP cell with the reason for every branch of every oracle on each case over the limits (after the run,
+    so that they join its results; with ``--resume`` the cells already recorded are kept)."""
+    from nsaconf.harness.environment import versions
+    from nsaconf.harness.results import ResultWriter, done_keys
+    from nsaconf.harness.runner import _record
+    from nsaconf.oracles.base import get_oracle
+
+    done = done_keys(out) if resume else set()
+    base = versions()
+    with ResultWriter(out, resume=True) as writer:
+        for case in (c for c in cases if c.id in over):
+            for name in oracles:
+                oracle = get_oracle(name)
+                for b in oracle.branches:
+                    if (case.id, name, b, device) not in done:
+                        writer.write(_record(case, oracle, b, device, "SKIP", over[case.id], versions=base))
 
 
 def write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], n_cases: int, table) -> None:
@@ -48,6 +135,7 @@ def write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], n_ca
     info = {"command": command_line(),
             "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
             "n_cases": n_cases, "shard": args.shard, "seed": args.seed, "timeout_s": args.timeout,
+            "max_memory": args.max_memory, "max_work": args.max_work,
             "plugins": args.plugin, "tolerance": table.as_dict(), "versions": versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -92,16 +180,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"no oracle runs on {args.device}")
     if args.require:
         select_oracles(",".join(args.require), args.device)  # an unknown name: exit 2 before the run
+    args.max_memory, args.max_work = case_limits(args)
+    over = over_limits(args, cases)
     with owned_run_folder(args.out, command_line()) as out:
         if not args.resume:
             keep_previous(out)
         write_run_info(out, args, oracles, len(cases), table)
         print(f"nsaconf: {len(cases)} cases x {len(oracles)} oracles ({', '.join(oracles)}) on {args.device} -> "
               f"{out / RESULTS_FILE}", file=sys.stderr)
-        run_cfg = RunConfig(cases=cases, oracles=oracles, device=args.device, out=out, plugins=resolved(args.plugin),
-                            save_tensors=args.save_tensors, resume=args.resume, timeout=args.timeout, table=table,
-                            progress=not args.no_progress)
+        if over:
+            print(f"nsaconf: {len(over)} case(s) over --max-memory/--max-work are SKIP cells", file=sys.stderr)
+        run_cfg = RunConfig(cases=[c for c in cases if c.id not in over], oracles=oracles, device=args.device, out=out,
+                            plugins=resolved(args.plugin), save_tensors=args.save_tensors, resume=args.resume,
+                            timeout=args.timeout, table=table, progress=not args.no_progress)
         Runner(run_cfg).run()
+        if over:
+            write_skipped(out, cases, over, oracles, args.device, args.resume)
         html = None if args.no_report else write_reports_or_say(out)
         if args.profile and not args.no_probe:  # the reports above stand if the probe is cut off
             write_probe(out, oracles, args.device, run_cfg.plugins, args.timeout)

@@ -81,15 +81,17 @@ def run_in_process(oracle: Oracle, case: Case, device: str, block_indices: Optio
         return Reply("error", message=f"{type(e).__name__}: {e}".strip())
 
 
-def late_reply(reply: Reply, truth_secs: float, judge_secs: float, timeout: float) -> Optional[Reply]:
-    """The TIMEOUT reply of a cell whose time (the truth's in the main process + the oracle's + its judging)
-    is over ``timeout`` seconds, else None."""
-    took = truth_secs + (reply.seconds or 0.0) + judge_secs
+def late_reply(reply: Reply, truth_secs: float, judge_secs: float, timeout: float, concurrent: bool) -> Optional[Reply]:
+    """The TIMEOUT reply of a cell whose time is over ``timeout`` seconds, else None. A cell's time: the
+    truth's (in the main process) and the oracle's run, the longer of the two when they ran at the same
+    time (``concurrent``: an oracle that computes its own selection), else their sum; then its judging."""
+    oracle = reply.seconds or 0.0
+    took = (max(truth_secs, oracle) if concurrent else truth_secs + oracle) + judge_secs
     if took <= timeout:
         return None
     return Reply("timeout", message=f"the cell took {took:.1f}s, over the {timeout:g}s timeout (truth {truth_secs:.1f}s in "
-                                    f"the main process, oracle {reply.seconds or 0.0:.1f}s, judging {judge_secs:.1f}s)",
-                 seconds=reply.seconds)
+                                    f"the main process, oracle {oracle:.1f}s{' at the same time' if concurrent else ''}, "
+                                    f"judging {judge_secs:.1f}s)", seconds=reply.seconds)
 
 
 def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str], reply: Reply, ct: Optional[CaseTruth],
@@ -216,10 +218,9 @@ class Runner:
                 replies[name] = failed
 
         # oracles that compute their own selection start before the truth is ready
-        if cfg.isolate:
-            for name in pending:
-                if not self.oracles[name].needs_block_indices:
-                    submit(name, None, 0.0)
+        concurrent = [n for n in pending if cfg.isolate and not self.oracles[n].needs_block_indices]
+        for name in concurrent:
+            submit(name, None, 0.0)
         t0 = time.monotonic()
         ct, truth_error = self._truth(case, pending)
         truth_secs = time.monotonic() - t0
@@ -262,7 +263,7 @@ class Runner:
                 reply = Reply("error", message=truth_error, seconds=reply.seconds)
             t1 = time.monotonic()
             recs = cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name))
-            late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout) if reply.status == "ok" else None
+            late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout, name in concurrent) if reply.status == "ok" else None
             if late is not None:
                 recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
             del reply

@@ -211,7 +211,7 @@ def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: C
     names = grad_branches(case)
     leaves = {f: getattr(x, f).detach().clone().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
     xi = Inputs(**leaves, block_indices=x.block_indices)
-    with torch.enable_grad(), deterministic():
+    with torch.enable_grad(), deterministic(x.q.device):
         fwd = forward(xi)
         o = fwd["o"]
         d_o = output_cotangent(case, o.device).to(o.dtype)  # dO in the case dtype (like the inputs), then o.dtype
@@ -223,10 +223,18 @@ def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: C
 
 
 @contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic kernels inside the block (``torch.use_deterministic_algorithms``): the backward of a
-    gather accumulates with multi-threaded ``index_put_``, whose float sums otherwise depend on the
-    threads' timing; the same inputs then give the same gradients bit for bit."""
+def deterministic(device: torch.device) -> Iterator[None]:
+    """The same inputs give the same gradients bit for bit inside the block: the backward of a gather
+    accumulates with ``index_put_``, whose float sums otherwise depend on the threads' timing. On the CPU
+    one thread (the gradient truth is for small cases); on a GPU ``torch.use_deterministic_algorithms``."""
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+        return
     prev, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns, never fails
     try:

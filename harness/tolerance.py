@@ -20,13 +20,14 @@ FA rule).
 
 Overrides (CLI ``--tol KEY=VALUE``, config ``[tolerance]``): ``KEY`` is ``PARAM``, ``ORACLE.PARAM``,
 ``BRANCH.PARAM``, ``ORACLE.BRANCH.PARAM`` (``*`` allowed for ORACLE or BRANCH); the most specific
-one wins: oracle.branch > oracle.* > *.branch > global > default.
+one wins: oracle.branch > oracle.* > *.branch > global > default. An unknown PARAM or BRANCH is an
+error here, an ORACLE that is not registered once the oracles are loaded (``check_oracles``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -126,6 +127,8 @@ class ToleranceTable:
         else:
             raise ToleranceError(f"tolerance key {key!r} must be PARAM, ORACLE.PARAM, BRANCH.PARAM or ORACLE.BRANCH.PARAM")
         try:
+            if isinstance(value, bool):
+                raise TypeError
             v = float(value)
         except (TypeError, ValueError):
             raise ToleranceError(f"tolerance {key!r} needs a number, got {value!r}") from None
@@ -136,9 +139,20 @@ class ToleranceTable:
     def set_from_string(self, text: str, source: str = "cli") -> None:
         """Parse ``KEY=VALUE`` (as given to ``--tol``)."""
         if "=" not in text:
-            raise ToleranceError(f"--tol expects KEY=VALUE (e.g. fla.slc_o.k=3), got {text!r}")
+            raise ToleranceError(f"--tol expects KEY=VALUE (e.g. fla_naive.slc_o.k=3), got {text!r}")
         key, value = text.split("=", 1)
         self.set(key, value, source)
+
+    def check_oracles(self, oracles: Iterable[str]) -> None:
+        """ToleranceError naming the first override whose ORACLE part is neither ``*`` nor one of ``oracles``
+        (the registered ones): such a key would match no cell."""
+        known = set(oracles)
+        for (oracle, branch), params in sorted(self.overrides.items()):
+            if oracle != "*" and oracle not in known:
+                param, (_, source) = sorted(params.items())[0]
+                key = ".".join(x for x in (oracle, branch, param) if x != "*")
+                raise ToleranceError(f"tolerance key {key!r} ({source}) matches no cell: {oracle!r} is neither an oracle "
+                                     f"nor a branch; oracles: {', '.join(sorted(known))}; branches: {', '.join(ALL_BRANCHES)}")
 
     def param(self, name: str, oracle: str, branch: str) -> tuple[float, str]:
         for scope in ((oracle, branch), (oracle, "*"), ("*", branch), ("*", "*")):
@@ -199,7 +213,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def tolerance_table(cfg: dict[str, Any], cli_overrides: list[str], source_name: str = "config") -> ToleranceTable:
     """Defaults, then the config's ``[tolerance]`` section, then ``--tol`` overrides (CLI wins)."""
     table = ToleranceTable()
-    for key, value in _flatten(cfg.get("tolerance", {})).items():
+    section = cfg.get("tolerance", {})
+    if not isinstance(section, dict):
+        raise ToleranceError(f"the config's tolerance must be a table ([tolerance] KEY = number), got {section!r}")
+    for key, value in _flatten(section).items():
         table.set(key, value, source_name)
     for text in cli_overrides:
         table.set_from_string(text, "cli")

@@ -5,10 +5,16 @@ The config file is ``--config FILE``, else ``$NSACONF_CONFIG``, else ``./nsaconf
 
     [tolerance]            # overrides of the tolerance table (same keys as --tol)
     k = 2
-    "fla.slc_o.k" = 3
+    "fla_naive.slc_o.k" = 3
 
     [oracles.<name>]       # adapter settings: the path of an external checkout
     path = "external/nsa-impl"
+
+    [limits]               # what one case's float64 truth may need (run --max-memory, --max-work)
+    max_memory = "8GB"
+    max_work = 2e12
+
+Any other top-level key, a section that is not a table or an unknown ``[limits]`` key is a ConfigError.
 
 Lookup order for a checkout (``tilelang``, ``nsa_impl``):
 
@@ -62,6 +68,11 @@ class ConfigError(ValueError):
     """Unreadable or malformed config file (one-line message)."""
 
 
+#: the top-level tables of the config file
+SECTIONS = ("tolerance", "oracles", "limits")
+LIMIT_KEYS = ("max_memory", "max_work")
+
+
 def config_path(explicit: Optional[str] = None) -> Optional[Path]:
     """``explicit``, else ``$NSACONF_CONFIG``, else ``./nsaconf.toml``, else ``<repo>/nsaconf.toml``
     (the first that is given / exists)."""
@@ -77,17 +88,43 @@ def config_path(explicit: Optional[str] = None) -> Optional[Path]:
 
 
 def load_config(explicit: Optional[str] = None) -> dict[str, Any]:
-    """The parsed config (``{}`` when there is none)."""
+    """The parsed config (``{}`` when there is none), its sections checked (``check_sections``)."""
     p = config_path(explicit)
     if p is None:
         return {}
     try:
-        with open(p, "rb") as f:
-            return tomllib.load(f)
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {str(p)!r}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {str(p)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"malformed config {str(p)!r}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"malformed config {str(p)!r}: nested too deeply") from None
+    check_sections(data, str(p))
+    return data
+
+
+def check_sections(data: dict[str, Any], where: str) -> None:
+    """ConfigError unless ``data`` holds only ``SECTIONS``, each a table: ``[oracles.<name>]`` tables with a
+    string ``path``, ``[limits]`` with ``LIMIT_KEYS`` only."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config {where!r}: {msg}")
+
+    unknown = sorted(set(data) - set(SECTIONS))
+    need(not unknown, f"unknown top-level key(s) {unknown}; known sections: {', '.join(f'[{s}]' for s in SECTIONS)}")
+    for name in SECTIONS:
+        section = data.get(name, {})
+        need(isinstance(section, dict), f"'{name}' must be a table ([{name}]), got {type(section).__name__}")
+    for key, table in data.get("oracles", {}).items():
+        need(isinstance(table, dict), f"'oracles.{key}' must be a table ([oracles.{key}]), got {type(table).__name__}")
+        need(isinstance(table.get("path", ""), str), f"[oracles.{key}] path must be a string")
+    unknown = sorted(set(data.get("limits", {})) - set(LIMIT_KEYS))
+    need(not unknown, f"unknown [limits] key(s) {unknown}; known: {', '.join(LIMIT_KEYS)}")
 
 
 def _load_toml() -> tuple[dict[str, Any], Optional[Path]]:

@@ -1,6 +1,8 @@
 """The tolerance table: defaults, override precedence, bad overrides, the floor, the tight rules."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +56,46 @@ def test_floor_is_the_rounding_noise_of_the_dtype():
     assert r.floor(truth, torch.float32) < 1e-6 < f
     assert r.floor(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.float32) > 0  # never 0 for tiny tensors
     assert r.floor(torch.tensor([float("-inf")]), torch.float32) == DEFAULTS["floor_add"]
+
+
+def _bad(capsys, argv) -> str:
+    from nsaconf.harness.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("nsaconf: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("key", ["fla.o.floor_add=1e-4", "fla.k=3", "slc.k=3", "fla_naive_typo.slc_o.k=3"])
+def test_tol_key_naming_no_oracle_is_an_error(capsys, tmp_path, monkeypatch, key):
+    """A key whose ORACLE part is no registered oracle (nor a branch) matches no cell: exit 2, nothing written."""
+    monkeypatch.delenv("NSACONF_CONFIG", raising=False)  # main() sets it from --config
+    name = key.split(".")[0]
+    out = tmp_path / "o"
+    case = str(Path(__file__).resolve().parents[1] / "examples" / "case.json")
+    msg = _bad(capsys, ["run", "--case", case, "--oracles", "reference", "--tol", key, "--out", str(out)])
+    assert f"{name!r} is neither an oracle nor a branch" in msg and "fla_naive" in msg
+    assert not out.exists()
+    assert name in _bad(capsys, ["repro", case, "--oracles", "reference", "--tol", key])
+    cfg = tmp_path / "nsaconf.toml"
+    cfg.write_text(f'[tolerance]\n"{key.split("=")[0]}" = 3\n')
+    assert "(config)" in _bad(capsys, ["run", "--case", case, "--config", str(cfg), "--out", str(out)])
+
+
+def test_tol_keys_of_registered_oracles_pass_the_check():
+    t = tolerance_table({"tolerance": {"fla_naive": {"o": {"floor_add": 1e-4}}}}, ["*.slc_o.k=3", "dq.k_grad=4", "reference.k=1"])
+    t.check_oracles(["fla_naive", "reference"])
+    with pytest.raises(ToleranceError, match="'fla'"):
+        tolerance_table({}, ["fla.o.floor_add=1e-4"]).check_oracles(["fla_naive", "reference"])
+
+
+@pytest.mark.parametrize("section", [3, "k=2", [1, 2]])
+def test_non_table_tolerance_is_a_tolerance_error(section):
+    with pytest.raises(ToleranceError, match="table"):
+        tolerance_table({"tolerance": section}, [])
+
+
+def test_bool_tolerance_value_is_an_error():
+    with pytest.raises(ToleranceError, match="needs a number"):
+        tolerance_table({"tolerance": {"k": True}}, [])

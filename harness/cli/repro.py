@@ -9,6 +9,7 @@ from nsaconf.cases.model import Case, CaseError, load_cases
 from nsaconf.cases.vocabulary import BAD_STATUSES
 from nsaconf.harness.cli.common import (UsageError, add_oracle_options, add_tolerance_options, check_device,
                                         load_oracle_sources, resolved, seconds, select_oracles, tolerance_from_args)
+from nsaconf.harness.cli.run import add_limit_options, case_limits, check_tolerance_keys
 from nsaconf.harness.results import CellResult
 
 
@@ -20,6 +21,7 @@ def register(sub) -> None:
     rp.add_argument("--isolate", action="store_true", help="run the oracles in worker processes")
     rp.add_argument("--timeout", type=seconds, default=300.0, help="per-cell timeout in seconds with --isolate (default 300)")
     rp.add_argument("--save-tensors", metavar="DIR", help="also write the tensor contract to DIR")
+    add_limit_options(rp)
     rp.set_defaults(func=repro)
 
 
@@ -52,14 +54,21 @@ def format_cells(cells: list[CellResult]) -> str:
 
 def repro(args: argparse.Namespace) -> int:
     from nsaconf.harness.runner import evaluate
+    from nsaconf.oracles.resources import resource_problem
 
     if not args.oracles:
         raise UsageError("repro needs --oracles (comma-separated oracle names)")
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
+    check_tolerance_keys(table)
     check_device(args.device)
     cases = resolve_cases(args.case)
     oracles = select_oracles(args.oracles, args.device)
+    max_bytes, max_work = case_limits(args)
+    for case in cases:  # before anything is allocated
+        why = resource_problem(case, max_bytes, max_work)
+        if why:
+            raise CaseError(f"case {case.id}: {why} (raise the limit to run it)")
     bad = False
     for case in cases:
         print(f"case {case.id}")

@@ -72,6 +72,13 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
                    "max_work of the config, else 2e12 on cpu, about 10 minutes of 2 cores, and 2e14 on cuda)")
 
 
+def check_tolerance_keys(table) -> None:
+    """ToleranceError for a ``--tol`` or ``[tolerance]`` key naming no registered oracle (after the plugins load)."""
+    from nsaconf.oracles.base import registry
+
+    table.check_oracles(registry())
+
+
 def case_limits(args: argparse.Namespace) -> tuple[int, float]:
     """(bytes, multiply-adds) one case's truth may need: the options, else the config's ``[limits]``, else the
     defaults of ``oracles.resources``."""
@@ -173,6 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
+    check_tolerance_keys(table)
     check_device(args.device)
     cases = select_cases(args)
     oracles = select_oracles(args.oracles, args.device)

@@ -131,11 +131,14 @@ class Runner:
         self.workers: dict[str, Worker] = {}
         self.base_versions = environment_versions()
 
+    def _threads(self) -> int:
+        """CPU threads of each worker and of the truth: the cores shared by the oracles and the truth,
+        which run at the same time (0: a GPU run, torch's default)."""
+        return max(1, (os.cpu_count() or 2) // (len(self.oracles) + 1)) if self.cfg.device == "cpu" else 0
+
     def _worker(self, name: str) -> Worker:
         if name not in self.workers:
-            n = max(1, len(self.oracles))
-            threads = max(1, (os.cpu_count() or 2) // n) if self.cfg.device == "cpu" else 0
-            self.workers[name] = Worker(name, self.cfg.device, list(self.cfg.plugins), threads)
+            self.workers[name] = Worker(name, self.cfg.device, list(self.cfg.plugins), self._threads())
         return self.workers[name]
 
     def _versions(self, name: str) -> dict:
@@ -277,19 +280,24 @@ class Runner:
         """The case's truth (cached across runs when ``truth_cache`` is given), with its gradients when
         a live branch needs them, or None and why not."""
         cache = self.cfg.truth_cache
+        threads, ours = torch.get_num_threads(), self._threads()
+        if ours and self.cfg.isolate:
+            torch.set_num_threads(ours)
         try:
             ct = cache.get(case.id) if cache is not None else None
             if ct is None:
                 ct = CaseTruth.compute(case, device=self.cfg.device)
                 if cache is not None:
                     cache[case.id] = ct
+            if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
+                try:
+                    ct.grads()  # computed once here, inside the cells' time; judge() reuses it
+                except Exception:  # noqa: BLE001 - judge() reports the failure per cell
+                    pass
         except Exception as e:  # noqa: BLE001
             return None, f"truth failed: {type(e).__name__}: {e}"
-        if any(b in GRAD_BRANCHES for live in pending.values() for b in live):
-            try:
-                ct.grads()  # computed once here, inside the cells' time; judge() reuses it
-            except Exception:  # noqa: BLE001 - judge() reports the failure per cell
-                pass
+        finally:
+            torch.set_num_threads(threads)
         return ct, ""
 
     def _save(self, write: Callable[[], Any]) -> None:

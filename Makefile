@@ -29,8 +29,10 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
+# time and peak RSS of the float64 reference alone and of `nsaconf run --oracles reference` (parent + worker) per T
+SEQ_LENS ?= 4096,8192,16384,32768,65536
 bench-memory: setup
-	$(PY) benchmarks/reference_memory.py
+	$(PY) benchmarks/reference_memory.py --seq-lens $(SEQ_LENS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

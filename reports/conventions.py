@@ -152,8 +152,14 @@ def render_standalone(records: list[dict], title: str = "nsaconf masks") -> str:
 
 
 # ------------------------------------------------------------------------------------ text and markdown
-def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
-    """Human summary of one record with the ASCII diff."""
+def legend_text(chars: str = ".#+-~", code: bool = False) -> str:
+    """The ASCII diff's legend on one line: each of ``chars`` and its meaning (``code``: as markdown code spans)."""
+    meaning = dict(LEGEND)
+    return "; ".join(f"{f'`{c}`' if code else c} {meaning[c]}" for c in chars)
+
+
+def format_text(rec: dict, width: int = 64, diff: bool = True, legend: bool = True) -> str:
+    """Human summary of one record with the ASCII diff (and its legend)."""
     head = f"{rec['oracle']:<14} {rec['branch']:<6}"
     if rec.get("skipped"):
         return f"{head} {'ERROR' if rec.get('finding') == 'error' else 'SKIP'}: {rec['skipped']}"
@@ -177,6 +183,8 @@ def format_text(rec: dict, width: int = 64, diff: bool = True) -> str:
     rows, f = downsample(diff_chars(rec["matrix"], rec.get("expected_matrix"), rec.get("dont_care")), width)
     scale = "" if f == 1 else f", 1 char = {f}x{f} cells"
     lines.append(f"{'':21}M vs {rec['diff_against']} (rows p, columns s{scale}):")
+    if legend:
+        lines.append(f"{'':21}{legend_text()}")
     for i, row in enumerate(rows):
         lines.append(f"  {i * f:>4} {row}")
     return "\n".join(lines)
@@ -202,9 +210,29 @@ def format_markdown(records: list[dict], here: dict, width: int = 64, title: str
         leak = f"{r['leaks']} {tuple(r['first_leak'])}" if r["leaks"] else "0"
         out.append(f"| {r['oracle']} | {r['branch']} | {conv} | {exp} | {r['finding']} | {leak} | {r['differing_cells']} | "
                    f"{r['threshold']:.2g} | {r['calls']} | {r['dtype']} |")
-    out += ["", "## ASCII diffs", "", "`.` no dependency, expected; `#` dependency, expected; `+` extra; `-` missing; "
-            "`~` ignored (through the oracle's own top-k).", ""]
+    out += ["", "## ASCII diffs", "", legend_text(code=True) + ".", ""]
     for r in records:
         if not r.get("skipped"):
-            out += ["```", format_text(r, width), "```", ""]
+            out += ["```", format_text(r, width, legend=False), "```", ""]
     return "\n".join(out)
+
+
+def format_module_text(rec: dict, width: int = 64, diff: bool = True) -> str:
+    """``nsaconf masks --module``: one module's receptive field (``matrix`` rows of '0'/'1'), its causality and,
+    with ``diff``, the ASCII map of M against the causal mask (every s <= p)."""
+    T = len(rec["matrix"])
+    if rec["leaks"]:
+        verdict = f"LEAK: {rec['leaks']} cells with s > p, first (p,s)={tuple(rec['first_leak'])}"
+    else:
+        verdict = "CAUSAL: no output position depends on a later token"
+    lines = [f"module {rec['module']}  [B, {rec['seq_len']}, {rec['dim']}] {rec['dtype']} on {rec['device']}  {verdict}",
+             f"{'':2}depends on {rec['dependencies']} of {T * (T + 1) // 2} cells s <= p; threshold {rec['threshold']:.2g} "
+             f"(noise {rec['noise']:.2g}); {rec['calls']} calls"]
+    if not diff:
+        return "\n".join(lines)
+    causal = ["1" * (p + 1) + "0" * (T - p - 1) for p in range(T)]
+    rows, f = downsample(diff_chars(rec["matrix"], causal), width)
+    scale = "" if f == 1 else f", 1 char = {f}x{f} cells"
+    lines += [f"{'':2}M vs causal (every s <= p; rows p, columns s{scale}):", f"{'':2}{legend_text('.#+-')}"]
+    lines += [f"  {i * f:>4} {row}" for i, row in enumerate(rows)]
+    return "\n".join(lines)

@@ -100,3 +100,83 @@ def test_masks_from_json_renders_without_probing(tmp_path, capsys):
     assert main(["--from-json", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.jsonl:2" in err[0]
+
+
+def test_masks_text_prints_its_legend(capsys):
+    assert main(["--oracles", "reference", "--branch", "swa", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert ". no dependency, expected; # dependency, expected; + extra dependency; - missing dependency; " \
+           "~ ignored (through the oracle's own top-k)" in out
+
+
+MODULE_FILE = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """Attention over the last `window` tokens with its projections; `lookahead` reads later tokens."""
+
+    def __init__(self, dim=16, heads=2, window=4, lookahead=0):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.window, self.lookahead = heads, window, lookahead
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        p, s = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        mask = (s <= p + self.lookahead) & (s > p - self.window)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(B, T, D))
+
+
+def window_block():
+    return Block()
+
+
+def leaky_block():
+    return Block(lookahead=1)
+
+
+def broken():
+    raise RuntimeError("no weights here")
+'''
+
+
+def test_masks_module_probes_a_module_in_process(tmp_path, capsys, monkeypatch):
+    (tmp_path / "nsaconf_test_blocks.py").write_text(MODULE_FILE)
+    monkeypatch.chdir(tmp_path)  # PKG.MOD imports from the current folder
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["--module", "nsaconf_test_blocks:window_block", "--dim", "16", "--seq-len", "12"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("module nsaconf_test_blocks:window_block  [B, 12, 16] float32 on cpu  CAUSAL: no output position "
+                      "depends on a later token")
+    assert ". no dependency, expected; # dependency, expected; + extra dependency; - missing dependency" in out[3]
+    rows = [line.split()[-1] for line in out if line.startswith("  ") and line.split()[0].isdigit()]
+    assert rows == ["#" * min(p + 1, 4) + "." * (11 - p) if p < 4 else "-" * (p - 3) + "####" + "." * (11 - p)
+                    for p in range(12)]
+    assert main(["--module", "nsaconf_test_blocks.py:leaky_block", "--dim", "16", "--seq-len", "12", "--json",
+                 "--fail-on-leak"]) == 1
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["causal"] is False and rec["leaks"] == 11 and rec["first_leak"] == [0, 1]
+    assert rec["matrix"][0] == "110000000000"
+
+
+def test_masks_module_usage_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "blocks.py").write_text(MODULE_FILE)
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        ("--module", "blocks.py:window_block"): "--module needs --dim",
+        ("--dim", "16"): "--dim goes with --module",
+        ("--module", "blocks.py:window_block", "--dim", "16", "--oracles", "reference"): "--module does not take --oracles",
+        ("--module", "blocks.py", "--dim", "16"): "--module must be PKG.MOD:FACTORY",
+        ("--module", "no_such_pkg_x:f", "--dim", "16"): "cannot import 'no_such_pkg_x': ModuleNotFoundError",
+        ("--module", "blocks.py:nothing", "--dim", "16"): "has no callable 'nothing'",
+        ("--module", "blocks.py:broken", "--dim", "16"): "the factory raised RuntimeError: no weights here",
+        ("--module", "blocks.py:window_block", "--dim", "5"): "failed on input [B, 128, 5]: RuntimeError",
+    }
+    for argv, words in cases.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("nsaconf: error: ") and words in err[0], (argv, err)

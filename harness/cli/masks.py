@@ -9,6 +9,8 @@ and an ASCII diff of the measured dependency matrix M against the expected mask:
 T <= 64 prints every cell; larger T is shrunk by an integer factor (a cell shows the most severe char
 of its block). ``--json`` prints one JSON object per (oracle, branch); ``--html FILE`` writes a page
 with heatmaps; ``--md FILE`` a markdown report (docs/results/conventions.md).
+``--module pkg.mod:factory --dim N`` probes a whole module in this process instead: ``factory()`` returns a
+callable ``[B, T, dim] -> [B, T, dim']`` (e.g. an ``nn.Module`` with its projections).
 Exit codes: 0 (1 with ``--fail-on-leak`` when a leak or mismatch is found), 2 bad usage.
 """
 from __future__ import annotations
@@ -54,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=seconds, default=300.0, metavar="S",
                    help="limit of each oracle's probe in its worker process, seconds (default 300)")
     p.add_argument("--fail-on-leak", action="store_true", help="exit 1 when a leak, a mismatch or an oracle error is found")
+    p.add_argument("--module", metavar="PKG.MOD:FACTORY", help="probe a module in this process: FACTORY() returns a callable "
+                   "[B, T, dim] -> [B, T, dim'] (e.g. an nn.Module); PKG.MOD may be a .py file; takes --dim, --seq-len")
+    p.add_argument("--dim", type=int, help="the model width of --module's input [B, T, dim]")
 
 
 def _branches(values: list[str]) -> Optional[tuple[str, ...]]:
@@ -132,6 +137,8 @@ def cmd_masks(args: argparse.Namespace) -> int:
     from nsaconf.oracles.base import registry
     from nsaconf.reports.conventions import format_markdown, format_text
 
+    if args.module or args.dim is not None:
+        return cmd_module(args)
     load_oracle_sources(args.plugin)
     branches = _branches(args.branch)
     check_device(args.device, indexed=True)
@@ -172,3 +179,78 @@ def cmd_masks(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write output: {e}") from None
     bad = any(r.get("finding") in ("leak", "mismatch", "error") for r in records)
     return 1 if (args.fail_on_leak and bad) else 0
+
+
+# ------------------------------------------------------------------------------------------ --module
+MODULE_CONFLICTS = ("oracles", "plugin", "branch", "from_json", "html", "md", "cmp_mask", "window_keys")
+
+
+def load_factory(spec: str):
+    """``pkg.mod:factory`` or ``path/file.py:factory`` -> the factory (UsageError naming the problem)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise UsageError(f"--module must be PKG.MOD:FACTORY or FILE.py:FACTORY, got {spec!r}")
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise UsageError(f"--module file {where!r} does not exist")
+            loc = importlib.util.spec_from_file_location(f"nsaconf_module_{Path(where).stem}", where)
+            mod = importlib.util.module_from_spec(loc)
+            loc.loader.exec_module(mod)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # as `python -m` would: the user's package in this folder
+            mod = importlib.import_module(where)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code failed to import
+        raise UsageError(f"--module {spec}: cannot import {where!r}: {type(e).__name__}: {e}") from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--module {spec}: {where!r} has no callable {attr!r}")
+    return factory
+
+
+def cmd_module(args: argparse.Namespace) -> int:
+    """``--module``: the receptive field of ``factory()`` on ``[B, --seq-len, --dim]`` tokens, printed with its
+    causality verdict (or one JSON object with ``--json``); exit 1 on a leak with ``--fail-on-leak``."""
+    import torch
+
+    from nsaconf.harness.probe import bits, probe_module
+    from nsaconf.reports.conventions import format_module_text
+
+    bad = [f"--{o.replace('_', '-')}" for o in MODULE_CONFLICTS if getattr(args, o)]
+    if not args.module or bad:
+        raise UsageError("--dim goes with --module" if not args.module else f"--module does not take {', '.join(bad)}")
+    if args.dim is None or args.dim < 1 or args.seq_len < 2:
+        raise UsageError("--module needs --dim N >= 1 (the width of its input [B, T, dim]) and --seq-len >= 2")
+    if args.width < 8:
+        raise UsageError(f"--width must be >= 8, got {args.width}")
+    check_device(args.device, indexed=True)
+    factory = load_factory(args.module)
+    try:
+        fn = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code failed
+        raise UsageError(f"--module {args.module}: the factory raised {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise UsageError(f"--module {args.module}: the factory returned a {type(fn).__name__}, not a callable")
+    dtype = torch.float64
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to(args.device).eval()
+        dtype = next((t.dtype for t in [*fn.parameters(), *fn.buffers()] if t.is_floating_point()), torch.float64)
+    try:
+        mp = probe_module(fn, seq_len=args.seq_len, dim=args.dim, device=args.device, dtype=dtype, seed=args.seed)
+    except Exception as e:  # noqa: BLE001 - the user's module failed on the probe's input
+        raise UsageError(f"--module {args.module} failed on input [B, {args.seq_len}, {args.dim}]: "
+                         f"{type(e).__name__}: {e}") from None
+    rec = {"module": args.module, "seq_len": args.seq_len, "dim": args.dim, "dtype": str(dtype).removeprefix("torch."),
+           "device": args.device, "causal": mp.causal, "leaks": mp.leaks,
+           "first_leak": list(mp.first_leak) if mp.first_leak else None,
+           "dependencies": int((mp.matrix & torch.ones_like(mp.matrix).tril()).sum()),
+           "threshold": mp.threshold, "noise": mp.noise, "calls": mp.calls, "matrix": bits(mp.matrix)}
+    print(json.dumps(rec) if args.json else format_module_text(rec, args.width, diff=not args.summary))
+    return 1 if (args.fail_on_leak and mp.leaks) else 0

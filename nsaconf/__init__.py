@@ -53,7 +53,7 @@ _EXPORTS = {
     "run": "nsaconf.harness.runner", "evaluate": "nsaconf.harness.runner",
     "RunConfig": "nsaconf.harness.runner", "RunSummary": "nsaconf.harness.runner",
     "CellResult": "nsaconf.harness.results", "load_results": "nsaconf.harness.results",
-    "probe_oracle": "nsaconf.harness.probe", "probe_module": "nsaconf.harness.probe",
+    "probe_oracle": "nsaconf.harness.probe",
     "check": "nsaconf.harness.check", "assert_conforms": "nsaconf.harness.check", "CheckResult": "nsaconf.harness.check",
     "write_reports": "nsaconf.reports", "results_frame": "nsaconf.reports",
 }

@@ -248,6 +248,11 @@ def check(fn: Callable, cases: CaseSpec = DEFAULT_CASES, branches: Any = None, d
 
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device")
     selected = resolve_cases(cases, dtype)
     wanted = parse_branches(branches)
     returned: set[str] = set()

@@ -101,3 +101,13 @@ def test_cases_take_a_profile_a_file_a_case_id_and_dtypes(tmp_path):
         resolve_cases("smok")
     with pytest.raises(CaseError, match="unknown dtype 'fp8'"):
         resolve_cases(SMALL, dtype="fp8")
+
+
+def test_device_must_be_usable():
+    import torch
+
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda, got 'tpu'"):
+        nsaconf.check(good_nsa, cases=SMALL, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            nsaconf.check(good_nsa, cases=SMALL, device="cuda")

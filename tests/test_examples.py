@@ -132,3 +132,13 @@ def test_the_plugin_is_inert_for_tests_without_nsaconf_cell(tmp_path):
     p = _pytest(tmp_path, "-q", "-rs", "test_theirs.py")
     assert p.returncode == 0 and re.search(r"^1 passed", p.stdout, re.M), p.stdout[-2000:] + p.stderr[-2000:]
     assert "--nsaconf-case" in _pytest(tmp_path, "--help").stdout  # loaded from the entry point
+
+
+def test_the_module_example_is_causal_and_its_leaky_twin_is_not(capsys):
+    from nsaconf.harness.cli import main
+
+    spec = str(EXAMPLES / "window_block.py")
+    assert main(["masks", "--module", f"{spec}:window_block", "--dim", "32", "--seq-len", "16", "--fail-on-leak"]) == 0
+    assert "CAUSAL: no output position depends on a later token" in capsys.readouterr().out
+    assert main(["masks", "--module", f"{spec}:leaky_block", "--dim", "32", "--seq-len", "16", "--fail-on-leak"]) == 1
+    assert "LEAK: 15 cells with s > p, first (p,s)=(0, 1)" in capsys.readouterr().out

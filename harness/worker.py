@@ -28,13 +28,14 @@ from nsaconf.oracles.base import process_exit
 
 STARTUP_TIMEOUT_S = 180.0
 MAX_HEADER_BYTES = 64 << 20
+BODY_TIMEOUT_S = 600.0  # for a message's tensors once its header is in (the sender is done: it only writes)
 WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool)}
 
 
 class WireError(Exception):
-    """A message that does not follow the wire format, or a peer that went away or ran late mid-message."""
+    """A message that does not follow the wire format."""
 
 
 def plain_outputs(out: Any) -> dict[str, torch.Tensor]:
@@ -85,8 +86,9 @@ def _spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
 
 def recv_message(conn, deadline: Optional[float] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header and the tensors of one ``send_message``, each tensor read into memory allocated here
-    (nothing is unpickled). ``WireError`` for a malformed message, ``TimeoutError`` past ``deadline``
-    (``time.monotonic()``), ``EOFError`` / ``OSError`` when the peer went away."""
+    (nothing is unpickled). ``WireError`` for a malformed message, ``TimeoutError`` when no header came by
+    ``deadline`` (``time.monotonic()``) or the tensors did not follow within ``BODY_TIMEOUT_S``,
+    ``EOFError`` / ``OSError`` when the peer went away."""
     if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
         raise TimeoutError
     try:
@@ -96,6 +98,7 @@ def recv_message(conn, deadline: Optional[float] = None) -> tuple[dict, dict[str
     if not (isinstance(header, dict) and isinstance(header.get("kind"), str) and isinstance(header.get("tensors"), list)):
         raise WireError("malformed header")
     fd = conn.fileno()
+    deadline = None if deadline is None else time.monotonic() + BODY_TIMEOUT_S
     tensors: dict[str, torch.Tensor] = {}
     for spec in header["tensors"]:
         key, dtype, shape = _spec(spec)

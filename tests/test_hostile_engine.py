@@ -80,9 +80,9 @@ def _pipe_roundtrip(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
         return recv_message(b, time.monotonic() + 60)
     finally:
-        writer.join()
+        b.close()  # a writer still blocked on the pipe gets an error and ends
+        writer.join(30)
         a.close()
-        b.close()
 
 
 def test_wire_format_carries_tensors_exactly_and_nothing_else():
@@ -105,6 +105,26 @@ def test_wire_format_carries_tensors_exactly_and_nothing_else():
             recv_message(b, time.monotonic() + 5)
         a.close()
         b.close()
+
+
+def test_a_reply_that_came_in_time_is_read_whole_after_its_deadline():
+    """The header came before the deadline; its tensors (more than a pipe holds) are read afterwards."""
+    from nsaconf.harness.worker import recv_message, send_message
+
+    import multiprocessing as mp
+
+    a, b = mp.get_context("spawn").Pipe()
+    big = torch.arange(4_000_000, dtype=torch.float64)
+    writer = threading.Thread(target=send_message, args=(a, {"kind": "ok"}, {"o": big}))
+    writer.start()
+    time.sleep(0.5)
+    try:
+        header, got = recv_message(b, time.monotonic() - 1.0)
+    finally:
+        b.close()  # a writer still blocked on the pipe gets an error and ends
+        writer.join(30)
+        a.close()
+    assert torch.equal(got["o"], big)
 
 
 # ------------------------------------------------------------------------------ plugin import

@@ -9,10 +9,11 @@ multiply-adds. ``resource_problem`` compares both with the run's limits (``nsaco
 an error, both before the case's tensors exist.
 
 Calibration (peak RSS above an idle process, one process per case, 2 CPU cores, torch 2.13): the
-forward of 10 shapes (T 64..32,768, HQ 2..128, D 16..300,000, n up to 20,000, w up to 4,096, batch 16,
-random indices, fp64 and bf16) measured 0.96-1.15 times the estimate; the gradient truth of 3 shapes
-up to ``GRAD_WORK_LIMIT`` 1.01-1.13 times. The T = 65,536 case of ``benchmarks/reference_memory.py``:
-3.4 GB estimated, 3.6 GB peak RSS (interpreter included).
+forward of 12 shapes (T 8..16,384, HQ 2..128, D 8..300,000, n up to 200,000, w up to 4,096, batch 16,
+random indices, fp64 and bf16) measured 0.90-1.11 times the estimate, except up to 1.47 times where
+temporaries of a few MB dominate (n = 200,000 with D = 8: the allocator keeps freed heap memory); the
+gradient truth of 3 shapes up to ``GRAD_WORK_LIMIT`` 0.81-1.22 times. The T = 65,536 case of
+``benchmarks/reference_memory.py``: 3.4 GB estimated, 3.6 GB peak RSS (interpreter included).
 """
 from __future__ import annotations
 
@@ -50,16 +51,19 @@ def _shape(case: Case) -> tuple[int, int, int, int]:
 
 
 def _chunk_bytes(case: Case, C: int) -> int:
-    """Temporaries of one chunk of ``C`` queries: what the loop keeps (``p_cmp``, the importance, the
-    gathered keys and values) plus the largest branch's attention."""
+    """Peak of the chunk loop at ``C`` queries a chunk: ``p_cmp`` and the importance, the gathered keys and
+    values with their indices, and the larger of the previous chunk's gathers (alive until the new ones
+    replace them) and the largest branch's attention (its logits, or one copy of its keys and values for
+    ``einsum`` plus the logits)."""
     HQ, H, D, DV, w = case.heads_q, case.heads_kv, case.head_dim, case.head_dim_v, case.window
-    ts, _, nc, ns = _shape(case)
+    ts, tqs, nc, ns = _shape(case)
     ksel = case.top_n * case.block_size
     kw = min(C + w, ts) if w > 0 else 0
-    kept = F64 * C * (HQ * nc + H * ns) + C * H * ksel * (17 + F64 * (D + DV))
-    attention = F64 * max(C * (LOGIT_COPIES * HQ * nc + HQ * ns), C * LOGIT_COPIES * HQ * ksel,
-                          C * LOGIT_COPIES * HQ * kw + H * kw * max(D, DV))
-    return kept + attention
+    gathers = C * H * ksel * (41 + F64 * (D + DV))  # five int64 positions (with indexing temporaries), a mask, keys, values
+    attention = F64 * max(C * HQ * (LOGIT_COPIES * nc + ns),
+                          C * max(LOGIT_COPIES * HQ * ksel, H * ksel * max(D, DV) + HQ * ksel),
+                          max(LOGIT_COPIES * C * HQ * kw, H * kw * max(D, DV) + C * HQ * kw))
+    return F64 * C * (HQ * nc + H * ns) + gathers + max(gathers if tqs > C else 0, attention)
 
 
 def truth_bytes(case: Case) -> int:

@@ -237,9 +237,10 @@ class Case:
     @classmethod
     def from_json(cls, text: str) -> "Case":
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise CaseError(f"malformed case JSON: {_json_problem(e)}") from None
+        return cls.from_dict(data)
 
 
 def _json_problem(e: Exception) -> str:

@@ -23,15 +23,13 @@ from typing import Optional
 
 from nsaconf.cases.conventions import num_cmp_blocks, num_sel_blocks
 from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import TORCH_DTYPES
 from nsaconf.oracles.reference import default_chunk, grad_truth_skip_reason
 
-F64 = 8
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-#: live copies of one chunk's logits inside ``masked_attention`` (the scaled logits, the masked
-#: logits, their shifted copy, exp and the masked probabilities)
+F64 = 8  # bytes of a float64 (and of an int64)
+#: copies of one chunk's logits alive at once inside ``masked_attention`` (of the scaled, masked and
+#: shifted logits, their exp and the masked probabilities)
 LOGIT_COPIES = 4
-#: the gradient truth's saved tensors per chunk, in chunk temporaries (``_chunk_bytes``)
-GRAD_COPIES = 1
 #: a Python-level loop step (``eq9_weights``, the AR(1) scan of ``materialize``, the chunk loop) in
 #: multiply-adds: 15-30 us a step against the reference's 1e9-3e9 multiply-adds a second on 2 cores
 PY_STEP = 20_000
@@ -59,7 +57,7 @@ def _chunk_bytes(case: Case, C: int) -> int:
     ts, tqs, nc, ns = _shape(case)
     ksel = case.top_n * case.block_size
     kw = min(C + w, ts) if w > 0 else 0
-    gathers = C * H * ksel * (41 + F64 * (D + DV))  # five int64 positions (with indexing temporaries), a mask, keys, values
+    gathers = C * H * ksel * (41 + F64 * (D + DV))  # 5 int64 positions (indexing temporaries), a mask, keys, values
     attention = F64 * max(C * HQ * (LOGIT_COPIES * nc + ns),
                           C * max(LOGIT_COPIES * HQ * ksel, H * ksel * max(D, DV) + HQ * ksel),
                           max(LOGIT_COPIES * C * HQ * kw, H * kw * max(D, DV) + C * HQ * kw))
@@ -74,7 +72,7 @@ def truth_bytes(case: Case) -> int:
                               case.head_dim_v)
     ts, tqs, nc, ns = _shape(case)
     inputs = F64 * (B * TQ * HQ * D + B * T * H * (D + DV) + 3 * B * TQ * HQ)
-    cast = inputs * ITEMSIZE[case.dtype] // F64 if case.dtype != "float64" else 0
+    cast = inputs * TORCH_DTYPES[case.dtype].itemsize // F64 if case.dtype != "float64" else 0
     drawing = inputs + 4 * F64 * B * T * H * D  # k: two normal fields and the AR(1) scan's copies
     if case.block_indices == "random":
         nb = num_sel_blocks(ts, case.block_size)
@@ -87,7 +85,7 @@ def truth_bytes(case: Case) -> int:
     forward = inputs + cast + outputs + pooled + max(pooling, _chunk_bytes(case, C))
     grads = 0
     if grad_truth_skip_reason(case) is None:  # autograd keeps every chunk's temporaries
-        grads = GRAD_COPIES * B * len(case.sequences) * -(-tqs // C) * _chunk_bytes(case, C)
+        grads = B * len(case.sequences) * -(-tqs // C) * _chunk_bytes(case, C)
     return int(max(drawing, forward) + grads)
 
 

@@ -40,6 +40,7 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     errors = user_errors()
+    before = os.environ.get("NSACONF_CONFIG")
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "config", None):  # adapters and worker processes read the same file
@@ -50,3 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("nsaconf: interrupted (results written so far are kept)", file=sys.stderr)
         return 130
+    finally:  # the command's --config does not outlive the command (main may be called again in-process)
+        if before is None:
+            os.environ.pop("NSACONF_CONFIG", None)
+        else:
+            os.environ["NSACONF_CONFIG"] = before

@@ -51,9 +51,9 @@ def test_oracle_output_objects_never_run_in_the_main_process(tmp_path):
     t0 = time.monotonic()
     p = nsaconf("run", "--case", str(tmp_path / "case.json"), "--plugin", str(HOSTILE), "--out", str(tmp_path / "out"),
                 "--oracles", "reference,hostile_exit,hostile_file,hostile_sleep,hostile_forge", "--timeout", "100",
-                "--no-report", "--no-progress", env={"NSACONF_HOSTILE_MARKER": str(marker)}, timeout=250)
+                "--no-report", "--no-progress", env={"NSACONF_HOSTILE_MARKER": str(marker)}, timeout=900)
     assert p.returncode == 1, p.stderr[-2000:]
-    assert time.monotonic() - t0 < 100 and not marker.exists()
+    assert time.monotonic() - t0 < 600 and not marker.exists()  # hostile_sleep's object would sleep an hour
     cells = _cells(tmp_path / "out")
     for name, evil in (("hostile_exit", "EvilExit"), ("hostile_file", "EvilFile"), ("hostile_sleep", "EvilSleep")):
         r = cells[(name, "cmp_o")]

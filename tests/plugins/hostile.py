@@ -1,7 +1,7 @@
 """Oracles that attack the harness (tests/test_hostile_engine.py).
 
 ``hostile_exit`` / ``hostile_file`` / ``hostile_sleep`` return an object whose ``__reduce__`` would, once
-unpickled, end the process, create the file ``$NSACONF_HOSTILE_MARKER`` or sleep 600 s; ``hostile_forge``
+unpickled, end the process, create the file ``$NSACONF_HOSTILE_MARKER`` or sleep an hour; ``hostile_forge``
 writes such an object (pickled) straight onto its worker's connection to the parent; ``hostile_idx_writer``
 scrambles the block indices it is given (after using them); ``hostile_slow_sel`` sleeps
 ``$NSACONF_HOSTILE_SLEEP`` seconds (default 2) before a correct ``slc_o``."""
@@ -30,7 +30,7 @@ class EvilFile:
 
 class EvilSleep:
     def __reduce__(self):
-        return (time.sleep, (600,))
+        return (time.sleep, (3600,))
 
 
 class _Hostile(Oracle):

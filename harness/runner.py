@@ -3,7 +3,8 @@
 Per case the parent computes the float64 truth and the same-dtype baseline once
 (``comparator.CaseTruth``); each oracle runs in its own worker process (``harness.worker``), reused
 across cases, so that an exception (ERROR), a segfault (CRASH) or a hang (TIMEOUT) costs only that
-oracle's cells. Every cell is written (and flushed) as soon as it is judged.
+oracle's cells. ``timeout`` bounds each cell, the truth's time in the parent included (``late_reply``).
+Every cell is written (and flushed) as soon as it is judged.
 """
 from __future__ import annotations
 
@@ -266,7 +267,9 @@ class Runner:
                 reply = Reply("error", message=truth_error, seconds=reply.seconds)
             t1 = time.monotonic()
             recs = cells_for_reply(case, oracle, cfg.device, branches, reply, ct, cfg.table, self._versions(name))
-            late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout, name in concurrent) if reply.status == "ok" else None
+            late = None
+            if reply.status == "ok":
+                late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout, name in concurrent)
             if late is not None:
                 recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
             del reply

@@ -252,6 +252,8 @@ def check_plugin_import(paths: Iterable[str | Path], timeout: float = PLUGIN_IMP
     import multiprocessing as mp
 
     paths = [str(Path(p).resolve()) for p in paths]
+    if not paths:
+        return
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_check_import_main, args=(send, paths), daemon=True, name="nsaconf-plugin-check")

@@ -99,7 +99,7 @@ def test_oversized_case_is_refused_before_anything_is_allocated(capsys, tmp_path
     import resource
     import time
 
-    monkeypatch.delenv("NSACONF_CONFIG", raising=False)
+    monkeypatch.setenv("NSACONF_CONFIG", "")  # restored after the test, whatever main() sets
     f = _write(tmp_path, json.dumps(fields))
     out = tmp_path / "o"
     main(["list"])  # imports warm
@@ -120,7 +120,7 @@ def test_profile_case_over_the_limit_is_a_skip_cell(capsys, tmp_path, monkeypatc
     from nsaconf.oracles.base import get_oracle
     from nsaconf.oracles.resources import truth_bytes
 
-    monkeypatch.delenv("NSACONF_CONFIG", raising=False)
+    monkeypatch.setenv("NSACONF_CONFIG", "")  # restored after the test, whatever main() sets
     small = [c.id for c in profile_cases("smoke") if truth_bytes(c) <= 5 * 10**6]
     assert 0 < len(small) < 6
     argv = ["run", "--profile", "smoke", "--oracles", "reference,dense", "--max-memory", "5MB", "--out", str(tmp_path),
@@ -142,7 +142,7 @@ def test_profile_case_over_the_limit_is_a_skip_cell(capsys, tmp_path, monkeypatc
 def test_limits_from_the_option_or_the_config(capsys, tmp_path, monkeypatch):
     from nsaconf.oracles.resources import parse_bytes
 
-    monkeypatch.delenv("NSACONF_CONFIG", raising=False)
+    monkeypatch.setenv("NSACONF_CONFIG", "")  # restored after the test, whatever main() sets
     assert [parse_bytes(t) for t in ("8GB", "512MB", "2GiB", "1000", "1.5kb")] == [8 * 10**9, 512 * 10**6, 2 * 2**30, 1000, 1500]
     case = str(_write(tmp_path, '{"seq_len": 64}'))
     out = str(tmp_path / "o")
@@ -198,7 +198,7 @@ def test_truth_bytes_matches_the_measured_peak(tmp_path):
     ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
 ])
 def test_malformed_config_is_one_line(capsys, tmp_path, monkeypatch, text, words):
-    monkeypatch.delenv("NSACONF_CONFIG", raising=False)
+    monkeypatch.setenv("NSACONF_CONFIG", "")  # restored after the test, whatever main() sets
     cfg = _write(tmp_path, text, "nsaconf.toml")
     case = str(_write(tmp_path, '{"seq_len": 64}'))
     assert words in _bad(capsys, ["run", "--case", case, "--oracles", "reference", "--config", str(cfg),

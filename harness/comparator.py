@@ -35,6 +35,7 @@ import torch
 from nsaconf.cases.conventions import is_forced, selection_candidate
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import TORCH_DTYPES, Inputs, canonical_order, materialize, query_positions
+from nsaconf.harness.error_map import ErrorMapBuilder
 from nsaconf.harness.tolerance import TORCH_DEFAULT_TOLS, Rule, ToleranceTable, rule_dict
 from nsaconf.oracles.base import GRAD_BRANCHES
 from nsaconf.oracles.reference import grad_truth_skip_reason, nsa_reference, nsa_reference_grads  # noqa: F401 (re-exported)
@@ -51,6 +52,7 @@ class Verdict:
     reason: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     tolerance: dict[str, Any] = field(default_factory=dict)
+    error_map: Optional[dict[str, Any]] = None  # numeric FAILs: where the error lives (harness.error_map)
 
 
 @dataclass
@@ -183,6 +185,7 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
     floor = rule.floor(flat_t[:0].double(), torch_dtype)
     n_empty = n_empty_bad = n_nonfinite = n_finite = n_both = n_mism = 0
     worst, worst_at = -1.0, -1
+    emap = ErrorMapBuilder(case, tuple(truth.shape), keys=branch in KEY_LAYOUT)
     for s0 in range(0, flat_t.numel(), COMPARE_CHUNK):
         rows = slice(s0, s0 + COMPARE_CHUNK)
         o, t, bl = flat_o[rows].double(), flat_t[rows].double(), flat_b[rows].double()
@@ -210,6 +213,7 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
         del d_f
         n_mism += int(((diff > atol + rtol * t.abs().nan_to_num(posinf=0.0, neginf=0.0)) | nonfinite).sum())
         src = torch.where(nonfinite, math.inf, diff)
+        emap.add(s0, src)
         at = int(src.argmax())
         if float(src[at]) > worst:  # the first largest, as one argmax over the whole tensor
             worst, worst_at = float(src[at]), s0 + at
@@ -239,7 +243,7 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
         if not (err < rule.nontrivial * scale and rel_rms < rule.nontrivial):
             problems.append(f"zero/constant-output guard (KernelBench#165): need err < {rule.nontrivial:g}*max|truth| and rel_rms < {rule.nontrivial:g} (err {err:.3g} vs max|truth| {scale:.3g}, rel_rms {rel_rms:.3g})")
     status = "FAIL" if problems else "PASS"
-    return Verdict(branch, status, "; ".join(problems), metrics, tol)
+    return Verdict(branch, status, "; ".join(problems), metrics, tol, emap.to_dict(bound) if problems else None)
 
 
 def check_empty_cmp_o(out: torch.Tensor, truth_lse: torch.Tensor, verdict: Verdict) -> Verdict:

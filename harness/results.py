@@ -46,6 +46,7 @@ class CellResult:
     seconds: Optional[float] = None
     versions: dict[str, str] = field(default_factory=dict)
     timestamp: str = ""
+    error_map: Optional[dict[str, Any]] = None  # numeric FAILs: err/bound per (position bin, head) (harness.error_map)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -58,7 +59,10 @@ class CellResult:
         return (self.case_id, self.oracle, self.branch, self.device)
 
     def to_json(self) -> str:
-        return json.dumps(_jsonable(asdict(self)), allow_nan=False)
+        d = asdict(self)
+        if d.get("error_map") is None:  # written only where there is one
+            d.pop("error_map", None)
+        return json.dumps(_jsonable(d), allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CellResult":

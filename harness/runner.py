@@ -58,10 +58,10 @@ def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
 
 def _record(case: Case, oracle: Oracle, branch: str, device: str, status: str, reason: str = "",
             metrics: Optional[dict] = None, tolerance: Optional[dict] = None, seconds: Optional[float] = None,
-            versions: Optional[dict] = None) -> CellResult:
+            versions: Optional[dict] = None, error_map: Optional[dict] = None) -> CellResult:
     return CellResult(case_id=case.id, case=case.to_dict(), oracle=oracle.name, layer=oracle.layer, branch=branch,
                       dtype=case.dtype, device=device, status=status, reason=reason, metrics=metrics or {},
-                      tolerance=tolerance or {}, seconds=seconds, versions=versions or {})
+                      tolerance=tolerance or {}, seconds=seconds, versions=versions or {}, error_map=error_map)
 
 
 def run_in_process(oracle: Oracle, case: Case, device: str, block_indices: Optional[torch.Tensor]) -> Reply:
@@ -108,7 +108,8 @@ def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str]
                          needs_block_indices=oracle.needs_block_indices)
     except Exception as e:  # noqa: BLE001 - a comparator failure is reported, never raised
         verdicts = [Verdict(b, "ERROR", f"comparator failed: {type(e).__name__}: {e}") for b in branches]
-    return [_record(case, oracle, v.branch, device, v.status, v.reason, v.metrics, v.tolerance, reply.seconds, versions)
+    return [_record(case, oracle, v.branch, device, v.status, v.reason, v.metrics, v.tolerance, reply.seconds, versions,
+                    v.error_map)
             for v in verdicts]
 
 

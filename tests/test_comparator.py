@@ -194,3 +194,47 @@ def test_chunked_comparison_gives_the_whole_tensor_verdict(branch, monkeypatch):
     assert (steps.status, steps.reason, steps.tolerance) == (whole.status, whole.reason, whole.tolerance)
     assert steps.metrics.pop("rel_rms") == pytest.approx(whole.metrics.pop("rel_rms"), rel=1e-12)
     assert steps.metrics == whole.metrics and whole.metrics["nonfinite"] == 1
+    assert whole.error_map is not None and steps.error_map == whole.error_map
+
+
+def test_error_map_shows_where_a_window_one_key_too_long_errs():
+    """``error_map`` of a FAIL: err/bound per (query-position bin, head); a window of w+1 keys errs from
+    p = w on (a bin edge, as w is a power of two), never before. A PASS carries none."""
+    from nsaconf.oracles.reference import nsa_reference
+
+    case = CASE.replace(seq_len=100, q_len=100, window=16, dtype="float32", heads_q=4, heads_kv=1)
+    ct = CaseTruth.compute(case)
+    x = ct.inputs
+    long = nsa_reference(case.replace(window=17), x, dtype=None)["swa_o"]
+    rule = _rule("float32", "kernel", "swa_o")
+    v = compare_numeric(case, "swa_o", long, ct.truth["swa_o"], ct.baseline["swa_o"], rule, "float32")
+    assert v.status == "FAIL"
+    m = v.error_map
+    assert (m["rows"], m["cols"]) == ("query position p", "head") and "col_edges" not in m
+    edges, vals = m["row_edges"], m["values"]
+    assert edges[0] == 0 and edges[-1] == 100 and len(vals) == len(edges) - 1 <= 32 and 16 in edges
+    assert all(len(row) == case.heads_q for row in vals)
+    for lo, row in zip(edges, vals):
+        assert (min(row) > 1) if lo >= 16 else (max(row) <= 1), (lo, row)
+    assert max(max(r) for r in vals) == pytest.approx(v.metrics["err_ratio"], rel=1e-2)
+    ok = compare_numeric(case, "swa_o", ct.baseline["swa_o"], ct.truth["swa_o"], ct.baseline["swa_o"], rule, "float32")
+    assert ok.status == "PASS" and ok.error_map is None
+
+
+def test_error_map_bins_heads_and_names_key_rows():
+    """More than 16 heads are binned (``col_edges``); dk/dv rows are key positions; NaN counts as inf."""
+    case = CASE.replace(seq_len=40, q_len=40, heads_q=32, heads_kv=32, dtype="float32")
+    t = torch.zeros(1, 40, 32, 8, dtype=torch.float64)
+    t[..., 0] = 1.0
+    out = t.clone().float()
+    out[0, 7, 30, 2] = float("nan")
+    out[0, 20, 3, 1] = 0.5
+    v = compare_numeric(case, "dk", out, t, t, _rule("float32", "kernel", "dk"), "float32")
+    m = v.error_map
+    assert v.status == "FAIL" and m["rows"] == "key position s"
+    assert m["col_edges"] == list(range(0, 33, 2)) and len(m["values"][0]) == 16
+    flat = {(r, c): val for r, row in enumerate(m["values"]) for c, val in enumerate(row)}
+    bad = {k for k, val in flat.items() if val != 0}
+    row_of = lambda p: max(i for i, e in enumerate(m["row_edges"][:-1]) if e <= p)  # noqa: E731
+    assert bad == {(row_of(7), 15), (row_of(20), 1)}
+    assert flat[(row_of(7), 15)] == math.inf and flat[(row_of(20), 1)] > 1

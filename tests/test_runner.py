@@ -51,6 +51,7 @@ def test_exit_code_and_self_contained_records(run_dir):
     assert {"python", "torch", "nsaconf"} <= set(r["versions"])
     assert {"max_abs_err", "baseline_err", "bound", "err_ratio", "rel_rms", "mismatch_frac", "worst_index"} <= set(r["metrics"])
     assert {"rule", "k", "floor", "source"} <= set(r["tolerance"])
+    assert "error_map" not in r  # only a numeric FAIL carries one
 
 
 def test_reference_passes_everything(run_dir):
@@ -69,6 +70,9 @@ def test_planted_bugs_fail_on_their_branch(run_dir, oracle, branch):
         r = cells[(oracle, branch, seed)]
         assert r["status"] == "FAIL", (oracle, branch, seed, r["metrics"])
         assert r["reason"]
+        m = r["error_map"]  # where the error lives: err/bound per (query-position bin, head)
+        assert m["rows"] == "query position p" and len(m["values"]) == len(m["row_edges"]) - 1
+        assert max(v for row in m["values"] for v in row if v is not None) == pytest.approx(r["metrics"]["err_ratio"], rel=1e-2)
 
 
 def test_exception_is_error_and_run_continues(run_dir):

@@ -2,13 +2,18 @@
 
 Input: the records of ``harness.probe.leak_check_records`` / ``nsaconf masks --json`` (``matrix`` and
 ``expected_matrix`` as lists of '0'/'1' row strings, ``dont_care`` likewise or null). Output: an HTML
-fragment with a summary table and, per record, two inline-SVG heatmaps: the observed M coloured by its
-diff against the expected (or claimed, or nearest) convention, and that convention's mask.
+fragment with a summary table and, per record, two inline-SVG heatmaps with axes (query position p
+down, key position s across): the observed M coloured by its diff against the expected (or claimed, or
+nearest) convention, and that convention's mask. Differing cells are drawn enlarged over a halo and
+flagged in the margins, and said in words (``48 extra at s = p − 16``), so that a window of w+1 keys
+is seen at a glance. Each record's maps carry the id ``anchor(oracle, branch)``.
 Pure Python (no torch), so the report renders anywhere.
 """
 from __future__ import annotations
 
 import html
+import math
+import re
 from typing import Optional
 
 COLOURS = {".": "#ffffff", "#": "#1f4e79", "+": "#d62728", "-": "#ff9f1c", "~": "#b8b8b8"}
@@ -54,17 +59,57 @@ def downsample(rows: list[str], width: int = 64) -> tuple[list[str], int]:
     return out, f
 
 
-def svg_heatmap(rows: list[str], title: str, px: int = HEATMAP_PX) -> str:
-    """Inline SVG of a char matrix (run-length rectangles per row), with the diagonal p = s drawn."""
+def anchor(oracle: object, branch: object) -> str:
+    """The HTML id of one probe record's heat-maps (the Failures section links to it)."""
+    return "conv-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{oracle}-{branch}")
+
+
+def difference_pattern(rows: list[str]) -> str:
+    """The differing cells of a diff (``diff_chars``) in words: per kind (``+`` extra, ``-`` missing) the
+    count and, when they lie on a few diagonals, where: e.g. ``48 extra at s = p − 16 (p 16 … 63)``."""
+    parts = []
+    for kind, word in (("+", "extra"), ("-", "missing")):
+        cells = [(p, s) for p, row in enumerate(rows) for s, c in enumerate(row) if c == kind]
+        if not cells:
+            continue
+        offsets = sorted({p - s for p, s in cells})
+        ps = sorted({p for p, _ in cells})
+        span = f"p {ps[0]}" if ps[0] == ps[-1] else f"p {ps[0]} … {ps[-1]}"
+        if len(offsets) <= 2:
+            where = " and ".join("s = p" if d == 0 else f"s = p − {d}" if d > 0 else f"s = p + {-d}" for d in offsets)
+            parts.append(f"{len(cells)} {word} at {where} ({span})")
+        else:
+            parts.append(f"{len(cells)} {word} ({span})")
+    return "; ".join(parts)
+
+
+def _ticks(n: int, step_hint: Optional[int]) -> list[int]:
+    """Tick positions 0..n: multiples of the block size when that gives 2..8 ticks, else of a power of two."""
+    step = step_hint if step_hint and 2 <= n // step_hint <= 8 else max(1, 2 ** math.ceil(math.log2(max(1, n / 6))))
+    return list(range(0, n + 1, step))
+
+
+def svg_heatmap(rows: list[str], title: str, px: int = HEATMAP_PX, tick: Optional[int] = None,
+                axes: bool = True) -> str:
+    """Inline SVG of a char matrix (run-length rectangles per row) with the diagonal p = s, axis titles
+    (query position p downward, key position s rightward), ticks at multiples of ``tick``, and the
+    differing cells (``+``/``-``) drawn over a halo so that a single diagonal of them (a window of w+1
+    keys where w was asked) stands out; red/orange marks in the margins flag the rows and columns that
+    hold a difference."""
     n = len(rows)
     m = max((len(r) for r in rows), default=0)
     if not n or not m:
         return "<svg width='0' height='0'></svg>"
     cell = max(1.0, px / max(n, m))
     w, h = cell * m, cell * n
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w:.0f}' height='{h:.0f}' viewBox='0 0 {w:.2f} {h:.2f}' "
-             f"shape-rendering='crispEdges' role='img'><title>{html.escape(title)}</title>",
+    left, top, pad = (46.0, 30.0, 8.0) if axes else (0.0, 0.0, 0.0)
+    W, H = left + w + pad, top + h + pad
+    parts = [f"<svg width='{W:.0f}' height='{H:.0f}' viewBox='0 0 {W:.2f} {H:.2f}' "
+             f"shape-rendering='crispEdges' role='img' font-family='system-ui, sans-serif' font-size='10'>"
+             f"<title>{html.escape(title)}</title>",
+             f"<g transform='translate({left:.2f} {top:.2f})'>",
              f"<rect width='{w:.2f}' height='{h:.2f}' fill='{COLOURS['.']}' stroke='#999' stroke-width='0.5'/>"]
+    diffs: list[tuple[int, int, int, str]] = []
     for i, row in enumerate(rows):
         j = 0
         while j < len(row):
@@ -72,12 +117,42 @@ def svg_heatmap(rows: list[str], title: str, px: int = HEATMAP_PX) -> str:
             k = j
             while k < len(row) and row[k] == c:
                 k += 1
-            if c != ".":
+            if c in "+-":
+                diffs.append((i, j, k, c))
+            elif c != ".":
                 parts.append(f"<rect x='{j * cell:.2f}' y='{i * cell:.2f}' width='{(k - j) * cell:.2f}' height='{cell:.2f}' "
                              f"fill='{COLOURS.get(c, '#000')}'/>")
             j = k
     parts.append(f"<line x1='0' y1='0' x2='{min(w, h):.2f}' y2='{min(w, h):.2f}' stroke='#2ca02c' stroke-width='0.6' "
                  "stroke-dasharray='2,2'/>")
+    if diffs:  # halo (white) then the cell, each at least ~4 px wide
+        grow = max(0.0, (4.0 - cell) / 2) + 1.0
+        for pass_ in ("halo", "cell"):
+            for i, j, k, c in diffs:
+                g = grow if pass_ == "halo" else max(0.0, grow - 1.0)
+                fill, cls = ("#ffffff", "halo") if pass_ == "halo" else (COLOURS[c], "diff")
+                parts.append(f"<rect class='{cls}' x='{j * cell - g:.2f}' y='{i * cell - g:.2f}' "
+                             f"width='{(k - j) * cell + 2 * g:.2f}' height='{cell + 2 * g:.2f}' fill='{fill}'/>")
+    if axes:
+        step = _ticks(max(n, m), tick)
+        for t in step:
+            if t <= m:
+                parts.append(f"<line x1='{t * cell:.2f}' x2='{t * cell:.2f}' y1='-3' y2='0' stroke='#777'/>"
+                             f"<text x='{t * cell:.2f}' y='-5' text-anchor='middle' fill='#555' font-size='9'>{t}</text>")
+            if t <= n:
+                parts.append(f"<line x1='-3' x2='0' y1='{t * cell:.2f}' y2='{t * cell:.2f}' stroke='#777'/>"
+                             f"<text x='-5' y='{t * cell + 3:.2f}' text-anchor='end' fill='#555' font-size='9'>{t}</text>")
+        # margins: which rows (left) and columns (bottom) hold a difference
+        for i, j, k, c in diffs:
+            parts.append(f"<rect class='mark' x='{17 - left:.2f}' y='{i * cell:.2f}' width='5' height='{max(cell, 1.0):.2f}' "
+                         f"fill='{COLOURS[c]}'/><rect class='mark' x='{j * cell:.2f}' y='{h + 2:.2f}' "
+                         f"width='{max((k - j) * cell, 1.0):.2f}' height='5' fill='{COLOURS[c]}'/>")
+        parts.append("</g>")
+        parts.append(f"<text x='{left + w / 2:.2f}' y='10' text-anchor='middle' fill='#444'>key position s →</text>")
+        parts.append(f"<text transform='translate(9 {top + h / 2:.2f}) rotate(-90)' text-anchor='middle' fill='#444'>"
+                     "query position p ↓</text>")
+    else:
+        parts.append("</g>")
     parts.append("</svg>")
     return "".join(parts)
 
@@ -92,63 +167,117 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def render_conventions_section(records: list[dict]) -> str:
-    """HTML fragment (``<section id="conventions">``) for report.html."""
+#: the section's own styles (the same in report.html and ``nsaconf masks --html``)
+SECTION_CSS = (
+    ".conventions-body table.conv{border-collapse:collapse;margin:6px 0 10px}"
+    ".conventions-body table.conv th,.conventions-body table.conv td{border:1px solid #d1d9e0;padding:3px 8px;"
+    "text-align:left;white-space:nowrap;vertical-align:top;font-size:13px}"
+    ".conventions-body table.conv th{background:#f6f8fa;font-weight:600}"
+    ".conventions-body table.conv td.wrap{white-space:normal;min-width:9em;max-width:26em}"
+    ".conventions-body table.conv td.small{font-size:12px;color:#59636e;font-variant-numeric:tabular-nums}"
+    ".conventions-body .legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12.5px;color:#59636e;margin:6px 0}"
+    ".conventions-body .legend i{display:inline-block;width:11px;height:11px;border:1px solid #999;margin-right:4px;"
+    "vertical-align:-1px}"
+    ".conventions-body .heatmaps{display:flex;flex-wrap:wrap;gap:14px 28px;margin:8px 0}"
+    ".conventions-body .probe{border:1px solid #d1d9e0;border-radius:6px;padding:6px 10px;max-width:100%}"
+    ".conventions-body .probe:target{outline:3px solid #0969da}"
+    ".conventions-body .probe h4{margin:2px 0 6px;font-size:14px}"
+    ".conventions-body .probe .pair{display:flex;flex-wrap:wrap;gap:10px}"
+    ".conventions-body figure{margin:0}.conventions-body figcaption{font-size:12px;color:#59636e;text-align:center}"
+    ".conventions-body .diffline{font-size:12.5px;margin:4px 0 0;max-width:560px}"
+    ".conventions-body details.ok-maps>summary{cursor:pointer;color:#0550ae;margin:8px 0}"
+)
+
+
+def _probe_case(r: dict) -> str:
+    """The probe's case and effort, escaped: ``T 64 · l' 16 · w 16<br>3 calls · threshold 1.6e-12``."""
     e = html.escape
-    out = ["<section id='conventions'><h2>Conventions</h2>",
+    if r.get("seq_len") is None:
+        return "–"
+    return (f"T {e(_fmt(r.get('seq_len')))} · l&#39; {e(_fmt(r.get('block_size')))} · w {e(_fmt(r.get('window')))}"
+            f"<br>{e(_fmt(r.get('calls')))} calls · threshold {e(_fmt(r.get('threshold')))}")
+
+
+def _probe_block(r: dict) -> str:
+    e = html.escape
+    ref = r.get("diff_against") or "none"
+    title = f"{r['oracle']} {r['branch']}: observed M vs {ref}"
+    diff = diff_chars(r["matrix"], r.get("expected_matrix"), r.get("dont_care"))
+    tick = r.get("block_size") if isinstance(r.get("block_size"), int) else None
+    figs = [f"<figure>{svg_heatmap(diff, title, tick=tick)}<figcaption>observed: "
+            f"<b>{e(str(r.get('convention')))}</b>, drawn against {e(ref)}</figcaption></figure>"]
+    if r.get("expected_matrix"):
+        figs.append(f"<figure>{svg_heatmap(mask_chars(r['expected_matrix']), ref, tick=tick)}"
+                    f"<figcaption>{e(ref)} (the mask it should have)</figcaption></figure>")
+    pattern = difference_pattern(diff)
+    line = (f"<p class='diffline'>Differs from {e(ref)} in: {e(pattern)}.</p>" if pattern
+            else f"<p class='diffline'>Same cells as {e(ref)}.</p>")
+    style = FINDING_STYLE.get(r.get("finding") or "", "")
+    return (f"<div class='probe' id='{e(anchor(r.get('oracle'), r.get('branch')))}'><h4>{e(str(r['oracle']))} · "
+            f"{e(str(r['branch']))} · <span style='{style}'>{e(str(r.get('finding')))}</span></h4>"
+            f"<div class='pair'>{''.join(figs)}</div>{line}</div>")
+
+
+def render_conventions_section(records: list[dict]) -> str:
+    """HTML fragment (``<div class="conventions-body">``, no heading: the page gives it one) for report.html:
+    the findings table, the legend, the heat-maps of every finding that is not ``ok`` and, folded, those
+    that are."""
+    e = html.escape
+    out = [f"<div class='conventions-body'><style>{SECTION_CSS}</style>",
            "<p>Receptive-field probe: <code>M[p, s]</code> = the output at query position p changes when key and "
            "value at position s are perturbed (black box, batched perturbations, threshold from the oracle's own "
            "noise). Classified against every canonical convention; any dependence on <code>s &gt; p</code> is a "
            "causality leak.</p>"]
     if not records:
-        out.append("<p>No convention probe was run.</p></section>")
+        out.append("<p>No convention probe was run.</p></div>")
         return "".join(out)
-    out.append("<table class='conventions'><thead><tr><th>oracle</th><th>branch</th><th>convention</th>"
-               "<th>expected / claimed</th><th>finding</th><th>leaks (first p,s)</th><th>differing cells</th>"
-               "<th>threshold</th><th>calls</th><th>T / l' / w</th></tr></thead><tbody>")
+    out.append("<table class='conv'><thead><tr><th>oracle · branch</th><th>finding</th><th>observed</th>"
+               "<th>expected / claimed</th><th>differs from expected</th><th>leaks (s &gt; p)</th>"
+               "<th>probe case</th></tr></thead><tbody>")
     for r in records:
         style = FINDING_STYLE.get(r.get("finding") or "", "")
         exp = r.get("expected_convention") or (f"claims {r['claimed_convention']}" if r.get("claimed_convention") else "–")
         finding = r.get("finding") or "–"
         if r.get("skipped"):
             finding = f"{r.get('finding') or 'skipped'}: {r['skipped']}"
-        leaks = "–" if r.get("leaks") is None else f"{r['leaks']}" + (f" {_fmt(r.get('first_leak'))}" if r.get("first_leak") else "")
+        leaks = "–" if r.get("leaks") is None else f"{r['leaks']}" + (f", first {_fmt(r.get('first_leak'))}" if r.get("first_leak") else "")
         conv = r.get("convention") or "–"
         if conv == "unknown" and r.get("nearest"):
             conv = f"unknown (nearest {r['nearest']})"
-        out.append(f"<tr><td>{e(str(r.get('oracle')))}</td><td>{e(str(r.get('branch')))}</td><td>{e(conv)}</td>"
-                   f"<td>{e(exp)}</td><td style='{style}'>{e(finding)}</td><td>{e(leaks)}</td>"
-                   f"<td>{e(_fmt(r.get('differing_cells')))}</td><td>{e(_fmt(r.get('threshold')))}</td>"
-                   f"<td>{e(_fmt(r.get('calls')))}</td>"
-                   f"<td>{e(_fmt(r.get('seq_len')))} / {e(_fmt(r.get('block_size')))} / {e(_fmt(r.get('window')))}</td></tr>")
+        name = f"{r.get('oracle')} · {r.get('branch')}"
+        if r.get("matrix"):
+            name_html = f"<a href='#{e(anchor(r.get('oracle'), r.get('branch')))}'>{e(name)}</a>"
+            pattern = difference_pattern(diff_chars(r["matrix"], r.get("expected_matrix"), r.get("dont_care")))
+            differs = pattern or "none"
+        else:
+            name_html, differs = e(name), _fmt(r.get("differing_vs_reference"))
+        wrap = " class='wrap'" if len(finding) > 12 else ""
+        out.append(f"<tr><td>{name_html}</td><td{wrap} style='{style}'>{e(finding)}</td><td>{e(conv)}</td>"
+                   f"<td>{e(exp)}</td><td class='wrap'>{e(differs)}</td><td>{e(leaks)}</td>"
+                   f"<td class='small'>{_probe_case(r)}</td></tr>")
     out.append("</tbody></table>")
-    legend = " ".join(f"<span style='display:inline-block;width:10px;height:10px;border:1px solid #999;"
-                      f"background:{COLOURS[c]}'></span> {e(t)}" for c, t in LEGEND)
-    out.append(f"<p class='legend'>{legend}; dashed: diagonal p = s (right of it is the future).</p>")
-    out.append("<div class='heatmaps' style='display:flex;flex-wrap:wrap;gap:18px'>")
-    for r in records:
-        if not r.get("matrix"):
-            continue
-        ref = r.get("diff_against") or "none"
-        title = f"{r['oracle']} {r['branch']}: observed M vs {ref}"
-        diff = diff_chars(r["matrix"], r.get("expected_matrix"), r.get("dont_care"))
-        figs = [f"<figure style='margin:0'>{svg_heatmap(diff, title)}<figcaption>observed "
-                f"(<b>{e(str(r.get('convention')))}</b>)</figcaption></figure>"]
-        if r.get("expected_matrix"):
-            figs.append(f"<figure style='margin:0'>{svg_heatmap(mask_chars(r['expected_matrix']), ref)}"
-                        f"<figcaption>{e(ref)}</figcaption></figure>")
-        out.append(f"<div class='probe'><h4>{e(str(r['oracle']))} · {e(str(r['branch']))} · {e(str(r.get('finding')))}</h4>"
-                   f"<div style='display:flex;gap:8px'>{''.join(figs)}</div></div>")
-    out.append("</div></section>")
+    legend = "".join(f"<span><i style='background:{COLOURS[c]}'></i>{e(t)}</span>" for c, t in LEGEND)
+    out.append(f"<div class='legend'>{legend}<span>dashed green: the diagonal p = s (right of it is the future); "
+               "marks left of and below a map: the rows and columns that differ</span></div>")
+    drawn = [r for r in records if r.get("matrix")]
+    notable = [r for r in drawn if r.get("finding") != "ok"]
+    fine = [r for r in drawn if r.get("finding") == "ok"]
+    if notable:
+        out.append("<div class='heatmaps'>" + "".join(_probe_block(r) for r in notable) + "</div>")
+    if fine:
+        out.append(f"<details class='ok-maps'{'' if notable else ' open'}><summary>{len(fine)} probe(s) that match "
+                   "their expected convention: heat-maps</summary><div class='heatmaps'>"
+                   + "".join(_probe_block(r) for r in fine) + "</div></details>")
+    out.append("</div>")
     return "".join(out)
 
 
 def render_standalone(records: list[dict], title: str = "nsaconf masks") -> str:
     """A complete HTML page around the section (for ``nsaconf masks --html``)."""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:20px} table{border-collapse:collapse} "
-            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px} figcaption{font-size:12px}</style>"
-            f"</head><body><h1>{html.escape(title)}</h1>{render_conventions_section(records)}</body></html>\n")
+            "<style>body{font-family:sans-serif;margin:20px} code{font-size:12.5px}</style>"
+            f"</head><body><h1>{html.escape(title)}</h1><section id='conventions'><h2>Conventions</h2>"
+            f"{render_conventions_section(records)}</section></body></html>\n")
 
 
 # ------------------------------------------------------------------------------------ text and markdown

@@ -11,7 +11,7 @@ import importlib
 import json
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +20,9 @@ from markupsafe import Markup
 
 from nsaconf.reports.load import (METRIC_ORDER, STATUSES, CellRecord, Results, fmt_metric, metric_rank,
                           read_jsonl)
-from nsaconf.reports.tables import (configured_tolerance, environment, generic_table, layer_views,
-                            run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
+from nsaconf.reports import error_map
+from nsaconf.reports.tables import (FailureGroup, configured_tolerance, environment, failure_groups, generic_table,
+                            layer_views, run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 STATUS_HELP = {
@@ -48,6 +49,21 @@ class Drill:
     tolerance: list[tuple[str, str]]
     case: list[tuple[str, str]]
     open: bool
+    errmap_svg: Markup = Markup("")  # the error_map picture (reports.error_map escapes its text)
+    errmap_reading: str = ""
+    diag_text: str = ""
+    diag_variants: list[tuple[str, str]] = field(default_factory=list)  # (name, r) of the matching conventions
+    diag_nearest: str = ""
+
+
+@dataclass
+class GroupView:
+    """One cause in the Failures section: its cells' drill-downs and links to the probe findings."""
+
+    anchor: str
+    group: FailureGroup
+    drills: list[Drill]
+    findings: list[tuple[str, str]]  # (href, text)
 
 
 @dataclass
@@ -76,8 +92,47 @@ def _drills(res: Results) -> tuple[list[Drill], dict[tuple, str]]:
         tol = [(k, fmt_metric(k, v) if not isinstance(v, str) else v) for k, v in r.tolerance.items()]
         keys = [k for k in CASE_HEAD if k in r.case] + [k for k in r.case if k not in CASE_HEAD]
         case = [(k, "null" if r.case[k] is None else fmt_metric(k, r.case[k])) for k in keys]
-        drills.append(Drill(anchor, r, res.repro(r), metrics, tol, case, open=i == 0))
+        d = Drill(anchor, r, res.repro(r), metrics, tol, case, open=i == 0)
+        if r.error_map is not None:
+            title = f"{r.oracle} {r.branch}: err/bound by {r.error_map.get('rows', 'position')} and head"
+            d.errmap_svg, d.errmap_reading = Markup(error_map.svg(r.error_map, title)), error_map.reading(r.error_map)
+        if r.diagnosis is not None:
+            dg = r.diagnosis
+            d.diag_text = str(dg.get("text") or dg.get("key") or "")
+            d.diag_variants = [(str(v.get("name")), fmt_metric("r", v.get("ratio"))) for v in dg.get("variants") or []
+                               if isinstance(v, dict)]
+            near = dg.get("nearest")
+            if isinstance(near, dict) and near.get("name") is not None:
+                d.diag_nearest = f"{near.get('name')} (r {fmt_metric('r', near.get('ratio'))})"
+        drills.append(d)
     return drills, anchors
+
+
+def _conv_anchor(oracle: object, branch: object) -> str:
+    """The id of a probe record's heat-maps in the Conventions section (its module's ``anchor``)."""
+    try:
+        from nsaconf.reports.conventions import anchor
+        return str(anchor(oracle, branch))
+    except Exception:  # noqa: BLE001 - a broken conventions module shows its note; the link still points at the section
+        return "conventions"
+
+
+def _groups(res: Results, drills: list[Drill]) -> list[GroupView]:
+    """The failures grouped by diagnosis (empty when no record has one), each joined to its probe findings."""
+    path = res.out_dir / "conventions.jsonl"
+    conv = read_jsonl(path)[0] if path.is_file() else []
+    by_key = {d.rec.key: d for d in drills}
+    views = []
+    for i, g in enumerate(failure_groups([d.rec for d in drills], conv)):
+        links = []
+        for c in g.findings:
+            exp = c.get("expected_convention") or c.get("claimed_convention")
+            text = (f"{c.get('oracle')} · {c.get('branch')}: {c.get('finding')}, observed {c.get('convention')}"
+                    + (f", expected {exp}" if exp else ""))
+            href = "#" + (_conv_anchor(c.get("oracle"), c.get("branch")) if c.get("matrix") else "conventions")
+            links.append((href, text))
+        views.append(GroupView(f"cause-{i + 1}", g, [by_key[r.key] for r in g.records], links))
+    return views
 
 
 def _side(res: Results, filename: str, module: str, func: str, what: str) -> SideSection:
@@ -135,7 +190,8 @@ def render_html(res: Results) -> str:
         res=res, total=total, run_line=run_line, command=str(info.get("command") or ""), counts=counts, statuses=statuses, status_help=STATUS_HELP,
         verdict=res.verdict, bar=_status_bar(counts, total),
         n_oracles=len({r.oracle for r in res.records}), n_cases=len({r.case_id for r in res.records}),
-        layers=layer_views(res, anchors), drills=drills,
+        layers=layer_views(res, anchors), drills=drills, groups=_groups(res, drills),
+        errmap_legend=Markup(error_map.legend()),
         skips=skip_groups(res), support=support_matrix(res),
         env=environment(res), env_from_run=bool(res.run_info),
         run_tol_conf=run_tol_conf, run_tol_table=run_tol_table, run_tol_json=run_tol_json, tol_rows=tolerance_rows(res),

@@ -55,6 +55,8 @@ class CellRecord:
     seconds: Optional[float] = None
     versions: dict = field(default_factory=dict)
     timestamp: Optional[str] = None
+    diagnosis: Optional[dict] = None  # FAIL/ERROR: the convention(s) the output matches (harness diagnosis)
+    error_map: Optional[dict] = None  # numeric FAIL: err/bound per (position bin, head) (harness.error_map)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "CellRecord":
@@ -73,6 +75,8 @@ class CellRecord:
             seconds=float(secs) if isinstance(secs, (int, float)) else None,
             versions=as_dict(obj.get("versions")),
             timestamp=None if obj.get("timestamp") is None else str(obj["timestamp"]),
+            diagnosis=obj["diagnosis"] if isinstance(obj.get("diagnosis"), dict) else None,
+            error_map=obj["error_map"] if isinstance(obj.get("error_map"), dict) else None,
         )
 
     # ---------------------------------------------------------------------------------- derived

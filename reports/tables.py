@@ -316,3 +316,73 @@ def run_tolerance_table(res: Results) -> Any:
 def failure_line(r: CellRecord) -> str:
     """``FAIL oracle branch case_id: reason`` without markup (used by both writers)."""
     return f"{r.status} {r.oracle} {r.branch} {r.case_id}: {one_line(r.reason)}"
+
+
+# -------------------------------------------------------------------------------------- diagnosis groups
+@dataclass
+class FailureGroup:
+    """The bad cells of one oracle that share one diagnosis (``diagnosis.key``; "" = nothing matched,
+    None = not diagnosed), with the convention-probe findings of that oracle that explain them."""
+
+    oracle: str
+    key: Optional[str]
+    title: str
+    text: str
+    records: list[CellRecord]
+    findings: list[dict]  # conventions.jsonl records joined to the group (see ``join_findings``)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(r.status for r in self.records)
+
+    @property
+    def branches(self) -> list[str]:
+        return sorted({r.branch for r in self.records}, key=branch_rank)
+
+
+def diagnosis_key(r: CellRecord) -> Optional[str]:
+    """The record's diagnosis key ("" when nothing matched), None when it carries no diagnosis."""
+    d = r.diagnosis
+    if not isinstance(d, dict):
+        return None
+    return str(d.get("key") or "")
+
+
+def _group_title(key: Optional[str], d: Optional[dict]) -> tuple[str, str]:
+    if key is None:
+        return "not diagnosed", "no differential diagnosis in the record (an ERROR, CRASH or TIMEOUT, or a run without it)"
+    text = str(d.get("text") or "") if d else ""
+    if key:
+        return key, text
+    near = d.get("nearest") if d else None
+    if isinstance(near, dict) and near.get("name"):
+        return "no alternative convention matches", text or f"nearest: {near.get('name')} (r {fmt_metric('r', near.get('ratio'))})"
+    return "no alternative convention matches", text
+
+
+def join_findings(oracle: str, branches: list[str], conventions: list[dict]) -> list[dict]:
+    """The convention-probe records of ``oracle`` that bear on failures of ``branches``: those that are not
+    ``ok`` on one of the branches (or on ``o``, the union), else any of the oracle's that are not ``ok``,
+    else the ``ok`` records of the branches (the probe saw nothing there)."""
+    mine = [c for c in conventions if str(c.get("oracle")) == oracle]
+    wanted = set(branches) | {"o"}
+    bad = [c for c in mine if c.get("finding") not in ("ok", None) and not c.get("skipped")]
+    return ([c for c in bad if str(c.get("branch")) in wanted] or bad
+            or [c for c in mine if str(c.get("branch")) in branches])
+
+
+def failure_groups(bad: list[CellRecord], conventions: Optional[list[dict]] = None) -> list[FailureGroup]:
+    """``bad`` (in report order) grouped by (oracle, diagnosis key): diagnosed causes first, most cells
+    first; empty when no record carries a diagnosis (the report then lists the failures as they come)."""
+    if not any(diagnosis_key(r) is not None for r in bad):
+        return []
+    acc: dict[tuple[str, Optional[str]], list[CellRecord]] = defaultdict(list)
+    for r in bad:
+        acc[(r.oracle, diagnosis_key(r))].append(r)
+    groups = []
+    for (oracle, key), recs in acc.items():
+        title, text = _group_title(key, recs[0].diagnosis)
+        groups.append(FailureGroup(oracle, key, title, text, recs,
+                                   join_findings(oracle, sorted({r.branch for r in recs}), conventions or [])))
+    order = {None: 2, "": 1}
+    return sorted(groups, key=lambda g: (order.get(g.key, 0), -len(g.records), g.oracle, g.key or ""))

@@ -138,19 +138,27 @@ class Chromium:
                 self._on_event(msg)
 
     # ---------------------------------------------------------------------------------- API
-    def load(self, path: Path, expression: str = "null", settle: float = 0.5) -> PageLoad:
-        """Open ``path`` in a fresh tab, wait for ``load`` plus ``settle`` seconds, evaluate ``expression``."""
+    def load(self, path: Path, expression: str = "null", settle: float = 0.5, width: Optional[int] = None,
+             screenshots: Optional[dict[str, Path]] = None) -> PageLoad:
+        """Open ``path`` in a fresh tab (``width``: a viewport of that many CSS px, 900 high), wait for
+        ``load`` plus ``settle`` seconds, evaluate ``expression``; then write a PNG of each element
+        ``screenshots`` names (CSS selector -> file; every ``<details>`` opened first)."""
         url = Path(path).resolve().as_uri()
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self._events = []
         for domain in ("Runtime", "Log", "Network", "Page"):
             self.call(f"{domain}.enable", {}, session)
+        if width:
+            self.call("Emulation.setDeviceMetricsOverride",
+                      {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session)
         self.call("Page.navigate", {"url": url}, session)
         self._wait_event("Page.loadEventFired", session)
         self._pump(settle)
         value = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
         out = PageLoad(url=url, evaluated=value.get("result", {}).get("value"))
+        if screenshots:
+            self._screenshots(session, screenshots)
         if "exceptionDetails" in value:
             out.console_errors.append(f"evaluate failed: {value['exceptionDetails'].get('text')}")
         for e in self._events:
@@ -174,6 +182,24 @@ class Chromium:
                 out.dialogs.append(p.get("message", ""))
         self.call("Target.closeTarget", {"targetId": target})
         return out
+
+    def _screenshots(self, session: str, shots: dict[str, Path]) -> None:
+        import base64
+
+        self.call("Runtime.evaluate", {"expression": "document.querySelectorAll('details').forEach("
+                                                     "function (d) { d.open = true; })"}, session)
+        for selector, png in shots.items():
+            expr = ("(function () { var e = document.querySelector(%s); if (!e) { return null; } "
+                    "var r = e.getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })()"
+                    % json.dumps(selector))
+            box = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)["result"].get("value")
+            if not box:
+                raise CDPError(f"no element {selector!r} to screenshot")
+            x, y, w, h = box
+            data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
+                "x": x, "y": y, "width": max(w, 1), "height": max(min(h, 6000), 1), "scale": 1}}, session)["data"]
+            Path(png).parent.mkdir(parents=True, exist_ok=True)
+            Path(png).write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
         try:

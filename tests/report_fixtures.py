@@ -1,7 +1,10 @@
 """Fake but schema-faithful ``results.jsonl`` for the report tests (no oracle runs).
 
 Covers every status, all three layers, SKIP reasons, a NaN/inf metric, HTML-special characters and a
-multi-line traceback in reasons, a duplicate cell (last wins) and a truncated last line.
+multi-line traceback in reasons, a duplicate cell (last wins) and a truncated last line. Every numeric
+FAIL carries an ``error_map`` (errors from p = 32 on); with ``diagnosis=True`` the FAILs carry a
+``diagnosis`` too (one matched, one where nothing matched, its text hostile), and ``side_files`` adds a
+convention-probe record of a window of w+1 keys (``window_probe_record``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,37 @@ def _strict(v: Any) -> Any:
     return v
 
 
+def error_map(case: Case, ratio: float, start: int = 32) -> dict[str, Any]:
+    """An ``error_map`` (harness.error_map's form): within the bound before position ``start``, ``ratio`` from it."""
+    step = 4 if case.seq_len <= 128 else 2 ** (case.seq_len // 32 - 1).bit_length()
+    edges = list(range(0, case.seq_len, step)) + [case.seq_len]
+    heads = case.heads_q
+    vals = [[_strict(ratio) if lo >= start else 0.1 for _ in range(heads)] for lo in edges[:-1]]
+    return {"rows": "query position p", "cols": "head", "row_edges": edges, "values": vals}
+
+
+def window_probe_record(T: int = 128, w: int = 16) -> dict[str, Any]:
+    """A ``conventions.jsonl`` record (harness.probe's form) of an oracle whose window has w+1 keys."""
+    def band(n: int) -> list[str]:
+        return ["".join("1" if p - n < s <= p else "0" for s in range(T)) for p in range(T)]
+
+    return {"oracle": "fla", "branch": "swa_o", "convention": "w_plus_1", "matches": ["w_plus_1"],
+            "expected_convention": "w", "claimed_convention": None, "nearest": "w_plus_1", "diff_against": "w",
+            "finding": "mismatch", "gated": None, "leaks": 0, "first_leak": None, "differing_cells": 0,
+            "differing_vs_reference": T - w, "differences": [[p, p - w, "+"] for p in range(w, T)][:50],
+            "distances": {"w": T - w, "w_plus_1": 0}, "threshold": 1.6e-12, "noise": 0.0, "min_signal": 0.003,
+            "nan_rows": 0, "calls": 3, "seq_len": T, "block_size": 16, "cmp_block": 16, "cmp_stride": 16, "window": w,
+            "block_indices": "random", "dtype": "float64", "case_id": "fp64-probe", "skipped": None,
+            "matrix": band(w + 1), "expected_matrix": band(w), "dont_care": None}
+
+
+DIAGNOSED = {"key": "window_keys=w_plus_1", "matched": True, "variants": [{"name": "window_keys=w_plus_1", "ratio": 0.08}],
+             "nearest": None, "text": "matches the reference with window_keys=w_plus_1 (r 0.08): the implementation's "
+                                      "window has w+1 keys; the case asks for w"}
+UNDIAGNOSED = {"key": "", "matched": False, "variants": [], "nearest": {"name": XSS, "ratio": 3.1},
+               "text": f"no alternative convention matches; nearest {XSS} (r 3.1)"}
+
+
 def _rec(case: Case, oracle: str, layer: str, branch: str, status: str, *, reason: str | None = None,
          ratio: float | None = 0.1, device: str = "cpu", **metrics: Any) -> dict[str, Any]:
     m: dict[str, Any] = {}
@@ -44,6 +78,7 @@ def _rec(case: Case, oracle: str, layer: str, branch: str, status: str, *, reaso
     # the engine writes strict JSON: non-finite floats as the strings "inf", "-inf", "nan"
     m.update(metrics)
     m = {k: _strict(v) for k, v in m.items()}
+    emap = {"error_map": error_map(case, ratio)} if status == "FAIL" and ratio is not None else {}
     if layer == "reference" and case.dtype == "float32":
         tol = {"rule": "tight", "k": 2.0, "tight": 1e-5, "source": "default", "floor": None,
                "text": "err <= 1e-05*max(1,max|truth|)"}
@@ -55,7 +90,7 @@ def _rec(case: Case, oracle: str, layer: str, branch: str, status: str, *, reaso
     return {"case_id": case.id, "case": case.to_dict(), "oracle": oracle, "layer": layer, "branch": branch,
             "dtype": case.dtype, "device": device, "status": status, "reason": reason, "metrics": m,
             "tolerance": tol if status in ("PASS", "FAIL") else {}, "seconds": 0.25,
-            "versions": VERSIONS, "timestamp": "2026-11-27T01:00:00Z"}
+            "versions": VERSIONS, "timestamp": "2026-11-27T01:00:00Z", **emap}
 
 
 def fixture_records() -> list[dict[str, Any]]:
@@ -102,10 +137,15 @@ def fixture_records() -> list[dict[str, Any]]:
 
 
 def write_fixture(out_dir: Path, *, malformed: bool = True, run_json: bool = False,
-                  side_files: bool = False) -> Path:
-    """Write ``out_dir/results.jsonl`` (+ optional run.json, conventions.jsonl, bench.jsonl)."""
+                  side_files: bool = False, diagnosis: bool = False) -> Path:
+    """Write ``out_dir/results.jsonl`` (+ optional run.json, conventions.jsonl, bench.jsonl); ``diagnosis``:
+    the fla FAILs carry ``DIAGNOSED``, the nsa_impl FAIL ``UNDIAGNOSED``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     recs = fixture_records()
+    if diagnosis:
+        for r in recs:
+            if r["status"] == "FAIL":
+                r["diagnosis"] = DIAGNOSED if r["oracle"] == "fla" else UNDIAGNOSED
     lines = [json.dumps(r) for r in recs]
     # a duplicate cell (resume after an interrupted write): the second one (PASS) must win
     dup = dict(recs[0], status="ERROR", reason="stale record from an interrupted run")
@@ -127,6 +167,7 @@ def write_fixture(out_dir: Path, *, malformed: bool = True, run_json: bool = Fal
             "started": "2026-11-27T01:00:00Z"}, indent=1))
     if side_files:
         (out_dir / "conventions.jsonl").write_text(json.dumps({"oracle": "fla", "branch": "cmp_o",
-                                                               "convention": "end_inclusive", "leaks": 0}) + "\n")
+                                                               "convention": "end_inclusive", "leaks": 0}) + "\n"
+                                                   + json.dumps(window_probe_record()) + "\n")
         (out_dir / "bench.jsonl").write_text(json.dumps({"oracle": "fla", "T": 1024, "ms": 1.5}) + "\n")
     return out_dir / "results.jsonl"

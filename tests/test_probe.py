@@ -204,10 +204,12 @@ def test_conventions_section_html(planted):
 
     recs = leak_check_records(["probe_bug_block_causal"], "cpu", plugins=(str(PLUGIN),))
     html = render_conventions_section(recs)
-    assert html.startswith("<section id='conventions'>") and "<svg" in html and COLOURS["+"] in html
+    assert html.startswith("<div class='conventions-body'>") and "<h2" not in html  # the page gives the heading
+    assert "<svg" in html and COLOURS["+"] in html and "key position s" in html and "query position p" in html
     assert "current_block" in html and "leak" in html
     assert render_conventions_section([]).count("No convention probe") == 1
-    assert "<!doctype html>" in render_standalone(recs)
+    page = render_standalone(recs)
+    assert "<!doctype html>" in page and page.count("<h2>Conventions</h2>") == 1
 
 
 def test_low_precision_probe():

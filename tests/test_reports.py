@@ -228,7 +228,7 @@ def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "nsaconf.reports.conventions", conv)
     monkeypatch.setitem(sys.modules, "nsaconf.reports.performance", None)  # import fails: must be said, not hidden
     html = write_reports(tmp_path)["html"].read_text()
-    assert '<div id="conv-ok">1 convention record(s)</div>' in html
+    assert '<div id="conv-ok">2 convention record(s)</div>' in html
     assert 'id="performance"' in html
     assert "bench.jsonl holds 1 record(s), but reports/performance.py:render_performance_section is not available" in html
 
@@ -236,7 +236,7 @@ def test_side_sections_rendered_or_explained(tmp_path: Path, monkeypatch: pytest
         raise ValueError("bad <record>")
     conv.render_conventions_section = boom
     html = write_reports(tmp_path)["html"].read_text()
-    assert "reports/conventions.py:render_conventions_section failed on 1 record(s) of conventions.jsonl: " \
+    assert "reports/conventions.py:render_conventions_section failed on 2 record(s) of conventions.jsonl: " \
            "ValueError: bad &lt;record&gt;" in html
 
 
@@ -284,3 +284,59 @@ def test_minimal_and_unknown_records_still_render(tmp_path: Path) -> None:
     assert "line 4: a JSON list, not an object" in md and "line 5: missing field(s) case\\_id" in md
     assert "layer &#39;custom&#39; (unknown)" in html and "st-unknown" in html
     assert "❌ FAIL r nan" in md
+
+
+def test_fail_drill_shows_where_the_error_lives(run_dir: Path) -> None:
+    """Each numeric FAIL's error_map is drawn (inline SVG, axes named) with its one-line reading."""
+    html = write_reports(run_dir)["html"].read_text()
+    fails = [r for r in _expected_cells().values() if r["status"] == "FAIL"]
+    assert fails and html.count("<svg class='errmap'") == len(fails)
+    assert "query position p ↓</text>" in html and "head →</text>" in html
+    assert "over the bound: query position p 32 … 127; all 16 heads; within it before p = 32" in html
+    assert "NaN/Inf in " in html  # the nsa_impl FAIL's err/bound is inf from p = 32 on
+    assert "err / bound" in html  # the legend
+    # the picture follows the data: errors from p = 64 on read so
+    from nsaconf.reports.error_map import reading
+    emap = fails[0]["error_map"]
+    late = dict(emap, values=[[0.2] * 16 if lo < 64 else [5.0] * 16 for lo in emap["row_edges"][:-1]])
+    assert reading(late).startswith("over the bound: query position p 64 … 127; all 16 heads")
+    assert reading({"values": "junk"}) == "no error map"
+
+
+def test_failures_grouped_by_diagnosis_link_their_convention_finding(tmp_path: Path) -> None:
+    write_fixture(tmp_path, side_files=True, diagnosis=True)
+    html = write_reports(tmp_path)["html"].read_text()
+    assert "8 failures, 4 causes" in html and 'id="causes"' in html
+    titles = re.findall(r'<div class="cause" id="(cause-\d+)">\s*<h3>([^<]*) <span class="cause-n">· ([^ ]+) · (\d+) cell', html)
+    assert [t[1:] for t in titles] == [("window_keys=w_plus_1", "fla", "3"), ("no alternative convention matches", "nsa_impl", "1"),
+                                       ("not diagnosed", "tilelang", "3"), ("not diagnosed", "nsa_impl", "1")]
+    # the fla cause links to the probe's heat-maps of fla swa_o (w+1 keys), which exist under that id
+    assert '<a href="#conv-fla-swa_o">fla · swa_o: mismatch, observed w_plus_1, expected w</a>' in html
+    assert "id='conv-fla-swa_o'" in html
+    assert "112 extra at s = p − 16 (p 16 … 127)" in html  # the one-key difference said in words
+    assert html.count("matches the reference with window_keys=w_plus_1 (r 0.08)") >= 3  # next to each failure
+    assert "<script>alert(1)" not in html and html.count("<script") == 1
+    assert html.count("Conventions</h2>") == 1  # one heading for the section
+
+
+def test_failures_without_diagnosis_are_listed_as_before(run_dir: Path) -> None:
+    html = write_reports(run_dir)["html"].read_text()
+    assert 'id="causes"' not in html and '<div class="cause"' not in html
+    assert "<h3>Diagnosis</h3>" not in html
+
+
+def test_failure_groups_helper() -> None:
+    from nsaconf.reports.load import CellRecord
+    from nsaconf.reports.tables import failure_groups, join_findings
+
+    base = {"case_id": "c", "oracle": "x", "status": "FAIL", "branch": "swa_o"}
+    recs = [CellRecord.from_json(dict(base, case_id=f"c{i}", diagnosis={"key": k, "text": k}))
+            for i, k in enumerate(["a", "b", "a", ""])] + [CellRecord.from_json(dict(base, status="ERROR"))]
+    groups = failure_groups(recs)
+    assert [(g.key, len(g.records)) for g in groups] == [("a", 2), ("b", 1), ("", 1), (None, 1)]
+    assert failure_groups([recs[-1]]) == []  # nothing diagnosed: no groups
+    conv = [{"oracle": "x", "branch": "cmp_o", "finding": "ok"}, {"oracle": "x", "branch": "swa_o", "finding": "mismatch"},
+            {"oracle": "y", "branch": "swa_o", "finding": "leak"}]
+    assert join_findings("x", ["swa_o"], conv) == [conv[1]]
+    assert join_findings("x", ["slc_o"], conv) == [conv[1]]  # the oracle's other finding that is not ok
+    assert join_findings("x", ["cmp_o"], conv[:1]) == conv[:1]  # only ok ones: those of the branch

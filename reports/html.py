@@ -34,6 +34,8 @@ STATUS_HELP = {
     "TIMEOUT": "the cell ran past the per-cell timeout; the worker was restarted",
 }
 # case fields shown first in a drill-down (the rest follow in Case order)
+#: drill-downs that draw their error map (the first of each cause is drawn too); later ones give its reading
+MAX_ERROR_MAPS = 100
 CASE_HEAD = ("dtype", "batch", "seq_len", "q_len", "heads_q", "heads_kv", "head_dim", "head_dim_v",
              "cmp_block", "cmp_stride", "block_size", "top_n", "window", "cmp_mask", "window_keys")
 
@@ -94,8 +96,9 @@ def _drills(res: Results) -> tuple[list[Drill], dict[tuple, str]]:
         case = [(k, "null" if r.case[k] is None else fmt_metric(k, r.case[k])) for k in keys]
         d = Drill(anchor, r, res.repro(r), metrics, tol, case, open=i == 0)
         if r.error_map is not None:
-            title = f"{r.oracle} {r.branch}: err/bound by {r.error_map.get('rows', 'position')} and head"
-            d.errmap_svg, d.errmap_reading = Markup(error_map.svg(r.error_map, title)), error_map.reading(r.error_map)
+            d.errmap_reading = error_map.reading(r.error_map)
+            if i < MAX_ERROR_MAPS:
+                _draw_map(d)
         if r.diagnosis is not None:
             dg = r.diagnosis
             d.diag_text = str(dg.get("text") or dg.get("key") or "")
@@ -106,6 +109,13 @@ def _drills(res: Results) -> tuple[list[Drill], dict[tuple, str]]:
                 d.diag_nearest = f"{near.get('name')} (r {fmt_metric('r', near.get('ratio'))})"
         drills.append(d)
     return drills, anchors
+
+
+def _draw_map(d: Drill) -> None:
+    r = d.rec
+    if r.error_map is not None and not d.errmap_svg:
+        title = f"{r.oracle} {r.branch}: err/bound by {r.error_map.get('rows', 'position')} and head"
+        d.errmap_svg = Markup(error_map.svg(r.error_map, title))
 
 
 def _conv_anchor(oracle: object, branch: object) -> str:
@@ -131,7 +141,9 @@ def _groups(res: Results, drills: list[Drill]) -> list[GroupView]:
                     + (f", expected {exp}" if exp else ""))
             href = "#" + (_conv_anchor(c.get("oracle"), c.get("branch")) if c.get("matrix") else "conventions")
             links.append((href, text))
-        views.append(GroupView(f"cause-{i + 1}", g, [by_key[r.key] for r in g.records], links))
+        members = [by_key[r.key] for r in g.records]
+        _draw_map(members[0])  # every cause shows at least one picture
+        views.append(GroupView(f"cause-{i + 1}", g, members, links))
     return views
 
 
@@ -191,7 +203,7 @@ def render_html(res: Results) -> str:
         verdict=res.verdict, bar=_status_bar(counts, total),
         n_oracles=len({r.oracle for r in res.records}), n_cases=len({r.case_id for r in res.records}),
         layers=layer_views(res, anchors), drills=drills, groups=_groups(res, drills),
-        errmap_legend=Markup(error_map.legend()),
+        errmap_legend=Markup(error_map.legend()), max_error_maps=MAX_ERROR_MAPS,
         skips=skip_groups(res), support=support_matrix(res),
         env=environment(res), env_from_run=bool(res.run_info),
         run_tol_conf=run_tol_conf, run_tol_table=run_tol_table, run_tol_json=run_tol_json, tol_rows=tolerance_rows(res),

@@ -340,3 +340,22 @@ def test_failure_groups_helper() -> None:
     assert join_findings("x", ["swa_o"], conv) == [conv[1]]
     assert join_findings("x", ["slc_o"], conv) == [conv[1]]  # the oracle's other finding that is not ok
     assert join_findings("x", ["cmp_o"], conv[:1]) == conv[:1]  # only ok ones: those of the branch
+
+
+def test_error_maps_are_capped_and_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_ERROR_MAPS drill-downs a map is read out, not drawn (the first of each cause still is);
+    hostile axis names and values stay text."""
+    from nsaconf.reports import html as report_html
+    from nsaconf.reports.error_map import svg
+
+    monkeypatch.setattr(report_html, "MAX_ERROR_MAPS", 1)
+    write_fixture(tmp_path, diagnosis=True)
+    html = write_reports(tmp_path)["html"].read_text()
+    fails = [r for r in _expected_cells().values() if r["status"] == "FAIL"]
+    # drawn: the first drill-down (a fla FAIL) and the first of the nsa_impl cause; not the other two fla FAILs
+    assert len(fails) == 4 and html.count("<svg class='errmap'") == 2
+    assert html.count("(drawn for the first 1 failures and the first of each cause") == 2
+    assert html.count("over the bound: query position p 32 … 127") == 4  # every one is read out
+    hostile = svg({"rows": XSS, "cols": "<b>", "row_edges": [0, 1, 2], "values": [[XSS, "inf"], [None, 2.0]]}, XSS)
+    assert "<script" not in hostile and "<b>" not in hostile and "&lt;script&gt;" in hostile
+    assert svg({"row_edges": [0], "values": []}) == "<p class='note'>(no error map recorded)</p>"

@@ -8,7 +8,8 @@ Notation: ``p`` is the absolute 0-based query position (inside its sequence), ``
 ``cmp_block``, ``d`` = ``cmp_stride``); it is the mean over the keys of that range that exist.
 Selection block ``j`` covers keys ``[j*ls, (j+1)*ls)`` (``ls`` = ``block_size``, the paper's l').
 
-Each function works on Python ints and, elementwise with broadcasting, on integer tensors.
+Each visibility function works on Python ints and, elementwise with broadcasting, on integer tensors;
+the group-importance and gate functions work on float tensors.
 """
 from __future__ import annotations
 
@@ -153,6 +154,63 @@ def is_forced(kind: str, j, p, ls):
 def max_forced(kind: str) -> int:
     """Largest number of forced blocks a query can have under ``kind``."""
     return {"none": 0, "current": 1, "initial_local": 3}[kind]
+
+
+# --------------------------------------------------------------------------------------------------
+# Importance across the GQA group: one score per kv head and compressed block
+# --------------------------------------------------------------------------------------------------
+# Arguments (tensors): ``prob [..., G, NC]`` the compressed-attention probabilities of the group's G query
+# heads (0 on invisible blocks), ``logits [..., G, NC]`` their scaled pre-softmax logits
+# (``scale * q.K_cmp``; any value on invisible blocks), ``visible [..., NC]`` bool, the compression mask
+# (the same for every head of the group). Result ``[..., NC]``; Eq. 9 then maps it to selection blocks.
+
+
+def masked_softmax(x, visible):
+    """Softmax of ``x`` over the last dim restricted to ``visible`` entries; 0 elsewhere and on a row with no
+    visible entry."""
+    x = x.masked_fill(~visible, float("-inf"))
+    m = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+    s = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def sum_probs(prob, logits, visible):
+    """``sum_probs``: ``imp[c] = sum_g p_g[c]`` -- the paper's Eq. 10 (shared selection across the group);
+    FLA, nsa-impl, TileLang, XunhaoLai, FSA, mdy666. Sums to G on a row with a visible block."""
+    return prob.sum(dim=-2)
+
+
+def mean_logits(prob, logits, visible):
+    """``mean_logits``: ``imp[c] = softmax_{c visible}(mean_g logits_g[c])`` (0 on invisible blocks and on a
+    row with none) -- lucidrains native-sparse-attention-pytorch 0.2.3 (``query_heads_share_selected_kv``:
+    ``reduce(csim, 'b (h g) ... -> b h ...', 'mean')``, then a softmax). Sums to 1 on a row with a visible block."""
+    return masked_softmax(logits.mean(dim=-2), visible)
+
+
+GROUP_IMPORTANCE_RULES: dict[str, Callable] = {"sum_probs": sum_probs, "mean_logits": mean_logits}
+assert tuple(GROUP_IMPORTANCE_RULES) == V.GROUP_IMPORTANCE
+
+
+# --------------------------------------------------------------------------------------------------
+# Gates: the multiplier of each branch from the given gate value g (tensors)
+# --------------------------------------------------------------------------------------------------
+
+
+def gate_raw(g):
+    """``raw``: the given value is the multiplier, ``o = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa`` (the
+    paper's g_t^c, FLA ``naive_nsa``/``parallel_nsa``, nsa-impl, TileLang)."""
+    return g
+
+
+def gate_sigmoid(g):
+    """``sigmoid``: the given value is a logit, the multiplier is ``1 / (1 + exp(-g))`` (lucidrains applies
+    ``nn.Sigmoid`` to its gate MLP's output inside the module; the paper's "MLP and sigmoid activation")."""
+    return torch.sigmoid(g)
+
+
+GATE_RULES: dict[str, Callable] = {"raw": gate_raw, "sigmoid": gate_sigmoid}
+assert tuple(GATE_RULES) == V.GATES
 
 
 # --------------------------------------------------------------------------------------------------

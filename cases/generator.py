@@ -3,8 +3,8 @@
 ``profile_cases(name, seed=0)``:
 
 * ``smoke``: a handful of small cases, < 1 min on 2 CPU cores;
-* ``ci``: ~140 small cases (T 10..300) covering every cmp_mask, window_keys, forced_blocks,
-  block_indices, varlen, decode (TQ < T), T not a multiple of the block size, T < block size,
+* ``ci``: ~150 small cases (T 10..300) covering every cmp_mask, window_keys, forced_blocks,
+  block_indices, group_importance, gates, varlen, decode (TQ < T), T not a multiple of the block size, T < block size,
   G in {1, 2, 4, 8, 16}, l != d != l', D != DV, custom scale, batch 2 and all 4 dtypes; <= 10 min on
   2 CPU cores with the CPU oracles;
 * ``full``: larger shapes (T up to 2048) and the whole cross product of conventions;
@@ -93,6 +93,32 @@ def _ci_fixed(seed: int) -> list[Case]:
         _small(s + 805, batch=2, dtype="float16", q_len=20),
         _small(s + 806, top_n=1, forced_blocks="none", dtype="float32"),       # n = 1, n > #blocks
         _small(s + 807, top_n=16, dtype="bfloat16", seq_len=64),
+    ]
+    # group importance (sum of probabilities vs softmax of the group-mean logits) and gates (raw vs sigmoid):
+    # G > 1 and T up to 300 so that the two importance rules pick different blocks on many rows
+    out += [
+        _small(s + 900, group_importance="mean_logits", seq_len=300, forced_blocks="none", dtype="float32"),
+        _small(s + 901, group_importance="mean_logits", seq_len=250, dtype="bfloat16", top_n=6),
+        _small(s + 905, group_importance="mean_logits", seq_len=160, dtype="float16", heads_q=8, heads_kv=2),
+        _small(s + 902, group_importance="mean_logits", seq_len=200, cmp_block=32, cmp_stride=16, block_size=64,
+               heads_q=4, heads_kv=2, dtype="float16"),                   # Eq. 9 after the group rule
+        _small(s + 903, group_importance="mean_logits", seq_len=130, cu_seqlens=(0, 50, 130), dtype="float64"),
+        _small(s + 904, group_importance="mean_logits", seq_len=300, q_len=3, dtype="float32", forced_blocks="none"),
+        _small(s + 910, gates="sigmoid", dtype="float32", heads_q=4, heads_kv=2, seq_len=64),  # gradient truth
+        _small(s + 911, gates="sigmoid", dtype="bfloat16", cmp_block=32, cmp_stride=16, block_size=32, seq_len=150),
+        _small(s + 912, gates="sigmoid", dtype="float16", q_len=9, seq_len=120),
+        # lucidrains' conventions (end_exclusive, forced current block, l = d = l', mean_logits or G = 1):
+        # the cases on which its whole forward is comparable
+        _small(s + 920, group_importance="mean_logits", gates="sigmoid", cmp_mask="end_exclusive",
+               window_keys="w_plus_1", forced_blocks="current", seq_len=200, dtype="float32"),
+        _small(s + 921, group_importance="mean_logits", cmp_mask="end_exclusive", window_keys="w_plus_1",
+               forced_blocks="current", dtype="bfloat16", heads_q=8, heads_kv=2, seq_len=150),
+        _small(s + 922, group_importance="mean_logits", cmp_mask="end_exclusive", forced_blocks="current",
+               gates="sigmoid", dtype="float16", q_len=5, seq_len=120),                          # decode, window w
+        _small(s + 923, cmp_mask="end_exclusive", forced_blocks="current", heads_q=2, heads_kv=2, dtype="float64",
+               cu_seqlens=(0, 40, 100), seq_len=100),                                            # G = 1, varlen
+        _small(s + 924, group_importance="mean_logits", cmp_mask="end_exclusive", window_keys="w_plus_1",
+               forced_blocks="current", seq_len=12, dtype="float32"),                            # T < l'
     ]
     return out
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from nsaconf.cases.conventions import max_forced
-from nsaconf.cases.vocabulary import BLOCK_INDICES, CMP_MASKS, DTYPE_SHORT, DTYPES, FORCED_BLOCKS, WINDOW_KEYS
+from nsaconf.cases.vocabulary import (BLOCK_INDICES, CMP_MASKS, DTYPE_SHORT, DTYPES, FORCED_BLOCKS, GATES,
+                                      GROUP_IMPORTANCE, WINDOW_KEYS)
 
 
 class CaseError(ValueError):
@@ -71,6 +72,8 @@ class Case:
     window_keys: str = "w"
     forced_blocks: str = "initial_local"
     block_indices: str = "topk"
+    group_importance: str = "sum_probs"
+    gates: str = "raw"
     scale: Optional[float] = None
     cu_seqlens: Optional[tuple[int, ...]] = None
     seed: int = 0
@@ -109,7 +112,8 @@ class Case:
         need(self.q_len <= self.seq_len, f"q_len ({self.q_len}) must be <= seq_len ({self.seq_len})")
         need(self.heads_q % self.heads_kv == 0, f"heads_kv ({self.heads_kv}) must divide heads_q ({self.heads_q})")
         for name, allowed in (("dtype", DTYPES), ("cmp_mask", CMP_MASKS), ("window_keys", WINDOW_KEYS),
-                              ("forced_blocks", FORCED_BLOCKS), ("block_indices", BLOCK_INDICES)):
+                              ("forced_blocks", FORCED_BLOCKS), ("block_indices", BLOCK_INDICES),
+                              ("group_importance", GROUP_IMPORTANCE), ("gates", GATES)):
             v = getattr(self, name)
             need(isinstance(v, str) and v in allowed, f"field {name!r} must be one of {allowed}, got {_r(v)}")
         need(self.cmp_block % self.cmp_stride == 0, f"cmp_block ({self.cmp_block}) must be a multiple of cmp_stride ({self.cmp_stride})")
@@ -158,9 +162,10 @@ class Case:
     def id(self) -> str:
         """Stable, human-readable id, e.g. ``bf16-B1-T1000-TQ1000-HQ32-H2-D64-DV64-l32d32ls32-n8-w128-end_inclusive-s7``.
 
-        Non-default ``window_keys``, ``forced_blocks``, ``block_indices``, ``scale`` and
-        ``cu_seqlens`` add suffixes (``-wplus1``, ``-fnone``/``-fcur``, ``-rand``, ``-sc0.1``,
-        ``-cu0.5.12``) so that distinct cases never share an id.
+        Non-default ``window_keys``, ``forced_blocks``, ``block_indices``, ``group_importance``,
+        ``gates``, ``scale`` and ``cu_seqlens`` add suffixes (``-wplus1``, ``-fnone``/``-fcur``, ``-rand``,
+        ``-gmean``, ``-gsig``, ``-sc0.1``, ``-cu0.5.12``) so that distinct cases never share an id; a case
+        with the default of every field has the id it had before the field existed.
         """
         parts = [DTYPE_SHORT[self.dtype], f"B{self.batch}", f"T{self.seq_len}", f"TQ{self.q_len}",
                  f"HQ{self.heads_q}", f"H{self.heads_kv}", f"D{self.head_dim}", f"DV{self.head_dim_v}",
@@ -172,6 +177,10 @@ class Case:
             parts.append({"none": "fnone", "current": "fcur"}[self.forced_blocks])
         if self.block_indices != "topk":
             parts.append("rand")
+        if self.group_importance != "sum_probs":
+            parts.append("gmean")
+        if self.gates != "raw":
+            parts.append("gsig")
         if self.scale is not None:
             parts.append(f"sc{self.scale:g}")
         if self.cu_seqlens is not None:
@@ -213,7 +222,7 @@ class Case:
 
         m = re.fullmatch(
             r"(fp16|bf16|fp32|fp64)-B(\d+)-T(\d+)-TQ(\d+)-HQ(\d+)-H(\d+)-D(\d+)-DV(\d+)-l(\d+)d(\d+)ls(\d+)"
-            r"-n(\d+)-w(\d+)-([a-z_]+)(-wplus1)?(-fnone|-fcur)?(-rand)?(?:-sc([0-9.e+-]+?))?(?:-cu([0-9.]+))?-s(\d+)",
+            r"-n(\d+)-w(\d+)-([a-z_]+)(-wplus1)?(-fnone|-fcur)?(-rand)?(-gmean)?(-gsig)?(?:-sc([0-9.e+-]+?))?(?:-cu([0-9.]+))?-s(\d+)",
             case_id.strip())
         if m is None:
             raise CaseError(f"{case_id!r} is not a case id (expected e.g. "
@@ -226,8 +235,10 @@ class Case:
                        cmp_stride=int(g[9]), block_size=int(g[10]), top_n=int(g[11]), window=int(g[12]),
                        cmp_mask=g[13], window_keys="w_plus_1" if g[14] else "w",
                        forced_blocks={None: "initial_local", "-fnone": "none", "-fcur": "current"}[g[15]],
-                       block_indices="random" if g[16] else "topk", scale=float(g[17]) if g[17] else None,
-                       cu_seqlens=tuple(int(x) for x in g[18].split(".")) if g[18] else None, seed=int(g[19]))
+                       block_indices="random" if g[16] else "topk",
+                       group_importance="mean_logits" if g[17] else "sum_probs", gates="sigmoid" if g[18] else "raw",
+                       scale=float(g[19]) if g[19] else None,
+                       cu_seqlens=tuple(int(x) for x in g[20].split(".")) if g[20] else None, seed=int(g[21]))
         except ValueError as e:
             raise CaseError(f"case id {case_id!r}: {e}") from None
         if case.id != case_id.strip():

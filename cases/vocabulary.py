@@ -52,6 +52,16 @@ FORCED_BLOCKS = ("none", "current", "initial_local")
 BLOCK_INDICES = ("topk", "random")
 #: the convention name of the selection branch's key rule (``cases.conventions.selection_causal``)
 SLC_CONVENTION = "causal"
+#: how the G query heads of a GQA group pool their compressed attention into one importance per kv head
+#: (``cases.conventions.GROUP_IMPORTANCE_RULES``): sum of probabilities (paper Eq. 10) or softmax of the
+#: group-mean logits (lucidrains)
+GROUP_IMPORTANCE = ("sum_probs", "mean_logits")
+#: what the given gate values are (``cases.conventions.GATE_RULES``): the multipliers themselves, or logits
+#: that the implementation passes through a sigmoid
+GATES = ("raw", "sigmoid")
+#: the value of each convention field that every oracle computes unless it declares more
+#: (``Oracle.supported_conventions``); a case with another value is SKIPped by an oracle that does not
+CONVENTION_DEFAULTS = {"group_importance": "sum_probs", "gates": "raw"}
 
 # ---------------------------------------------------------------------------------------------- run directory
 RESULTS_FILE = "results.jsonl"        # one JSON record per cell, appended and flushed as judged

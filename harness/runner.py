@@ -23,7 +23,7 @@ from nsaconf.harness.environment import versions as environment_versions
 from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, done_keys
 from nsaconf.harness.tolerance import ToleranceTable
 from nsaconf.harness.worker import Reply, Worker, plain_outputs, release_cuda_cache
-from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, get_oracle
+from nsaconf.oracles.base import GRAD_BRANCHES, Oracle, convention_support, get_oracle
 
 
 @dataclass
@@ -203,7 +203,7 @@ class Runner:
                 continue
             live = []
             for b in todo:
-                r = branch_skip_reason(case, b) or oracle.branch_supports(case, b)
+                r = branch_skip_reason(case, b) or convention_support(oracle, case, b) or oracle.branch_supports(case, b)
                 if r:
                     emit(_record(case, oracle, b, cfg.device, "SKIP", r, versions=self.base_versions))
                 else:

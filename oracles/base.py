@@ -31,7 +31,7 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import Inputs
-from nsaconf.cases.vocabulary import ALL_BRANCHES, DEVICES, DTYPES, GRAD_BRANCHES, LAYERS
+from nsaconf.cases.vocabulary import ALL_BRANCHES, CONVENTION_DEFAULTS, DEVICES, DTYPES, GRAD_BRANCHES, LAYERS
 
 
 _FORWARD_ONLY: "contextvars.ContextVar[bool]" = contextvars.ContextVar("nsaconf_forward_only", default=False)
@@ -72,7 +72,11 @@ class Oracle:
       the conventions it claims, e.g. ``{"cmp_mask": "end_inclusive", "window_keys": "w"}`` (None: it
       follows the case's ``cmp_mask``/``window_keys``). The receptive-field probe (``nsaconf masks``)
       probes it with these first and classifies from behaviour only; ``not_timed_by_default``: why
-      ``nsaconf bench`` leaves the oracle out unless ``--oracles`` names it (None: timed).
+      ``nsaconf bench`` leaves the oracle out unless ``--oracles`` names it (None: timed);
+      ``supported_conventions``: for each field of ``CONVENTION_DEFAULTS`` (``group_importance``,
+      ``gates``), the values the oracle computes; a field left out supports its default only. A case
+      asking for another value SKIPs, with the reason, every declared branch that the field changes
+      (``CONVENTION_BRANCHES``), so an adapter written before a field existed never runs it.
 
     Methods to override: ``run`` (required), ``supports`` (shape limits), ``availability``
     (missing package / checkout, with what to install or configure), ``versions`` (what it ran:
@@ -88,6 +92,7 @@ class Oracle:
     description: ClassVar[str] = ""
     fixed_conventions: ClassVar[Optional[dict[str, str]]] = None
     not_timed_by_default: ClassVar[Optional[str]] = None
+    supported_conventions: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def availability(self) -> Optional[str]:
         """None when usable here, else why not and exactly how to enable it."""
@@ -124,7 +129,44 @@ class Oracle:
             return f"{self.name} runs on {'/'.join(self.devices)}, not {device}"
         if case.dtype not in self.dtypes:
             return f"{self.name} supports dtypes {', '.join(self.dtypes)}, not {case.dtype}"
-        return self.supports(case, device)
+        return convention_support(self, case) or self.supports(case, device)
+
+
+#: the branches whose value a convention field changes: the gates scale the branches in ``o`` (and so every
+#: gradient of ``sum(o * dO)``); the group's importance picks the blocks (``topk_idx``, then ``slc_o``, ``o``
+#: and the gradients through the selection; ``dg_cmp``/``dg_swa`` do not depend on it)
+CONVENTION_BRANCHES: dict[str, tuple[str, ...]] = {
+    "group_importance": ("topk_idx", "slc_o", "o", "dq", "dk", "dv", "dg_slc"),
+    "gates": ("o",) + GRAD_BRANCHES,
+}
+assert tuple(CONVENTION_BRANCHES) == tuple(CONVENTION_DEFAULTS)
+
+
+def _convention_reason(oracle: "Oracle | type[Oracle]", case: Case, branch: str) -> Optional[str]:
+    """Why ``oracle``'s ``branch`` cannot be judged on ``case``: a convention field it does not compute
+    changes that branch (None: it can). A selection kernel given its blocks (``needs_block_indices``) gets
+    the truth's, picked under the case's ``group_importance``: that field changes none of its branches."""
+    for field_name, default in CONVENTION_DEFAULTS.items():
+        value = getattr(case, field_name)
+        allowed = tuple(oracle.supported_conventions.get(field_name, (default,)))
+        if value in allowed:
+            continue
+        if field_name == "group_importance" and oracle.needs_block_indices:
+            continue
+        if branch in CONVENTION_BRANCHES[field_name]:
+            return (f"{oracle.name} computes {field_name} {' / '.join(allowed)}, not the case's {value} "
+                    "(a convention it does not implement)")
+    return None
+
+
+def convention_support(oracle: "Oracle | type[Oracle]", case: Case, branch: Optional[str] = None) -> Optional[str]:
+    """The SKIP reason when ``oracle`` does not compute the case's value of a ``CONVENTION_DEFAULTS`` field
+    (``Oracle.supported_conventions``) that changes ``branch``; with no ``branch``, the reason when that holds
+    for every declared branch (the whole case SKIPs), else None."""
+    if branch is not None:
+        return _convention_reason(oracle, case, branch)
+    reasons = [_convention_reason(oracle, case, b) for b in oracle.branches]
+    return reasons[0] if all(reasons) else None
 
 
 _REGISTRY: dict[str, type[Oracle]] = {}

@@ -2,8 +2,11 @@
 
 No chunking, no gathers, no ``eq9_weights``: every branch is one full mask over all positions
 (``[TQ, NC]`` for compression, ``[TQ, T]`` token masks for selection and window), each mask entry
-evaluated from the convention functions on plain ints, importance mapped to selection blocks by
-overlap length (``|[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / d``), top-n ranked with Python's ``sorted``.
+evaluated from the convention functions on plain ints, the group's importance pooled with per-row
+softmaxes over the visible blocks (``sum_probs``: sum of the heads' rows; ``mean_logits``: one softmax of
+the heads' mean logits), mapped to selection blocks by overlap length
+(``|[c*d, c*d+l) ∩ [j*l', (j+1)*l')| / d``), top-n ranked with Python's ``sorted``; gates as
+``1 / (1 + exp(-g))`` written out for ``sigmoid``.
 Slow (Python loops over queries); meant for T up to a few hundred.
 """
 from __future__ import annotations
@@ -80,6 +83,7 @@ def _dense(case: Case, x: Inputs, block_indices: torch.Tensor | None) -> dict[st
                 overlap = torch.tensor([[max(0, min(c * d + l, (j + 1) * ls) - max(c * d, j * ls)) / d for j in range(NS)]
                                         for c in range(NC)], dtype=dtype, device=dev)
                 qh = {}
+                mean_logit = torch.zeros(len(positions), NC, dtype=dtype, device=dev)
                 for g in range(G):
                     h = hk * G + g
                     q = x.q[b, list(qrows), h]
@@ -87,7 +91,12 @@ def _dense(case: Case, x: Inputs, block_indices: torch.Tensor | None) -> dict[st
                     o, lse, prob = _attend(q, kc, vc, cmask, scale)
                     out["cmp_o"][b, list(qrows), h] = o
                     out["cmp_lse"][b, list(qrows), h] = lse
-                    imp += prob @ overlap
+                    if case.group_importance == "sum_probs":
+                        imp += prob @ overlap
+                    else:  # mean_logits
+                        mean_logit += (q @ kc.T) * scale / G
+                if case.group_importance == "mean_logits":
+                    imp += _attend(mean_logit, torch.eye(NC, dtype=dtype, device=dev), overlap, cmask, 1.0)[0]
                 # top-n, one query at a time (piecewise constant: ranked on detached values)
                 imp = imp.detach()
                 sel_mask = torch.zeros(len(positions), T, dtype=torch.bool, device=dev)
@@ -107,8 +116,12 @@ def _dense(case: Case, x: Inputs, block_indices: torch.Tensor | None) -> dict[st
                     out["slc_o"][b, list(qrows), h] = _attend(q, k, v, sel_mask, scale)[0]
                     if w > 0:
                         out["swa_o"][b, list(qrows), h] = _attend(q, k, v, wmask, scale)[0]
-    o = x.g_cmp[..., None] * out["cmp_o"] + x.g_slc[..., None] * out["slc_o"]
+    if case.gates == "raw":
+        g_cmp, g_slc, g_swa = x.g_cmp, x.g_slc, x.g_swa
+    else:  # sigmoid
+        g_cmp, g_slc, g_swa = (1.0 / (1.0 + torch.exp(-g)) for g in (x.g_cmp, x.g_slc, x.g_swa))
+    o = g_cmp[..., None] * out["cmp_o"] + g_slc[..., None] * out["slc_o"]
     if w > 0:
-        o = o + x.g_swa[..., None] * out["swa_o"]
+        o = o + g_swa[..., None] * out["swa_o"]
     out["o"] = o
     return out

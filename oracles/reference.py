@@ -6,14 +6,16 @@ For query position p (inside its sequence), query head h, kv head ``hk = h // G`
   ``o_cmp = softmax(scale * q K_cmp^T + mask) V_cmp`` over the blocks ``CMP_MASKS[cmp_mask](c, p, l, d)``
   allows; ``cmp_lse = logsumexp`` (natural log). **No visible block: ``o_cmp = 0`` and ``cmp_lse = -inf``**
   (the naive all-masked softmax would give NaN).
-* importance: ``p_slc = p_cmp @ eq9_weights`` (Eq. 9, see ``cases.conventions.eq9_weights``), summed
-  over the G query heads of the group (Eq. 10).
+* importance: the G query heads of a group pooled into one score per compressed block by
+  ``GROUP_IMPORTANCE_RULES[group_importance]`` (``sum_probs``: sum of the probabilities, Eq. 10;
+  ``mean_logits``: softmax of the group-mean logits), mapped to selection blocks by ``eq9_weights`` (Eq. 9).
 * top-n: candidates of p are the selection blocks with ``j*l' <= p`` that have importance > 0 or are
   forced (``forced_blocks``); forced first, then highest importance, ties to the lower block index;
   never a non-candidate; -1 padding when fewer than n; output sorted ascending, -1 last (FLA's rule).
 * selection: attention over the keys of the chosen blocks with ``s <= p``; no such key gives 0.
 * window: attention over ``WINDOW_KEYS[window_keys](p, s, w)``; ``w = 0`` means no window branch.
-* ``o = g_cmp*o_cmp + g_slc*o_slc + g_swa*o_swa``.
+* ``o = f(g_cmp)*o_cmp + f(g_slc)*o_slc + f(g_swa)*o_swa`` with ``f = GATE_RULES[gates]`` (``raw``: the
+  identity; ``sigmoid``: the given gates are logits).
 
 Queries are processed in chunks so that memory stays bounded (T = 64k in float64 fits in a few GB).
 """
@@ -25,8 +27,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from nsaconf.cases.conventions import (cmp_mask_matrix, eq9_weights, is_forced, num_cmp_blocks, num_sel_blocks,
-                               selection_candidate, selection_key_mask, window_mask_matrix)
+from nsaconf.cases.conventions import (GATE_RULES, GROUP_IMPORTANCE_RULES, cmp_mask_matrix, eq9_weights, is_forced,
+                                       num_cmp_blocks, num_sel_blocks, selection_candidate, selection_key_mask,
+                                       window_mask_matrix)
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, TORCH_DTYPES, canonical_order, grad_branches, output_cotangent
 
@@ -68,7 +71,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def select_blocks(case: Case, importance: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Top-n per query: ``importance [C,H,NS]`` (summed over the group), positions ``[C]`` ->
+    """Top-n per query: ``importance [C,H,NS]`` (one per kv head), positions ``[C]`` ->
     ``[C,H,n]`` int64 block ids, ascending, -1 last (see module docstring for the rule)."""
     NS = importance.shape[-1]
     ls, n = case.block_size, case.top_n
@@ -108,8 +111,9 @@ def _sequence(case: Case, q, k, v, pos, given_idx, chunk: int, out: dict[str, to
         o_cmp, lse, p_cmp = masked_attention(qc, k_cmp, v_cmp, cmask, scale)
         out["cmp_o"][rows] = o_cmp.reshape(C, H * G, DV)
         out["cmp_lse"][rows] = lse.reshape(C, H * G)
-        # importance and top-n
-        imp = (p_cmp @ W).sum(dim=2)  # [C,H,NS]
+        # importance (pooled over the group, then Eq. 9) and top-n
+        logits = torch.einsum("chgd,hkd->chgk", qc, k_cmp) * scale if case.group_importance != "sum_probs" else None
+        imp = GROUP_IMPORTANCE_RULES[case.group_importance](p_cmp, logits, cmask[:, :, 0, :]) @ W  # [C,H,NS]
         if "importance" in out:
             out["importance"][rows, :, :NS] = imp
         topk = select_blocks(case, imp, pc)
@@ -176,10 +180,11 @@ def _forward(case: Case, x: Inputs, chunk: Optional[int], block_indices: Optiona
             gi = None if given is None else given[b, qs].to(x.q.device).long()
             views = {name: t[b, qs] for name, t in out.items()}
             _sequence(case, x.q[b, qs], x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, views)
-    o = out["cmp_o"] * x.g_cmp[..., None]
-    o.addcmul_(out["slc_o"], x.g_slc[..., None])
+    gate = GATE_RULES[case.gates]
+    o = out["cmp_o"] * gate(x.g_cmp)[..., None]
+    o.addcmul_(out["slc_o"], gate(x.g_slc)[..., None])
     if "swa_o" in out:
-        o.addcmul_(out["swa_o"], x.g_swa[..., None])
+        o.addcmul_(out["swa_o"], gate(x.g_swa)[..., None])
     out["o"] = o
     return out
 

@@ -7,12 +7,14 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import Inputs
-from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GATES, GRAD_BRANCHES, GROUP_IMPORTANCE
 from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
 from nsaconf.oracles.dense import nsa_dense
 from nsaconf.oracles.reference import nsa_reference, nsa_reference_grads
 
 REFERENCE_BRANCHES = FORWARD_BRANCHES
+#: both in-house references compute every value of every convention field
+ALL_CONVENTIONS = {"group_importance": GROUP_IMPORTANCE, "gates": GATES}
 
 
 @register_oracle
@@ -25,6 +27,7 @@ class ReferenceOracle(Oracle):
     branches = REFERENCE_BRANCHES + GRAD_BRANCHES
     devices = ("cpu", "cuda")
     description = "in-house chunked PyTorch reference (+ autograd gradients), computed in the case dtype"
+    supported_conventions = ALL_CONVENTIONS
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
         if gradients_wanted(case):
@@ -42,6 +45,7 @@ class DenseOracle(Oracle):
     devices = ("cpu",)
     description = "in-house brute-force dense-mask NSA (independent code path), small T"
     max_tokens = 512
+    supported_conventions = ALL_CONVENTIONS
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         if case.batch * case.seq_len * case.heads_kv > self.max_tokens * 4:

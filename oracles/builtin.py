@@ -13,6 +13,10 @@ BUILTIN_MODULES = (
     "nsaconf.oracles.nsa_impl",
     "nsaconf.oracles.flash_window",
     "nsaconf.oracles.flex",
+    "nsaconf.oracles.xunhao",
+    "nsaconf.oracles.fsa",
+    "nsaconf.oracles.flash_nsa",
+    "nsaconf.oracles.fla_main",
 )
 
 for _name in BUILTIN_MODULES:

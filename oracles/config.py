@@ -16,9 +16,10 @@ The config file is ``--config FILE``, else ``$NSACONF_CONFIG``, else ``./nsaconf
 
 Any other top-level key, a section that is not a table or an unknown ``[limits]`` key is a ConfigError.
 
-Lookup order for a checkout (``tilelang``, ``nsa_impl``):
+Lookup order for a checkout (``tilelang``, ``nsa_impl``, ``xunhao``, ``fsa``, ``flash_nsa``, ``fla_main``):
 
-1. the environment variable (``NSACONF_TILELANG_EXAMPLES``, ``NSACONF_NSA_IMPL``);
+1. the environment variable (``NSACONF_TILELANG_EXAMPLES``, ``NSACONF_NSA_IMPL``, ``NSACONF_XUNHAO``,
+   ``NSACONF_FSA``, ``NSACONF_FLASH_NSA``, ``NSACONF_FLA_MAIN``);
 2. ``[oracles.<name>] path = "..."`` in the config file; a relative path is relative to the file's folder;
 3. the default folder under ``<repo>/external/`` when it exists.
 
@@ -53,6 +54,7 @@ class Checkout:
     commit: str         # pinned commit
     default: str        # default location under the repo
     marker: str         # a file that must exist under the checkout root
+    paths: str = ""     # the folders a ``git archive`` needs (space-separated; default: the marker's first folder)
 
 
 CHECKOUTS: dict[str, Checkout] = {
@@ -61,6 +63,18 @@ CHECKOUTS: dict[str, Checkout] = {
                          "examples/deepseek_nsa/reference.py"),
     "nsa_impl": Checkout("nsa_impl", "NSACONF_NSA_IMPL", "https://github.com/tilde-research/nsa-impl",
                          "623e2c5a30a6979e1fc0cf264c09b66963b1e175", "external/nsa-impl", "nsa/nsa.py"),
+    "xunhao": Checkout("xunhao", "NSACONF_XUNHAO", "https://github.com/XunhaoLai/native-sparse-attention-triton",
+                       "9bea856c911ebf263be88d797fb28458f82f1d94", "external/native-sparse-attention-triton",
+                       "native_sparse_attention/ops/triton/compressed_attention.py"),
+    "fsa": Checkout("fsa", "NSACONF_FSA", "https://github.com/Relaxed-System-Lab/Flash-Sparse-Attention",
+                    "1da34f35cb1884f4c35d3bfdf9e59ab6ae6e543a", "external/Flash-Sparse-Attention",
+                    "fsa/ops/FSA_topk_sparse_attention.py", "fsa fsa_preview nsa_ref"),
+    "flash_nsa": Checkout("flash_nsa", "NSACONF_FLASH_NSA", "https://github.com/mdy666/Scalable-Flash-Native-Sparse-Attention",
+                          "fcf117c3c8a12e274aa75f2a01b0d12d76f44128", "external/Scalable-Flash-Native-Sparse-Attention",
+                          "flash_nsa/ops/select_attn.py"),
+    "fla_main": Checkout("fla_main", "NSACONF_FLA_MAIN", "https://github.com/fla-org/flash-linear-attention",
+                         "bc3b101dcb713ddc5bd8924b66754eb68b5ccf89", "external/flash-linear-attention",
+                         "fla/ops/nsa/parallel.py"),
 }
 
 
@@ -176,7 +190,7 @@ def checkout_commit(path: Path) -> Optional[str]:
 def how_to_enable(key: str) -> str:
     """The exact steps to provide a checkout (for ``availability`` / ``nsaconf list``)."""
     co = CHECKOUTS[key]
-    sub = co.marker.split("/")[0]
+    sub = co.paths or co.marker.split("/")[0]
     return (f"get {co.url} @ {co.commit[:12]} (e.g. `git clone {co.url} {co.default} && git -C {co.default} checkout "
             f"{co.commit}`, or `git archive {co.commit} {sub} | tar -x -C {co.default}` plus a COMMIT file), then set "
             f"${co.env}=<checkout root> or `[oracles.{co.key}] path = \"<checkout root>\"` in nsaconf.toml "

@@ -337,8 +337,12 @@ class FlaParallel(Oracle):
             return f"parallel_nsa_topk asserts block_size >= 2*next_pow2(n) ({case.block_size} < {2 * next_pow2(case.top_n)})"
         return None
 
+    def modules(self):
+        """(``fla.ops.nsa.parallel``, ``parallel_nsa_compression``, ``mean_pooling``) of the FLA it runs."""
+        return _triton_modules()
+
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
-        par, compression, mean_pooling = _triton_modules()
+        par, compression, mean_pooling = self.modules()
         BS, n, scale, T = case.block_size, case.top_n, case.softmax_scale, case.seq_len
         q, k, v = inputs.q.contiguous(), inputs.k.contiguous(), inputs.v.contiguous()
         cu = None if case.cu_seqlens is None else cu_tensor(case, q.device)
@@ -372,7 +376,7 @@ class FlaParallel(Oracle):
         """Gradients of ``sum(o * dO)`` through FLA's Triton autograd (``parallel_nsa``: compression,
         top-k, ``ParallelNSAFunction`` backward kernels; window through flash-attn or the shim), on the
         same call as ``o``. Untested on this project's CPU CI (needs a GPU)."""
-        par, _, _ = _triton_modules()
+        par, _, _ = self.modules()
         BS, n, scale = case.block_size, case.top_n, case.softmax_scale
         cu = None if case.cu_seqlens is None else cu_tensor(case, inputs.q.device)
         wk = window_keys_count(case) if case.window > 0 else 0

@@ -1,0 +1,219 @@
+"""mdy666 Scalable-Flash-Native-Sparse-Attention (``flash_nsa``) @fcf117c adapter: ``flash_nsa``, its
+``HFNSACore`` forward (mean compression) reproduced op by op, each branch returned.
+
+Loaded from a configured checkout (``oracles.config``: env ``NSACONF_FLASH_NSA`` or ``[oracles.flash_nsa]
+path`` in nsaconf.toml; default ``external/Scalable-Flash-Native-Sparse-Attention``), never vendored.
+Imported: ``flash_nsa/utils.py`` (``NSAHelper``, a class holding the hyper-parameters and the varlen
+lengths as global state) and ``flash_nsa/ops/{compress_kv,compress_attn,topk,select_attn,combine}.py``; the
+package ``__init__`` (which imports the Megatron layers and the inference engine) is skipped.
+``flash_nsa/utils.py`` imports ``pkg_resources`` (setuptools) only for ``parse_version``: where setuptools
+is absent a stand-in with ``packaging.version.parse`` is registered.
+
+**Translation:**
+
+* ``NSAHelper.set_hyperparameters(kernel_size=l, stride=d, block_size=l', window_size=W, top_n=n,
+  num_init_blocks=1, num_local_blocks=2)`` per case, and its cached lengths reset
+  (``NSAHelper.x_cu_seqlens = None``: ``init_cu_seqlens`` skips re-initialisation when ``cu_seqlens`` is
+  unchanged, even after the hyper-parameters changed);
+* layout: varlen only, packed as in ``oracles.xunhao``;
+* ``cmp_o``, ``cmp_lse``: ``mean_pooling`` (K and V) + ``compress_attn``; its LSE ``[HQ, ΣT]`` is base 2
+  (``sm_scale *= 1.44269504``, ``lse = m + log2(l)``): natural = base-2 · ln 2; rows before ``l - 1`` are
+  written o = 0, LSE = 0: where the case has no visible block and the LSE is exactly 0 it becomes -inf;
+* ``topk_idx``: ``slc_topk_indices(..., maybe_efficient_version=True, scale_slc_p=True)`` (what
+  ``HFNSACore`` calls): ``[Hkv, ΣT, n]`` int32 padded with the sentinel ``ignore_index = ceil(T_max/l')``
+  (any id ``>= ceil(T_max/l')`` becomes -1);
+* ``slc_o``: ``select_attn`` on those indices (a random-indices case: the case's indices, -1 mapped to
+  the sentinel);
+* ``swa_o``: ``swa_varlen_func`` is ``flash_attn_varlen_func(causal=True, window_size=(W, -1))`` (W + 1
+  keys); it needs the compiled flash-attn package, so the same call goes through ``compat.flash_attn_shim``
+  with ``W = w`` (``w_plus_1``) or ``w - 1`` (``w``);
+* ``o``: ``fused_sigmoid_combine(cmp, slc, swa, w[ΣT, HQ, 3])`` applies the sigmoid itself: raw gates
+  ``g`` are passed as logits ``log(g / (1 - g))``, ``gates="sigmoid"`` cases as given; without a window
+  its ``swa`` input is zeros.
+
+Conventions (read from the code): compression ``end_inclusive`` (``q_idx >= c*d + l - 1``); forced blocks
+block 0 + the current and the previous block; selection ``s <= t``. Limits (asserted): fp16/bf16 (TMA
+kernels, Hopper with triton >= 3.4, else its Ampere ops); ``d`` a power of 2, ``l % d == 0``,
+``l' % d == 0``; ``l' >= l`` (``NSAConfig``); D a power of 2 or a sum of two (``split_d``); DV a power
+of 2; TQ = T (the decode path is ``flash_nsa.inference``, not adapted).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+import warnings
+from typing import Optional
+
+import torch
+
+from nsaconf.cases.conventions import num_sel_blocks
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
+from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
+from nsaconf.oracles.compat import flash_attn_shim
+from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.compat.common import empty_cmp_rows, is_pow2
+from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
+from nsaconf.oracles.xunhao import (_checkout_versions, cu_seqlens_int32, idx_from_canonical, idx_to_canonical, max_seqlen,
+                                    pack, unpack, window_param)
+
+_MODS: dict[str, types.ModuleType] = {}
+_LABEL = "mdy666 Scalable-Flash-Native-Sparse-Attention (flash_nsa)"
+
+
+def _pkg_resources_standin() -> None:
+    """Register a minimal ``pkg_resources`` (``parse_version``) when setuptools is not installed."""
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return
+    mod = types.ModuleType("pkg_resources")
+    try:
+        from packaging.version import parse as parse_version
+    except ImportError:  # pragma: no cover
+        def parse_version(v: str):
+            return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
+    mod.parse_version = parse_version
+    sys.modules["pkg_resources"] = mod
+
+
+def _load() -> dict:
+    if "ops" in _MODS:
+        return _MODS["ops"]
+    path, _, _ = checkout_status("flash_nsa")
+    if path is None:
+        raise ImportError("flash_nsa checkout not configured: " + how_to_enable("flash_nsa"))
+    _pkg_resources_standin()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        utils, kv, cmp, topk, sel, comb = import_from_checkout(
+            path, ["flash_nsa.utils", "flash_nsa.ops.compress_kv", "flash_nsa.ops.compress_attn", "flash_nsa.ops.topk",
+                   "flash_nsa.ops.select_attn", "flash_nsa.ops.combine"], stubs=["flash_nsa", "flash_nsa.ops"])
+    ops = {"NSAHelper": utils.NSAHelper, "mean_pooling": kv.mean_pooling, "compress_attn": cmp.compress_attn,
+           "slc_topk_indices": topk.slc_topk_indices, "select_attn": sel.select_attn,
+           "fused_sigmoid_combine": comb.fused_sigmoid_combine}
+    _MODS["ops"] = ops
+    return ops
+
+
+def gate_logits(case: Case, g: torch.Tensor) -> torch.Tensor:
+    """What ``fused_sigmoid_combine`` takes: logits (it applies the sigmoid). Raw gates ``g`` in (0, 1)
+    -> ``log(g / (1 - g))``; ``gates="sigmoid"`` cases already hold logits."""
+    if getattr(case, "gates", "raw") == "sigmoid":
+        return g
+    return torch.logit(g.float()).to(g.dtype)
+
+
+def _forward(ops: dict, case: Case, q, k, v, g_cmp, g_slc, g_swa, given) -> dict:
+    H = ops["NSAHelper"]
+    l, d, ls, n, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.softmax_scale
+    dev = q.device
+    H.set_hyperparameters(kernel_size=l, stride=d, block_size=ls, window_size=max(window_param(case), 0) if case.window else 0,
+                          top_n=n, num_init_blocks=1, num_local_blocks=2)
+    H.x_cu_seqlens = None  # force init_cu_seqlens to recompute the compressed lengths for these hyper-parameters
+    cu = cu_seqlens_int32(case, dev)
+    H.init_cu_seqlens(cu)
+    qp, kp, vp = (pack(case, t).contiguous() for t in (q, k, v))
+    k_cmp, v_cmp = ops["mean_pooling"](kp), ops["mean_pooling"](vp)
+    cmp_o, lse2 = ops["compress_attn"](qp, k_cmp, v_cmp, sm_scale=scale)
+    sentinel = num_sel_blocks(max_seqlen(case), ls)
+    with torch.no_grad():
+        topk, _ = ops["slc_topk_indices"](qp.detach(), k_cmp.detach(), lse2.detach(), sm_scale=scale, maybe_efficient_version=True,
+                                          scale_slc_p=True)
+    if given is None:
+        sel = topk
+    else:
+        sel = idx_from_canonical(case, given)
+        sel = sel.masked_fill(sel < 0, sentinel).contiguous()
+    slc_o = ops["select_attn"](qp, kp, vp, sel, sm_scale=scale)
+    lse = (lse2.float() * math.log(2.0)).transpose(0, 1)
+    lse = unpack(case, lse)
+    empty = empty_cmp_rows(case, dev)[None, :, None]  # [TQ] (every batch row alike) or [ΣT] (varlen, B = 1)
+    lse = torch.where(empty & (lse == 0), torch.full_like(lse, float("-inf")), lse)
+    out = {"cmp_o": unpack(case, cmp_o), "cmp_lse": lse, "topk_idx": idx_to_canonical(case, topk, sentinel_from=sentinel),
+           "slc_o": unpack(case, slc_o)}
+    if case.window > 0:
+        mx = max_seqlen(case)
+        swa = flash_attn_shim.flash_attn_varlen_func(qp, kp, vp, cu, cu, mx, mx, causal=True,
+                                                     window_size=(window_param(case), -1), softmax_scale=scale)
+        out["swa_o"] = unpack(case, swa)
+        w_swa = gate_logits(case, g_swa)
+    else:
+        swa = torch.zeros_like(slc_o)
+        w_swa = torch.zeros_like(g_swa)
+    w = torch.stack([gate_logits(case, g_cmp), gate_logits(case, g_slc), w_swa], -1)
+    o = ops["fused_sigmoid_combine"](cmp_o, slc_o, swa, pack(case, w).contiguous())
+    out["o"] = unpack(case, o)
+    return out
+
+
+@register_oracle
+class FlashNsa(Oracle):
+    """mdy666 flash_nsa ``HFNSACore`` with mean compression: ``mean_pooling``, ``compress_attn``,
+    ``slc_topk_indices``, ``select_attn``, the flash-attn window, ``fused_sigmoid_combine`` (module docstring)."""
+
+    name = "flash_nsa"
+    layer = "e2e"
+    branches = FORWARD_BRANCHES + GRAD_BRANCHES
+    devices = ("cuda",)
+    dtypes = ("float16", "bfloat16")
+    fixed_conventions = {"cmp_mask": "end_inclusive", "window_keys": "w_plus_1"}
+    description = f"mdy666 flash_nsa@{CHECKOUTS['flash_nsa'].commit[:7]} HFNSACore ops (mean compression, top-k, selection, sigmoid combine), window via flash-attn/shim"
+
+    def availability(self) -> Optional[str]:
+        path, _, _ = checkout_status("flash_nsa")
+        if path is None:
+            return f"{_LABEL} checkout not found: " + how_to_enable("flash_nsa")
+        if importlib.util.find_spec("triton") is None:
+            return f"{_LABEL} is Triton-only (Hopper TMA kernels, triton >= 3.4): needs triton and a CUDA GPU"
+        return None
+
+    def versions(self) -> dict:
+        return _checkout_versions("flash_nsa")
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        l, d, ls = case.cmp_block, case.cmp_stride, case.block_size
+        if case.cmp_mask != "end_inclusive":
+            return f"flash_nsa's compression mask is end_inclusive (q >= c*d + l - 1), case has {case.cmp_mask}"
+        if case.forced_blocks != "initial_local":
+            return f"flash_nsa forces block 0 + the two local blocks (num_init_blocks=1, num_local_blocks=2), case has {case.forced_blocks}"
+        if getattr(case, "group_importance", "sum_probs") != "sum_probs":
+            return f"flash_nsa ranks blocks by the group's summed compression probabilities, case has {case.group_importance}"
+        if not is_pow2(d):
+            return f"flash_nsa asserts the stride d is a power of 2, got {d}"
+        if ls < l:
+            return f"flash_nsa's NSAConfig asserts block_size >= kernel_size (l' >= l), got l={l}, l'={ls}"
+        D, DV = case.head_dim, case.head_dim_v
+        if not is_pow2(DV):
+            return f"flash_nsa's kernels assert log2(DV) is an integer, DV={DV}"
+        if not (is_pow2(D) or is_pow2(D - (1 << (D.bit_length() - 1)))):
+            return f"flash_nsa splits D into two powers of 2 (split_d), D={D}"
+        if DV != D:
+            return f"flash_nsa's combine and window take one head dim (D={D}, DV={DV})"
+        if case.q_len != case.seq_len:
+            return f"flash_nsa's training ops need TQ == T (decode is flash_nsa.inference, not adapted): TQ={case.q_len}"
+        if case.window > 0 and window_param(case) < 0:
+            return "a window of w = 1 key is W = 0 in flash-attn's (W, -1), which flash_nsa treats as no window"
+        return None
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        ops = _load()
+        given = inputs.block_indices if case.block_indices == "random" else None
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            out = _forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given)
+        if gradients_wanted(case):
+            out.update(self.grads(ops, case, inputs, given))
+        return out
+
+    def grads(self, ops: dict, case: Case, inputs: Inputs, given) -> dict:
+        """Gradients of ``sum(o * dO)`` through its autograd functions (no gradient through the top-k)."""
+        leaves = {f: getattr(inputs, f).detach().clone().contiguous().requires_grad_(True) for f in set(GRAD_INPUTS.values())}
+        names = grad_branches(case)
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            o = _forward(ops, case, leaves["q"], leaves["k"], leaves["v"], leaves["g_cmp"], leaves["g_slc"], leaves["g_swa"], given)["o"]
+            d_o = output_cotangent(case, o.device).to(o.dtype)
+            got = torch.autograd.grad(o, [leaves[GRAD_INPUTS[b]] for b in names], d_o, allow_unused=True)
+        return {b: (torch.zeros_like(leaves[GRAD_INPUTS[b]]) if g is None else g.detach()) for b, g in zip(names, got)}

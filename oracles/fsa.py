@@ -1,0 +1,139 @@
+"""Relaxed-System-Lab Flash-Sparse-Attention (FSA) @1da34f3 adapters: ``fsa`` (its ops composed as its
+``FlashSparseAttention`` module composes them) and ``fsa_sel`` (FSA's own selection kernel on given indices).
+
+Loaded from a configured checkout (``oracles.config``: env ``NSACONF_FSA`` or ``[oracles.fsa] path`` in
+nsaconf.toml; default ``external/Flash-Sparse-Attention``), never vendored. Imported files:
+``nsa_ref/ops/{weighted_pool,compressed_attention,topk_sparse_attention}.py`` (FSA's copy of the XunhaoLai
+ops) and ``fsa/ops/FSA_topk_sparse_attention.py``; package ``__init__`` files are skipped.
+
+The module's path, reproduced: compression + top-k by ``nsa_ref``'s ``compressed_attention`` with
+``parallel_topk_compute=False`` (the per-kv-head loop FSA uses); selection by ``FSA_topk_sparse_attention``
+when ``G = HQ/H <= 8``, else by ``nsa_ref``'s ``topk_sparse_attention`` (FSA's own fall-back); window
+``flash_attn_varlen_func(causal=True, window_size=(W, -1))`` (W + 1 keys) through the shim. The
+translation (varlen packing, base-2 LSE, -1 padded ``[Hkv, ΣT, k]`` indices, the window parameter) is the
+XunhaoLai adapter's (``oracles.xunhao``).
+
+**Gates.** FSA's module computes one sigmoid gate triple per token shared by all heads
+(``Linear(hidden, 3)`` + ``Sigmoid``, fsa/module/fsa.py:59). The combine itself is a plain weighted sum:
+the adapter applies the case's per-head gates (a ``Linear(hidden, 3·HQ)`` in the same place), which
+includes the shared case (equal gates across heads).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from nsaconf.cases.model import Case
+from nsaconf.cases.tensors import Inputs
+from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
+from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
+from nsaconf.oracles.compat import flash_attn_shim
+from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
+from nsaconf.oracles.xunhao import (_checkout_versions, checkout_availability, common_support, nsa_forward, nsa_grads,
+                                    run_sel, sel_support)
+
+_MODS: dict[str, dict] = {}
+#: FSA's module uses its own selection kernel up to this GQA ratio, nsa_ref's above (fsa/module/fsa.py:139)
+FSA_KERNEL_MAX_G = 8
+
+
+def _load() -> dict:
+    if "fsa" in _MODS:
+        return _MODS["fsa"]
+    path, _, _ = checkout_status("fsa")
+    if path is None:
+        raise ImportError("Flash-Sparse-Attention checkout not configured: " + how_to_enable("fsa"))
+    flash_attn_shim.install()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pool, cmp, sel, fsa = import_from_checkout(
+            path, ["nsa_ref.ops.weighted_pool", "nsa_ref.ops.compressed_attention", "nsa_ref.ops.topk_sparse_attention",
+                   "fsa.ops.FSA_topk_sparse_attention"], stubs=["nsa_ref", "nsa_ref.ops", "fsa", "fsa.ops"])
+    ops = {"avgpool_compress": pool.avgpool_compress, "CompressedAttention": cmp.CompressedAttention,
+           "compressed_attention": cmp.compressed_attention, "topk_sparse_attention": sel.topk_sparse_attention,
+           "FSA_topk_sparse_attention": fsa.FSA_topk_sparse_attention, "topk_kw": {"parallel_topk_compute": False}}
+    _MODS["fsa"] = ops
+    return ops
+
+
+def _module_sel(ops, case: Case):
+    """The selection the module uses for the case's G (FSA kernel for G <= 8)."""
+    fn = ops["FSA_topk_sparse_attention"] if case.group <= FSA_KERNEL_MAX_G else ops["topk_sparse_attention"]
+    return lambda q, k, v, idx, ls, cu, scale: fn(q, k, v, idx, ls, cu, scale)
+
+
+def _fsa_sel(ops):
+    return lambda q, k, v, idx, ls, cu, scale: ops["FSA_topk_sparse_attention"](q, k, v, idx, ls, cu, scale)
+
+
+_AVAIL = "Relaxed-System-Lab Flash-Sparse-Attention"
+
+
+@register_oracle
+class Fsa(Oracle):
+    """FSA's module path: nsa_ref compression + top-k (per-kv-head loop), FSA selection kernel for G <= 8
+    (nsa_ref's above), flash-attn window, the gated sum with per-head gates (module docstring)."""
+
+    name = "fsa"
+    layer = "e2e"
+    branches = FORWARD_BRANCHES + GRAD_BRANCHES
+    devices = ("cuda",)
+    dtypes = ("float16", "bfloat16")
+    fixed_conventions = {"cmp_mask": "end_inclusive", "window_keys": "w_plus_1"}
+    description = (f"Flash-Sparse-Attention@{CHECKOUTS['fsa'].commit[:7]} module path (nsa_ref compression + top-k, "
+                   f"FSA selection kernel for G <= {FSA_KERNEL_MAX_G}), window via flash-attn/shim")
+
+    def availability(self) -> Optional[str]:
+        return checkout_availability("fsa", _AVAIL)
+
+    def versions(self) -> dict:
+        return _checkout_versions("fsa")
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        why = common_support(case, "FSA")
+        if why:
+            return why
+        if case.group > 16:
+            return f"FSA's module supports GQA ratios 1..16 (FSA kernel for <= {FSA_KERNEL_MAX_G}), G = {case.group}"
+        return None
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        ops = _load()
+        given = inputs.block_indices if case.block_indices == "random" else None
+        sel = _module_sel(ops, case)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            out = nsa_forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given, sel)
+        if gradients_wanted(case):
+            out.update(nsa_grads(ops, case, inputs, given, sel))
+        return out
+
+
+@register_oracle
+class FsaSel(Oracle):
+    """FSA's ``FSA_topk_sparse_attention`` alone on given block indices (``slc_o``), any G (the module
+    uses it for G <= 8)."""
+
+    name = "fsa_sel"
+    layer = "kernel"
+    branches = ("slc_o",)
+    devices = ("cuda",)
+    dtypes = ("float16", "bfloat16")
+    needs_block_indices = True
+    description = f"Flash-Sparse-Attention@{CHECKOUTS['fsa'].commit[:7]} FSA_topk_sparse_attention on given block indices"
+
+    def availability(self) -> Optional[str]:
+        return checkout_availability("fsa", _AVAIL)
+
+    def versions(self) -> dict:
+        return _checkout_versions("fsa")
+
+    def supports(self, case: Case, device: str) -> Optional[str]:
+        return sel_support(case, "FSA")
+
+    def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
+        ops = _load()
+        return {"slc_o": run_sel(case, inputs, block_indices, _fsa_sel(ops))}

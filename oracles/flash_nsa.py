@@ -100,7 +100,7 @@ def _load() -> dict:
 def gate_logits(case: Case, g: torch.Tensor) -> torch.Tensor:
     """What ``fused_sigmoid_combine`` takes: logits (it applies the sigmoid). Raw gates ``g`` in (0, 1)
     -> ``log(g / (1 - g))``; ``gates="sigmoid"`` cases already hold logits."""
-    if getattr(case, "gates", "raw") == "sigmoid":
+    if case.gates == "sigmoid":
         return g
     return torch.logit(g.float()).to(g.dtype)
 
@@ -159,6 +159,7 @@ class FlashNsa(Oracle):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16")
     fixed_conventions = {"cmp_mask": "end_inclusive", "window_keys": "w_plus_1"}
+    supported_conventions = {"gates": ("raw", "sigmoid")}  # the gated sum / combine is the adapter's
     description = f"mdy666 flash_nsa@{CHECKOUTS['flash_nsa'].commit[:7]} HFNSACore ops (mean compression, top-k, selection, sigmoid combine), window via flash-attn/shim"
 
     def availability(self) -> Optional[str]:
@@ -178,8 +179,6 @@ class FlashNsa(Oracle):
             return f"flash_nsa's compression mask is end_inclusive (q >= c*d + l - 1), case has {case.cmp_mask}"
         if case.forced_blocks != "initial_local":
             return f"flash_nsa forces block 0 + the two local blocks (num_init_blocks=1, num_local_blocks=2), case has {case.forced_blocks}"
-        if getattr(case, "group_importance", "sum_probs") != "sum_probs":
-            return f"flash_nsa ranks blocks by the group's summed compression probabilities, case has {case.group_importance}"
         if not is_pow2(d):
             return f"flash_nsa asserts the stride d is a power of 2, got {d}"
         if ls < l:

@@ -83,6 +83,7 @@ class Fsa(Oracle):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16")
     fixed_conventions = {"cmp_mask": "end_inclusive", "window_keys": "w_plus_1"}
+    supported_conventions = {"gates": ("raw", "sigmoid")}  # the gated sum / combine is the adapter's
     description = (f"Flash-Sparse-Attention@{CHECKOUTS['fsa'].commit[:7]} module path (nsa_ref compression + top-k, "
                    f"FSA selection kernel for G <= {FSA_KERNEL_MAX_G}), window via flash-attn/shim")
 

@@ -107,7 +107,7 @@ def window_param(case: Case) -> int:
 
 def gate_values(case: Case, g: torch.Tensor) -> torch.Tensor:
     """The multiplier the module applies: the gate itself, or its sigmoid for ``gates="sigmoid"``."""
-    return torch.sigmoid(g) if getattr(case, "gates", "raw") == "sigmoid" else g
+    return torch.sigmoid(g) if case.gates == "sigmoid" else g
 
 
 def common_support(case: Case, label: str, decode: bool = False) -> Optional[str]:
@@ -117,8 +117,6 @@ def common_support(case: Case, label: str, decode: bool = False) -> Optional[str
         return f"{label}'s compression mask is end_inclusive (c*d + l - 1 <= t), case has {case.cmp_mask}"
     if case.forced_blocks != "initial_local":
         return f"{label} forces block 0 + the two local blocks (init_blocks=1, local_blocks=2), case has {case.forced_blocks}"
-    if getattr(case, "group_importance", "sum_probs") != "sum_probs":
-        return f"{label} ranks blocks by the group's summed compression probabilities, case has {case.group_importance}"
     if case.cmp_block not in (16, 32, 64, 128):
         return f"{label}'s compression asserts kernel_size (l) in {{16, 32, 64, 128}}, got {case.cmp_block}"
     if case.block_size not in (32, 64, 128, 256):
@@ -275,6 +273,7 @@ class Xunhao(Oracle):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16")
     fixed_conventions = {"cmp_mask": "end_inclusive", "window_keys": "w_plus_1"}
+    supported_conventions = {"gates": ("raw", "sigmoid")}  # the gated sum / combine is the adapter's
     description = f"XunhaoLai native-sparse-attention-triton@{CHECKOUTS['xunhao'].commit[:7]} ops (compression + top-k + selection), window via flash-attn/shim"
 
     def availability(self) -> Optional[str]:

@@ -14,7 +14,7 @@ import torch
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import materialize
 from nsaconf.oracles import config
-from nsaconf.oracles.base import get_oracle
+from nsaconf.oracles.base import convention_support, get_oracle
 from nsaconf.oracles.compat.checkout_import import import_from_checkout
 from nsaconf.oracles.flash_nsa import gate_logits
 from nsaconf.oracles.reference import nsa_reference
@@ -125,8 +125,16 @@ def test_window_and_gates():
     g = torch.tensor([0.1, 0.5, 0.9])
     assert torch.equal(gate_values(_case(), g), g)
     assert torch.allclose(torch.sigmoid(gate_logits(_case(), g)), g, atol=1e-6)
-    sig = types.SimpleNamespace(gates="sigmoid")  # a case whose gates are logits (field ``gates``)
+    sig = _case(gates="sigmoid")  # the given gates are logits
     assert torch.allclose(gate_values(sig, g), torch.sigmoid(g)) and torch.equal(gate_logits(sig, g), g)
+
+
+@pytest.mark.parametrize("name", ["xunhao", "fsa", "flash_nsa"])
+def test_convention_fields(name):
+    o = get_oracle(name)
+    assert convention_support(o, _case(gates="sigmoid"), "o") is None
+    assert "mean_logits" in convention_support(o, _case(group_importance="mean_logits"), "topk_idx")
+    assert convention_support(get_oracle("fla_main"), _case(gates="sigmoid"), "o")
 
 
 def test_checkout_import_skips_package_init_and_isolates(tmp_path):

@@ -16,13 +16,13 @@ A selection kernel that must be *given* its blocks takes a ``block_indices`` key
 from __future__ import annotations
 
 import inspect
-import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Union
 
 from nsaconf.cases.vocabulary import ALL_BRANCHES, BAD_STATUSES, DEVICES, DTYPE_ALIASES, FORWARD_BRANCHES
+from nsaconf.cases.repro_line import repro_command  # noqa: F401 (re-exported: the one place it is built)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -103,22 +103,12 @@ def parse_branches(branches: Any) -> Optional[tuple[str, ...]]:
 
 
 # ------------------------------------------------------------------------------------------ messages
-def repro_command(case_id: str, oracle: str, device: str = "cpu", plugins: Iterable[str] = (),
-                  tol: Iterable[str] = ()) -> str:
-    """The ``nsaconf repro`` command line that reruns one case against one oracle."""
-    words = ["nsaconf", "repro", case_id, "--oracles", oracle]
-    if device != "cpu":
-        words += ["--device", device]
-    for p in plugins:
-        words += ["--plugin", str(p)]
-    for t in tol:
-        words += ["--tol", t]
-    return shlex.join(words)
-
-
 def failure_text(cell: "CellResult", *repro: str) -> str:
-    """One bad cell: its status, oracle.branch, case and reason, then each ``repro`` line indented."""
-    lines = [f"{cell.status} {cell.oracle}.{cell.branch} on {cell.case_id}: {cell.reason}"]
+    """One bad cell: its status, oracle.branch, case and reason (after the diagnosis, its headline, when there
+    is one), then each ``repro`` line indented."""
+    diag = (getattr(cell, "diagnosis", None) or {}).get("text")
+    head = f"{cell.status} {cell.oracle}.{cell.branch} on {cell.case_id}"
+    lines = [f"{head} — {diag}", f"  {cell.reason}"] if diag else [f"{head}: {cell.reason}"]
     if cell.metrics.get("worst_index") is not None:
         lines.append(f"  worst [b, pos, head]: {cell.metrics['worst_index']}")
     return "\n".join(lines + [f"  {r}" for r in repro])
@@ -150,13 +140,14 @@ class CheckResult:
         return not self.failures and self.counts.get("PASS", 0) > 0
 
     def frame(self) -> "pd.DataFrame":
-        """One row per cell: the ``CellResult`` fields, nested ones flattened (``metrics.err_ratio``,
-        ``case.seq_len``, ``tolerance.k``)."""
+        """One row per cell: the ``CellResult`` fields, nested ones flattened with the column names of
+        ``results.csv`` (``metric.err_ratio``, ``tolerance.k``, ``case.seq_len``, ``diagnosis.key``)."""
         import json
 
         import pandas as pd
 
-        return pd.json_normalize([json.loads(c.to_json()) for c in self.cells])
+        df = pd.json_normalize([json.loads(c.to_json()) for c in self.cells])
+        return df.rename(columns=lambda c: "metric." + c[len("metrics."):] if c.startswith("metrics.") else c)
 
     def message(self) -> str:
         """What ``assert_conforms`` raises: the counts, then each bad cell with its reason and how to rerun it."""
@@ -232,7 +223,7 @@ def registered(cls: type) -> Iterator[None]:
     try:
         yield
     finally:
-        base._REGISTRY.pop(cls.name, None)  # an ad-hoc oracle lives for one check; no API removes an oracle
+        base.unregister_oracle(cls.name)  # an ad-hoc oracle lives for one check
 
 
 # ------------------------------------------------------------------------------------------ entry points

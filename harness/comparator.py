@@ -155,6 +155,26 @@ def _worst_index(case: Case, flat: int, shape: tuple[int, ...], keys: bool = Fal
     return [int(idx[0]), pos, int(idx[2])]
 
 
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index tuple of a flat index into a tensor of ``shape`` (as torch.testing prints it)."""
+    idx = []
+    for s in reversed(shape):
+        idx.append(flat % s)
+        flat //= s
+    return tuple(int(i) for i in idx[::-1])
+
+
+def _count_over(flat_o: torch.Tensor, flat_t: torch.Tensor, bound: float) -> int:
+    """Elements where the truth is finite and the output is non-finite or off by more than ``bound``
+    (``COMPARE_CHUNK`` elements at a time)."""
+    n = 0
+    for s0 in range(0, flat_t.numel(), COMPARE_CHUNK):
+        o, t = flat_o[s0:s0 + COMPARE_CHUNK].double(), flat_t[s0:s0 + COMPARE_CHUNK].double()
+        fin = torch.isfinite(t)
+        n += int((fin & ~((o - t).abs() <= bound)).sum())
+    return n
+
+
 def _nonzero_max(x: torch.Tensor) -> float:
     return float(x.abs().max()) if x.numel() else 0.0
 
@@ -237,10 +257,15 @@ def compare_numeric(case: Case, branch: str, out: torch.Tensor, truth: torch.Ten
     if worst_at >= 0:
         metrics["worst_index"] = _worst_index(case, worst_at, tuple(truth.shape), keys=branch in KEY_LAYOUT)
     if err > bound:
-        problems.append(f"max_abs_err {err:.3g} > bound {bound:.3g} ({rule.describe()}; baseline_err {base_err:.3g}, floor {floor:.3g})")
-    # zero / constant outputs never pass (KernelBench#165)
-    if scale > 0:
-        if not (err < rule.nontrivial * scale and rel_rms < rule.nontrivial):
+        over = _count_over(flat_o, flat_t, bound)
+        metrics["over_bound"] = over
+        problems.append(f"Mismatched elements: {over} / {flat_t.numel()} ({over / flat_t.numel():.1%}); greatest absolute "
+                        f"difference {err:.3g} at {_unravel(worst_at, tuple(truth.shape))} (bound {bound:.3g}: "
+                        f"{rule.describe()}; baseline_err {base_err:.3g}, floor {floor:.3g})")
+    # zero / constant outputs never pass (KernelBench#165); its text only when it is what fails the cell
+    if scale > 0 and not (err < rule.nontrivial * scale and rel_rms < rule.nontrivial):
+        metrics["constant_guard"] = True
+        if not problems:
             problems.append(f"zero/constant-output guard (KernelBench#165): need err < {rule.nontrivial:g}*max|truth| and rel_rms < {rule.nontrivial:g} (err {err:.3g} vs max|truth| {scale:.3g}, rel_rms {rel_rms:.3g})")
     status = "FAIL" if problems else "PASS"
     return Verdict(branch, status, "; ".join(problems), metrics, tol, emap.to_dict(bound) if problems else None)

@@ -30,7 +30,8 @@ RECORD_FIELDS = ("case_id", "oracle", "status")
 class CellResult:
     """One cell. ``metrics``: max_abs_err, baseline_err, floor, bound, err_ratio (=err/bound), rel_rms,
     mismatch_frac, worst_index [b, position, head], nonfinite, empty_rows, empty_rows_bad,
-    topk_disagree, topk_ties, ...; ``tolerance``: rule, k, floor, source, text."""
+    topk_disagree, topk_ties, ...; ``tolerance``: rule, k, floor, source, text; ``diagnosis``: on a
+    FAIL cell, the alternative conventions its output matches (``harness.diagnosis``), else None."""
 
     case_id: str
     case: dict[str, Any]
@@ -47,6 +48,7 @@ class CellResult:
     versions: dict[str, str] = field(default_factory=dict)
     timestamp: str = ""
     error_map: Optional[dict[str, Any]] = None  # numeric FAILs: err/bound per (position bin, head) (harness.error_map)
+    diagnosis: Optional[dict[str, Any]] = None  # FAIL cells: the convention it matches (harness.diagnosis)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -60,8 +62,9 @@ class CellResult:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if d.get("error_map") is None:  # written only where there is one
-            d.pop("error_map", None)
+        for optional in ("error_map", "diagnosis"):  # written only where there is one
+            if d.get(optional) is None:
+                d.pop(optional, None)
         return json.dumps(_jsonable(d), allow_nan=False)
 
     @classmethod

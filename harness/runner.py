@@ -19,6 +19,7 @@ import torch
 
 from nsaconf.cases.model import Case
 from nsaconf.harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
+from nsaconf.harness.diagnosis import DEFAULT_BUDGET_S, Diagnoser
 from nsaconf.harness.environment import versions as environment_versions
 from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, done_keys
 from nsaconf.harness.tolerance import ToleranceTable
@@ -43,6 +44,7 @@ class RunConfig:
     progress: bool = True
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     truth_cache: Optional[dict] = None  # case id -> CaseTruth, shared across runs (pytest items)
+    diagnosis_budget: float = DEFAULT_BUDGET_S  # seconds per case to diagnose its FAIL cells (0: off)
 
 
 def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
@@ -113,6 +115,27 @@ def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str]
             for v in verdicts]
 
 
+def diagnose_cells(diagnoser: Diagnoser, oracle: Oracle, recs: list[CellResult], outputs: dict) -> None:
+    """Attach a ``diagnosis`` to each FAIL cell of ``recs`` (outside the cells' timed part; a diagnosis
+    that fails is left out, never the cell)."""
+    for rec in recs:
+        if rec.status != "FAIL" or rec.branch in GRAD_BRANCHES:
+            continue
+        try:
+            rec.diagnosis = diagnoser.diagnose(oracle.name, oracle.layer, rec.branch, outputs,
+                                               oracle.needs_block_indices, rec.metrics.get("err_ratio"))
+        except Exception:  # noqa: BLE001 - the cell stands without its diagnosis
+            rec.diagnosis = None
+
+
+def console_line(rec: CellResult) -> str:
+    """The console line of a bad cell: status, case, oracle.branch, the diagnosis first when there is one,
+    then the reason."""
+    head = f"{rec.status} {rec.case_id} {rec.oracle}.{rec.branch}"
+    text = (rec.diagnosis or {}).get("text")
+    return f"{head} — {text}; {rec.reason}" if text else f"{head}: {rec.reason}"
+
+
 @dataclass
 class RunSummary:
     counts: dict[str, int]
@@ -166,7 +189,7 @@ class Runner:
             results.append(rec)
             counts[rec.status] = counts.get(rec.status, 0) + 1
             if rec.status in BAD_STATUSES:
-                line = f"{rec.status} {rec.case_id} {rec.oracle}.{rec.branch}: {rec.reason}"
+                line = console_line(rec)
                 (bar.write(line, file=sys.stderr) if bar is not None else cfg.echo(line))
 
         try:
@@ -249,6 +272,7 @@ class Runner:
                 submit(name, idx, truth_secs)
             else:
                 replies[name] = run_in_process(oracle, case, cfg.device, idx)
+        diagnoser: Optional[Diagnoser] = None  # made on the case's first FAIL; its variant truths serve every oracle
         for name, branches in pending.items():
             oracle = self.oracles[name]
             if name in budget:
@@ -273,6 +297,10 @@ class Runner:
                 late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout, name in concurrent)
             if late is not None:
                 recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
+            elif reply.status == "ok" and ct is not None and cfg.diagnosis_budget > 0:
+                if diagnoser is None:
+                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget)
+                diagnose_cells(diagnoser, oracle, recs, reply.outputs or {})
             del reply
             for rec in recs:
                 emit(rec)
@@ -327,15 +355,17 @@ def _save_truth(out: Path, case: Case, ct: CaseTruth, pending: dict[str, list[st
 
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,
              isolate: bool = False, timeout: float = 300.0, plugins: Optional[list[str]] = None,
-             out: Optional[Path] = None, save_tensors: bool = False,
-             truth_cache: Optional[dict] = None) -> list[CellResult]:
-    """Judge one case against some oracles and return the cells (used by ``repro`` and pytest)."""
+             out: Optional[Path] = None, save_tensors: bool = False, truth_cache: Optional[dict] = None,
+             diagnosis_budget: float = DEFAULT_BUDGET_S) -> list[CellResult]:
+    """Judge one case against some oracles and return the cells (used by ``repro`` and pytest); FAIL cells
+    carry their ``diagnosis`` (``diagnosis_budget`` seconds for the case, 0: none)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(cases=[case], oracles=oracle_names, device=device, out=Path(out or tmp), save_tensors=save_tensors,
                         plugins=list(plugins or []), table=table or ToleranceTable(), isolate=isolate,
-                        timeout=timeout, progress=False, echo=lambda s: None, truth_cache=truth_cache)
+                        timeout=timeout, progress=False, echo=lambda s: None, truth_cache=truth_cache,
+                        diagnosis_budget=diagnosis_budget)
         return Runner(cfg).run().results
 
 

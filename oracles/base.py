@@ -201,6 +201,12 @@ def register_oracle(cls: type[Oracle]) -> type[Oracle]:
     return cls
 
 
+def unregister_oracle(name: str) -> Optional[type[Oracle]]:
+    """Remove oracle ``name`` from the registry (an ad-hoc oracle of ``nsaconf.check``); returns its class,
+    None when no oracle has that name."""
+    return _REGISTRY.pop(name, None)
+
+
 def registry() -> dict[str, type[Oracle]]:
     load_builtins()
     return dict(_REGISTRY)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from nsaconf.cases.vocabulary import (ALL_BRANCHES as BRANCH_ORDER, DTYPE_SHORT, LAYER_KEYS, LAYER_TITLES,  # noqa: F401
                                       LAYERS, RESULTS_FILE, SEVERITY, STATUSES)
+from nsaconf.cases.repro_line import repro_command
 
 UNKNOWN_SEVERITY = 6  # a status outside STATUSES is shown as is and treated as worst
 DTYPE_ORDER = ("fp64", "fp32", "bf16", "fp16")  # column order: most mantissa bits first
@@ -55,7 +56,7 @@ class CellRecord:
     seconds: Optional[float] = None
     versions: dict = field(default_factory=dict)
     timestamp: Optional[str] = None
-    diagnosis: Optional[dict] = None  # FAIL/ERROR: the convention(s) the output matches (harness diagnosis)
+    diagnosis: Optional[dict] = None  # FAIL cells: key, matched, variants, nearest, text (harness.diagnosis)
     error_map: Optional[dict] = None  # numeric FAIL: err/bound per (position bin, head) (harness.error_map)
 
     @classmethod
@@ -75,7 +76,7 @@ class CellRecord:
             seconds=float(secs) if isinstance(secs, (int, float)) else None,
             versions=as_dict(obj.get("versions")),
             timestamp=None if obj.get("timestamp") is None else str(obj["timestamp"]),
-            diagnosis=obj["diagnosis"] if isinstance(obj.get("diagnosis"), dict) else None,
+            diagnosis=_diagnosis(obj.get("diagnosis")),
             error_map=obj["error_map"] if isinstance(obj.get("error_map"), dict) else None,
         )
 
@@ -114,10 +115,7 @@ class CellRecord:
     @property
     def repro(self) -> str:
         """The one-line command that reruns this cell (``Results.repro`` adds the run's plugins/overrides)."""
-        cmd = f"nsaconf repro {self.case_id} --oracles {self.oracle}"
-        if self.device and self.device != "cpu":
-            cmd += f" --device {self.device}"
-        return cmd
+        return repro_command(self.case_id, self.oracle, self.device or "cpu")
 
     def sort_key(self) -> tuple:
         return (layer_rank(self.layer), self.oracle, self.case_id, branch_rank(self.branch),
@@ -145,22 +143,28 @@ class Results:
     def repro(self, r: CellRecord) -> str:
         """``r.repro`` plus the run's ``--plugin`` files and tolerance overrides (from run.json), so that
         the rerun sees the same oracle and the same bound."""
-        return r.repro + self._repro_extra()
+        plugins, tol = self.repro_args()
+        return repro_command(r.case_id, r.oracle, r.device or "cpu", plugins, tol)
 
-    def _repro_extra(self) -> str:
+    def repro_args(self) -> tuple[list[str], list[str]]:
+        """The run's ``--plugin`` files and ``--tol`` assignments (from run.json)."""
         info = self.run_info or {}
-        parts: list[str] = []
-        plugins = info.get("plugins")
-        if isinstance(plugins, list):
-            parts += [f"--plugin {_shell_word(str(p))}" for p in plugins]
+        plugins = [str(p) for p in info.get("plugins") or []] if isinstance(info.get("plugins"), list) else []
         tol = info.get("tolerance")
         overrides = tol.get("overrides") if isinstance(tol, dict) else None
+        assigns = []
         if isinstance(overrides, list):
             for o in overrides:
                 if isinstance(o, dict) and {"oracle", "branch", "param", "value"} <= set(o):
-                    assign = f"{o['oracle']}.{o['branch']}.{o['param']}={o['value']}"
-                    parts.append("--tol " + _shell_word(assign))
-        return "".join(" " + p for p in parts)
+                    assigns.append(f"{o['oracle']}.{o['branch']}.{o['param']}={o['value']}")
+        return plugins, assigns
+
+    def probe_records(self) -> list[dict]:
+        """The convention probe's records of the run (``conventions.jsonl``; [] when it was not run)."""
+        from nsaconf.cases.vocabulary import CONVENTIONS_FILE
+
+        path = Path(self.out_dir) / CONVENTIONS_FILE
+        return read_jsonl(path)[0] if path.is_file() else []
 
     @property
     def verdict(self) -> str:
@@ -178,6 +182,15 @@ class Results:
 # -------------------------------------------------------------------------------------- helpers
 _NONFINITE = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan,
               "infinity": math.inf, "-infinity": -math.inf}
+
+
+def _diagnosis(v: Any) -> Optional[dict]:
+    """A record's ``diagnosis`` when it has the documented shape (a ``text`` string), else None."""
+    if not isinstance(v, dict) or not isinstance(v.get("text"), str):
+        return None
+    return {"key": str(v.get("key") or ""), "matched": v.get("matched") is True,
+            "variants": [x for x in v.get("variants") or [] if isinstance(x, dict)] if isinstance(v.get("variants"), list) else [],
+            "nearest": v.get("nearest") if isinstance(v.get("nearest"), dict) else None, "text": v["text"]}
 
 
 def _nonfinite(v: Any) -> Any:
@@ -208,13 +221,6 @@ def metric_rank(name: str) -> tuple[int, str]:
 def bad_sort_key(r: CellRecord) -> tuple:
     """Failures first by status severity (worst first), then in report order."""
     return (-r.severity,) + r.sort_key()
-
-
-def _shell_word(w: str) -> str:
-    """Quote for a POSIX shell only when needed (keeps the common command readable)."""
-    import shlex
-
-    return w if re.fullmatch(r"[A-Za-z0-9_./=*+:,@%-]+", w) and "*" not in w else shlex.quote(w)
 
 
 def one_line(text: Optional[str], limit: int = 240) -> str:

@@ -1,8 +1,10 @@
 """``summary.md``: the short report for CI logs and PR comments.
 
 Totals per status, per layer a compact oracle x case-group table of the worst status (with the worst
-err_ratio), every FAIL/ERROR/CRASH/TIMEOUT with a one-line reason and its repro command (capped at
-``MAX_FAILURES`` lines; results.csv and report.html hold all), and SKIPs grouped by reason.
+err_ratio), the bad cells grouped by diagnosis (``tables.failure_groups``: per oracle, the convention its
+FAIL outputs match, with the convention probe's findings for it), each FAIL/ERROR/CRASH/TIMEOUT with a
+one-line reason and its repro command (capped at ``MAX_FAILURES`` lines; results.csv and report.html hold
+all), and SKIPs grouped by reason.
 Every text from results (names, reasons, statuses, layer headings) goes through ``md_escape``
 (``| < > * _ [ ] ` # \\``) and every code span through ``_code``, so no record can break a table or a
 heading, leave its code span or inject HTML into a PR comment.
@@ -12,7 +14,8 @@ from __future__ import annotations
 import re
 
 from nsaconf.reports.load import STATUSES, Results, fmt_metric
-from nsaconf.reports.tables import MatrixCell, layer_views, skip_groups
+from nsaconf.reports.tables import (MatrixCell, diagnosis_headline, failure_groups, finding_line, layer_views,
+                                    skip_groups)
 
 MAX_FAILURES = 100
 ICON = {"PASS": "✅", "FAIL": "❌", "SKIP": "⏭️", "ERROR": "⚠️", "CRASH": "💥", "TIMEOUT": "⏱️"}
@@ -84,11 +87,37 @@ def render_summary(res: Results) -> str:
     lines += ["", f"## Failures ({len(bad)})", ""]
     if not bad:
         lines.append("None: no cell FAILed, ERRORed, CRASHed or TIMED OUT.")
-    for r in bad[:MAX_FAILURES]:
-        ratio = f" (r {fmt_metric('err_ratio', r.err_ratio)})" if r.err_ratio is not None else ""
-        lines.append(f"- {ICON.get(r.status, '❓')} **{md_escape(r.status)}** {md_escape(r.oracle)} · "
-                     f"{md_escape(r.branch)} · {md_escape(r.case_id)}{ratio}: {md_escape(r.one_line_reason) or '(no reason given)'}  \n"
-                     f"  {_code(res.repro(r))}")
+    groups = failure_groups(bad, res.probe_records())
+    if groups:
+        lines += [f"{diagnosis_headline(groups)}; grouped by diagnosis: the convention each FAIL's output matches.", ""]
+    shown = 0
+
+    def cell_lines(recs: list) -> None:
+        nonlocal shown
+        for r in recs:
+            if shown >= MAX_FAILURES:
+                return
+            shown += 1
+            ratio = f" (r {fmt_metric('err_ratio', r.err_ratio)})" if r.err_ratio is not None else ""
+            lines.append(f"- {ICON.get(r.status, '❓')} **{md_escape(r.status)}** {md_escape(r.oracle)} · "
+                         f"{md_escape(r.branch)} · {md_escape(r.case_id)}{ratio}: {md_escape(r.one_line_reason) or '(no reason given)'}  \n"
+                         f"  {_code(res.repro(r))}")
+
+    for g in groups:
+        worst = max(g.records, key=lambda r: r.severity).status
+        n = len(g.records)
+        cases = len({r.case_id for r in g.records})
+        lines.append(f"### {ICON.get(worst, '❓')} {md_escape(g.oracle)} · {md_escape(g.title)} — {n} cell{'s' if n != 1 else ''} "
+                     f"({md_escape(', '.join(g.branches))}), {cases} case{'s' if cases != 1 else ''}")
+        lines.append("")
+        if g.text:
+            lines.append(md_escape(g.text))
+        lines += [f"- convention probe: {md_escape(finding_line(f, g.key))}" for f in g.findings]
+        lines.append("")
+        cell_lines(g.records)
+        lines.append("")
+    if not groups:
+        cell_lines(bad)
     if len(bad) > MAX_FAILURES:
         lines.append(f"- … and {len(bad) - MAX_FAILURES} more (all are in results.csv and report.html)")
 

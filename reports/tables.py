@@ -386,3 +386,29 @@ def failure_groups(bad: list[CellRecord], conventions: Optional[list[dict]] = No
                                    join_findings(oracle, sorted({r.branch for r in recs}), conventions or [])))
     order = {None: 2, "": 1}
     return sorted(groups, key=lambda g: (order.get(g.key, 0), -len(g.records), g.oracle, g.key or ""))
+
+
+def finding_line(rec: dict, key: Optional[str] = None) -> str:
+    """A probe record joined to a failure group in one line, e.g. ``swa_o: w_plus_1 where w is expected
+    (mismatch), agrees`` (``agrees``: the measured convention is one the group's diagnosis ``key`` names)."""
+    exp = rec.get("expected_convention") or rec.get("claimed_convention")
+    conv = str(rec.get("convention") or "?")
+    if conv == "unknown" and rec.get("nearest"):
+        conv = f"unknown (nearest {rec['nearest']})"
+    values = {part.split("=", 1)[1] for part in (key or "").split(" + ") if "=" in part}
+    agrees = ", agrees" if rec.get("convention") in values else ""
+    return f"{rec.get('branch')}: {conv}" + (f" where {exp} is expected" if exp else "") + f" ({rec.get('finding')}){agrees}"
+
+
+def diagnosis_headline(groups: list[FailureGroup]) -> str:
+    """``18 FAILs, 2 causes`` (+ ``, 10 unexplained``: FAILs that match no convention or were not diagnosed;
+    + the counts of the other bad statuses)."""
+    cells = [r for g in groups for r in g.records]
+    fails = sum(r.status == "FAIL" for r in cells)
+    causes = sum(1 for g in groups if g.key)
+    unexplained = sum(r.status == "FAIL" for g in groups if not g.key for r in g.records)
+    parts = [f"{fails} FAIL{'s' if fails != 1 else ''}, {causes} cause{'s' if causes != 1 else ''}"]
+    if unexplained:
+        parts.append(f"{unexplained} unexplained")
+    others = Counter(r.status for r in cells if r.status != "FAIL")
+    return ", ".join(parts + [f"{n} {s}" for s, n in sorted(others.items())])

@@ -35,7 +35,8 @@ def test_a_correct_callable_conforms_on_the_branches_it_returns():
         (SMALL.id, "o", "PASS"), (SMALL.id, "swa_o", "PASS"),
         (SMALL.replace(window=0).id, "o", "PASS"), (SMALL.replace(window=0).id, "swa_o", "SKIP")}
     df = result.frame()
-    assert len(df) == 4 and {"case_id", "branch", "status", "metrics.err_ratio", "case.seq_len"} <= set(df.columns)
+    assert len(df) == 4 and {"case_id", "branch", "status", "metric.err_ratio", "case.seq_len"} <= set(df.columns)
+    assert not any(c.startswith("metrics.") for c in df.columns)  # results.csv's names
     assert "good_nsa" not in registry()  # the ad-hoc oracle lives for the check only
 
 
@@ -46,7 +47,9 @@ def test_assert_conforms_lists_each_bad_cell_with_its_reason_and_rerun_lines():
     msg = str(e.value)
     assert msg.startswith("nsaconf.check: window_plus_one: 2 of 4 cells bad on cpu (FAIL=2 PASS=2)")
     for case in cases:
-        assert f"FAIL window_plus_one.swa_o on {case.id}: max_abs_err" in msg
+        assert (f"FAIL window_plus_one.swa_o on {case.id} — matches the reference with window_keys=w_plus_1 (r "
+                in msg)  # the diagnosis is the headline, the comparison follows
+        assert "\n  Mismatched elements: " in msg
         assert f"nsaconf repro {case.id} --oracles window_plus_one --plugin FILE" in msg
         assert f"rerun: nsaconf.check(fn, cases='{case.id}', branches='swa_o')" in msg
     assert "cmp_o on" not in msg  # passing cells are not listed

@@ -73,6 +73,22 @@ def test_zero_and_constant_outputs_never_pass():
     assert v.status == "PASS"
 
 
+def test_numeric_fail_reads_like_torch_testing():
+    """Mismatch count over the bound, the greatest difference and its full index; no guard text when the
+    bound is what failed (a large error also trips the guard)."""
+    t, base = _synthetic()
+    out = t.clone()
+    out[0, 9, 2, 4] += 1.19
+    out[0, 3, 1, 0] += 0.5
+    out[0, 4, 0, 7] = 100.0  # the guard trips too: err >> max|truth|
+    v = compare_numeric(CASE, "cmp_o", out, t, base, _rule(), "bfloat16")
+    n = t.numel()
+    assert v.status == "FAIL" and v.metrics["over_bound"] == 3 and v.metrics["constant_guard"]
+    assert v.reason.startswith(f"Mismatched elements: 3 / {n} ({3 / n:.1%}); greatest absolute difference "
+                               f"{100.0 - float(t[0, 4, 0, 7]):.3g} at (0, 4, 0, 7) (bound ")
+    assert "zero/constant-output guard" not in v.reason
+
+
 def test_shape_mismatch_fails():
     t, base = _synthetic()
     v = compare_numeric(CASE, "cmp_o", t[..., :8], t, base, _rule(), "bfloat16")

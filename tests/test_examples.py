@@ -111,7 +111,8 @@ def test_a_failing_item_carries_the_reason_and_the_repro_line(tmp_path):
                 "--nsaconf-oracles", "reference,bug_window")
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
     assert re.search(r"^1 failed, 1 passed", p.stdout, re.M), p.stdout[-1000:]  # the case file only, no profile
-    assert f"FAIL bug_window.swa_o on {case.id}: max_abs_err " in p.stdout
+    assert f"FAIL bug_window.swa_o on {case.id} — matches the reference with window_keys=w_plus_1 (r " in p.stdout
+    assert "\n  Mismatched elements: " in p.stdout
     assert f"repro: nsaconf repro {case.id} --oracles bug_window --plugin {plugin}" in p.stdout
 
 

@@ -96,7 +96,7 @@ def test_unknown_layer_heading_and_backticks_in_names_stay_in_their_markdown(tmp
     assert not re.search(r"(?<!\\)<img", md)
     assert "## layer 'x \\<img src=y\\> \\#\\# z' (unknown)" in md.splitlines()
     # a code span's fence is longer than any run of backticks inside it
-    assert f"  ``` nsaconf repro {rec['case_id']} --oracles a``b`c ```" in md.splitlines()
+    assert f"  ``` nsaconf repro {rec['case_id']} --oracles 'a``b`c' ```" in md.splitlines()
 
 
 def test_pipes_in_reasons_do_not_break_tables(tmp_path: Path) -> None:

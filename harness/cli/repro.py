@@ -77,6 +77,9 @@ def repro(args: argparse.Namespace) -> int:
                          plugins=resolved(args.plugin),
                          out=Path(args.save_tensors) if args.save_tensors else None, save_tensors=bool(args.save_tensors))
         print(format_cells(cells))
+        for c in cells:
+            if c.diagnosis:
+                print(f"diagnosis {c.oracle}.{c.branch}: {c.diagnosis['text']}")
         bad |= any(c.status in BAD_STATUSES for c in cells)
     print(f"tolerance: {cells[0].tolerance.get('text', '') if cells else ''}")
     return 1 if bad else 0

@@ -30,6 +30,8 @@ def register(sub) -> None:
     r.add_argument("--timeout", type=seconds, default=300.0,
                    help="seconds per cell, and per oracle for the convention probe (default 300)")
     add_tolerance_options(r)
+    r.add_argument("--diagnosis-budget", type=_budget, default=None, metavar="SECONDS",
+                   help="seconds per case to name the convention each FAIL cell matches (default 10; 0: no diagnosis)")
     r.add_argument("--no-probe", action="store_true", help="skip the convention probe after a profile run")
     r.add_argument("--no-report", action="store_true", help="do not write summary.md/results.csv/report.html")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,6 +42,11 @@ def register(sub) -> None:
                    help="exit 1 when one of these oracles ran no cell or SKIPped every cell (unavailable, unsupported)")
     add_limit_options(r)
     r.set_defaults(func=cmd_run)
+
+
+def _budget(text: str) -> float:
+    """argparse type of ``--diagnosis-budget``: a finite number of seconds >= 0."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
 
 
 def _size(text: str) -> int:
@@ -200,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"nsaconf: {len(over)} case(s) over --max-memory/--max-work are SKIP cells", file=sys.stderr)
         run_cfg = RunConfig(cases=[c for c in cases if c.id not in over], oracles=oracles, device=args.device, out=out,
                             plugins=resolved(args.plugin), save_tensors=args.save_tensors, resume=args.resume,
-                            timeout=args.timeout, table=table, progress=not args.no_progress)
+                            timeout=args.timeout, table=table, progress=not args.no_progress,
+                            **({} if args.diagnosis_budget is None else {"diagnosis_budget": args.diagnosis_budget}))
         Runner(run_cfg).run()
         if over:
             write_skipped(out, cases, over, oracles, args.device, args.resume)

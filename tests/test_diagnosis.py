@@ -1,0 +1,109 @@
+"""Differential diagnosis: every planted convention difference is named as exactly that convention; a
+correct oracle gets none; a bug that is no convention is said to match nothing, with the nearest variant."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nsaconf.cases.model import Case
+from nsaconf.harness.diagnosis import alternatives
+from nsaconf.harness.runner import console_line, evaluate
+from nsaconf.oracles.base import load_plugin
+
+PLUGINS = Path(__file__).parent / "plugins"
+#: tiny: 8 selection blocks, top-4 (3 forced + 1 scored), window 8, GQA group 2; early queries have empty
+#: compression rows and -1 padded top-n
+CASE = Case(seq_len=64, heads_q=4, heads_kv=2, head_dim=16, block_size=8, top_n=4, window=8, dtype="float32", seed=3)
+
+
+#: each planted oracle of tests/plugins/planted_conventions.py and the diagnosis it must get
+PLANTED = {**{f"conv_cmp_{m}": f"cmp_mask={m}" for m in ("current_block", "anti_causal", "end_exclusive")},
+           "conv_window_w_plus_1": "window_keys=w_plus_1",
+           **{f"conv_forced_{f}": f"forced_blocks={f}" for f in ("none", "current")},
+           "conv_lse_base2": "lse=base2", "conv_scale_swa": "scale=ignored_in_swa", "conv_gates_sigmoid": "gates=sigmoid",
+           "conv_group_mean_logits": "group_importance=mean_logits", "conv_empty_nan": "empty_rows=nan",
+           "conv_empty_finite_lse": "empty_rows=finite_lse", "conv_slc_no_causal_cut": "selection=no_causal_cut",
+           "conv_slc_pad_block0": "padding=block0", "conv_topk_repeats": "topk_padding=repeats"}
+
+
+@pytest.fixture(scope="module")
+def planted() -> dict[str, str]:
+    from nsaconf.oracles.base import registry
+
+    load_plugin(PLUGINS / "planted_conventions.py")
+    load_plugin(PLUGINS / "planted_bugs.py")
+    declared = {n: c.description.split(": ", 1)[1] for n, c in registry().items() if n.startswith("conv_")}
+    assert declared == PLANTED  # the plugin and this table name the same conventions
+    return PLANTED
+
+
+def _case_for(key: str) -> Case:
+    return CASE.replace(scale=0.1) if key.startswith("scale=") else CASE
+
+
+@pytest.mark.parametrize("oracle", sorted(PLANTED))
+def test_each_planted_convention_is_diagnosed_as_exactly_that(planted, oracle):
+    key = planted[oracle]
+    field = key.split("=")[0]
+    if field in ("gates", "group_importance") and not hasattr(Case(), field):
+        pytest.skip(f"the case model has no {field!r} field yet")
+    cells = evaluate(_case_for(key), [oracle])
+    fails = [c for c in cells if c.status == "FAIL"]
+    assert fails, f"{oracle} did not fail: {[(c.branch, c.status, c.reason) for c in cells]}"
+    for c in fails:
+        d = c.diagnosis
+        assert d is not None and d["matched"], console_line(c)
+        assert d["key"] == key, console_line(c)
+        assert d["variants"][0]["name"] == key and d["nearest"] is None
+        assert d["text"].startswith(f"matches the reference with {key} (") and key in console_line(c)
+
+
+@pytest.mark.parametrize("oracle", ["reference", "dense"])
+def test_a_correct_oracle_gets_no_diagnosis(oracle):
+    cells = evaluate(CASE.replace(scale=0.1), [oracle])
+    assert cells and all(c.status in ("PASS", "SKIP") for c in cells)
+    assert all(c.diagnosis is None for c in cells)
+
+
+def test_a_bug_that_is_no_convention_matches_nothing(planted):
+    cells = [c for c in evaluate(CASE, ["bug_scale"]) if c.status == "FAIL"]  # scale * 1.25: no convention
+    assert cells
+    for c in cells:
+        d = c.diagnosis
+        assert d is not None and d["matched"] is False and d["key"] == "" and d["variants"] == []
+        assert d["nearest"]["name"] and d["text"].startswith("no alternative convention matches")
+
+
+def test_no_budget_no_diagnosis(planted):
+    cells = evaluate(CASE, ["conv_window_w_plus_1"], diagnosis_budget=0)
+    assert [c.status for c in cells] == ["FAIL"] and cells[0].diagnosis is None
+
+
+def test_pairs_are_tried_when_no_single_knob_matches(planted):
+    from nsaconf.oracles.base import Oracle, register_oracle, unregister_oracle
+    from nsaconf.oracles.reference import nsa_reference
+
+    class Lucid(Oracle):  # window w+1 and end_exclusive together: e2e o needs both knobs
+        name, layer, branches, devices = "conv_pair_lucid", "e2e", ("o",), ("cpu",)
+
+        def run(self, case, inputs, device, block_indices=None):
+            return {"o": nsa_reference(case.replace(window_keys="w_plus_1", cmp_mask="end_exclusive"), inputs, dtype=None)["o"]}
+
+    register_oracle(Lucid)
+    try:
+        (cell,) = evaluate(CASE, ["conv_pair_lucid"])
+    finally:
+        unregister_oracle("conv_pair_lucid")
+    assert cell.status == "FAIL" and cell.diagnosis["matched"]
+    assert set(cell.diagnosis["key"].split(" + ")) == {"cmp_mask=end_exclusive", "window_keys=w_plus_1"}
+
+
+def test_alternatives_cheapest_first_and_only_those_that_apply():
+    alts = alternatives(CASE)
+    assert [a.cost for a in alts] == sorted(a.cost for a in alts)
+    names = {a.name for a in alts}
+    assert "window_keys=w_plus_1" in names and "cmp_mask=end_inclusive" not in names
+    assert not any(n.startswith("scale=") for n in names)  # no custom scale: nothing to ignore
+    assert "window_keys=w_plus_1" not in {a.name for a in alternatives(CASE.replace(window=0))}
+    assert {"scale=ignored_in_swa", "scale=ignored_in_slc", "scale=ignored_in_cmp"} <= {a.name for a in alternatives(CASE.replace(scale=0.1))}

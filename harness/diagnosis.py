@@ -301,11 +301,14 @@ def _cpu(d: dict) -> dict:
 @dataclass
 class Diagnoser:
     """Diagnoses the failing cells of one case; ``budget`` seconds over all of them (variant truths
-    are computed once and reused across the case's oracles and branches)."""
+    are computed once and reused across the case's oracles and branches). ``known``: (oracle, branch) ->
+    the keys that matched on earlier cases of the run (shared by the run's diagnosers): tried first, and
+    when one matches again the search stops there."""
 
     ct: CaseTruth
     table: ToleranceTable
     budget: float = DEFAULT_BUDGET_S
+    known: dict = field(default_factory=dict)
     spent: float = 0.0
     _cache: dict = field(default_factory=dict)
 
@@ -355,25 +358,39 @@ class Diagnoser:
             return vt.truth
 
         base = [self.ct.truth[branch]] if branch in self.ct.truth and branch != "topk_idx" else []
+        by_name = {a.name: a for a in singles}
+        seen = self.known.setdefault((oracle, branch), [])
+        for key in list(seen):
+            alts = tuple(by_name[n] for n in key.split(" + ") if n in by_name)
+            if matches or over() or len(alts) != len(key.split(" + ")):
+                continue
+            attempt(alts, base)
         single_truth: dict[str, Any] = {}
-        for a in singles:
+        for a in singles if not matches else ():
             if over():
                 break
+            if any(name == a.name for name, _, _ in tried):
+                continue
             t = attempt((a,), base)
             if t is not None and branch in t:
                 single_truth[a.name] = t[branch]
-        if not matches and not over():
-            for i, a in enumerate(singles):
-                for b in singles[i + 1:]:
-                    if over():
-                        break
-                    if a.knob == b.knob:
-                        continue
-                    parts = base + [single_truth[n] for n in (a.name, b.name) if n in single_truth]
-                    attempt((a, b), parts)
+        if not matches and not over():  # pairs, those of the nearest singles first
+            ratio = {name: r for name, r, alts in tried if len(alts) == 1}
+            ranked = sorted(singles, key=lambda a: ratio.get(a.name, math.inf))
+            rank = {a.name: i for i, a in enumerate(ranked)}
+            pairs = sorted(((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a.knob != b.knob),
+                           key=lambda p: (rank[p[0].name] + rank[p[1].name], rank[p[0].name]))
+            for a, b in pairs:  # the first matching pair ends the search
+                if over() or matches:
+                    break
+                parts = base + [single_truth[n] for n in (a.name, b.name) if n in single_truth]
+                attempt((a, b), parts)
         self.spent += time.monotonic() - t0
         if not tried:
             return None
+        if matches:
+            best = min(matches, key=lambda m: (m[1], len(m[2])))[0]
+            seen[:] = [best] + [k for k in seen if k != best]
         return describe(self.ct.case, branch, matches, tried, own_ratio)
 
 

@@ -155,6 +155,7 @@ class Runner:
         self.oracles = {n: get_oracle(n) for n in cfg.oracles}
         self.workers: dict[str, Worker] = {}
         self.base_versions = environment_versions()
+        self.diagnosed: dict = {}  # (oracle, branch) -> diagnosis keys matched on earlier cases (tried first)
 
     def _threads(self) -> int:
         """CPU threads of each worker and of the truth: the cores shared by the oracles and the truth,
@@ -299,7 +300,7 @@ class Runner:
                 recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
             elif reply.status == "ok" and ct is not None and cfg.diagnosis_budget > 0:
                 if diagnoser is None:
-                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget)
+                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget, known=self.diagnosed)
                 diagnose_cells(diagnoser, oracle, recs, reply.outputs or {})
             del reply
             for rec in recs:

@@ -2,6 +2,7 @@
 correct oracle gets none; a bug that is no convention is said to match nothing, with the nearest variant."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,10 @@ def test_pairs_are_tried_when_no_single_knob_matches(planted):
 
     register_oracle(Lucid)
     try:
-        (cell,) = evaluate(CASE, ["conv_pair_lucid"])
+        (cell,) = evaluate(CASE, ["conv_pair_lucid"], diagnosis_budget=120)  # a loaded machine: the pairs get time
     finally:
         unregister_oracle("conv_pair_lucid")
-    assert cell.status == "FAIL" and cell.diagnosis["matched"]
+    assert cell.status == "FAIL" and cell.diagnosis["matched"], console_line(cell)
     assert set(cell.diagnosis["key"].split(" + ")) == {"cmp_mask=end_exclusive", "window_keys=w_plus_1"}
 
 
@@ -107,3 +108,34 @@ def test_alternatives_cheapest_first_and_only_those_that_apply():
     assert not any(n.startswith("scale=") for n in names)  # no custom scale: nothing to ignore
     assert "window_keys=w_plus_1" not in {a.name for a in alternatives(CASE.replace(window=0))}
     assert {"scale=ignored_in_swa", "scale=ignored_in_slc", "scale=ignored_in_cmp"} <= {a.name for a in alternatives(CASE.replace(scale=0.1))}
+
+
+def test_a_run_groups_its_failures_by_cause_on_the_console_and_in_summary_md(tmp_path, planted):
+    from nsaconf.harness.cli.run import cause_lines
+    from nsaconf.harness.results import ResultWriter
+    from nsaconf.reports import write_reports
+
+    with ResultWriter(tmp_path) as w:  # the records a run writes (judged in this process: quicker)
+        for case in (CASE, CASE.replace(seed=4)):
+            for cell in evaluate(case, ["conv_window_w_plus_1", "bug_scale", "reference"]):
+                w.write(cell)
+    lines = cause_lines(tmp_path)
+    assert lines[0] == "nsaconf: 6 FAILs, 1 cause, 4 unexplained:"
+    assert lines[1] == "  conv_window_w_plus_1: window_keys=w_plus_1 — 2 cells (swa_o)"
+    assert lines[2] == "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse)"
+    md = write_reports(tmp_path)["summary"].read_text()
+    assert "6 FAILs, 1 cause, 4 unexplained; grouped by diagnosis" in md
+    assert "### ❌ conv\\_window\\_w\\_plus\\_1 · window\\_keys=w\\_plus\\_1 — 2 cells (swa\\_o), 2 cases" in md
+    assert md.index("window\\_keys=w\\_plus\\_1 — 2 cells") < md.index("no alternative convention matches — 4 cells")
+    assert "matches the reference with window\\_keys=w\\_plus\\_1 (r " in md
+    # the convention probe's finding for the oracle joins its cause
+    probe = {"oracle": "conv_window_w_plus_1", "branch": "swa_o", "convention": "w_plus_1", "expected_convention": "w",
+             "finding": "mismatch"}
+    ok = {"oracle": "bug_scale", "branch": "cmp_o", "convention": "end_inclusive", "finding": "ok"}
+    (tmp_path / "conventions.jsonl").write_text("\n".join(json.dumps(r) for r in (probe, ok)) + "\n")
+    assert cause_lines(tmp_path)[1:3] == [
+        "  conv_window_w_plus_1: window_keys=w_plus_1 — 2 cells (swa_o); probe: swa_o: w_plus_1 where w is expected "
+        "(mismatch), agrees",
+        "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse)"]
+    assert "- convention probe: swa\\_o: w\\_plus\\_1 where w is expected (mismatch) — agrees" in \
+        write_reports(tmp_path)["summary"].read_text()

@@ -220,10 +220,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         unmet = ci_outputs(out, args.junit, args.require)  # --junit FILE, --require ORACLE,...
         counts, bad = cell_verdict(out)
+        for line in cause_lines(out):
+            print(line, file=sys.stderr)
     print(f"nsaconf: {counts}; results: {out / RESULTS_FILE}" + (f"; report: {html}" if html else ""))
     for line in unmet:
         print(f"nsaconf: required oracle {line}", file=sys.stderr)
     return 1 if bad or unmet else 0
+
+
+MAX_CAUSE_LINES = 20
+
+
+def cause_lines(out: Path) -> list[str]:
+    """The bad cells of DIR by cause (``reports.tables.diagnosis_groups``, the probe's findings joined): a
+    headline, then one line per (oracle, diagnosis); [] when no cell is bad."""
+    from nsaconf.reports.load import load
+    from nsaconf.reports.tables import diagnosis_groups, diagnosis_headline
+
+    res = load(out)
+    groups = diagnosis_groups(res.records, res.probe_records())
+    if not groups:
+        return []
+    lines = [f"nsaconf: {diagnosis_headline(groups)}:"]
+    for g in groups[:MAX_CAUSE_LINES]:
+        n = len(g.records)
+        line = f"  {g.oracle}: {g.title} — {n} cell{'s' if n != 1 else ''} ({', '.join(g.branches)})"
+        probe = [p["line"] + (", agrees" if p["agrees"] else "") for p in g.probe]
+        lines.append(line + (f"; probe: {'; '.join(probe)}" if probe else ""))
+    if len(groups) > MAX_CAUSE_LINES:
+        lines.append(f"  … and {len(groups) - MAX_CAUSE_LINES} more (summary.md)")
+    return lines
 
 
 def cell_verdict(out: Path) -> tuple[str, bool]:

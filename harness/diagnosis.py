@@ -326,8 +326,8 @@ class Diagnoser:
         """The ``diagnosis`` record of a FAIL cell (None: out of budget before any variant was judged)."""
         t0 = time.monotonic()
         singles = [a for a in alternatives(self.ct.case) if branch in a.branches]
-        tried: list[tuple[str, float, tuple[Alternative, ...]]] = []
-        matches: list[tuple[str, float, tuple[Alternative, ...]]] = []
+        tried: list[tuple[str, float, tuple[Alternative, ...], float]] = []
+        matches: list[tuple[str, float, tuple[Alternative, ...], float]] = []
 
         def over() -> bool:
             return self.spent + (time.monotonic() - t0) > self.budget
@@ -352,9 +352,11 @@ class Diagnoser:
                 return None
             ratio = _ratio(v)
             name = " + ".join(a.name for a in alts)
-            tried.append((name, ratio, alts))
+            # among equal ratios the closer variant: fewer top-n rows that differ at all (ties included)
+            second = float(v.metrics.get("topk_rows_differ", 0)) if branch == "topk_idx" else 0.0
+            tried.append((name, ratio, alts, second))
             if v.status == "PASS" and _requirement(names, branch, outs.get(branch), vt.empty) is None:
-                matches.append((name, ratio, alts))
+                matches.append((name, ratio, alts, second))
             return vt.truth
 
         base = [self.ct.truth[branch]] if branch in self.ct.truth and branch != "topk_idx" else []
@@ -369,13 +371,13 @@ class Diagnoser:
         for a in singles if not matches else ():
             if over():
                 break
-            if any(name == a.name for name, _, _ in tried):
+            if any(m[0] == a.name for m in tried):
                 continue
             t = attempt((a,), base)
             if t is not None and branch in t:
                 single_truth[a.name] = t[branch]
         if not matches and not over():  # pairs, those of the nearest singles first
-            ratio = {name: r for name, r, alts in tried if len(alts) == 1}
+            ratio = {name: r for name, r, alts, _ in tried if len(alts) == 1}
             ranked = sorted(singles, key=lambda a: ratio.get(a.name, math.inf))
             rank = {a.name: i for i, a in enumerate(ranked)}
             pairs = sorted(((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a.knob != b.knob),
@@ -389,13 +391,18 @@ class Diagnoser:
         if not tried:
             return None
         if matches:
-            best = min(matches, key=lambda m: (m[1], len(m[2])))[0]
+            best = min(matches, key=_order)[0]
             seen[:] = [best] + [k for k in seen if k != best]
         return describe(self.ct.case, branch, matches, tried, own_ratio)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.equal(a.nan_to_num(nan=0.123456789), b.nan_to_num(nan=0.123456789)))
+
+
+def _order(m: tuple) -> tuple:
+    """Best variant first: lower ratio, then fewer top-n rows that differ at all, then fewer knobs."""
+    return (m[1], m[3], len(m[2]))
 
 
 def _ratio(v) -> float:
@@ -419,16 +426,16 @@ def _fmt_ratio(branch: str, r: float) -> str:
 def describe(case: Case, branch: str, matches: list, tried: list, own_ratio: Optional[float]) -> dict:
     """The diagnosis record (schema: docs/diagnosis.md)."""
     if matches:
-        matches = sorted(matches, key=lambda m: (m[1], len(m[2])))
-        name, r, alts = matches[0]
+        matches = sorted(matches, key=_order)
+        name, r, alts, _ = matches[0]
         text = f"matches the reference with {name} ({_fmt_ratio(branch, r)}): " + "; ".join(a.text for a in alts)
         others = [m[0] for m in matches[1:4]]
         if others:
             text += f" (also matches {', '.join(others)})"
         return {"key": name, "matched": True,
-                "variants": [{"name": n, "ratio": _num(rr)} for n, rr, _ in matches],
+                "variants": [{"name": m[0], "ratio": _num(m[1])} for m in matches],
                 "nearest": None, "text": text}
-    name, r, alts = min(tried, key=lambda m: (m[1], len(m[2])))
+    name, r, alts, _ = min(tried, key=_order)
     own = f"the case's own conventions (r {own_ratio:.2g})" if own_ratio is not None else "the case's own conventions"
     if own_ratio is not None and branch != "topk_idx" and not r < own_ratio:
         text = f"no alternative convention matches ({len(tried)} tried); none comes closer than {own}"

@@ -136,6 +136,6 @@ def test_a_run_groups_its_failures_by_cause_on_the_console_and_in_summary_md(tmp
     assert cause_lines(tmp_path)[1:3] == [
         "  conv_window_w_plus_1: window_keys=w_plus_1 — 2 cells (swa_o); probe: swa_o: w_plus_1 where w is expected "
         "(mismatch), agrees",
-        "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse)"]
-    assert "- convention probe: swa\\_o: w\\_plus\\_1 where w is expected (mismatch) — agrees" in \
+        "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse); probe: cmp_o: end_inclusive (ok)"]
+    assert "- convention probe: swa\\_o: w\\_plus\\_1 where w is expected (mismatch), agrees" in \
         write_reports(tmp_path)["summary"].read_text()

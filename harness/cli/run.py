@@ -232,20 +232,20 @@ MAX_CAUSE_LINES = 20
 
 
 def cause_lines(out: Path) -> list[str]:
-    """The bad cells of DIR by cause (``reports.tables.diagnosis_groups``, the probe's findings joined): a
-    headline, then one line per (oracle, diagnosis); [] when no cell is bad."""
+    """The bad cells of DIR by cause (``reports.tables.failure_groups``, the probe's findings joined): a
+    headline, then one line per (oracle, diagnosis); [] when no cell is bad or none was diagnosed."""
     from nsaconf.reports.load import load
-    from nsaconf.reports.tables import diagnosis_groups, diagnosis_headline
+    from nsaconf.reports.tables import diagnosis_headline, failure_groups, finding_line
 
     res = load(out)
-    groups = diagnosis_groups(res.records, res.probe_records())
+    groups = failure_groups(res.bad, res.probe_records())
     if not groups:
         return []
     lines = [f"nsaconf: {diagnosis_headline(groups)}:"]
     for g in groups[:MAX_CAUSE_LINES]:
         n = len(g.records)
         line = f"  {g.oracle}: {g.title} — {n} cell{'s' if n != 1 else ''} ({', '.join(g.branches)})"
-        probe = [p["line"] + (", agrees" if p["agrees"] else "") for p in g.probe]
+        probe = [finding_line(f, g.key) for f in g.findings]
         lines.append(line + (f"; probe: {'; '.join(probe)}" if probe else ""))
     if len(groups) > MAX_CAUSE_LINES:
         lines.append(f"  … and {len(groups) - MAX_CAUSE_LINES} more (summary.md)")

@@ -183,7 +183,7 @@ SECTION_CSS = (
     ".conventions-body .probe:target{outline:3px solid #0969da}"
     ".conventions-body .probe h4{margin:2px 0 6px;font-size:14px}"
     ".conventions-body .probe .pair{display:flex;flex-wrap:wrap;gap:10px}"
-    ".conventions-body figure{margin:0}.conventions-body figcaption{font-size:12px;color:#59636e;text-align:center}"
+    ".conventions-body figure{margin:0;width:min-content}.conventions-body figcaption{font-size:12px;color:#59636e;text-align:center}"
     ".conventions-body .diffline{font-size:12.5px;margin:4px 0 0;max-width:560px}"
     ".conventions-body details.ok-maps>summary{cursor:pointer;color:#0550ae;margin:8px 0}"
 )

@@ -161,3 +161,21 @@ def legend() -> str:
     items = [(c, t) for _, c, t in CLASSES] + [NONFINITE, NO_ROW]
     sw = "".join(f"<span class='sw'><i style='background:{c}'></i>{html.escape(t)}</span>" for c, t in items)
     return f"<div class='errmap-legend'><b>err / bound</b> {sw}</div>"
+
+
+def strip(emap: Any) -> str:
+    """A one-line sparkline of the map for a failure's summary line: one cell per position bin (the
+    maximum over heads), first and last position at its ends, e.g. ``p 0 ▮▮▮▮▮▮ 99``."""
+    m = parse(emap)
+    if m is None:
+        return ""
+    e = html.escape
+    edges, vals = m["row_edges"], m["values"]
+    worst = [max((v for v in row if v is not None), default=None) for row in vals]
+    cw = max(3.0, min(8.0, 128.0 / len(worst)))
+    w = cw * len(worst)
+    sym = m["rows"].split()[-1] if m["rows"].split() else "p"
+    rects = "".join(f"<rect x='{i * cw:.1f}' width='{cw:.1f}' height='10' fill='{colour(v)}'/>" for i, v in enumerate(worst))
+    return (f"<span class='strip' title='{e(m['rows'])}: err/bound per bin, the worst head'>{e(sym)} {edges[0]} "
+            f"<svg width='{w:.0f}' height='10' viewBox='0 0 {w:.1f} 10' shape-rendering='crispEdges'>{rects}"
+            f"<rect width='{w:.1f}' height='10' fill='none' stroke='#999' stroke-width='0.6'/></svg> {edges[-1] - 1}</span>")

@@ -53,6 +53,7 @@ class Drill:
     open: bool
     errmap_svg: Markup = Markup("")  # the error_map picture (reports.error_map escapes its text)
     errmap_reading: str = ""
+    errmap_strip: Markup = Markup("")  # the map's one-line sparkline for the summary line
     diag_text: str = ""
     diag_variants: list[tuple[str, str]] = field(default_factory=list)  # (name, r) of the matching conventions
     diag_nearest: str = ""
@@ -97,6 +98,7 @@ def _drills(res: Results) -> tuple[list[Drill], dict[tuple, str]]:
         d = Drill(anchor, r, res.repro(r), metrics, tol, case, open=i == 0)
         if r.error_map is not None:
             d.errmap_reading = error_map.reading(r.error_map)
+            d.errmap_strip = Markup(error_map.strip(r.error_map))
             if i < MAX_ERROR_MAPS:
                 _draw_map(d)
         if r.diagnosis is not None:

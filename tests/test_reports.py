@@ -295,6 +295,7 @@ def test_fail_drill_shows_where_the_error_lives(run_dir: Path) -> None:
     assert "over the bound: query position p 32 … 127; all 16 heads; within it before p = 32" in html
     assert "NaN/Inf in " in html  # the nsa_impl FAIL's err/bound is inf from p = 32 on
     assert "err / bound" in html  # the legend
+    assert html.count("<span class='strip'") == len(fails)  # the sparkline on each summary line
     # the picture follows the data: errors from p = 64 on read so
     from nsaconf.reports.error_map import reading
     emap = fails[0]["error_map"]

@@ -10,6 +10,7 @@
 * ``full``: larger shapes (T up to 2048) and the whole cross product of conventions;
 * ``paper``: the paper's hyper-parameters (G=16, D=192, DV=128, l=32, d=16, l'=64, n=16, w=512) at
   several T, bf16;
+* ``regressions``: the regression corpus, minimal failing cases ``nsaconf search`` found (``corpus_dirs``);
 * ``gpu``: paper-like and edge shapes (T not a multiple of the block size, T < block size, decode,
   varlen, G in {16, 32, 64}, D in {64, 128, 192/128}) in fp16 and bf16, with the paper's l=32, d=16,
   l'=64 and again with l = d = l' = 64 (what FLA, nsa-impl and TileLang's kernel implement).
@@ -20,12 +21,16 @@ coverage of the fixed part.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable
 
 from nsaconf.cases.conventions import CMP_MASKS, FORCED_BLOCKS, WINDOW_KEYS
-from nsaconf.cases.model import DTYPES, Case, CaseError
+from nsaconf.cases.model import DTYPES, Case, CaseError, load_cases
+from nsaconf.cases.vocabulary import REGRESSIONS
 
-PROFILES = ("smoke", "ci", "full", "paper", "gpu")
+PROFILES = ("smoke", "ci", "full", "paper", "gpu", REGRESSIONS)
+#: the regression corpus shipped with nsaconf: ``regressions/<oracle>/<case_id>.json`` (``nsaconf search --corpus``)
+SHIPPED_CORPUS = Path(__file__).resolve().parent / REGRESSIONS
 
 
 def dedupe_cases(cases: list[Case]) -> list[Case]:
@@ -202,7 +207,21 @@ def _fla(seed: int, dtype: str, **kw) -> Case:
     return Case(**base)
 
 
-GENERATORS: dict[str, Callable[[int], list[Case]]] = {"smoke": smoke, "ci": ci, "full": full, "paper": paper, "gpu": gpu}
+def corpus_dirs() -> list[Path]:
+    """The folders of the ``regressions`` profile: the shipped corpus and ``./cases/regressions`` (the default
+    ``nsaconf search --corpus``) when that is another folder."""
+    here = (Path.cwd() / "cases" / REGRESSIONS).resolve()
+    return [SHIPPED_CORPUS] + ([here] if here != SHIPPED_CORPUS and here.is_dir() else [])
+
+
+def regressions(seed: int = 0) -> list[Case]:
+    """The regression corpus: each entry is a minimal failing case that ``nsaconf search`` found, replayed as
+    it was found (its own seed: ``--seed`` does not change it)."""
+    return dedupe_cases([c for d in corpus_dirs() if d.is_dir() for c in load_cases(d)])
+
+
+GENERATORS: dict[str, Callable[[int], list[Case]]] = {"smoke": smoke, "ci": ci, "full": full, "paper": paper, "gpu": gpu,
+                                                      REGRESSIONS: regressions}
 
 
 def profile_cases(name: str, seed: int = 0) -> list[Case]:

@@ -263,10 +263,17 @@ def _json_problem(e: Exception) -> str:
     return str(e)
 
 
+#: the keys of a regression-corpus entry (``harness.search``): the case, and what it showed when it was found
+CORPUS_ENTRY_KEYS = ("case", "oracle", "failure", "found")
+
+
 def load_cases(path: str | Path) -> list[Case]:
-    """Read cases from a UTF-8 JSON file: one case object, a list of them, or ``{"cases": [...]}``.
-    JSON Lines (one object per line) is accepted too."""
+    """Read cases from a UTF-8 JSON file: one case object, a list of them, or ``{"cases": [...]}``, or a
+    regression-corpus entry ``{"case": {...}, "oracle": ..., "failure": ..., "found": ...}``. JSON Lines (one
+    object per line) is accepted too. A directory: every ``*.json`` file under it, in path order (a corpus)."""
     path = Path(path)
+    if path.is_dir():
+        return [c for f in sorted(path.rglob("*.json")) for c in load_cases(f)]
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -295,6 +302,11 @@ def load_cases(path: str | Path) -> list[Case]:
         data = data["cases"]
         if not isinstance(data, list):
             raise CaseError(f"{path}: 'cases' must be a list of case objects, got {type(data).__name__}")
+    if isinstance(data, dict) and isinstance(data.get("case"), dict):
+        extra = sorted(map(str, set(data) - set(CORPUS_ENTRY_KEYS)))
+        if extra:
+            raise CaseError(f"{path}: unknown key(s) {_r(extra)} in a corpus entry (keys: {', '.join(CORPUS_ENTRY_KEYS)})")
+        data = data["case"]
     items = data if isinstance(data, list) else [data]
     out = []
     for i, item in enumerate(items):

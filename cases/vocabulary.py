@@ -63,6 +63,13 @@ GATES = ("raw", "sigmoid")
 #: (``Oracle.supported_conventions``); a case with another value is SKIPped by an oracle that does not
 CONVENTION_DEFAULTS = {"group_importance": "sum_probs", "gates": "raw"}
 
+# ---------------------------------------------------------------------------------------------- checks without truth
+#: properties an oracle must have whatever the truth (``harness.checks``); each is a cell whose branch is its name
+CHECKS = ("inputs_unchanged", "determinism", "decode_consistency", "batch_independence", "gqa_equivariance",
+          "causality")
+#: the folder of the regression corpus (``cases/regressions/<oracle>/<case_id>.json``) and its ``--profile`` name
+REGRESSIONS = "regressions"
+
 # ---------------------------------------------------------------------------------------------- run directory
 RESULTS_FILE = "results.jsonl"        # one JSON record per cell, appended and flushed as judged
 RUN_INFO_FILE = "run.json"            # the command, selection, tolerance table and versions of a run

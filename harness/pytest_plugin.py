@@ -30,8 +30,10 @@ FIXTURE = "nsaconf_cell"
 def pytest_addoption(parser) -> None:
     g = parser.getgroup("nsaconf", "NSA conformance matrix (tests requesting the nsaconf_cell fixture)")
     g.addoption("--nsaconf-profile", default=None,
-                help="case profile: smoke, ci, full, paper, gpu (default smoke when no --nsaconf-case)")
-    g.addoption("--nsaconf-case", action="append", default=[], metavar="FILE", help="case JSON file (repeatable)")
+                help="case profile: smoke, ci, full, paper, gpu, regressions (the regression corpus) (default smoke when "
+                "no --nsaconf-case)")
+    g.addoption("--nsaconf-case", action="append", default=[], metavar="FILE",
+                help="case JSON file, or a folder of them such as a regression corpus (repeatable)")
     g.addoption("--nsaconf-oracles", default=DEFAULT_ORACLES,
                 help=f"comma-separated oracles, or 'all' for every oracle on the device (default {DEFAULT_ORACLES})")
     g.addoption("--nsaconf-device", default="cpu", help="cpu or cuda")

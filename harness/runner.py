@@ -45,6 +45,7 @@ class RunConfig:
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
     truth_cache: Optional[dict] = None  # case id -> CaseTruth, shared across runs (pytest items)
     diagnosis_budget: float = DEFAULT_BUDGET_S  # seconds per case to diagnose its FAIL cells (0: off)
+    checks: tuple[str, ...] = ()  # checks that need no truth (``harness.checks``), one cell each per case x oracle
 
 
 def branch_skip_reason(case: Case, branch: str) -> Optional[str]:
@@ -208,6 +209,11 @@ class Runner:
         return RunSummary(counts=counts, out=out, results=results)
 
     def _run_case(self, case: Case, done: set, emit: Callable[[CellResult], None], out: Path) -> None:
+        self._run_truth_cells(case, done, emit, out)
+        if self.cfg.checks:
+            self._run_checks(case, done, emit)
+
+    def _run_truth_cells(self, case: Case, done: set, emit: Callable[[CellResult], None], out: Path) -> None:
         cfg = self.cfg
         pending: dict[str, list[str]] = {}
         for name, oracle in self.oracles.items():
@@ -309,6 +315,64 @@ class Runner:
             del ct
             release_cuda_cache()  # the truth's temporaries: the workers need the card too
 
+    def _run_checks(self, case: Case, done: set, emit: Callable[[CellResult], None]) -> None:
+        """The ``checks`` of every oracle on ``case``: each a cell whose branch is the check's name (SKIP with the
+        reason where the oracle does not support the case), in the oracle's worker (a crash or timeout is that
+        oracle's CRASH / TIMEOUT cells)."""
+        import json
+
+        from nsaconf.harness.checks import run_checks, serve_checks
+
+        cfg = self.cfg
+        tol = {"rule": "no truth", "text": "runs of the oracle compared with each other (harness.checks)"}
+        for name, oracle in self.oracles.items():
+            todo = tuple(c for c in cfg.checks if (case.id, name, c, cfg.device) not in done)
+            if not todo:
+                continue
+            try:
+                why = oracle.check_support(case, cfg.device)
+            except Exception as e:  # noqa: BLE001
+                why = f"supports() raised {type(e).__name__}: {e}"
+            if why:
+                for c in todo:
+                    emit(_record(case, oracle, c, cfg.device, "SKIP", why, versions=self.base_versions))
+                continue
+            t0 = time.monotonic()
+            if cfg.isolate:
+                w = self._worker(name)
+                reply = w.submit_call(serve_checks, case.to_json(), json.dumps(list(todo))) or w.collect(cfg.timeout)
+            else:
+                try:
+                    reply = Reply("ok", value=[r.to_dict() for r in run_checks(oracle, cfg.device, case, todo)])
+                except Exception as e:  # noqa: BLE001
+                    reply = Reply("error", message=f"{type(e).__name__}: {e}")
+            secs = time.monotonic() - t0
+            if reply.status != "ok":
+                status = {"error": "ERROR", "fatal": "ERROR", "crash": "CRASH", "timeout": "TIMEOUT"}[reply.status]
+                for c in todo:
+                    emit(_record(case, oracle, c, cfg.device, status, reply.message, seconds=secs, versions=self._versions(name)))
+                continue
+            got = {r.get("check"): r for r in reply.value if isinstance(r, dict)} if isinstance(reply.value, list) else {}
+            for c in todo:
+                r = got.get(c)
+                if r is None or r.get("status") not in ("PASS", "FAIL", "SKIP", "ERROR"):
+                    emit(_record(case, oracle, c, cfg.device, "ERROR", "the worker returned no result for this check",
+                                 seconds=secs, versions=self._versions(name)))
+                    continue
+                emit(_record(case, oracle, c, cfg.device, r["status"], str(r.get("reason", "")),
+                             r.get("metrics") if isinstance(r.get("metrics"), dict) else {}, tol, secs, self._versions(name)))
+
+    def judge(self, case: Case, emit: Callable[[CellResult], None], out: Path) -> None:
+        """Judge one case on every oracle (and its checks), cells to ``emit``; the workers stay up for the next
+        case until ``close`` (``nsaconf search`` judges its draws one by one)."""
+        self._run_case(case, set(), emit, out)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        for w in self.workers.values():
+            w.stop()
+        self.workers.clear()
+
     def _truth(self, case: Case, pending: dict[str, list[str]]) -> tuple[Optional[CaseTruth], str]:
         """The case's truth (cached across runs when ``truth_cache`` is given), with its gradients when
         a live branch needs them, or None and why not."""
@@ -357,16 +421,17 @@ def _save_truth(out: Path, case: Case, ct: CaseTruth, pending: dict[str, list[st
 def evaluate(case: Case, oracle_names: list[str], device: str = "cpu", table: Optional[ToleranceTable] = None,
              isolate: bool = False, timeout: float = 300.0, plugins: Optional[list[str]] = None,
              out: Optional[Path] = None, save_tensors: bool = False, truth_cache: Optional[dict] = None,
-             diagnosis_budget: float = DEFAULT_BUDGET_S) -> list[CellResult]:
+             diagnosis_budget: float = DEFAULT_BUDGET_S, checks: tuple[str, ...] = ()) -> list[CellResult]:
     """Judge one case against some oracles and return the cells (used by ``repro`` and pytest); FAIL cells
-    carry their ``diagnosis`` (``diagnosis_budget`` seconds for the case, 0: none)."""
+    carry their ``diagnosis`` (``diagnosis_budget`` seconds for the case, 0: none); ``checks``: the checks that
+    need no truth to judge too."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(cases=[case], oracles=oracle_names, device=device, out=Path(out or tmp), save_tensors=save_tensors,
                         plugins=list(plugins or []), table=table or ToleranceTable(), isolate=isolate,
                         timeout=timeout, progress=False, echo=lambda s: None, truth_cache=truth_cache,
-                        diagnosis_budget=diagnosis_budget)
+                        diagnosis_budget=diagnosis_budget, checks=tuple(checks))
         return Runner(cfg).run().results
 
 

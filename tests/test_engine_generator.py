@@ -14,7 +14,10 @@ def test_profiles_are_deterministic_and_round_trip(name):
     assert [c.id for c in a] == [c.id for c in b] and len(a) == len({c.id for c in a}) > 0
     for c in a:
         assert Case.from_id(c.id) == c and Case.from_json(c.to_json()) == c
-    assert [c.id for c in profile_cases(name, 1)] != [c.id for c in a]  # the seed changes the tensors
+    if name == "regressions":  # the corpus replays its cases as they were found
+        assert [c.id for c in profile_cases(name, 1)] == [c.id for c in a]
+    else:
+        assert [c.id for c in profile_cases(name, 1)] != [c.id for c in a]  # the seed changes the tensors
 
 
 def test_ci_profile_coverage():

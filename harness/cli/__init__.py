@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "report",        # rebuild the reports of a run
     "merge": "report",         # join run directories (e.g. --shard runs) and write their reports
     "masks": "masks",          # classify conventions from behaviour (convention probe)
+    "search": "search",        # draw cases, shrink the first failure to a minimal case (Hypothesis)
     "bench": "bench",          # GPU timings
     "new-plugin": "new_plugin",  # write the plugin example to start an adapter
 }

@@ -21,6 +21,8 @@ def register(sub) -> None:
     rp.add_argument("--isolate", action="store_true", help="run the oracles in worker processes")
     rp.add_argument("--timeout", type=seconds, default=300.0, help="per-cell timeout in seconds with --isolate (default 300)")
     rp.add_argument("--save-tensors", metavar="DIR", help="also write the tensor contract to DIR")
+    rp.add_argument("--checks", metavar="NAME,...", help="also judge these checks that need no truth (all, or some of "
+                    "inputs_unchanged, determinism, decode_consistency, batch_independence, gqa_equivariance, causality)")
     add_limit_options(rp)
     rp.set_defaults(func=repro)
 
@@ -56,8 +58,14 @@ def repro(args: argparse.Namespace) -> int:
     from nsaconf.harness.runner import evaluate
     from nsaconf.oracles.resources import resource_problem
 
+    from nsaconf.harness.checks import CheckError, parse_checks
+
     if not args.oracles:
         raise UsageError("repro needs --oracles (comma-separated oracle names)")
+    try:
+        checks = parse_checks(args.checks)
+    except CheckError as e:
+        raise UsageError(str(e)) from None
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
     check_tolerance_keys(table)
@@ -75,7 +83,8 @@ def repro(args: argparse.Namespace) -> int:
         print(f"  {case.to_json()}")
         cells = evaluate(case, oracles, device=args.device, table=table, isolate=args.isolate, timeout=args.timeout,
                          plugins=resolved(args.plugin),
-                         out=Path(args.save_tensors) if args.save_tensors else None, save_tensors=bool(args.save_tensors))
+                         out=Path(args.save_tensors) if args.save_tensors else None, save_tensors=bool(args.save_tensors),
+                         checks=checks)
         print(format_cells(cells))
         for c in cells:
             if c.diagnosis:

@@ -40,6 +40,9 @@ def register(sub) -> None:
     r.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one testcase per cell (CI test reports)")
     r.add_argument("--require", metavar="ORACLE,...", default=[], type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
                    help="exit 1 when one of these oracles ran no cell or SKIPped every cell (unavailable, unsupported)")
+    r.add_argument("--checks", metavar="NAME,...", help="also judge the checks that need no truth, each a cell per case "
+                   "and oracle: all, or some of inputs_unchanged, determinism, decode_consistency, batch_independence, "
+                   "gqa_equivariance, causality")
     add_limit_options(r)
     r.set_defaults(func=cmd_run)
 
@@ -149,7 +152,7 @@ def write_run_info(out: Path, args: argparse.Namespace, oracles: list[str], n_ca
     info = {"command": command_line(),
             "profile": args.profile, "case_files": args.case, "device": args.device, "oracles": oracles,
             "n_cases": n_cases, "shard": args.shard, "seed": args.seed, "timeout_s": args.timeout,
-            "max_memory": args.max_memory, "max_work": args.max_work,
+            "max_memory": args.max_memory, "max_work": args.max_work, "checks": args.checks,
             "plugins": args.plugin, "tolerance": table.as_dict(), "versions": versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -185,6 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from nsaconf.harness.results import keep_previous, owned_run_folder
     from nsaconf.harness.runner import RunConfig, Runner
 
+    from nsaconf.harness.checks import CheckError, parse_checks
+
+    try:
+        checks = parse_checks(args.checks)
+    except CheckError as e:
+        raise UsageError(str(e)) from None
     table = tolerance_from_args(args)
     load_oracle_sources(args.plugin)
     check_tolerance_keys(table)
@@ -207,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"nsaconf: {len(over)} case(s) over --max-memory/--max-work are SKIP cells", file=sys.stderr)
         run_cfg = RunConfig(cases=[c for c in cases if c.id not in over], oracles=oracles, device=args.device, out=out,
                             plugins=resolved(args.plugin), save_tensors=args.save_tensors, resume=args.resume,
-                            timeout=args.timeout, table=table, progress=not args.no_progress,
+                            timeout=args.timeout, table=table, progress=not args.no_progress, checks=checks,
                             **({} if args.diagnosis_budget is None else {"diagnosis_budget": args.diagnosis_budget}))
         Runner(run_cfg).run()
         if over:

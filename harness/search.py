@@ -133,6 +133,18 @@ def _try(check: Callable[[Case], Optional[str]], base: Case, **kw: Any) -> bool:
     return _supported(check, case)
 
 
+def _computes(oracle, base: Case, name: str, value: str) -> bool:
+    """Whether every branch of ``oracle`` is judged with ``name = value`` (``Oracle.supported_conventions``: a
+    value it does not declare SKIPs the branches it changes, so the search does not draw it)."""
+    from nsaconf.oracles.base import convention_support
+
+    try:
+        case = base.replace(**{name: value})
+    except CaseError:
+        return False
+    return all(convention_support(oracle, case, b) is None for b in oracle.branches)
+
+
 def search_space(oracle, device: str, max_seq_len: int = 128, max_heads: int = 32) -> SearchSpace:
     """Probe ``oracle.check_support`` one dimension at a time from the first profile case it supports (query heads
     ``HQ = H * G <= max_heads`` where the oracle supports such a G)."""
@@ -145,7 +157,7 @@ def search_space(oracle, device: str, max_seq_len: int = 128, max_heads: int = 3
                           "nothing to start a search from")
     base = base.replace(q_len=base.seq_len, cu_seqlens=None) if _try(check, base, q_len=base.seq_len, cu_seqlens=None) else base
     dtypes = tuple(d for d in DTYPE_ORDER if _try(check, base, dtype=d))
-    conventions = {name: tuple(v for v in values if _try(check, base, **{name: v}))
+    conventions = {name: tuple(v for v in values if _try(check, base, **{name: v}) and _computes(oracle, base, name, v))
                    for name, values in convention_fields().items()}
     groups = tuple(g for g in GROUPS if _try(check, base, heads_q=base.heads_kv * g))
     groups = tuple(g for g in groups if g <= max_heads) or groups[:1]

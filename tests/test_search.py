@@ -53,6 +53,9 @@ def test_the_space_follows_supports():
     assert set(paper_only.conventions["forced_blocks"]) == set(V.FORCED_BLOCKS) and paper_only.varlen and paper_only.decode
     whole = search_space(get_oracle("probe_bug_slc_whole_block"), "cpu")
     assert not whole.varlen and not whole.decode
+    assert paper_only.conventions.get("gates", ("raw",)) == ("raw",)  # not declared in supported_conventions
+    everything = search_space(get_oracle("reference"), "cpu")
+    assert all(set(everything.conventions[k]) == set(v) for k, v in convention_fields().items())
     free = search_space(get_oracle("bug_window"), "cpu")
     assert free.groups[0] == 1 and free.blocks[0] == (4, 4, 4) and free.dtypes[0] == "float32" and len(free.dtypes) == 4
 

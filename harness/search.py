@@ -8,7 +8,8 @@ decode, varlen) are kept where the oracle accepts that value on that case. ``cas
 those values, simplest first (Hypothesis shrinks towards the first value and the smallest integer), and
 ``assume``s whatever the per-value answers could not rule out. Each draw is judged by ``Runner.judge``:
 the float64 truth, the oracle in its worker process, the tolerance rule, top-k ties (and the checks that
-need no truth with ``checks``). A draw fails when a cell is FAIL, ERROR, CRASH or TIMEOUT; its failure
+need no truth with ``checks``; the minimal case is judged once more with the diagnosis of its FAIL
+cells, which draws skip). A draw fails when a cell is FAIL, ERROR, CRASH or TIMEOUT; its failure
 signature (the worst cell's status, and the check's name for a check) is the Hypothesis failure that the
 shrinker keeps while it looks for a smaller case: the shortest sequence, fewest heads and batch, the
 first convention values, seed 0.
@@ -355,6 +356,7 @@ class SearchConfig:
     max_seq_len: int = 128
     max_heads: int = 32
     checks: tuple[str, ...] = ()
+    diagnosis_budget: float = 10.0      # seconds to diagnose each minimal case (``harness.diagnosis``; 0: none)
     table: ToleranceTable = field(default_factory=ToleranceTable)
     timeout: float = 300.0
     isolate: bool = True
@@ -421,7 +423,7 @@ def _search_oracle(cfg: SearchConfig, name: str, budget: Optional[float], writer
              + (f", checks {','.join(cfg.checks)}" if cfg.checks else ""))
     runner = Runner(RunConfig(cases=[], oracles=[name], device=cfg.device, out=Path(cfg.out), plugins=list(cfg.plugins),
                               table=cfg.table, isolate=cfg.isolate, timeout=cfg.timeout, progress=False,
-                              echo=lambda s: None, checks=tuple(cfg.checks)))
+                              echo=lambda s: None, checks=tuple(cfg.checks), diagnosis_budget=0.0))
     memo: dict[str, Optional[tuple[str, str]]] = {}
     bad_cells: dict[str, list[CellResult]] = {}
     last_fail: dict[tuple[str, str], Case] = {}
@@ -510,6 +512,17 @@ def _search_oracle(cfg: SearchConfig, name: str, budget: Optional[float], writer
                     break
             else:
                 unsat = 0
+        if raised and cfg.diagnosis_budget > 0:  # the minimal cases judged again, now with their diagnosis
+            runner.cfg.diagnosis_budget = cfg.diagnosis_budget
+            for e in raised:
+                case = last_fail.get(e.sig)
+                if case is None:
+                    continue
+                again: list[CellResult] = []
+                runner.judge(case, lambda rec: (writer.write(rec), again.append(rec)), Path(cfg.out))
+                bad = [c for c in again if c.status in BAD_STATUSES]
+                if signature(again) == e.sig:
+                    bad_cells[case.id] = bad
     finally:
         oracle_versions = runner._versions(name)
         runner.close()

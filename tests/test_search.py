@@ -53,7 +53,9 @@ def test_the_space_follows_supports():
     assert set(paper_only.conventions["forced_blocks"]) == set(V.FORCED_BLOCKS) and paper_only.varlen and paper_only.decode
     whole = search_space(get_oracle("probe_bug_slc_whole_block"), "cpu")
     assert not whole.varlen and not whole.decode
-    assert paper_only.conventions.get("gates", ("raw",)) == ("raw",)  # not declared in supported_conventions
+    assert set(paper_only.conventions["gates"]) == set(V.GATES)  # gates change no swa_o
+    claims = search_space(get_oracle("probe_bug_claims_causal"), "cpu")  # o: gates and group importance change it
+    assert claims.conventions["gates"] == ("raw",) and claims.conventions["group_importance"] == ("sum_probs",)
     everything = search_space(get_oracle("reference"), "cpu")
     assert all(set(everything.conventions[k]) == set(v) for k, v in convention_fields().items())
     free = search_space(get_oracle("bug_window"), "cpu")

@@ -173,7 +173,7 @@ SECTION_CSS = (
     ".conventions-body table.conv th,.conventions-body table.conv td{border:1px solid #d1d9e0;padding:3px 8px;"
     "text-align:left;white-space:nowrap;vertical-align:top;font-size:13px}"
     ".conventions-body table.conv th{background:#f6f8fa;font-weight:600}"
-    ".conventions-body table.conv td.wrap{white-space:normal;min-width:9em;max-width:26em}"
+    ".conventions-body table.conv td.wrap{white-space:normal;min-width:9em;max-width:26em;overflow-wrap:anywhere}"
     ".conventions-body table.conv td.small{font-size:12px;color:#59636e;font-variant-numeric:tabular-nums}"
     ".conventions-body .legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12.5px;color:#59636e;margin:6px 0}"
     ".conventions-body .legend i{display:inline-block;width:11px;height:11px;border:1px solid #999;margin-right:4px;"
@@ -187,6 +187,14 @@ SECTION_CSS = (
     ".conventions-body .diffline{font-size:12.5px;margin:4px 0 0;max-width:560px}"
     ".conventions-body details.ok-maps>summary{cursor:pointer;color:#0550ae;margin:8px 0}"
 )
+
+
+def _cell(text: str) -> str:
+    """A table cell of a convention name, escaped; a long one (``ambiguous(a|b|c)``) may wrap, at ``|`` or
+    ``/`` first."""
+    if len(text) <= 24:
+        return f"<td>{html.escape(text)}</td>"
+    return "<td class='wrap'>" + html.escape(text).replace("|", "|<wbr>").replace("/", "/<wbr>") + "</td>"
 
 
 def _probe_case(r: dict) -> str:
@@ -252,8 +260,8 @@ def render_conventions_section(records: list[dict]) -> str:
         else:
             name_html, differs = e(name), _fmt(r.get("differing_vs_reference"))
         wrap = " class='wrap'" if len(finding) > 12 else ""
-        out.append(f"<tr><td>{name_html}</td><td{wrap} style='{style}'>{e(finding)}</td><td>{e(conv)}</td>"
-                   f"<td>{e(exp)}</td><td class='wrap'>{e(differs)}</td><td>{e(leaks)}</td>"
+        out.append(f"<tr><td>{name_html}</td><td{wrap} style='{style}'>{e(finding)}</td>{_cell(conv)}"
+                   f"{_cell(exp)}<td class='wrap'>{e(differs)}</td><td>{e(leaks)}</td>"
                    f"<td class='small'>{_probe_case(r)}</td></tr>")
     out.append("</tbody></table>")
     legend = "".join(f"<span><i style='background:{COLOURS[c]}'></i>{e(t)}</span>" for c, t in LEGEND)

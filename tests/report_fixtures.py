@@ -166,8 +166,9 @@ def write_fixture(out_dir: Path, *, malformed: bool = True, run_json: bool = Fal
             "versions": {"python": "3.11.2", "torch": "2.13.0+cpu", "nsaconf": "0.1.0", "cpu": "2 cores <fake>"},
             "started": "2026-11-27T01:00:00Z"}, indent=1))
     if side_files:
-        (out_dir / "conventions.jsonl").write_text(json.dumps({"oracle": "fla", "branch": "cmp_o",
-                                                               "convention": "end_inclusive", "leaks": 0}) + "\n"
+        (out_dir / "conventions.jsonl").write_text(json.dumps({"oracle": "fla", "branch": "o", "leaks": 0, "convention":
+                                                               "ambiguous(end_inclusive/w|end_inclusive/w_plus_1|"
+                                                               "end_exclusive/w|end_exclusive/w_plus_1)"}) + "\n"
                                                    + json.dumps(window_probe_record()) + "\n")
         (out_dir / "bench.jsonl").write_text(json.dumps({"oracle": "fla", "T": 1024, "ms": 1.5}) + "\n")
     return out_dir / "results.jsonl"

@@ -95,6 +95,7 @@ LAYOUT = """JSON.stringify((function () {
   return {
     scroll_width: de.scrollWidth, client_width: de.clientWidth, inner_width: innerWidth,
     conv_sections: document.querySelectorAll("#conventions").length, conv_h2: conv.querySelectorAll("h2").length,
+    conv_table_fits: table.getBoundingClientRect().right <= conv.getBoundingClientRect().right,
     min_cell_width: Math.min.apply(null, cells.map(function (c) { return c.getBoundingClientRect().width; })),
     max_head_lines: Math.max.apply(null, heads.map(function (c) { return c.getBoundingClientRect().height; })) / lineH,
     map_texts: Array.prototype.map.call(svg.querySelectorAll("text"), function (t) { return t.textContent; }),
@@ -132,6 +133,7 @@ def test_report_layout_as_a_reader_sees_it(browser: Chromium, tmp_path: Path, wi
     assert got["inner_width"] == width
     assert got["scroll_width"] <= got["client_width"], got  # no horizontal overflow
     assert got["conv_sections"] == 1 and got["conv_h2"] == 1
+    assert got["conv_table_fits"]  # the table wraps a long convention name instead of scrolling sideways
     assert got["min_cell_width"] >= 28, got["min_cell_width"]  # no one-character columns
     assert got["max_head_lines"] <= 1.5, got["max_head_lines"]  # headers on one line
     assert "key position s →" in got["map_texts"] and "query position p ↓" in got["map_texts"]

@@ -174,7 +174,9 @@ SECTION_CSS = (
     "text-align:left;white-space:nowrap;vertical-align:top;font-size:13px}"
     ".conventions-body table.conv th{background:#f6f8fa;font-weight:600}"
     ".conventions-body table.conv td.wrap{white-space:normal;min-width:9em;max-width:26em;overflow-wrap:anywhere}"
-    ".conventions-body table.conv td.small{font-size:12px;color:#59636e;font-variant-numeric:tabular-nums}"
+    ".conventions-body table.conv td.small{font-size:12px;color:#59636e;font-variant-numeric:tabular-nums;"
+    "white-space:normal;min-width:8em}"
+    ".conventions-body table.conv td.name{white-space:normal;min-width:8em}"
     ".conventions-body .legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12.5px;color:#59636e;margin:6px 0}"
     ".conventions-body .legend i{display:inline-block;width:11px;height:11px;border:1px solid #999;margin-right:4px;"
     "vertical-align:-1px}"
@@ -260,7 +262,7 @@ def render_conventions_section(records: list[dict]) -> str:
         else:
             name_html, differs = e(name), _fmt(r.get("differing_vs_reference"))
         wrap = " class='wrap'" if len(finding) > 12 else ""
-        out.append(f"<tr><td>{name_html}</td><td{wrap} style='{style}'>{e(finding)}</td>{_cell(conv)}"
+        out.append(f"<tr><td class='name'>{name_html}</td><td{wrap} style='{style}'>{e(finding)}</td>{_cell(conv)}"
                    f"{_cell(exp)}<td class='wrap'>{e(differs)}</td><td>{e(leaks)}</td>"
                    f"<td class='small'>{_probe_case(r)}</td></tr>")
     out.append("</tbody></table>")

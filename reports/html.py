@@ -1,9 +1,11 @@
 """``report.html``: one self-contained page (inline CSS, JS and SVG; nothing fetched from the network).
 
 Rendered with jinja2 and autoescape ON: every string that comes from results is HTML-escaped. The only
-unescaped HTML is what ``reports.conventions.render_conventions_section`` and
-``reports.performance.render_performance_section`` return (those modules own their escaping); they are
-imported lazily, and when one is missing or raises, the section says so visibly.
+unescaped HTML is what ``reports.conventions.render_conventions_section``,
+``reports.performance.render_performance_section`` and ``reports.error_map`` (a FAIL's error picture)
+return (those modules own their escaping); the first two are imported lazily, and when one is missing or
+raises, the section says so visibly. Failures are grouped by diagnosis (``tables.failure_groups``) when
+the records carry one, each cause linked to its convention-probe finding.
 """
 from __future__ import annotations
 

@@ -303,7 +303,9 @@ class Diagnoser:
     """Diagnoses the failing cells of one case; ``budget`` seconds over all of them (variant truths
     are computed once and reused across the case's oracles and branches). ``known``: (oracle, branch) ->
     the keys that matched on earlier cases of the run (shared by the run's diagnosers): tried first, and
-    when one matches again the search stops there."""
+    when one matches again the search stops there. Where no single knob matches, the causes found on the
+    oracle's other branches of the case are tried together (three knobs or more, e.g. ``o`` of an
+    implementation whose window, compression mask and importance each differ), then pairs."""
 
     ct: CaseTruth
     table: ToleranceTable
@@ -311,6 +313,7 @@ class Diagnoser:
     known: dict = field(default_factory=dict)
     spent: float = 0.0
     _cache: dict = field(default_factory=dict)
+    _found: dict = field(default_factory=dict)  # oracle -> {knob: Alternative} matched on this case
 
     def _truth(self, alts: tuple[Alternative, ...], fixed: bool) -> Optional[VariantTruth]:
         key = (tuple(a.name for a in alts), fixed)
@@ -376,6 +379,10 @@ class Diagnoser:
             t = attempt((a,), base)
             if t is not None and branch in t:
                 single_truth[a.name] = t[branch]
+        found = self._found.setdefault(oracle, {})  # knob -> alternative matched on this case's other branches
+        union = tuple(found[k] for k in sorted(found) if branch in found[k].branches)
+        if not matches and not over() and len(union) >= 2:  # the causes of the other branches together
+            attempt(union, base)
         if not matches and not over():  # pairs, those of the nearest singles first
             ratio = {name: r for name, r, alts, _ in tried if len(alts) == 1}
             ranked = sorted(singles, key=lambda a: ratio.get(a.name, math.inf))
@@ -391,8 +398,10 @@ class Diagnoser:
         if not tried:
             return None
         if matches:
-            best = min(matches, key=_order)[0]
-            seen[:] = [best] + [k for k in seen if k != best]
+            best = min(matches, key=_order)
+            seen[:] = [best[0]] + [k for k in seen if k != best[0]]
+            for a in best[2]:
+                found.setdefault(a.knob, a)
         return describe(self.ct.case, branch, matches, tried, own_ratio)
 
 

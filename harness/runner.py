@@ -119,7 +119,7 @@ def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str]
 def diagnose_cells(diagnoser: Diagnoser, oracle: Oracle, recs: list[CellResult], outputs: dict) -> None:
     """Attach a ``diagnosis`` to each FAIL cell of ``recs`` (outside the cells' timed part; a diagnosis
     that fails is left out, never the cell)."""
-    for rec in recs:
+    for rec in sorted(recs, key=lambda r: r.branch == "o"):  # o last: the other branches' causes, together
         if rec.status != "FAIL" or rec.branch in GRAD_BRANCHES:
             continue
         try:

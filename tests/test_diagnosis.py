@@ -139,3 +139,27 @@ def test_a_run_groups_its_failures_by_cause_on_the_console_and_in_summary_md(tmp
         "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse); probe: cmp_o: end_inclusive (ok)"]
     assert "- convention probe: swa\\_o: w\\_plus\\_1 where w is expected (mismatch), agrees" in \
         write_reports(tmp_path)["summary"].read_text()
+
+
+def test_three_knobs_are_named_from_the_causes_of_the_other_branches(planted):
+    """lucidrains' conventions on a paper case: o needs window, compression mask and group importance at once."""
+    from nsaconf.oracles.base import Oracle, register_oracle, unregister_oracle
+    from nsaconf.oracles.reference import nsa_reference
+
+    lucid = dict(window_keys="w_plus_1", cmp_mask="end_exclusive", group_importance="mean_logits")
+
+    class Triple(Oracle):
+        name, layer, branches, devices = "conv_triple", "e2e", ("cmp_o", "swa_o", "slc_o", "o"), ("cpu",)
+
+        def run(self, case, inputs, device, block_indices=None):
+            return nsa_reference(case.replace(**lucid), inputs, dtype=None)
+
+    register_oracle(Triple)
+    try:
+        cells = {c.branch: c for c in evaluate(CASE.replace(forced_blocks="current"), ["conv_triple"], diagnosis_budget=120)}
+    finally:
+        unregister_oracle("conv_triple")
+    assert {b: c.diagnosis["key"] for b, c in cells.items()} == {
+        "cmp_o": "cmp_mask=end_exclusive", "swa_o": "window_keys=w_plus_1", "slc_o": "group_importance=mean_logits",
+        "o": "cmp_mask=end_exclusive + group_importance=mean_logits + window_keys=w_plus_1"}, \
+        "\n".join(console_line(c) for c in cells.values())

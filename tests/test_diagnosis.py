@@ -13,6 +13,8 @@ from nsaconf.harness.runner import console_line, evaluate
 from nsaconf.oracles.base import load_plugin
 
 PLUGINS = Path(__file__).parent / "plugins"
+#: every diagnosis below gets 120 s (its variants take about a second on an idle machine): a loaded machine
+#: must not cut the search short
 #: tiny: 8 selection blocks, top-4 (3 forced + 1 scored), window 8, GQA group 2; early queries have empty
 #: compression rows and -1 padded top-n
 CASE = Case(seq_len=64, heads_q=4, heads_kv=2, head_dim=16, block_size=8, top_n=4, window=8, dtype="float32", seed=3)
@@ -49,7 +51,7 @@ def test_each_planted_convention_is_diagnosed_as_exactly_that(planted, oracle):
     field = key.split("=")[0]
     if field in ("gates", "group_importance") and not hasattr(Case(), field):
         pytest.skip(f"the case model has no {field!r} field yet")
-    cells = evaluate(_case_for(key), [oracle])
+    cells = evaluate(_case_for(key), [oracle], diagnosis_budget=120)  # the budget of a loaded machine
     fails = [c for c in cells if c.status == "FAIL"]
     assert fails, f"{oracle} did not fail: {[(c.branch, c.status, c.reason) for c in cells]}"
     for c in fails:
@@ -68,7 +70,7 @@ def test_a_correct_oracle_gets_no_diagnosis(oracle):
 
 
 def test_a_bug_that_is_no_convention_matches_nothing(planted):
-    cells = [c for c in evaluate(CASE, ["bug_scale"]) if c.status == "FAIL"]  # scale * 1.25: no convention
+    cells = [c for c in evaluate(CASE, ["bug_scale"], diagnosis_budget=120) if c.status == "FAIL"]  # scale * 1.25: no convention
     assert cells
     for c in cells:
         d = c.diagnosis
@@ -117,7 +119,7 @@ def test_a_run_groups_its_failures_by_cause_on_the_console_and_in_summary_md(tmp
 
     with ResultWriter(tmp_path) as w:  # the records a run writes (judged in this process: quicker)
         for case in (CASE, CASE.replace(seed=4)):
-            for cell in evaluate(case, ["conv_window_w_plus_1", "bug_scale", "reference"]):
+            for cell in evaluate(case, ["conv_window_w_plus_1", "bug_scale", "reference"], diagnosis_budget=120):
                 w.write(cell)
     lines = cause_lines(tmp_path)
     assert lines[0] == "nsaconf: 6 FAILs, 1 cause, 4 unexplained:"

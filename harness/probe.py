@@ -368,16 +368,18 @@ def convention_candidates(oracle: Oracle, cmp_mask: Optional[str] = None, window
 
 
 def probe_case(cfg: ProbeConfig, heads: tuple[int, int, int] = HEAD_SHAPES[0], dtype: str = "float64",
-               cmp_mask: Optional[str] = None, window_keys: Optional[str] = None, block_indices: str = "random") -> Case:
+               cmp_mask: Optional[str] = None, window_keys: Optional[str] = None, block_indices: str = "random",
+               other: Optional[dict] = None) -> Case:
     """The batch-1 probe case of ``cfg`` with ``heads = (heads_q, heads_kv, head_dim)`` (conventions:
-    the first of ``CMP_MASKS`` / ``WINDOW_KEYS`` unless given); ProbeError ``bad probe parameters: ...``
-    when ``cfg`` makes no valid case."""
+    the first of ``CMP_MASKS`` / ``WINDOW_KEYS`` unless given; ``other``: more case fields, e.g. an oracle's
+    claimed ``forced_blocks``); ProbeError ``bad probe parameters: ...`` when ``cfg`` makes no valid case."""
     hq, h, dh = heads
     try:
         return Case(batch=1, seq_len=cfg.seq_len, heads_q=hq, heads_kv=h, head_dim=dh, dtype=dtype,
                     block_size=cfg.block_size, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, top_n=cfg.top_n,
                     window=cfg.window, cmp_mask=cmp_mask or next(iter(CMP_MASKS)),
-                    window_keys=window_keys or next(iter(WINDOW_KEYS)), block_indices=block_indices, seed=cfg.seed)
+                    window_keys=window_keys or next(iter(WINDOW_KEYS)), block_indices=block_indices, seed=cfg.seed,
+                    **(other or {}))
     except CaseError as e:
         raise ProbeError(f"bad probe parameters: {e}") from None
 
@@ -389,30 +391,37 @@ def probed_branches(oracle: Oracle, branches: Optional[tuple[str, ...]] = None, 
 
 
 def probe_cases(oracle: Oracle, device: str, cfg: ProbeConfig, cmp_mask: Optional[str] = None,
-                window_keys: Optional[str] = None, head_shapes: tuple = HEAD_SHAPES):
+                window_keys: Optional[str] = None, head_shapes: tuple = HEAD_SHAPES, want: tuple[str, ...] = ()):
     """Yield ``(case, batch)`` the oracle supports, in order of preference: head shapes (many kv heads
     first: each kv head carries its own perturbation), dtypes (most precise first), conventions (claimed
-    first), ``block_indices`` (random first); one case per (head shape, dtype). Raises ProbeError with
-    the refusal reasons when none (more) is supported."""
+    first; its other claimed fields, e.g. ``forced_blocks``, set), ``block_indices`` (random first); one case
+    per (head shape, dtype): the first on which every branch of ``want`` is supported (``branch_supports``),
+    else the first supported. Raises ProbeError with the refusal reasons when none (more) is supported."""
     reasons: list[str] = []
+    other = {k: v for k, v in (oracle.fixed_conventions or {}).items() if k not in ("cmp_mask", "window_keys")}
     for hq, h, dh in head_shapes:
         for dtype in candidate_dtypes(oracle):
-            found = False
+            chosen = first = None
             for cm, wk in convention_candidates(oracle, cmp_mask, window_keys):
                 for bi in ("random", "topk"):
-                    case = probe_case(cfg, (hq, h, dh), dtype, cm, wk, bi)
+                    case = probe_case(cfg, (hq, h, dh), dtype, cm, wk, bi, other)
                     why = oracle.check_support(case, device)
                     if why:
                         if why not in reasons:
                             reasons.append(why)
                         continue
-                    want_b = max(1, -(-cfg.max_slots // h))
-                    batch = next(b for b in BATCH_CHOICES if b == 1 or (b <= want_b and oracle.check_support(case.replace(batch=b), device) is None))
-                    found = True
-                    yield case, batch
+                    first = first or case
+                    if all(oracle.branch_supports(case, b) is None for b in want):
+                        chosen = case
+                        break
+                if chosen is not None:
                     break
-                if found:
-                    break
+            case = chosen or first
+            if case is None:
+                continue
+            want_b = max(1, -(-cfg.max_slots // h))
+            batch = next(b for b in BATCH_CHOICES if b == 1 or (b <= want_b and oracle.check_support(case.replace(batch=b), device) is None))
+            yield case, batch
     raise ProbeError("; ".join(reasons[-2:]) or "no supported probe case")
 
 
@@ -429,14 +438,18 @@ def probe_oracle(oracle: Oracle | str, device: str = "cpu", cfg: ProbeConfig = P
     if not want:
         raise ProbeError(f"{oracle.name} returns none of the probed branches {', '.join(branches or PROBE_BRANCHES)}")
     errors = []
-    gen = probe_cases(oracle, device, cfg, cmp_mask, window_keys, head_shapes)
+    gen = probe_cases(oracle, device, cfg, cmp_mask, window_keys, head_shapes, tuple(want))
     while True:
         try:
             case, batch = next(gen)
         except ProbeError as e:
             raise ProbeError(errors[0] if errors else str(e)) from None
+        runs = [b for b in want if oracle.branch_supports(case, b) is None]  # a branch it SKIPs here is not probed
+        if not runs:
+            raise ProbeError(f"{oracle.name} computes none of {', '.join(want)} on the probe case "
+                             f"({oracle.branch_supports(case, want[0])})")
         try:
-            return _probe_case(oracle, device, cfg, case, batch, want)
+            return _probe_case(oracle, device, cfg, case, batch, runs)
         except ProbeError as e:
             if "run failed" not in str(e):
                 raise

@@ -68,10 +68,11 @@ class Oracle:
       accepts; ``needs_block_indices``: a selection-only kernel that must be *given* block indices
       (the runner passes the truth's ``topk_idx`` for ``block_indices="topk"`` cases, the case's own
       random indices otherwise); ``description``: one line for ``nsaconf list``;
-      ``fixed_conventions``: for an implementation that computes one convention whatever the case says,
-      the conventions it claims, e.g. ``{"cmp_mask": "end_inclusive", "window_keys": "w"}`` (None: it
+      ``fixed_conventions``: the conventions the implementation computes natively, whatever the case says
+      (or an adapter translates), e.g. ``{"cmp_mask": "end_inclusive", "window_keys": "w"}`` (None: it
       follows the case's ``cmp_mask``/``window_keys``). The receptive-field probe (``nsaconf masks``)
-      probes it with these first and classifies from behaviour only; ``not_timed_by_default``: why
+      probes it with the claimed ``cmp_mask``/``window_keys`` first, sets its other claimed case fields
+      (e.g. ``forced_blocks``) on the probe case, and classifies from behaviour only; ``not_timed_by_default``: why
       ``nsaconf bench`` leaves the oracle out unless ``--oracles`` names it (None: timed);
       ``supported_conventions``: for each field of ``CONVENTION_DEFAULTS`` (``group_importance``,
       ``gates``), the values the oracle computes; a field left out supports its default only. A case

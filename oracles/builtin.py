@@ -17,6 +17,8 @@ BUILTIN_MODULES = (
     "nsaconf.oracles.fsa",
     "nsaconf.oracles.flash_nsa",
     "nsaconf.oracles.fla_main",
+    "nsaconf.oracles.lucidrains",
+    "nsaconf.oracles.attn_gym",
 )
 
 for _name in BUILTIN_MODULES:

@@ -449,7 +449,8 @@ def probe_oracle(oracle: Oracle | str, device: str = "cpu", cfg: ProbeConfig = P
             raise ProbeError(f"{oracle.name} computes none of {', '.join(want)} on the probe case "
                              f"({oracle.branch_supports(case, want[0])})")
         try:
-            return _probe_case(oracle, device, cfg, case, batch, runs)
+            return _probe_case(oracle, device, cfg, case, batch, runs,
+                               configured=tuple(k for k, v in (("cmp_mask", cmp_mask), ("window_keys", window_keys)) if v))
         except ProbeError as e:
             if "run failed" not in str(e):
                 raise
@@ -467,7 +468,10 @@ def _probe_inputs(case: Case) -> Inputs:
                   block_indices=None if x.block_indices is None else x.block_indices[:, :, :1].repeat(1, 1, H, 1))
 
 
-def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch: int, want: list[str]) -> list[ProbeResult]:
+def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch: int, want: list[str],
+                configured: tuple[str, ...] = ()) -> list[ProbeResult]:
+    """Probe ``want`` on ``case``; ``configured``: the convention fields the caller set on the probe case,
+    whose claim is then the case's value (an adapter may translate a case away from its native convention)."""
     T, H, G = case.seq_len, case.heads_kv, case.group
     S = batch * H
     base_in = _probe_inputs(case)
@@ -527,6 +531,8 @@ def _probe_case(oracle: Oracle, device: str, cfg: ProbeConfig, case: Case, batch
                                       max(m.noise, o.noise), m.base)
     draw[0] = 0
     fixed = oracle.fixed_conventions
+    if fixed:
+        fixed = {k: (getattr(case, k) if k in configured else v) for k, v in fixed.items()}
     sel_cache: dict[str, torch.Tensor] = {}
 
     def sel_idx(cm: str) -> torch.Tensor:

@@ -256,6 +256,10 @@ class Lucidrains(Oracle):
     def availability(self) -> Optional[str]:
         return None if _installed() else f"native-sparse-attention-pytorch is not installed: {LUCID_HOWTO}"
 
+    def window_size(self, case: Case) -> int:
+        """Its ``sliding_window_size`` for the case (``_window_size``: the case's window translated)."""
+        return _window_size(case)
+
     def versions(self) -> dict:
         return {"native-sparse-attention-pytorch": _version(), "torch": torch.__version__}
 
@@ -307,7 +311,7 @@ class Lucidrains(Oracle):
             qq = _pad_heads(q[:, qs], Dp)
             qq[..., mem] = 1
             k, v = _pad_heads(inputs.k[:, ks], Dp), _pad_heads(inputs.v[:, ks], Dp)
-            m = build_module(case.replace(seq_len=T, q_len=T, cu_seqlens=None), Dp, _window_size(case), cmp,
+            m = build_module(case.replace(seq_len=T, q_len=T, cu_seqlens=None), Dp, self.window_size(case), cmp,
                              case.top_n - 1, case.gates, mem, single_path=single).to(device=q.device, dtype=q.dtype)
             m.to_strategy_combine[0] = _Given(gates[:, qs].flatten(2))
             x = torch.cat([qq.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)

@@ -156,3 +156,29 @@ def test_probe_measures_its_conventions():
     from nsaconf.harness.probe import ProbeConfig, probe_oracle
     got = {r.branch: r.convention for r in probe_oracle(LUC, "cpu", ProbeConfig(seq_len=64), branches=("cmp_o", "swa_o"))}
     assert got == {"cmp_o": "end_exclusive", "swa_o": "w_plus_1"}
+
+
+def test_probe_of_a_configured_window_claims_the_case():
+    """``nsaconf masks --window-keys w``: the adapter translates the case (sliding_window_size = w - 1), so the
+    claim is the configured convention, measured as such."""
+    from nsaconf.harness.probe import ProbeConfig, probe_oracle
+    (r,) = probe_oracle(LUC, "cpu", ProbeConfig(seq_len=64), branches=("swa_o",), window_keys="w")
+    assert (r.convention, r.claimed_convention) == ("w", "w")
+
+
+def test_native_plugin_on_a_paper_case_is_the_reference_under_its_conventions():
+    """``tests/plugins/lucidrains_native.py`` runs every case with lucidrains' own conventions: on a case with
+    the paper's (end_inclusive, w keys, initial_local, sum_probs) its branches are the reference's under
+    end_exclusive, w + 1 keys, the current block forced and mean_logits -- the causes the diagnosis must name."""
+    from pathlib import Path
+    from nsaconf.oracles.base import load_plugin
+    load_plugin(Path(__file__).parent / "plugins" / "lucidrains_native.py", check_timeout=None)
+    paper = Case(seq_len=100, heads_q=16, heads_kv=1, head_dim=16, block_size=16, top_n=4, window=16, dtype="float64")
+    x = materialize(paper)
+    got = get_oracle("lucidrains_native").run(paper, x, "cpu")
+    theirs = nsa_reference(paper.replace(cmp_mask="end_exclusive", window_keys="w_plus_1", forced_blocks="current",
+                                         group_importance="mean_logits"), x)
+    for b in ("cmp_o", "slc_o", "swa_o", "o"):
+        assert (got[b] - theirs[b]).abs().max() < 1e-12, b
+        assert (got[b] - nsa_reference(paper, x)[b]).abs().max() > 1e-2, b
+    assert torch.equal(got["topk_idx"], theirs["topk_idx"])

@@ -187,3 +187,48 @@ def test_mdy666_torch_reference_matches_ours_after_translation():
     assert torch.equal(as_set(ours, case.top_n), as_set(truth["topk_idx"], case.top_n))
     slc = unpack(case, ref.torch_slc_attn(q, k, v, topk, case.block_size))
     assert torch.allclose(slc.double(), truth["slc_o"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- XunhaoLai torch reference
+def _xunhao_torch_refs():
+    path, _, _ = config.checkout_status("xunhao")
+    if path is None:
+        pytest.skip("XunhaoLai checkout not configured: " + config.how_to_enable("xunhao"))
+    if importlib.util.find_spec("einops") is None:
+        pytest.skip("XunhaoLai's torch references import einops (pip install einops)")
+    d = path / "native_sparse_attention" / "ops" / "torch"
+    mods = []
+    for f in ("compressed_attention", "topk_sparse_attention"):
+        spec = importlib.util.spec_from_file_location(f"nsaconf_test_xunhao_{f}", d / f"{f}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mods.append(mod)
+    return mods
+
+
+def test_xunhao_torch_reference_varlen_matches_ours_after_translation():
+    """XunhaoLai's torch ``compressed_attention_torch`` (its top-k: ascending, -1 last, ``[Hkv, ΣT, k]``) and
+    ``topk_sparse_attention_torch`` on CPU, fp32, varlen with a sequence shorter than l: the adapter's
+    packing and index translation give our reference's top-k sets and selection output."""
+    cmp_mod, sel_mod = _xunhao_torch_refs()
+    case = Case(seq_len=300, cu_seqlens=(0, 20, 300), heads_q=4, heads_kv=2, head_dim=32, dtype="float32",
+                block_size=64, cmp_block=32, cmp_stride=16, top_n=4, window=0, seed=9)
+    x = materialize(case, "cpu")
+    truth = nsa_reference(case, x, dtype=torch.float64)
+    q, k, v = (pack(case, t) for t in (x.q, x.k, x.v))
+    cu = cu_seqlens_int32(case, "cpu")
+    l, d = case.cmp_block, case.cmp_stride
+    kc, vc, cuc = [], [], [0]
+    for s, e in case.sequences:
+        nc = max((e - s - l) // d + 1, 0)
+        kc += [k[s + c * d:s + c * d + l].mean(0) for c in range(nc)]
+        vc += [v[s + c * d:s + c * d + l].mean(0) for c in range(nc)]
+        cuc.append(cuc[-1] + nc)
+    cuc = torch.tensor(cuc, dtype=torch.int32)
+    o, topk = cmp_mod.compressed_attention_torch(q, torch.stack(kc), torch.stack(vc), l, d, case.block_size, case.top_n,
+                                                  cu, cuc, 280, int((cuc[1:] - cuc[:-1]).max()))
+    assert torch.allclose(unpack(case, o).double(), truth["cmp_o"], atol=1e-4)
+    ours = idx_to_canonical(case, topk)
+    assert torch.equal(as_set(ours, case.top_n), as_set(truth["topk_idx"], case.top_n))
+    slc = sel_mod.topk_sparse_attention_torch(q, k, v, idx_from_canonical(case, ours), case.block_size, cu)
+    assert torch.allclose(unpack(case, slc).double(), truth["slc_o"], atol=1e-4)

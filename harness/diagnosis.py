@@ -37,9 +37,11 @@ from nsaconf.cases import conventions as C
 from nsaconf.cases import vocabulary as V
 from nsaconf.cases.model import Case, CaseError
 from nsaconf.cases.tensors import Inputs, canonical_order
+from nsaconf.cases.vocabulary import GRAD_BRANCHES
 from nsaconf.harness.comparator import CaseTruth, judge
 from nsaconf.harness.tolerance import ToleranceTable
-from nsaconf.oracles.reference import nsa_reference
+from nsaconf.oracles.reference import _forward as _ref_forward
+from nsaconf.oracles.reference import autograd_grads, nsa_reference
 
 #: seconds of diagnosis per case (all its failing cells together); 0 turns the diagnosis off
 DEFAULT_BUDGET_S = 10.0
@@ -188,8 +190,10 @@ def _empty(truth: dict) -> torch.Tensor:
     return torch.isneginf(truth["cmp_lse"])
 
 
-def _apply(name: str, case: Case, x: Inputs, out: dict, idx: Optional[torch.Tensor], empty: torch.Tensor) -> dict:
-    """The reference outputs ``out`` (on ``x``'s dtype) under transform ``name``."""
+def _apply(name: str, case: Case, x: Inputs, out: dict, idx: Optional[torch.Tensor], empty: torch.Tensor,
+           ref: Callable = nsa_reference) -> dict:
+    """The reference outputs ``out`` (on ``x``'s dtype) under transform ``name``; ``ref`` computes the
+    reference (a differentiable one for the gradient truth)."""
     out = dict(out)
     if name == "lse_base2":
         out["cmp_lse"] = out["cmp_lse"] / math.log(2.0)
@@ -208,7 +212,7 @@ def _apply(name: str, case: Case, x: Inputs, out: dict, idx: Optional[torch.Tens
         _recombine(case, xs, out)
     elif name.startswith("scale_"):
         br = name.removeprefix("scale_")
-        plain = nsa_reference(case.replace(scale=None), x, dtype=None, block_indices=None if idx is None else idx.to(x.q.device))
+        plain = ref(case.replace(scale=None), x, dtype=None, block_indices=None if idx is None else idx.to(x.q.device))
         for key in (f"{br}_o",) + (("cmp_lse",) if br == "cmp" else ()):
             out[key] = plain[key].cpu()
         _recombine(case, x.to("cpu"), out)
@@ -286,15 +290,42 @@ class VariantTruth(CaseTruth):
 
     def _pair(self, fn, idx):
         if self.transforms and fn is not nsa_reference:
-            raise ValueError("no gradient truth under a transformed convention")
+            return self._grad_pair(idx)
         truth, base = super()._pair(fn, idx)
         if fn is nsa_reference and self.transforms:
             truth, base = self._transform(truth, base, idx)
         return truth, base
 
 
+    def _grad_pair(self, idx: Optional[torch.Tensor]) -> tuple[dict, dict]:
+        """Gradient truth and baseline of the transformed forward, by autograd (``autograd_grads``)."""
+        if "empty_nan" in self.transforms:
+            raise ValueError("no gradient truth with NaN rows")
+        x = self.inputs
+        d = None if idx is None else idx.to(x.q.device)
+
+        def ref(case, xi, dtype=None, block_indices=None):
+            return _ref_forward(case, xi, None, block_indices, False)
+
+        def forward(xi: Inputs) -> dict:
+            out = _ref_forward(self.case, xi, None, d, False)
+            for name in self.transforms:
+                out = _apply(name, self.case, xi, out, d, self.empty, ref=ref)
+            return out
+
+        truth = _cpu(autograd_grads(forward, self.case, x.to(dtype=torch.float64)))
+        return truth, truth if self.case.dtype == "float64" else _cpu(autograd_grads(forward, self.case, x))
+
+
 def _cpu(d: dict) -> dict:
     return {k: v.detach().cpu() for k, v in d.items()}
+
+
+def explains(a: Alternative, branch: str) -> bool:
+    """Can alternative ``a`` change ``branch``? A gradient follows ``o``."""
+    if branch in GRAD_BRANCHES:
+        return "o" in a.branches and a.transform != "empty_nan"
+    return branch in a.branches
 
 
 # ------------------------------------------------------------------------------------------ the diagnoser
@@ -328,7 +359,7 @@ class Diagnoser:
                  own_ratio: Optional[float] = None) -> Optional[dict]:
         """The ``diagnosis`` record of a FAIL cell (None: out of budget before any variant was judged)."""
         t0 = time.monotonic()
-        singles = [a for a in alternatives(self.ct.case) if branch in a.branches]
+        singles = [a for a in alternatives(self.ct.case) if explains(a, branch)]
         tried: list[tuple[str, float, tuple[Alternative, ...], float]] = []
         matches: list[tuple[str, float, tuple[Alternative, ...], float]] = []
 
@@ -337,9 +368,18 @@ class Diagnoser:
 
         def attempt(alts: tuple[Alternative, ...], parts: list[dict]) -> Optional[dict]:
             vt = self._truth(alts, needs_block_indices)
-            if vt is None or branch not in vt.truth:
+            if vt is None:
                 return None
-            if branch != "topk_idx":
+            if branch in GRAD_BRANCHES:
+                try:
+                    mine = vt.grads()[0].get(branch)
+                except Exception:  # noqa: BLE001 - no gradient truth under this variant: no candidate
+                    return None
+                if mine is None or any(_same(mine, p) for p in parts):
+                    return None
+            elif branch not in vt.truth:
+                return None
+            elif branch != "topk_idx":
                 mine = vt.truth[branch]
                 if any(_same(mine, p) for p in parts):
                     return None
@@ -360,9 +400,14 @@ class Diagnoser:
             tried.append((name, ratio, alts, second))
             if v.status == "PASS" and _requirement(names, branch, outs.get(branch), vt.empty) is None:
                 matches.append((name, ratio, alts, second))
-            return vt.truth
+            return {branch: mine} if branch in GRAD_BRANCHES else vt.truth
 
         base = [self.ct.truth[branch]] if branch in self.ct.truth and branch != "topk_idx" else []
+        if branch in GRAD_BRANCHES:
+            try:
+                base = [self.ct.grads()[0][branch]]
+            except Exception:  # noqa: BLE001 - judge() reported it; nothing to diagnose against
+                return None
         by_name = {a.name: a for a in singles}
         seen = self.known.setdefault((oracle, branch), [])
         for key in list(seen):
@@ -370,6 +415,13 @@ class Diagnoser:
             if matches or over() or len(alts) != len(key.split(" + ")):
                 continue
             attempt(alts, base)
+        found = self._found.setdefault(oracle, {})  # knob -> alternative matched on this case's other branches
+        union = tuple(found[k] for k in sorted(found) if explains(found[k], branch))
+        for a in union:  # the causes of the oracle's other branches, one by one, then together
+            if not matches and not over() and a.name not in seen:
+                attempt((a,), base)
+        if not matches and not over() and len(union) >= 2:
+            attempt(union, base)
         single_truth: dict[str, Any] = {}
         for a in singles if not matches else ():
             if over():
@@ -379,10 +431,6 @@ class Diagnoser:
             t = attempt((a,), base)
             if t is not None and branch in t:
                 single_truth[a.name] = t[branch]
-        found = self._found.setdefault(oracle, {})  # knob -> alternative matched on this case's other branches
-        union = tuple(found[k] for k in sorted(found) if branch in found[k].branches)
-        if not matches and not over() and len(union) >= 2:  # the causes of the other branches together
-            attempt(union, base)
         if not matches and not over():  # pairs, those of the nearest singles first
             ratio = {name: r for name, r, alts, _ in tried if len(alts) == 1}
             ranked = sorted(singles, key=lambda a: ratio.get(a.name, math.inf))

@@ -119,8 +119,9 @@ def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str]
 def diagnose_cells(diagnoser: Diagnoser, oracle: Oracle, recs: list[CellResult], outputs: dict) -> None:
     """Attach a ``diagnosis`` to each FAIL cell of ``recs`` (outside the cells' timed part; a diagnosis
     that fails is left out, never the cell)."""
-    for rec in sorted(recs, key=lambda r: r.branch == "o"):  # o last: the other branches' causes, together
-        if rec.status != "FAIL" or rec.branch in GRAD_BRANCHES:
+    # o after the other forward branches, gradients last: each tries the causes found before it first
+    for rec in sorted(recs, key=lambda r: (r.branch in GRAD_BRANCHES, r.branch == "o")):
+        if rec.status != "FAIL":
             continue
         try:
             rec.diagnosis = diagnoser.diagnose(oracle.name, oracle.layer, rec.branch, outputs,

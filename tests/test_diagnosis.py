@@ -27,7 +27,8 @@ PLANTED = {**{f"conv_cmp_{m}": f"cmp_mask={m}" for m in ("current_block", "anti_
            "conv_lse_base2": "lse=base2", "conv_scale_swa": "scale=ignored_in_swa", "conv_gates_sigmoid": "gates=sigmoid",
            "conv_group_mean_logits": "group_importance=mean_logits", "conv_empty_nan": "empty_rows=nan",
            "conv_empty_finite_lse": "empty_rows=finite_lse", "conv_slc_no_causal_cut": "selection=no_causal_cut",
-           "conv_slc_pad_block0": "padding=block0", "conv_topk_repeats": "topk_padding=repeats"}
+           "conv_slc_pad_block0": "padding=block0", "conv_topk_repeats": "topk_padding=repeats",
+           "conv_grads_window": "window_keys=w_plus_1", "conv_grads_scale_swa": "scale=ignored_in_swa"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def planted() -> dict[str, str]:
 
 
 def _case_for(key: str) -> Case:
-    return CASE.replace(scale=0.1) if key.startswith("scale=") else CASE
+    return CASE.replace(scale=0.1) if key.startswith("scale=") else CASE  # scale: one a branch can ignore
 
 
 @pytest.mark.parametrize("oracle", sorted(PLANTED))

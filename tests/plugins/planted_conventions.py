@@ -117,3 +117,26 @@ def _topk_repeats(c, x):
 
 
 _planted("topk_padding=repeats", "conv_topk_repeats", ("topk_idx",), _topk_repeats)
+
+
+# gradients follow the forward: dq, dk, dv of the loss sum(o * dO) under one other convention
+def _grads_window(c, x):
+    from nsaconf.oracles.reference import nsa_reference_grads
+    g = nsa_reference_grads(c.replace(window_keys="w_plus_1"), x, dtype=None)
+    return {b: g[b] for b in ("dq", "dk", "dv")}
+
+
+def _grads_scale_swa(c, x):
+    from nsaconf.oracles.reference import _forward, autograd_grads
+
+    def forward(xi):  # the window branch with 1/sqrt(D), the others with the case's scale
+        out = _forward(c, xi, None, None, False)
+        plain = _forward(c.replace(scale=None), xi, None, None, False)
+        return {"o": out["o"] + (plain["swa_o"] - out["swa_o"]) * xi.g_swa[..., None]}
+
+    g = autograd_grads(forward, c, x)
+    return {b: g[b] for b in ("dq", "dk", "dv")}
+
+
+_planted("window_keys=w_plus_1", "conv_grads_window", ("dq", "dk", "dv"), _grads_window)
+_planted("scale=ignored_in_swa", "conv_grads_scale_swa", ("dq", "dk", "dv"), _grads_scale_swa)

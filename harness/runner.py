@@ -119,8 +119,10 @@ def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str]
 def diagnose_cells(diagnoser: Diagnoser, oracle: Oracle, recs: list[CellResult], outputs: dict) -> None:
     """Attach a ``diagnosis`` to each FAIL cell of ``recs`` (outside the cells' timed part; a diagnosis
     that fails is left out, never the cell)."""
-    # o after the other forward branches, gradients last: each tries the causes found before it first
-    for rec in sorted(recs, key=lambda r: (r.branch in GRAD_BRANCHES, r.branch == "o")):
+    # the branches of one knob first (compression, window), then the selection, o, the gradients: each tries
+    # the causes found before it first
+    order = {b: i for i, b in enumerate(("cmp_o", "cmp_lse", "swa_o", "topk_idx", "slc_o", "o"))}
+    for rec in sorted(recs, key=lambda r: order.get(r.branch, len(order))):
         if rec.status != "FAIL":
             continue
         try:

@@ -437,11 +437,15 @@ class Diagnoser:
             rank = {a.name: i for i, a in enumerate(ranked)}
             pairs = sorted(((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a.knob != b.knob),
                            key=lambda p: (rank[p[0].name] + rank[p[1].name], rank[p[0].name]))
-            for a, b in pairs:  # the first matching pair ends the search
+            for a, b in pairs:  # the first matching pair ends the search; with the causes found before, first
                 if over() or matches:
                     break
                 parts = base + [single_truth[n] for n in (a.name, b.name) if n in single_truth]
-                attempt((a, b), parts)
+                extra = tuple(f for f in union if f.knob not in (a.knob, b.knob))
+                if extra:
+                    attempt(extra + (a, b), parts)
+                if not matches and not over():
+                    attempt((a, b), parts)
         self.spent += time.monotonic() - t0
         if not tried:
             return None

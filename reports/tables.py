@@ -401,13 +401,16 @@ def finding_line(rec: dict, key: Optional[str] = None) -> str:
 
 
 def diagnosis_headline(groups: list[FailureGroup]) -> str:
-    """``18 FAILs, 2 causes`` (+ ``, 10 unexplained``: FAILs that match no convention or were not diagnosed;
-    + the counts of the other bad statuses)."""
+    """``8 FAILs, 2 causes (cmp_mask=end_exclusive, window_keys=w_plus_1)``: the distinct conventions the
+    diagnoses name, per oracle (named when one oracle has them all, at most 6); + ``, 10 unexplained``: FAILs
+    that match no convention or were not diagnosed; + the counts of the other bad statuses."""
     cells = [r for g in groups for r in g.records]
     fails = sum(r.status == "FAIL" for r in cells)
-    causes = sum(1 for g in groups if g.key)
+    causes = list(dict.fromkeys((g.oracle, name) for g in groups if g.key for name in g.key.split(" + ")))
     unexplained = sum(r.status == "FAIL" for g in groups if not g.key for r in g.records)
-    parts = [f"{fails} FAIL{'s' if fails != 1 else ''}, {causes} cause{'s' if causes != 1 else ''}"]
+    n = len(causes)
+    named = f" ({', '.join(name for _, name in causes)})" if 0 < n <= 6 and len({o for o, _ in causes}) == 1 else ""
+    parts = [f"{fails} FAIL{'s' if fails != 1 else ''}, {n} cause{'s' if n != 1 else ''}{named}"]
     if unexplained:
         parts.append(f"{unexplained} unexplained")
     others = Counter(r.status for r in cells if r.status != "FAIL")

@@ -123,11 +123,11 @@ def test_a_run_groups_its_failures_by_cause_on_the_console_and_in_summary_md(tmp
             for cell in evaluate(case, ["conv_window_w_plus_1", "bug_scale", "reference"], diagnosis_budget=120):
                 w.write(cell)
     lines = cause_lines(tmp_path)
-    assert lines[0] == "nsaconf: 6 FAILs, 1 cause, 4 unexplained:"
+    assert lines[0] == "nsaconf: 6 FAILs, 1 cause (window_keys=w_plus_1), 4 unexplained:"
     assert lines[1] == "  conv_window_w_plus_1: window_keys=w_plus_1 — 2 cells (swa_o)"
     assert lines[2] == "  bug_scale: no alternative convention matches — 4 cells (cmp_o, cmp_lse)"
     md = write_reports(tmp_path)["summary"].read_text()
-    assert "6 FAILs, 1 cause, 4 unexplained; grouped by diagnosis" in md
+    assert "6 FAILs, 1 cause (window_keys=w_plus_1), 4 unexplained; grouped by diagnosis" in md
     assert "### ❌ conv\\_window\\_w\\_plus\\_1 · window\\_keys=w\\_plus\\_1 — 2 cells (swa\\_o), 2 cases" in md
     assert md.index("window\\_keys=w\\_plus\\_1 — 2 cells") < md.index("no alternative convention matches — 4 cells")
     assert "matches the reference with window\\_keys=w\\_plus\\_1 (r " in md

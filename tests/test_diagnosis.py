@@ -166,3 +166,25 @@ def test_three_knobs_are_named_from_the_causes_of_the_other_branches(planted):
         "cmp_o": "cmp_mask=end_exclusive", "swa_o": "window_keys=w_plus_1", "slc_o": "group_importance=mean_logits",
         "o": "cmp_mask=end_exclusive + group_importance=mean_logits + window_keys=w_plus_1"}, \
         "\n".join(console_line(c) for c in cells.values())
+
+
+def test_lucidrains_as_it_is_reads_as_its_real_causes():
+    """lucidrains' module on a paper case (tests/plugins/lucidrains_native.py): the diagnosis names its window of
+    w+1 keys, its end_exclusive compression, its forced current block and its group-mean importance."""
+    import importlib.util
+
+    from nsaconf.oracles.base import registry
+
+    if importlib.util.find_spec("native_sparse_attention_pytorch") is None:
+        pytest.skip("native-sparse-attention-pytorch is not installed (pip install native-sparse-attention-pytorch==0.2.3)")
+    if "lucidrains_native" not in registry():
+        load_plugin(PLUGINS / "lucidrains_native.py")
+    paper = Case(seq_len=96, heads_q=8, heads_kv=2, head_dim=16, block_size=16, top_n=4, window=16, dtype="float32", seed=2)
+    cells = {c.branch: c for c in evaluate(paper, ["lucidrains_native"], diagnosis_budget=120)}
+    keys = {b: set(c.diagnosis["key"].split(" + ")) for b, c in cells.items() if c.status == "FAIL"}
+    assert keys["cmp_o"] == {"cmp_mask=end_exclusive"}, console_line(cells["cmp_o"])
+    assert keys["swa_o"] == {"window_keys=w_plus_1"}, console_line(cells["swa_o"])
+    assert keys["slc_o"] == {"cmp_mask=end_exclusive", "forced_blocks=current", "group_importance=mean_logits"}, \
+        console_line(cells["slc_o"])
+    assert keys["o"] == {"cmp_mask=end_exclusive", "window_keys=w_plus_1", "forced_blocks=current",
+                         "group_importance=mean_logits"}, console_line(cells["o"])

@@ -23,8 +23,8 @@ from markupsafe import Markup
 from nsaconf.reports.load import (METRIC_ORDER, STATUSES, CellRecord, Results, fmt_metric, metric_rank,
                           read_jsonl)
 from nsaconf.reports import error_map
-from nsaconf.reports.tables import (FailureGroup, configured_tolerance, environment, failure_groups, generic_table,
-                            layer_views, run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
+from nsaconf.reports.tables import (FailureGroup, configured_tolerance, diagnosis_headline, environment, failure_groups,
+                            finding_line, generic_table, layer_views, run_tolerance_table, skip_groups, support_matrix, tolerance_rows)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 STATUS_HELP = {
@@ -140,13 +140,14 @@ def _groups(res: Results, drills: list[Drill]) -> list[GroupView]:
     for i, g in enumerate(failure_groups([d.rec for d in drills], conv)):
         links = []
         for c in g.findings:
-            exp = c.get("expected_convention") or c.get("claimed_convention")
-            text = (f"{c.get('oracle')} · {c.get('branch')}: {c.get('finding')}, observed {c.get('convention')}"
-                    + (f", expected {exp}" if exp else ""))
+            text = f"{c.get('oracle')} · {finding_line(c, g.key)}"  # the words of summary.md and the console
             href = "#" + (_conv_anchor(c.get("oracle"), c.get("branch")) if c.get("matrix") else "conventions")
             links.append((href, text))
         members = [by_key[r.key] for r in g.records]
         _draw_map(members[0])  # every cause shows at least one picture
+        if i == 0:  # the first failure shown open is the first of the first cause
+            for d in drills:
+                d.open = d is members[0]
         views.append(GroupView(f"cause-{i + 1}", g, members, links))
     return views
 
@@ -191,6 +192,7 @@ def _status_bar(counts: Counter, total: int, width: int = 600) -> list[dict[str,
 
 def render_html(res: Results) -> str:
     drills, anchors = _drills(res)
+    groups = _groups(res, drills)
     counts = res.counts
     total = len(res.records)
     run_tol = run_tolerance_table(res)
@@ -206,7 +208,8 @@ def render_html(res: Results) -> str:
         res=res, total=total, run_line=run_line, command=str(info.get("command") or ""), counts=counts, statuses=statuses, status_help=STATUS_HELP,
         verdict=res.verdict, bar=_status_bar(counts, total),
         n_oracles=len({r.oracle for r in res.records}), n_cases=len({r.case_id for r in res.records}),
-        layers=layer_views(res, anchors), drills=drills, groups=_groups(res, drills),
+        layers=layer_views(res, anchors), drills=drills, groups=groups,
+        headline=diagnosis_headline([g.group for g in groups]) if groups else "",
         errmap_legend=Markup(error_map.legend()), max_error_maps=MAX_ERROR_MAPS,
         skips=skip_groups(res), support=support_matrix(res),
         env=environment(res), env_from_run=bool(res.run_info),

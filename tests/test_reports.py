@@ -307,12 +307,17 @@ def test_fail_drill_shows_where_the_error_lives(run_dir: Path) -> None:
 def test_failures_grouped_by_diagnosis_link_their_convention_finding(tmp_path: Path) -> None:
     write_fixture(tmp_path, side_files=True, diagnosis=True)
     html = write_reports(tmp_path)["html"].read_text()
-    assert "8 failures, 4 causes" in html and 'id="causes"' in html
+    # the headline of summary.md and the console: diagnosed causes, FAILs no convention explains, other statuses
+    head = re.search(r'<h3 class="causes-head">([^<]*)</h3>', html).group(1)
+    assert head.startswith("4 FAILs, 1 cause") and head.endswith("1 unexplained, 1 CRASH, 2 ERROR, 1 TIMEOUT")
+    assert 'id="causes"' in html
     titles = re.findall(r'<div class="cause" id="(cause-\d+)">\s*<h3>([^<]*) <span class="cause-n">· ([^ ]+) · (\d+) cell', html)
     assert [t[1:] for t in titles] == [("window_keys=w_plus_1", "fla", "3"), ("no alternative convention matches", "nsa_impl", "1"),
                                        ("not diagnosed", "tilelang", "3"), ("not diagnosed", "nsa_impl", "1")]
     # the fla cause links to the probe's heat-maps of fla swa_o (w+1 keys), which exist under that id
-    assert '<a href="#conv-fla-swa_o">fla · swa_o: mismatch, observed w_plus_1, expected w</a>' in html
+    assert '<a href="#conv-fla-swa_o">fla · swa_o: w_plus_1 where w is expected (mismatch), agrees</a>' in html
+    # the first failure open is the first of the first cause (a fla FAIL), no other
+    assert re.findall(r'<details class="drill[^>]*data-oracle="(\w+)"[^>]* open>', html) == ["fla"]
     assert "id='conv-fla-swa_o'" in html
     assert "112 extra at s = p − 16 (p 16 … 127)" in html  # the one-key difference said in words
     assert html.count("matches the reference with window_keys=w_plus_1 (r 0.08)") >= 3  # next to each failure

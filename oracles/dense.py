@@ -19,19 +19,16 @@ from nsaconf.cases.tensors import Inputs
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """q ``[TQ,D]``, k ``[T,D]``, v ``[T,DV]``, mask ``[TQ,T]`` -> (o, lse, prob); empty rows: 0, -inf."""
+    """q ``[TQ,D]``, k ``[T,D]``, v ``[T,DV]``, mask ``[TQ,T]`` -> (o, lse, prob); empty rows: 0, -inf.
+
+    One ``torch.softmax`` over each whole row with the masked keys at -inf (a row without a key is
+    softmaxed unmasked and then zeroed)."""
     logits = (q @ k.T) * scale
-    o = torch.zeros(q.shape[0], v.shape[1], dtype=q.dtype, device=q.device)
-    lse = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
-    prob = torch.zeros_like(logits)
-    for i in range(q.shape[0]):
-        m = mask[i]
-        if m.any():
-            row = torch.softmax(logits[i][m], dim=0)
-            prob[i, m] = row
-            o[i] = row @ v[m]
-            lse[i] = torch.logsumexp(logits[i][m], dim=0)
-    return o, lse, prob
+    has = mask.any(dim=1, keepdim=True)
+    masked = logits.masked_fill(~(mask | ~has), float("-inf"))
+    prob = torch.where(mask, torch.softmax(masked, dim=1), torch.zeros_like(logits))
+    lse = torch.where(has[:, 0], torch.logsumexp(masked, dim=1), torch.full_like(logits[:, 0], float("-inf")))
+    return prob @ v, lse, prob
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ convention functions of ``cases.conventions`` directly (``CMP_MASKS[case.cmp_mas
   with no visible block, which is the canonical convention.
 * window: ``flex_attention(q, k, v, window block_mask)``; w = 0 -> no branch.
 
-Varlen runs each sequence separately. CPU: eager flex (dense fallback). CUDA: ``torch.compile``d
+Varlen runs each sequence separately. CPU: eager flex (dense fallback), with every rule of a kind in one
+mask_mod (``one_of``) so that dynamo traces it once per dtype and head shape. CUDA: ``torch.compile``d
 flex (the Triton kernel) unless ``NSACONF_FLEX_COMPILE=0``.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,6 +42,21 @@ def _flex_fn(device: str):
             _COMPILED = torch.compile(flex_attention)  # default dynamic=None: one recompile, then dynamic shapes
         return _COMPILED, {"BACKEND": "TRITON"}
     return flex_attention, None
+
+
+def one_of(rules: dict, name: str, device) -> Callable:
+    """``rules[name]`` written as a function of every rule: each rule is evaluated and the one whose index
+    equals a captured 0-dim tensor is kept. Eager flex (CPU) traces each mask_mod with dynamo, which guards
+    on the functions a closure calls (and on captured ints by value) but on a captured tensor by dtype and
+    shape only: one trace serves every rule, instead of a 0.2-0.5 s retrace per new rule."""
+    fns, which = tuple(rules.values()), torch.tensor(list(rules).index(name), device=device)
+
+    def rule(*args):
+        out = fns[0](*args) & (which == 0)
+        for i, f in enumerate(fns[1:], 1):
+            out = out | (f(*args) & (which == i))
+        return out
+    return rule
 
 
 def pool(x: torch.Tensor, l: int, d: int) -> torch.Tensor:
@@ -87,7 +103,11 @@ class Flex(Oracle):
         from torch.nn.attention.flex_attention import create_block_mask
         flex, kopts = _flex_fn(device)
         l, d, w, scale = case.cmp_block, case.cmp_stride, case.window, case.softmax_scale
-        rule, wrule = CMP_MASKS[case.cmp_mask], WINDOW_KEYS[case.window_keys]
+        dev = inputs.q.device
+        if kopts is None:  # eager (CPU): one traced mask_mod per dtype and head shape (see ``one_of``)
+            rule, wrule = one_of(CMP_MASKS, case.cmp_mask, dev), one_of(WINDOW_KEYS, case.window_keys, dev)
+        else:
+            rule, wrule = CMP_MASKS[case.cmp_mask], WINDOW_KEYS[case.window_keys]
         # mask_mod closures bake (T-TQ, l, d, w) into the compiled graph: each new combination recompiles.
         # Dynamo's default limit (8 per function) would silently fall back to *eager* flex (measured on the
         # H100: "hit config.recompile_limit (8)") -- raise it so the Triton kernel stays in use.
@@ -95,7 +115,6 @@ class Flex(Oracle):
         if kopts is not None:
             import torch._dynamo.config as dcfg
             limits = dcfg.patch(recompile_limit=max(256, getattr(dcfg, "recompile_limit", 8)))
-        dev = inputs.q.device
         outs: dict[str, list[torch.Tensor]] = {"cmp_o": [], "cmp_lse": [], "swa_o": []}
         segs = [(0, case.seq_len, 0, case.q_len)] if case.cu_seqlens is None else [(s, e, s, e) for s, e in case.sequences]
         with warnings.catch_warnings(), limits:
@@ -108,8 +127,13 @@ class Flex(Oracle):
                 kc, vc = (pool(x, l, d).transpose(1, 2) for x in (k, v))
                 NC = kc.shape[2]
 
+                # CPU: the closures hold 0-dim tensors, not ints: dynamo guards on a captured int by value (a
+                # retrace per new T - TQ, l, d or w). CUDA keeps the ints the compiled kernel was measured with.
+                off_t, l_t, d_t, w_t = (off, l, d, w) if kopts is not None else \
+                    (torch.tensor(v, device=dev) for v in (off, l, d, w))
+
                 def cmp_mod(b, h, qi, ki):
-                    return rule(ki, qi + off, l, d)
+                    return rule(ki, qi + off_t, l_t, d_t)
 
                 bm = create_block_mask(cmp_mod, None, None, TQ, NC, device=dev)
                 o, lse = flex(q, kc.contiguous(), vc.contiguous(), block_mask=bm, scale=scale, enable_gqa=True, return_lse=True,
@@ -118,7 +142,7 @@ class Flex(Oracle):
                 outs["cmp_lse"].append(lse.transpose(1, 2).float() if lse.dtype != torch.float64 else lse.transpose(1, 2))
                 if w > 0:
                     def win_mod(b, h, qi, ki):
-                        return wrule(qi + off, ki, w)
+                        return wrule(qi + off_t, ki, w_t)
 
                     bw = create_block_mask(win_mod, None, None, TQ, T, device=dev)
                     ow = flex(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), block_mask=bw, scale=scale,

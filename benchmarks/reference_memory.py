@@ -7,9 +7,11 @@ Configuration: HQ=16, H=1, D=64, n=16, l=d=l'=64, w=512, float64. For each T:
 * reference alone: ``nsa_reference`` in a fresh subprocess; its peak RSS (ru_maxrss, inputs included);
 * harness run: ``nsaconf run --case <that case> --oracles reference`` (truth in the parent, the oracle in its
   worker process, the comparison): the peak of the summed RSS of the parent and its worker, sampled from
-  /proc every 20 ms, and each process's own peak.
+  /proc every 20 ms, and each process's own peak. At these sizes the run judges with a streamed truth
+  (``comparator.StreamedTruth``): the worker's reply first, then the truth window by window against it.
 
-Prints a markdown table: T, seconds and peak RSS of each, and the run's peak as a multiple of the reference's.
+Prints a markdown table: T, seconds and peak RSS of each, the run's peak as a multiple of the reference's,
+and the statuses of the run's cells.
 """
 from __future__ import annotations
 
@@ -111,21 +113,21 @@ def main() -> int:
     print(f"# nsa_reference float64, HQ=16 H=1 D=64 n=16 l=d=l'=64 w=512 ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     print("| T | reference alone: time (s) | peak RSS (GB) | chunk | `nsaconf run`: time (s) | peak RSS parent + worker (GB) "
-          "| parent (GB) | worker (GB) | run / reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| parent (GB) | worker (GB) | run / reference | cells |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t in (int(x) for x in args.seq_lens.split(",")):
         r = subprocess.run([sys.executable, __file__, "--one", str(t)], capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"| {t} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | | | | | |")
+            print(f"| {t} | failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode} | | | | | | | | |")
             continue
         d = json.loads(r.stdout.strip().splitlines()[-1])
         row = f"| {t:,} | {d['seconds']:.1f} | {d['peak_rss_gb']:.2f} | {d['chunk']} |"
         if args.no_run:
-            print(row + " | | | | |", flush=True)
+            print(row + " | | | | | |", flush=True)
             continue
         h = harness_run(t)
         print(row + f" {h['seconds']:.1f} | {h['peak_gb']:.2f} | {h['parent_gb']:.2f} | {h['worker_gb']:.2f} | "
-              f"{h['peak_gb'] / d['peak_rss_gb']:.2f}x |", flush=True)
+              f"{h['peak_gb'] / d['peak_rss_gb']:.2f}x | {' '.join(h['statuses'])} |", flush=True)
     return 0
 
 

@@ -3,7 +3,11 @@
 Per case the parent computes the float64 truth and the same-dtype baseline once
 (``comparator.CaseTruth``); each oracle runs in its own worker process (``harness.worker``), reused
 across cases, so that an exception (ERROR), a segfault (CRASH) or a hang (TIMEOUT) costs only that
-oracle's cells. ``timeout`` bounds each cell, the truth's time in the parent included (``late_reply``).
+oracle's cells. A case whose truth is large (``comparator.held_truth_bytes`` over ``HELD_TRUTH_LIMIT``)
+is judged with a ``StreamedTruth``: every oracle's reply is collected first, then one pass computes the
+truth window by window and judges all the replies against it, so that the parent never holds the whole
+truth beside the replies (same verdicts and metrics, bit for bit). ``timeout`` bounds each cell, the truth's
+time in the parent included (``late_reply``).
 Every cell is written (and flushed) as soon as it is judged.
 """
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from nsaconf.cases.model import Case
-from nsaconf.harness.comparator import CaseTruth, Verdict, grad_truth_skip_reason, judge
+from nsaconf.harness import comparator
+from nsaconf.harness.comparator import (CaseTruth, Job, StreamedTruth, TruthFailed, Verdict, grad_truth_skip_reason,
+                                          judge, judge_many)
 from nsaconf.harness.diagnosis import DEFAULT_BUDGET_S, Diagnoser
 from nsaconf.harness.environment import versions as environment_versions
 from nsaconf.harness.results import BAD_STATUSES, CellResult, ResultWriter, done_keys
@@ -99,18 +105,20 @@ def late_reply(reply: Reply, truth_secs: float, judge_secs: float, timeout: floa
 
 
 def cells_for_reply(case: Case, oracle: Oracle, device: str, branches: list[str], reply: Reply, ct: Optional[CaseTruth],
-                    table: ToleranceTable, versions: dict) -> list[CellResult]:
-    """Turn one oracle reply into cell records (judged against the truth when the run succeeded)."""
+                    table: ToleranceTable, versions: dict, verdicts: Optional[list[Verdict]] = None) -> list[CellResult]:
+    """Turn one oracle reply into cell records (judged against the truth when the run succeeded; ``verdicts``:
+    already judged)."""
     if reply.status != "ok":
         status = {"error": "ERROR", "fatal": "ERROR", "crash": "CRASH", "timeout": "TIMEOUT"}[reply.status]
         return [_record(case, oracle, b, device, status, reply.message, seconds=reply.seconds, versions=versions) for b in branches]
     if ct is None:
         return [_record(case, oracle, b, device, "ERROR", "the truth could not be computed for this case", versions=versions) for b in branches]
-    try:
-        verdicts = judge(ct, oracle.name, oracle.layer, tuple(branches), reply.outputs or {}, table,
-                         needs_block_indices=oracle.needs_block_indices)
-    except Exception as e:  # noqa: BLE001 - a comparator failure is reported, never raised
-        verdicts = [Verdict(b, "ERROR", f"comparator failed: {type(e).__name__}: {e}") for b in branches]
+    if verdicts is None:
+        try:
+            verdicts = judge(ct, oracle.name, oracle.layer, tuple(branches), reply.outputs or {}, table,
+                             needs_block_indices=oracle.needs_block_indices)
+        except Exception as e:  # noqa: BLE001 - a comparator failure is reported, never raised
+            verdicts = [Verdict(b, "ERROR", f"comparator failed: {type(e).__name__}: {e}") for b in branches]
     return [_record(case, oracle, v.branch, device, v.status, v.reason, v.metrics, v.tolerance, reply.seconds, versions,
                     v.error_map)
             for v in verdicts]
@@ -259,6 +267,9 @@ class Runner:
         concurrent = [n for n in pending if cfg.isolate and not self.oracles[n].needs_block_indices]
         for name in concurrent:
             submit(name, None, 0.0)
+        if self._streamed(case, pending):
+            self._run_streamed(case, pending, replies, budget, emit)
+            return
         t0 = time.monotonic()
         ct, truth_error = self._truth(case, pending)
         truth_secs = time.monotonic() - t0
@@ -375,6 +386,57 @@ class Runner:
         for w in self.workers.values():
             w.stop()
         self.workers.clear()
+
+    def _streamed(self, case: Case, pending: dict[str, list[str]]) -> bool:
+        """Whether ``case`` is judged with a ``StreamedTruth``: a large truth, every oracle in a worker and
+        computing its own selection, no truth to save or to share across runs."""
+        cfg = self.cfg
+        return (cfg.isolate and cfg.truth_cache is None and not cfg.save_tensors
+                and not any(self.oracles[n].needs_block_indices for n in pending)
+                and comparator.held_truth_bytes(case) > comparator.HELD_TRUTH_LIMIT)
+
+    def _run_streamed(self, case: Case, pending: dict[str, list[str]], replies: dict[str, Reply],
+                      budget: dict[str, float], emit: Callable[[CellResult], None]) -> None:
+        """The replies of every oracle of ``case`` (already submitted), then one ``judge_many`` pass over a
+        ``StreamedTruth``; a cell's time: its oracle's, then the truth and the judging in the main process."""
+        cfg = self.cfg
+        for name in pending:
+            if name in budget:
+                replies[name] = self._worker(name).collect(max(0.0, budget[name]))
+        ok = [n for n in pending if replies[n].status == "ok"]
+        # the workers are idle now: the truth may use every core
+        ct = StreamedTruth(case, device=cfg.device, threads=(os.cpu_count() or 1) if cfg.device == "cpu" else 0)
+        t0 = time.monotonic()
+        verdicts: dict[str, list[Verdict]] = {}
+        if ok:
+            jobs = [Job(n, self.oracles[n].layer, tuple(pending[n]), replies[n].outputs or {}, cfg.table,
+                        self.oracles[n].needs_block_indices) for n in ok]
+            try:
+                verdicts = dict(zip(ok, judge_many(ct, jobs)))
+            except TruthFailed as e:
+                for n in ok:
+                    replies[n] = Reply("error", message=str(e), seconds=replies[n].seconds)
+            except Exception as e:  # noqa: BLE001 - a comparator failure is reported, never raised
+                verdicts = {n: [Verdict(b, "ERROR", f"comparator failed: {type(e).__name__}: {e}") for b in pending[n]]
+                            for n in ok}
+            del jobs
+        secs = time.monotonic() - t0
+        diagnoser: Optional[Diagnoser] = None  # made on the case's first FAIL (it holds the whole truth)
+        for name, branches in pending.items():
+            oracle, reply = self.oracles[name], replies.pop(name)
+            late = late_reply(reply, secs, 0.0, cfg.timeout, False) if reply.status == "ok" else None
+            recs = cells_for_reply(case, oracle, cfg.device, branches, late or reply, ct, cfg.table, self._versions(name),
+                                   None if late is not None else verdicts.get(name))
+            if (late is None and reply.status == "ok" and cfg.diagnosis_budget > 0
+                    and any(r.status == "FAIL" for r in recs)):
+                if diagnoser is None:
+                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget, known=self.diagnosed)
+                diagnose_cells(diagnoser, oracle, recs, reply.outputs or {})
+            del reply
+            for rec in recs:
+                emit(rec)
+        if cfg.device.startswith("cuda"):
+            release_cuda_cache()
 
     def _truth(self, case: Case, pending: dict[str, list[str]]) -> tuple[Optional[CaseTruth], str]:
         """The case's truth (cached across runs when ``truth_cache`` is given), with its gradients when

@@ -151,40 +151,82 @@ def default_chunk(case: Case) -> int:
     return int(max(1, min(4096, _ELEMENT_BUDGET // _per_query_elements(case))))
 
 
+def output_shapes(case: Case, return_importance: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``nsa_reference``'s outputs: ``[B,TQ,HQ,DV]`` (``cmp_o slc_o swa_o o``), ``cmp_lse
+    [B,TQ,HQ]``, ``topk_idx [B,TQ,H,n]`` (+ ``importance [B,TQ,H,NS]``, NS of the longest sequence)."""
+    B, TQ, HQ, H, DV = case.batch, case.q_len, case.heads_q, case.heads_kv, case.head_dim_v
+    shapes = {"cmp_o": (B, TQ, HQ, DV), "cmp_lse": (B, TQ, HQ), "topk_idx": (B, TQ, H, case.top_n), "slc_o": (B, TQ, HQ, DV)}
+    if case.window > 0:
+        shapes["swa_o"] = (B, TQ, HQ, DV)
+    shapes["o"] = (B, TQ, HQ, DV)
+    if return_importance:
+        shapes["importance"] = (B, TQ, H, max(num_sel_blocks(e - s, case.block_size) for s, e in case.sequences))
+    return shapes
+
+
+#: elements of one window of ``query_windows`` (of its largest output, ``[rows, HQ, DV]``)
+WINDOW_ELEMENTS = 1 << 20
+
+
+def query_windows(case: Case, elements: Optional[int] = None, chunk: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """``(b, r0, r1)``: query rows ``r0:r1`` of batch element ``b``, about ``elements`` (default
+    ``WINDOW_ELEMENTS``) output elements each, in the order of the outputs' memory (``b``, then rows). Every
+    boundary inside a sequence falls on one of the reference's own chunks (``chunk`` queries from the
+    sequence's start), so that ``nsa_reference(..., window=w)`` computes, bit for bit, the rows that the
+    whole computation gives; short sequences share a window."""
+    chunk = chunk or default_chunk(case)
+    want = max(1, (elements or WINDOW_ELEMENTS) // max(1, case.heads_q * max(case.head_dim_v, 1)))
+    starts = [0] if case.cu_seqlens is None else [s for s, _ in case.sequences]
+    ends = [case.q_len] if case.cu_seqlens is None else [e for _, e in case.sequences]
+    out = []
+    for b in range(case.batch):
+        r0 = 0
+        for s, e in zip(starts, ends):
+            for c in range(s, e, chunk):
+                c1 = min(c + chunk, e)
+                if c1 - r0 >= want:
+                    out.append((b, r0, c1))
+                    r0 = c1
+        if r0 < case.q_len:
+            out.append((b, r0, case.q_len))
+    return out
+
+
 def _forward(case: Case, x: Inputs, chunk: Optional[int], block_indices: Optional[torch.Tensor],
-             return_importance: bool) -> dict[str, torch.Tensor]:
+             return_importance: bool, window: Optional[tuple[int, int, int]] = None) -> dict[str, torch.Tensor]:
     """The forward of ``nsa_reference`` on inputs already in the compute dtype; differentiable when
     grad mode is on (the chunk writes into the preallocated outputs are recorded as ``CopySlices``)."""
     chunk = chunk or default_chunk(case)
     given = block_indices
     if given is None and case.block_indices == "random":
         given = x.block_indices
-    B, TQ, HQ, H, DV = case.batch, case.q_len, case.heads_q, case.heads_kv, case.head_dim_v
     f = dict(dtype=x.q.dtype, device=x.q.device)
-    out = {"cmp_o": torch.empty(B, TQ, HQ, DV, **f), "cmp_lse": torch.empty(B, TQ, HQ, **f),
-           "topk_idx": torch.empty(B, TQ, H, case.top_n, dtype=torch.long, device=x.q.device),
-           "slc_o": torch.empty(B, TQ, HQ, DV, **f)}
-    if case.window > 0:
-        out["swa_o"] = torch.empty(B, TQ, HQ, DV, **f)
-    if return_importance:
-        ns = max(num_sel_blocks(e - s, case.block_size) for s, e in case.sequences)
-        out["importance"] = torch.zeros(B, TQ, H, ns, **f)
-    for b in range(case.batch):
+    batches, lo_row, hi_row = (range(case.batch), 0, case.q_len) if window is None else ((window[0],), window[1], window[2])
+    out = {}
+    for name, shape in output_shapes(case, return_importance).items():
+        shape = (len(batches), hi_row - lo_row) + shape[2:]
+        if name == "topk_idx":
+            out[name] = torch.empty(shape, dtype=torch.long, device=x.q.device)
+        elif name == "importance":
+            out[name] = torch.zeros(shape, **f)
+        elif name != "o":
+            out[name] = torch.empty(shape, **f)
+    for i, b in enumerate(batches):
         for s0, s1 in case.sequences:
-            if case.cu_seqlens is None:
-                qs = slice(0, case.q_len)
-                pos = torch.arange(case.q_offset, case.seq_len, device=x.q.device)
-            else:
-                qs = slice(s0, s1)
-                pos = torch.arange(s1 - s0, device=x.q.device)
-            gi = None if given is None else given[b, qs].to(x.q.device).long()
-            views = {name: t[b, qs] for name, t in out.items()}
-            _sequence(case, x.q[b, qs], x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, views)
-    gate = GATE_RULES[case.gates]
-    o = out["cmp_o"] * gate(x.g_cmp)[..., None]
-    o.addcmul_(out["slc_o"], gate(x.g_slc)[..., None])
+            qs0, qs1, p0 = (0, case.q_len, case.q_offset) if case.cu_seqlens is None else (s0, s1, 0)
+            lo, hi = max(qs0, lo_row), min(qs1, hi_row)
+            if lo >= hi:
+                continue
+            pos = torch.arange(p0 + lo - qs0, p0 + hi - qs0, device=x.q.device)
+            gi = None if given is None else given[b, lo:hi].to(x.q.device).long()
+            views = {name: t[i, lo - lo_row:hi - lo_row] for name, t in out.items()}
+            _sequence(case, x.q[b, lo:hi], x.k[b, s0:s1], x.v[b, s0:s1], pos, gi, chunk, views)
+    rows = (slice(None), slice(None)) if window is None else (slice(window[0], window[0] + 1), slice(lo_row, hi_row))
+    gate = GATE_RULES[case.gates]  # on the whole gates, then the window's rows: the same bits as the whole computation
+    o = out["cmp_o"] * gate(x.g_cmp)[rows][..., None]
+    o.addcmul_(out["slc_o"], gate(x.g_slc)[rows][..., None])
     if "swa_o" in out:
-        o.addcmul_(out["swa_o"], gate(x.g_swa)[..., None])
+        o.addcmul_(out["swa_o"], gate(x.g_swa)[rows][..., None])
     out["o"] = o
     return out
 
@@ -192,7 +234,7 @@ def _forward(case: Case, x: Inputs, chunk: Optional[int], block_indices: Optiona
 @torch.no_grad()
 def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = torch.float64,
                   chunk: Optional[int] = None, block_indices: Optional[torch.Tensor] = None,
-                  return_importance: bool = False) -> dict[str, torch.Tensor]:
+                  return_importance: bool = False, window: Optional[tuple[int, int, int]] = None) -> dict[str, torch.Tensor]:
     """NSA forward of ``case`` on ``inputs`` computed in ``dtype`` (None: the inputs' dtype).
 
     Selection uses, in this order: ``block_indices`` if given, ``inputs.block_indices`` when
@@ -201,10 +243,12 @@ def nsa_reference(case: Case, inputs: Inputs, dtype: Optional[torch.dtype] = tor
     ``topk_idx``, ``slc_o``, ``swa_o`` (only when ``window > 0``), ``o`` (+ ``importance``
     ``[B,TQ,H,NS]`` on request, zero-padded past a short sequence's blocks), all on the inputs'
     device. Outputs are preallocated and filled chunk by chunk: peak memory is the outputs plus one
-    chunk's temporaries.
+    chunk's temporaries. ``window = (b, r0, r1)`` (one of ``query_windows``): only those query rows, each
+    output ``[1, r1 - r0, ...]``, bit for bit the same rows as the whole computation (``block_indices``
+    keeps its whole shape).
     """
     x = inputs if dtype is None else inputs.to(dtype=dtype)
-    return _forward(case, x, chunk, block_indices, return_importance)
+    return _forward(case, x, chunk, block_indices, return_importance, window)
 
 
 def autograd_grads(forward: Callable[[Inputs], dict[str, torch.Tensor]], case: Case, x: Inputs,

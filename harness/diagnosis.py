@@ -435,17 +435,21 @@ class Diagnoser:
             ratio = {name: r for name, r, alts, _ in tried if len(alts) == 1}
             ranked = sorted(singles, key=lambda a: ratio.get(a.name, math.inf))
             rank = {a.name: i for i, a in enumerate(ranked)}
+            # a pair that contradicts a cause measured on another branch (cmp_o's mask, say) comes last
+            contradicts = lambda a: a.knob in found and found[a.knob].name != a.name  # noqa: E731
             pairs = sorted(((a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a.knob != b.knob),
-                           key=lambda p: (rank[p[0].name] + rank[p[1].name], rank[p[0].name]))
-            for a, b in pairs:  # the first matching pair ends the search; with the causes found before, first
-                if over() or matches:
-                    break
-                parts = base + [single_truth[n] for n in (a.name, b.name) if n in single_truth]
-                extra = tuple(f for f in union if f.knob not in (a.knob, b.knob))
-                if extra:
-                    attempt(extra + (a, b), parts)
-                if not matches and not over():
-                    attempt((a, b), parts)
+                           key=lambda p: (contradicts(p[0]) or contradicts(p[1]),
+                                          rank[p[0].name] + rank[p[1].name], rank[p[0].name]))
+            extras = [tuple(f for f in union if f.knob not in (a.knob, b.knob)) for a, b in pairs]
+            # the first matching pair ends the search: with the causes found before, every pair first
+            for with_found in (True, False):
+                for (a, b), extra in zip(pairs, extras):
+                    if over() or matches:
+                        break
+                    if with_found and not extra:
+                        continue
+                    parts = base + [single_truth[n] for n in (a.name, b.name) if n in single_truth]
+                    attempt(extra + (a, b) if with_found else (a, b), parts)
         self.spent += time.monotonic() - t0
         if not tried:
             return None

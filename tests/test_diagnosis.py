@@ -186,5 +186,7 @@ def test_lucidrains_as_it_is_reads_as_its_real_causes():
     assert keys["swa_o"] == {"window_keys=w_plus_1"}, console_line(cells["swa_o"])
     assert keys["slc_o"] == {"cmp_mask=end_exclusive", "forced_blocks=current", "group_importance=mean_logits"}, \
         console_line(cells["slc_o"])
+    # its one free top-n slot: a pair against the compression mask measured on cmp_o also fits within ties
+    assert keys["topk_idx"] == keys["slc_o"], console_line(cells["topk_idx"])
     assert keys["o"] == {"cmp_mask=end_exclusive", "window_keys=w_plus_1", "forced_blocks=current",
                          "group_importance=mean_logits"}, console_line(cells["o"])

@@ -24,12 +24,10 @@ import re
 import warnings
 from typing import Optional
 
-import torch
-
 from nsaconf.cases.model import Case
 from nsaconf.oracles.base import register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
-from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.compat.checkout_import import checkout_versions, import_from_checkout
 from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
 from nsaconf.oracles.fla import FlaParallel
 
@@ -82,18 +80,8 @@ class FlaMain(FlaParallel):
         return None
 
     def versions(self) -> dict:
-        path, commit, warn = checkout_status("fla_main")
-        v = {"fla_main_checkout": str(path) if path else "missing", "fla_main_commit": commit or "unknown",
-             "fla_main_version": checkout_version(path) if path else "missing",
-             "torch": torch.__version__, "flash_attn": flash_attn_shim.description()}
-        try:
-            import triton
-            v["triton"] = triton.__version__
-        except Exception:  # noqa: BLE001
-            pass
-        if warn:
-            v["fla_main_commit_warning"] = warn
-        return v
+        path, _, _ = checkout_status("fla_main")
+        return checkout_versions("fla_main", {"fla_main_version": checkout_version(path) if path else "missing"})
 
     def branch_supports(self, case: Case, branch: str) -> Optional[str]:
         why = super().branch_supports(case, branch)

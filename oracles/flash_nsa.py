@@ -54,10 +54,10 @@ from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cot
 from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
 from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
-from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.compat.checkout_import import checkout_versions, import_from_checkout
 from nsaconf.oracles.compat.common import empty_cmp_rows, is_pow2
 from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
-from nsaconf.oracles.xunhao import (_checkout_versions, cu_seqlens_int32, idx_from_canonical, idx_to_canonical, max_seqlen,
+from nsaconf.oracles.xunhao import (cu_seqlens_int32, idx_from_canonical, idx_to_canonical, max_seqlen,
                                     pack, unpack, window_param)
 
 _MODS: dict[str, types.ModuleType] = {}
@@ -171,7 +171,7 @@ class FlashNsa(Oracle):
         return None
 
     def versions(self) -> dict:
-        return _checkout_versions("flash_nsa")
+        return checkout_versions("flash_nsa")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         l, d, ls = case.cmp_block, case.cmp_stride, case.block_size

@@ -28,12 +28,11 @@ import torch
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import Inputs
 from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
-from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
+from nsaconf.oracles.base import Oracle, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
-from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.compat.checkout_import import checkout_versions, import_from_checkout
 from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
-from nsaconf.oracles.xunhao import (_checkout_versions, checkout_availability, common_support, nsa_forward, nsa_grads,
-                                    run_sel, sel_support)
+from nsaconf.oracles.xunhao import checkout_availability, common_support, run_module, run_sel, sel_support
 
 _MODS: dict[str, dict] = {}
 #: FSA's module uses its own selection kernel up to this GQA ratio, nsa_ref's above (fsa/module/fsa.py:139)
@@ -91,7 +90,7 @@ class Fsa(Oracle):
         return checkout_availability("fsa", _AVAIL)
 
     def versions(self) -> dict:
-        return _checkout_versions("fsa")
+        return checkout_versions("fsa")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         why = common_support(case, "FSA")
@@ -103,14 +102,7 @@ class Fsa(Oracle):
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
         ops = _load()
-        given = inputs.block_indices if case.block_indices == "random" else None
-        sel = _module_sel(ops, case)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            out = nsa_forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given, sel)
-        if gradients_wanted(case):
-            out.update(nsa_grads(ops, case, inputs, given, sel))
-        return out
+        return run_module(ops, case, inputs, _module_sel(ops, case))
 
 
 @register_oracle
@@ -130,7 +122,7 @@ class FsaSel(Oracle):
         return checkout_availability("fsa", _AVAIL)
 
     def versions(self) -> dict:
-        return _checkout_versions("fsa")
+        return checkout_versions("fsa")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         return sel_support(case, "FSA")

@@ -48,7 +48,7 @@ from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cot
 from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
 from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
-from nsaconf.oracles.compat.checkout_import import import_from_checkout
+from nsaconf.oracles.compat.checkout_import import checkout_versions, import_from_checkout
 from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
 
 XUNHAO_OPS = "native_sparse_attention.ops.triton"
@@ -134,19 +134,16 @@ def common_support(case: Case, label: str, decode: bool = False) -> Optional[str
     return None
 
 
-def _checkout_versions(key: str, extra: Optional[dict] = None) -> dict:
-    path, commit, warn = checkout_status(key)
-    v = {f"{key}_checkout": str(path) if path else "missing", f"{key}_commit": commit or "unknown",
-         "torch": torch.__version__, "flash_attn": flash_attn_shim.description()}
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    if warn:
-        v[f"{key}_commit_warning"] = warn
-    v.update(extra or {})
-    return v
+def run_module(ops, case: Case, inputs: Inputs, sel) -> dict[str, torch.Tensor]:
+    """The whole composition (``nsa_forward``, then ``nsa_grads`` when the case wants gradients) with the
+    selection kernel ``sel``; the case's own indices when it gives them (``block_indices="random"``)."""
+    given = inputs.block_indices if case.block_indices == "random" else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = nsa_forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given, sel)
+    if gradients_wanted(case):
+        out.update(nsa_grads(ops, case, inputs, given, sel))
+    return out
 
 
 def checkout_availability(key: str, label: str) -> Optional[str]:
@@ -280,7 +277,7 @@ class Xunhao(Oracle):
         return checkout_availability("xunhao", "XunhaoLai native-sparse-attention-triton")
 
     def versions(self) -> dict:
-        return _checkout_versions("xunhao")
+        return checkout_versions("xunhao")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         return common_support(case, "XunhaoLai", decode=True)
@@ -298,14 +295,7 @@ class Xunhao(Oracle):
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 return nsa_decode(ops, case, inputs)
-        given = inputs.block_indices if case.block_indices == "random" else None
-        sel = _xunhao_sel(ops)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            out = nsa_forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given, sel)
-        if gradients_wanted(case):
-            out.update(nsa_grads(ops, case, inputs, given, sel))
-        return out
+        return run_module(ops, case, inputs, _xunhao_sel(ops))
 
 
 @register_oracle
@@ -325,7 +315,7 @@ class XunhaoSel(Oracle):
         return checkout_availability("xunhao", "XunhaoLai native-sparse-attention-triton")
 
     def versions(self) -> dict:
-        return _checkout_versions("xunhao")
+        return checkout_versions("xunhao")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
         return sel_support(case, "XunhaoLai")

@@ -49,3 +49,25 @@ def import_from_checkout(root: Path, modules: Iterable[str], stubs: Iterable[str
                 del sys.modules[n]
             sys.modules.update(saved)
     return out
+
+
+def checkout_versions(key: str, extra: Optional[dict] = None) -> dict:
+    """``versions()`` of an oracle run from the configured checkout ``key``: its path and commit (and the
+    commit warning, if any), torch, the flash-attn provider, triton when importable, then ``extra``."""
+    import torch
+
+    from nsaconf.oracles.compat import flash_attn_shim
+    from nsaconf.oracles.config import checkout_status
+
+    path, commit, warn = checkout_status(key)
+    v = {f"{key}_checkout": str(path) if path else "missing", f"{key}_commit": commit or "unknown",
+         "torch": torch.__version__, "flash_attn": flash_attn_shim.description()}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if warn:
+        v[f"{key}_commit_warning"] = warn
+    v.update(extra or {})
+    return v

@@ -112,7 +112,7 @@ def gate_values(case: Case, g: torch.Tensor) -> torch.Tensor:
 
 def common_support(case: Case, label: str, decode: bool = False) -> Optional[str]:
     """Limits shared by the XunhaoLai ops and FSA's copy of them (asserts in the code); ``decode``: the
-    adapter has a path for TQ = 1 (XunhaoLai's decode ops)."""
+    adapter has a path for TQ = 1 (the decode ops of XunhaoLai, or FSA's ``fsa_preview``)."""
     if case.cmp_mask != "end_inclusive":
         return f"{label}'s compression mask is end_inclusive (c*d + l - 1 <= t), case has {case.cmp_mask}"
     if case.forced_blocks != "initial_local":
@@ -129,8 +129,6 @@ def common_support(case: Case, label: str, decode: bool = False) -> Optional[str
         if decode:
             return f"{label}'s prefill ops need TQ == T and its decode ops TQ == 1 (no chunked prefill): TQ={case.q_len}, T={case.seq_len}"
         return f"{label}'s prefill ops need TQ == T (its decode ops are not adapted): TQ={case.q_len}, T={case.seq_len}"
-    if decode and case.q_len == 1 < case.seq_len and case.block_size % case.cmp_block:
-        return f"{label}'s compressed_attention_decode asserts block_size % kernel_size == 0 (l'={case.block_size}, l={case.cmp_block})"
     return None
 
 
@@ -280,7 +278,10 @@ class Xunhao(Oracle):
         return checkout_versions("xunhao")
 
     def supports(self, case: Case, device: str) -> Optional[str]:
-        return common_support(case, "XunhaoLai", decode=True)
+        why = common_support(case, "XunhaoLai", decode=True)
+        if why is None and case.q_len == 1 < case.seq_len and case.block_size % case.cmp_block:
+            return f"XunhaoLai's compressed_attention_decode asserts block_size % kernel_size == 0 (l'={case.block_size}, l={case.cmp_block})"
+        return why
 
     def branch_supports(self, case: Case, branch: str) -> Optional[str]:
         if case.q_len < case.seq_len and branch == "cmp_lse":

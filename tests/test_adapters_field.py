@@ -64,7 +64,7 @@ def test_fsa_archive_names_every_folder_it_imports():
     ("xunhao", dict(forced_blocks="current"), "init_blocks=1"),
     ("xunhao", dict(seq_len=256, q_len=64), "decode ops TQ == 1"),
     ("xunhao", dict(seq_len=256, q_len=1, cmp_block=128, cmp_stride=64, block_size=64), "block_size % kernel_size"),
-    ("fsa", dict(seq_len=256, q_len=1), "not adapted"),
+    ("fsa", dict(seq_len=256, q_len=64), "decode ops TQ == 1"),
     ("fsa", dict(heads_q=32, heads_kv=1), "GQA ratios 1..16"),
     ("fsa_sel", dict(seq_len=256, q_len=1), "q_len == k_len"),
     ("flash_nsa", dict(cmp_block=64, cmp_stride=32, block_size=32), "block_size >= kernel_size"),
@@ -84,8 +84,10 @@ def test_supports_accepts_what_the_matrix_runs():
     assert get_oracle("fsa").supports(_case(heads_q=16, heads_kv=2, cu_seqlens=(0, 100, 256)), "cuda") is None
 
 
-def test_decode_declines_lse_and_gradients():
-    o, c = get_oracle("xunhao"), _case(seq_len=1000, q_len=1, cmp_block=32, cmp_stride=16)
+@pytest.mark.parametrize("name", ["xunhao", "fsa"])
+def test_decode_declines_lse_and_gradients(name):
+    o, c = get_oracle(name), _case(seq_len=1000, q_len=1, cmp_block=32, cmp_stride=16)
+    assert o.supports(c, "cuda") is None
     assert "no LSE" in o.branch_supports(c, "cmp_lse") and "no backward" in o.branch_supports(c, "dq")
     assert o.branch_supports(_case(), "dq") is None
 

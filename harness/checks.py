@@ -15,7 +15,8 @@ where the reference cannot be computed (a huge case) and catches bugs that a tol
 * ``causality``: perturbing the keys and values after position ``p`` leaves every query at ``<= p``
   unchanged (skipped for a case whose ``cmp_mask`` is not causal: it asks for the leak).
 
-Outputs compared: the forward float branches the oracle returns (``*_o``, ``cmp_lse``), each as
+Outputs compared: the forward float branches the oracle returns (``*_o``, ``cmp_lse``; one that the oracle
+declines in one of the two forms, by its ``branch_supports`` reason, in neither), each as
 ``difference`` measures them (equal infinities agree, NaN against a number is infinite). Bound of a comparison:
 ``CHECK_ULPS * eps(dtype) * max(1, max|a|)`` (two computations of one function may round differently: a
 decode kernel is not the prefill kernel), except ``inputs_unchanged``, which is bitwise. A check that
@@ -231,7 +232,10 @@ def _decode_consistency(run: _Caller, case: Case, x: Inputs) -> CheckResult:
         xf, xd = x, _slice_q(x, slice(case.seq_len - 1, None))
     a, b = run(full, xf), run(dec, xd)
     tq = dec.q_len
-    a_last = {k: v[:, -tq:] for k, v in a.items()}
+    # a branch the oracle declares it does not compute in one of the two forms (its branch_supports reason,
+    # e.g. a decode kernel that returns no LSE) is compared in neither
+    declined = {k for k in a if run.oracle.branch_supports(dec, k) or run.oracle.branch_supports(full, k)}
+    a_last = {k: v[:, -tq:] for k, v in a.items() if k not in declined}
     return compare("decode_consistency", a_last, b, case.dtype, case.group,
                    f"the last {tq} queries of the full run (q_len = {case.seq_len}) vs a run with q_len = {tq}")
 

@@ -153,6 +153,9 @@ class Fsa(Oracle):
             return why
         if case.group > 16:
             return f"FSA's module supports GQA ratios 1..16 (FSA kernel for <= {FSA_KERNEL_MAX_G}), G = {case.group}"
+        if case.q_len == 1 < case.seq_len and case.batch > 1:
+            return ("FSA's decode asserts one query in all (q_len == 1, fsa_preview/ops/compressed_attention_decode.py:36): "
+                    f"one sequence per call, B = {case.batch}")
         return None
 
     def branch_supports(self, case: Case, branch: str) -> Optional[str]:

@@ -66,6 +66,7 @@ def test_fsa_archive_names_every_folder_it_imports():
     ("xunhao", dict(seq_len=256, q_len=1, cmp_block=128, cmp_stride=64, block_size=64), "block_size % kernel_size"),
     ("fsa", dict(seq_len=256, q_len=64), "decode ops TQ == 1"),
     ("fsa", dict(heads_q=32, heads_kv=1), "GQA ratios 1..16"),
+    ("fsa", dict(batch=2, seq_len=256, q_len=1), "one sequence per call"),
     ("fsa_sel", dict(seq_len=256, q_len=1), "q_len == k_len"),
     ("flash_nsa", dict(cmp_block=64, cmp_stride=32, block_size=32), "block_size >= kernel_size"),
     ("flash_nsa", dict(cmp_block=48, cmp_stride=48, block_size=96), "power of 2"),

@@ -56,6 +56,14 @@ def test_decode_inconsistency_is_caught_both_ways():
                                                                                       "causality": "PASS"}
 
 
+def test_decode_consistency_leaves_out_a_branch_declined_in_one_form():
+    dec = CASE.replace(q_len=1)
+    assert _status("decode_without_lse", CASE, ["decode_consistency"]) == {"decode_consistency": "PASS"}
+    assert _status("decode_without_lse", dec, ["decode_consistency"]) == {"decode_consistency": "PASS"}
+    res = run_checks(get_oracle("bug_decode_drops_lse"), "cpu", dec, ("decode_consistency",))[0]
+    assert res.status == "FAIL" and "returned no cmp_lse" in res.reason
+
+
 def test_batch_mixing_nondeterminism_gqa_and_leaks_are_caught():
     assert _status("bug_batch_mix", CASE, ["batch_independence"]) == {"batch_independence": "FAIL"}
     assert _status("bug_batch_mix", CASE.replace(batch=2), ["batch_independence"]) == {"batch_independence": "FAIL"}

@@ -72,3 +72,37 @@ class NonDeterministic(_Planted):
     def run(self, case, inputs, device, block_indices=None):
         o = nsa_reference(case, inputs, dtype=None)["o"]
         return {"o": o + 1e-2 * torch.randn(o.shape, dtype=o.dtype)}
+
+
+@register_oracle
+class DecodeWithoutLse(Oracle):
+    """Right outputs; its decode path (q_len < T) returns no ``cmp_lse`` and says so in ``branch_supports``
+    (as decode kernels that return no LSE do): decode_consistency compares the other branches."""
+
+    name = "decode_without_lse"
+    layer = "e2e"
+    branches = ("cmp_o", "cmp_lse", "o")
+    devices = ("cpu",)
+    description = "planted: no cmp_lse in decode, declared"
+    declares = True
+
+    def branch_supports(self, case, branch):
+        if self.declares and case.q_len < case.seq_len and branch == "cmp_lse":
+            return "its decode path returns no LSE"
+        return None
+
+    def run(self, case, inputs, device, block_indices=None):
+        ref = nsa_reference(case, inputs, dtype=None)
+        out = {b: ref[b] for b in ("cmp_o", "cmp_lse", "o")}
+        if case.q_len < case.seq_len:
+            del out["cmp_lse"]
+        return out
+
+
+@register_oracle
+class DecodeDropsLse(DecodeWithoutLse):
+    """The same outputs, but the missing ``cmp_lse`` is not declared: a decode_consistency FAIL."""
+
+    name = "bug_decode_drops_lse"
+    description = "planted: no cmp_lse in decode, undeclared"
+    declares = False

@@ -318,16 +318,25 @@ class Runner:
                 late = late_reply(reply, truth_secs, time.monotonic() - t1, cfg.timeout, name in concurrent)
             if late is not None:
                 recs = cells_for_reply(case, oracle, cfg.device, branches, late, ct, cfg.table, self._versions(name))
-            elif reply.status == "ok" and ct is not None and cfg.diagnosis_budget > 0:
-                if diagnoser is None:
-                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget, known=self.diagnosed)
-                diagnose_cells(diagnoser, oracle, recs, reply.outputs or {})
+            elif reply.status == "ok":
+                diagnoser = self._diagnose(diagnoser, ct, oracle, recs, reply.outputs or {})
             del reply
             for rec in recs:
                 emit(rec)
         if cfg.device.startswith("cuda") and cfg.truth_cache is None:
             del ct
             release_cuda_cache()  # the truth's temporaries: the workers need the card too
+
+    def _diagnose(self, diagnoser: Optional[Diagnoser], ct: "Optional[CaseTruth | StreamedTruth]", oracle: Oracle,
+                  recs: list[CellResult], outputs: dict) -> Optional[Diagnoser]:
+        """Diagnose the FAIL cells of one oracle's reply (held or streamed truth alike). The case's
+        ``Diagnoser`` is made on its first FAIL and returned, so that the next oracles reuse its variant truths."""
+        if ct is None or self.cfg.diagnosis_budget <= 0 or not any(r.status == "FAIL" for r in recs):
+            return diagnoser
+        if diagnoser is None:
+            diagnoser = Diagnoser(ct, self.cfg.table, self.cfg.diagnosis_budget, known=self.diagnosed)
+        diagnose_cells(diagnoser, oracle, recs, outputs)
+        return diagnoser
 
     def _run_checks(self, case: Case, done: set, emit: Callable[[CellResult], None]) -> None:
         """The ``checks`` of every oracle on ``case``: each a cell whose branch is the check's name (SKIP with the
@@ -427,11 +436,8 @@ class Runner:
             late = late_reply(reply, secs, 0.0, cfg.timeout, False) if reply.status == "ok" else None
             recs = cells_for_reply(case, oracle, cfg.device, branches, late or reply, ct, cfg.table, self._versions(name),
                                    None if late is not None else verdicts.get(name))
-            if (late is None and reply.status == "ok" and cfg.diagnosis_budget > 0
-                    and any(r.status == "FAIL" for r in recs)):
-                if diagnoser is None:
-                    diagnoser = Diagnoser(ct, cfg.table, cfg.diagnosis_budget, known=self.diagnosed)
-                diagnose_cells(diagnoser, oracle, recs, reply.outputs or {})
+            if late is None and reply.status == "ok":
+                diagnoser = self._diagnose(diagnoser, ct, oracle, recs, reply.outputs or {})
             del reply
             for rec in recs:
                 emit(rec)

@@ -50,7 +50,7 @@ import torch
 
 from nsaconf.cases.conventions import num_sel_blocks
 from nsaconf.cases.model import Case
-from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
+from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, canonical_order, grad_branches, output_cotangent
 from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
 from nsaconf.oracles.base import Oracle, gradients_wanted, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
@@ -94,6 +94,28 @@ def _load() -> dict:
            "slc_topk_indices": topk.slc_topk_indices, "select_attn": sel.select_attn,
            "fused_sigmoid_combine": comb.fused_sigmoid_combine}
     _MODS["ops"] = ops
+    return ops
+
+
+INFERENCE = "flash_nsa.inference"
+
+
+def _load_decode() -> dict:
+    """``flash_nsa/inference/{compress_kv,compress_attn,topk,select_attn,combine}.py`` (its package
+    ``__init__``, which imports flash-attn for ``nsa_prefill``'s window, is skipped)."""
+    if "decode" in _MODS:
+        return _MODS["decode"]
+    _load()  # flash_nsa.utils (NSAHelper, use_tma), which inference/utils.py imports
+    path, _, _ = checkout_status("flash_nsa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kv, cmp, topk, sel, comb = import_from_checkout(
+            path, [f"{INFERENCE}.{m}" for m in ("compress_kv", "compress_attn", "topk", "select_attn", "combine")],
+            stubs=["flash_nsa", INFERENCE])
+    ops = {"mean_pooling_prefill": kv.mean_pooling_prefill, "kv_mean_pooling_decode": kv.kv_mean_pooling_decode,
+           "cmp_attn_decode": cmp.cmp_attn_decode, "topk_decode": topk.topk_decode,
+           "fused_slc_swa_attn_decode": sel.fused_slc_swa_attn_decode, "combine_decode": comb.combine_decode}
+    _MODS["decode"] = ops
     return ops
 
 
@@ -148,6 +170,126 @@ def _forward(ops: dict, case: Case, q, k, v, g_cmp, g_slc, g_swa, given) -> dict
     return out
 
 
+# ------------------------------------------------------------------------------------------- decode (TQ = 1)
+PAGE_ALIGN = 128  # nsa_decode / nsa_prefill: ``assert k.size(1) % 128 == 0`` (inference/__init__.py:71, :206)
+_FIXED_Y_MAXLEN, _FIXED_NUM_SLC_BLOCKS = 8192, 2048  # topk_decode's defaults (raised for longer cases)
+
+
+def page_size(case: Case) -> int:
+    """Tokens per page: 128, or ``l'`` when larger (a selection block is one TMA tile of ``l'`` rows and
+    must not cross a page; ``l'`` is a power of 2, so it divides the page)."""
+    return max(PAGE_ALIGN, case.block_size)
+
+
+def whole_cmp_blocks(n_tokens: int, l: int, d: int) -> int:
+    """Compressed blocks the inference ops keep for ``n_tokens`` keys: whole blocks only,
+    ``max((n - l) // d + 1, 0)`` (``Sequence.cmp_len`` of its nano-vllm engine)."""
+    return max((n_tokens - l) // d + 1, 0)
+
+
+def paged_tables(batch: int, n_kv: int, n_cmp: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``block_tables [B, n_kv]`` and ``cmp_block_tables [B, n_cmp]`` int32 page ids of one pool of
+    ``B * (n_kv + n_cmp)`` pages (the compressed K/V lives in pages of the same pool, as in its engine),
+    numbered from the pool's end so that no table is the identity; returns the tables and the page count."""
+    per = n_kv + n_cmp
+    ids = (batch * per - 1) - torch.arange(batch * per).reshape(batch, per)
+    return ids[:, :n_kv].to(torch.int32), ids[:, n_kv:].to(torch.int32), batch * per
+
+
+def to_pages(x: torch.Tensor, table: torch.Tensor, num_pages: int, page: int) -> torch.Tensor:
+    """``x [B, T, H, D]`` -> a zero-filled pool ``[num_pages, page, H, D]`` holding token t of sequence b at
+    ``pool[table[b, t // page], t % page]`` (zeros past T: the kernels read whole tiles and mask scores,
+    so the unused slots must be finite)."""
+    B, T = x.shape[:2]
+    n = table.shape[1]
+    if n * page < T:
+        raise ValueError(f"{n} pages of {page} tokens hold fewer than T = {T} tokens")
+    padded = x.new_zeros((B, n * page) + tuple(x.shape[2:]))
+    padded[:, :T] = x
+    pool = x.new_zeros((num_pages, page) + tuple(x.shape[2:]))
+    pool[table.long().to(x.device)] = padded.reshape((B, n, page) + tuple(x.shape[2:]))
+    return pool
+
+
+def from_pages(pool: torch.Tensor, table: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The inverse of ``to_pages``: ``[B, n_tokens, H, D]`` read through ``table [B, n]``."""
+    B, n = table.shape
+    x = pool[table.long().to(pool.device)]
+    return x.reshape((B, n * pool.shape[1]) + tuple(pool.shape[2:]))[:, :n_tokens]
+
+
+def cmp_slots(cmp_table: torch.Tensor, idx: torch.Tensor, page: int) -> torch.Tensor:
+    """Flat slots (``page_id * page + offset``, what ``slot_mapping`` holds) of compressed positions
+    ``idx [B, m]`` of each sequence; negative ``idx`` gives -1 (no slot)."""
+    idx = idx.long()
+    c = idx.clamp(min=0)
+    slot = cmp_table.long().gather(1, c // page) * page + c % page
+    return torch.where(idx < 0, torch.full_like(slot, -1), slot).to(torch.int32)
+
+
+def decode_limits(case: Case) -> Optional[str]:
+    """Limits of ``flash_nsa.inference``'s decode ops for a TQ = 1 case (beyond the prefill path's)."""
+    G, ls = case.group, case.block_size
+    if case.cu_seqlens is not None:
+        return "flash_nsa's decode path takes one query per sequence (no cu_seqlens)"
+    if not is_pow2(ls) or ls < 16:
+        return (f"flash_nsa's selection decode tiles a block as BLOCK_M = block_size (select_attn.py:679) in "
+                f"tl.arange and tl.dot: l' must be a power of 2 >= 16, got {ls}")
+    if case.head_dim < 16:
+        return f"flash_nsa's decode kernels tl.dot over the head dim (>= 16), D={case.head_dim}"
+    if G > 16 and G % 16:
+        return (f"flash_nsa's cmp_attn_decode launches QH // min(G, 16) head tiles of 16 (compress_attn.py:575-576): "
+                f"G > 16 must be a multiple of 16, G={G}")
+    return None
+
+
+def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> dict:
+    """TQ = 1 as its engine decodes: paged K/V of the T keys (the new one included), the compressed cache
+    filled by ``mean_pooling_prefill`` over the first T - 1 keys and ``kv_mean_pooling_decode`` for the new
+    one, then ``cmp_attn_decode``, ``topk_decode``, ``fused_slc_swa_attn_decode``, ``combine_decode``."""
+    dev = x.q.device
+    B, T, H = case.batch, case.seq_len, case.heads_kv
+    l, d, ls, n, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.softmax_scale
+    P = page_size(case)
+    y_prev, y_new = whole_cmp_blocks(T - 1, l, d), whole_cmp_blocks(T, l, d)
+    kv_table, cmp_table, num_pages = paged_tables(B, -(-T // P), max(-(-y_new // P), 1))
+    kv_table, cmp_table = kv_table.to(dev), cmp_table.to(dev)
+    k_pool, v_pool = to_pages(x.k, kv_table, num_pages, P), to_pages(x.v, kv_table, num_pages, P)
+    ctx = torch.full((B,), T, dtype=torch.int32, device=dev)
+    if y_prev > 0:  # the prefill of the first T - 1 tokens
+        y_cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * y_prev
+        slots = cmp_slots(cmp_table, torch.arange(y_prev, device=dev).expand(B, -1), P).reshape(-1).contiguous()
+        for pool in (k_pool, v_pool):
+            ops["mean_pooling_prefill"](pool, y_cu, y_prev, slot_mapping=slots, block_table=kv_table, kernel_size=l, stride=d)
+    new = torch.full((B, 1), y_new - 1 if y_new > y_prev else -1, device=dev)
+    ops["kv_mean_pooling_decode"](k_pool, v_pool, slot_mapping=cmp_slots(cmp_table, new, P).reshape(-1).contiguous(),
+                                  block_table=kv_table, context_lens=ctx, kernel_size=l, stride=d)
+    q1 = x.q[:, 0].contiguous()
+    cmp_o, lse2 = ops["cmp_attn_decode"](q1, k_pool, v_pool, block_tables=cmp_table, context_lens=ctx, num_splits=0,
+                                         kernel_size=l, stride=d, sm_scale=scale)
+    topk = ops["topk_decode"](q1, k_pool, lse2, block_tables=cmp_table, context_lens=ctx, kernel_size=l, stride=d,
+                              block_size=ls, top_n=n, num_inital=1, num_local=2,
+                              fixed_num_slc_blocks=max(_FIXED_NUM_SLC_BLOCKS, num_sel_blocks(T, ls)),
+                              fixed_y_maxlen=max(_FIXED_Y_MAXLEN, y_new), sm_scale=scale)
+    sel = topk if given is None else idx_from_canonical(case, given.to(dev))  # [H, B, n], ascending, -1 last
+    W = window_param(case) if case.window > 0 else 0
+    slc_o, swa = ops["fused_slc_swa_attn_decode"](q1, k_pool, v_pool, sel.contiguous(), block_tables=kv_table, context_lens=ctx,
+                                                  num_splits=0, block_size=ls, top_n=n, window_size=W, sm_scale=scale)
+    lse = (lse2.float() * math.log(2.0))[:, None]  # [B, 1, HQ]
+    empty = empty_cmp_rows(case, dev)[None, :, None]
+    lse = torch.where(empty & (lse == 0), torch.full_like(lse, float("-inf")), lse)
+    out = {"cmp_o": cmp_o[:, None], "cmp_lse": lse, "topk_idx": canonical_order(idx_to_canonical(case, topk)),
+           "slc_o": slc_o[:, None]}
+    if case.window > 0:
+        out["swa_o"] = swa[:, None]
+        w_swa = gate_logits(case, x.g_swa)
+    else:
+        swa, w_swa = torch.zeros_like(slc_o), torch.zeros_like(x.g_swa)
+    w = torch.stack([gate_logits(case, x.g_cmp), gate_logits(case, x.g_slc), w_swa], -1)[:, 0].contiguous()  # [B, HQ, 3]
+    out["o"] = ops["combine_decode"](cmp_o, slc_o, swa.contiguous(), w)[:, None]
+    return out
+
+
 @register_oracle
 class FlashNsa(Oracle):
     """mdy666 flash_nsa ``HFNSACore`` with mean compression: ``mean_pooling``, ``compress_attn``,
@@ -190,15 +332,29 @@ class FlashNsa(Oracle):
             return f"flash_nsa splits D into two powers of 2 (split_d), D={D}"
         if DV != D:
             return f"flash_nsa's combine and window take one head dim (D={D}, DV={DV})"
-        if case.q_len != case.seq_len:
-            return f"flash_nsa's training ops need TQ == T (decode is flash_nsa.inference, not adapted): TQ={case.q_len}"
+        if case.q_len != case.seq_len and case.q_len != 1:
+            return (f"flash_nsa's training ops need TQ == T and its decode path (inference.nsa_decode) TQ == 1; chunked "
+                    f"prefill (inference.nsa_prefill, window through flash-attn's paged kv-cache API) is not adapted: "
+                    f"TQ={case.q_len}, T={case.seq_len}")
+        if case.q_len < case.seq_len:
+            return decode_limits(case)
         if case.window > 0 and window_param(case) < 0:
             return "a window of w = 1 key is W = 0 in flash-attn's (W, -1), which flash_nsa treats as no window"
         return None
 
+    def branch_supports(self, case: Case, branch: str) -> Optional[str]:
+        if case.q_len < case.seq_len and branch in GRAD_BRANCHES:
+            return "flash_nsa's decode ops (flash_nsa.inference) have no backward (inference only)"
+        return None
+
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
-        ops = _load()
         given = inputs.block_indices if case.block_indices == "random" else None
+        if case.q_len < case.seq_len:
+            ops = _load_decode()
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                return _decode(ops, case, inputs, given)
+        ops = _load()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             out = _forward(ops, case, inputs.q, inputs.k, inputs.v, inputs.g_cmp, inputs.g_slc, inputs.g_swa, given)

@@ -1,11 +1,14 @@
 """mdy666 Scalable-Flash-Native-Sparse-Attention (``flash_nsa``) @fcf117c adapter: ``flash_nsa``, its
-``HFNSACore`` forward (mean compression) reproduced op by op, each branch returned.
+``HFNSACore`` forward (mean compression) reproduced op by op, each branch returned; TQ = 1 through its
+inference ops (``flash_nsa.inference``, what its ``nsa_decode`` composes).
 
 Loaded from a configured checkout (``oracles.config``: env ``NSACONF_FLASH_NSA`` or ``[oracles.flash_nsa]
 path`` in nsaconf.toml; default ``external/Scalable-Flash-Native-Sparse-Attention``), never vendored.
 Imported: ``flash_nsa/utils.py`` (``NSAHelper``, a class holding the hyper-parameters and the varlen
 lengths as global state) and ``flash_nsa/ops/{compress_kv,compress_attn,topk,select_attn,combine}.py``; the
-package ``__init__`` (which imports the Megatron layers and the inference engine) is skipped.
+package ``__init__`` (which imports the Megatron layers and the inference engine) is skipped. Decode imports
+``flash_nsa/inference/{compress_kv,compress_attn,topk,select_attn,combine}.py`` (its ``__init__``, which
+imports flash-attn for ``nsa_prefill``'s window, is skipped too).
 ``flash_nsa/utils.py`` imports ``pkg_resources`` (setuptools) only for ``parse_version``: where setuptools
 is absent a stand-in with ``packaging.version.parse`` is registered.
 
@@ -30,12 +33,32 @@ is absent a stand-in with ``packaging.version.parse`` is registered.
 * ``o``: ``fused_sigmoid_combine(cmp, slc, swa, w[ΣT, HQ, 3])`` applies the sigmoid itself: raw gates
   ``g`` are passed as logits ``log(g / (1 - g))``, ``gates="sigmoid"`` cases as given; without a window
   its ``swa`` input is zeros.
+* decode (TQ = 1, ``B >= 1``): one pool of pages ``[pages, P, H, D]`` for K and one for V, ``P = max(128,
+  l')`` (``nsa_decode`` asserts ``P % 128 == 0``; a selection block is one tile of ``l'`` rows inside a page),
+  zero-filled (the kernels read whole tiles and mask the scores, so unused slots must be finite).
+  ``block_tables [B, ceil(T/P)]`` hold the T keys (the new one included, as its engine stores it first);
+  ``cmp_block_tables [B, max(ceil(y/P), 1)]`` are pages of the same pool for the ``y = (T - l) // d + 1`` whole
+  compressed blocks (``paged_tables``, ``to_pages``). The compressed cache is filled as its engine does:
+  ``mean_pooling_prefill`` over the first T - 1 keys, then ``kv_mean_pooling_decode`` with the new block's
+  slot (-1 where T closes no block). Then ``cmp_attn_decode`` (``cmp_o``; LSE ``[B, HQ]`` base 2, rows with
+  T < l written o = 0, LSE = 0: translated as in prefill), ``topk_decode`` (``num_inital=1, num_local=2``;
+  ``[H, B, n]`` int32, padded with -1, order block 0, the two local blocks, then by score: sorted ascending
+  with -1 last), ``fused_slc_swa_attn_decode`` (``slc_o`` on those indices or on a random case's own,
+  which hold exactly the ``min(n, ceil(T/l'))`` ids it reads; ``swa_o`` with ``window_size = W``, the keys
+  ``[T-1-W, T-1]``: ``W`` as for flash-attn above; without a window it is dropped and ``combine_decode``
+  gets zeros), ``combine_decode`` (applies the sigmoid: gates as for ``fused_sigmoid_combine``).
+  ``fixed_y_maxlen`` / ``fixed_num_slc_blocks`` (its CUDA-graph sizes) are its defaults 8192 / 2048, or y and
+  ``ceil(T/l')`` where larger. No backward.
 
 Conventions (read from the code): compression ``end_inclusive`` (``q_idx >= c*d + l - 1``); forced blocks
 block 0 + the current and the previous block; selection ``s <= t``. Limits (asserted): fp16/bf16 (TMA
 kernels, Hopper with triton >= 3.4, else its Ampere ops); ``d`` a power of 2, ``l % d == 0``,
 ``l' % d == 0``; ``l' >= l`` (``NSAConfig``); D a power of 2 or a sum of two (``split_d``); DV a power
-of 2; TQ = T (the decode path is ``flash_nsa.inference``, not adapted).
+of 2; TQ = T (training ops) or TQ = 1 without ``cu_seqlens`` (decode); chunked prefill (``nsa_prefill``,
+1 < TQ < T) is not adapted (its window needs flash-attn's paged kv-cache API). Decode also needs ``l'`` a
+power of 2 >= 16 (``BLOCK_M = block_size`` in ``tl.arange``/``tl.dot``, select_attn.py:679), D >= 16, and
+G <= 16 or a multiple of 16 (``cmp_attn_decode`` launches ``QH // min(G, 16)`` head tiles,
+compress_attn.py:575-576: other G leave heads unwritten).
 """
 from __future__ import annotations
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from nsaconf.cases.model import Case
-from nsaconf.cases.tensors import materialize
+from nsaconf.cases.tensors import canonical_order, materialize
 from nsaconf.oracles import config
 from nsaconf.oracles.base import convention_support, get_oracle
 from nsaconf.oracles.compat.checkout_import import import_from_checkout
-from nsaconf.oracles.flash_nsa import gate_logits
+from nsaconf.oracles.flash_nsa import (cmp_slots, from_pages, gate_logits, page_size, paged_tables, to_pages,
+                                       whole_cmp_blocks)
 from nsaconf.oracles.reference import nsa_reference
 from nsaconf.oracles.xunhao import (cu_seqlens_int32, gate_values, idx_from_canonical, idx_to_canonical, pack, unpack,
                                     window_param)
@@ -139,6 +140,65 @@ def test_indices_from_canonical_ascending_minus_one_last():
     assert out.dtype == torch.int32 and out.shape == (1, 4, 3)
     assert out[0].tolist() == [[0, 2, -1], [1, -1, -1], [0, 1, -1], [0, 1, 2]]
 
+
+# ------------------------------------------------------------------------------------------- flash_nsa decode layout
+def test_flash_nsa_paged_tables_share_one_pool_and_are_not_the_identity():
+    kv, cmp, pages = paged_tables(batch=2, n_kv=3, n_cmp=1)
+    assert pages == 8 and kv.dtype == cmp.dtype == torch.int32 and kv.shape == (2, 3) and cmp.shape == (2, 1)
+    ids = torch.cat([kv.flatten(), cmp.flatten()])
+    assert sorted(ids.tolist()) == list(range(8)) and kv[0, 0] == 7  # every page once, numbered from the end
+
+
+@pytest.mark.parametrize("B, T, P", [(1, 256, 128), (2, 300, 128), (2, 1000, 256), (3, 5, 128)])
+def test_flash_nsa_pages_round_trip(B, T, P):
+    x = torch.randn(B, T, 2, 16, dtype=torch.float16)
+    kv, _, pages = paged_tables(B, -(-T // P), 1)
+    pool = to_pages(x, kv, pages, P)
+    assert pool.shape == (pages, P, 2, 16) and pool.dtype == x.dtype
+    assert torch.equal(from_pages(pool, kv, T), x)
+    b, t = B - 1, T - 1  # the page a token lives in, at its offset (what the kernels read through block_tables)
+    assert torch.equal(pool[kv[b, t // P], t % P], x[b, t])
+    tail = torch.ones(pages, P, dtype=torch.bool)  # slots holding no token are zeros (finite for masked tiles)
+    for bb in range(B):
+        for tt in range(T):
+            tail[kv[bb, tt // P], tt % P] = False
+    assert torch.count_nonzero(pool[tail]) == 0
+    with pytest.raises(ValueError, match="fewer than T"):
+        to_pages(x, kv[:, :0], pages, P)
+
+
+def test_flash_nsa_cmp_slots_address_the_cmp_pages_of_the_pool():
+    """``slot_mapping`` entries are flat ``page * P + offset`` slots: writing the means there (what
+    mean_pooling_prefill / kv_mean_pooling_decode store) and reading the cmp pages back gives them in order."""
+    B, T, l, d, P = 2, 300, 32, 16, 128
+    y = whole_cmp_blocks(T, l, d)
+    assert y == 17 and whole_cmp_blocks(l - 1, l, d) == 0 and whole_cmp_blocks(l, l, d) == 1
+    kv, cmp, pages = paged_tables(B, -(-T // P), max(-(-y // P), 1))
+    k = torch.randn(B, T, 2, 16, dtype=torch.float64)
+    pool = to_pages(k, kv, pages, P)
+    means = torch.stack([k[:, c * d:c * d + l].mean(1) for c in range(y)], 1)  # [B, y, H, D]
+    slots = cmp_slots(cmp, torch.arange(y).expand(B, -1), P)
+    assert slots.dtype == torch.int32 and slots.shape == (B, y)
+    pool.view(-1, 2, 16)[slots.long().flatten()] = means.reshape(-1, 2, 16)
+    assert torch.equal(from_pages(pool, cmp, y), means) and torch.equal(from_pages(pool, kv, T), k)  # K untouched
+    assert cmp_slots(cmp, torch.full((B, 1), -1), P).tolist() == [[-1], [-1]]  # no new block: slot -1
+    assert page_size(_case(block_size=64)) == 128 and page_size(_case(block_size=256, cmp_block=64)) == 256
+
+
+def test_flash_nsa_decode_index_translation():
+    """topk_decode's ``[H, B, n]`` (block 0, the local blocks, then by score; -1 padded) -> canonical
+    ``[B, 1, H, n]`` ascending with -1 last; a random case's indices -> ``[H, B, n]`` int32 for the kernel."""
+    c = _case(batch=2, seq_len=200, q_len=1, heads_q=4, heads_kv=2, top_n=4)
+    raw = torch.tensor([[[0, 3, 2, -1], [0, 1, -1, -1]], [[0, 3, 2, 1], [0, 3, 2, -1]]], dtype=torch.int32)
+    out = canonical_order(idx_to_canonical(c, raw))
+    assert out.shape == (2, 1, 2, 4)
+    assert out[0, 0].tolist() == [[0, 2, 3, -1], [0, 1, 2, 3]] and out[1, 0].tolist() == [[0, 1, -1, -1], [0, 2, 3, -1]]
+    back = idx_from_canonical(c, out)
+    assert back.dtype == torch.int32 and back.shape == (2, 2, 4) and back.is_contiguous()
+    assert torch.equal(canonical_order(idx_to_canonical(c, back)), out)
+    rand = materialize(_case(batch=2, seq_len=200, q_len=1, heads_q=4, heads_kv=2, top_n=4, block_indices="random"), "cpu")
+    sel = idx_from_canonical(c, rand.block_indices)  # the kernel reads the first min(n, ceil(T/l')) = 4 ids per row
+    assert (sel >= 0).all() and (sel < -(-200 // 64)).all()
 
 def test_window_and_gates():
     assert window_param(_case(window=64)) == 63 and window_param(_case(window=64, window_keys="w_plus_1")) == 64

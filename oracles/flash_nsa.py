@@ -283,7 +283,8 @@ def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> 
         y_cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * y_prev
         slots = cmp_slots(cmp_table, torch.arange(y_prev, device=dev).expand(B, -1), P).reshape(-1).contiguous()
         for pool in (k_pool, v_pool):
-            ops["mean_pooling_prefill"](pool, y_cu, y_prev, slot_mapping=slots, block_table=kv_table, kernel_size=l, stride=d)
+            ops["mean_pooling_prefill"](pool, y_cu, y_prev, slot_mapping=slots, block_table=kv_table, kernel_size=l,
+                                        stride=d)
     new = torch.full((B, 1), y_new - 1 if y_new > y_prev else -1, device=dev)
     ops["kv_mean_pooling_decode"](k_pool, v_pool, slot_mapping=cmp_slots(cmp_table, new, P).reshape(-1).contiguous(),
                                   block_table=kv_table, context_lens=ctx, kernel_size=l, stride=d)
@@ -296,8 +297,9 @@ def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> 
                               fixed_y_maxlen=max(_FIXED_Y_MAXLEN, y_new), sm_scale=scale)
     sel = topk if given is None else idx_from_canonical(case, given.to(dev))  # [H, B, n], ascending, -1 last
     W = window_param(case) if case.window > 0 else 0
-    slc_o, swa = ops["fused_slc_swa_attn_decode"](q1, k_pool, v_pool, sel.contiguous(), block_tables=kv_table, context_lens=ctx,
-                                                  num_splits=0, block_size=ls, top_n=n, window_size=W, sm_scale=scale)
+    slc_o, swa = ops["fused_slc_swa_attn_decode"](q1, k_pool, v_pool, sel.contiguous(), block_tables=kv_table,
+                                                  context_lens=ctx, num_splits=0, block_size=ls, top_n=n, window_size=W,
+                                                  sm_scale=scale)
     lse = (lse2.float() * math.log(2.0))[:, None]  # [B, 1, HQ]
     empty = empty_cmp_rows(case, dev)[None, :, None]
     lse = torch.where(empty & (lse == 0), torch.full_like(lse, float("-inf")), lse)
@@ -308,7 +310,7 @@ def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> 
         w_swa = gate_logits(case, x.g_swa)
     else:
         swa, w_swa = torch.zeros_like(slc_o), torch.zeros_like(x.g_swa)
-    w = torch.stack([gate_logits(case, x.g_cmp), gate_logits(case, x.g_slc), w_swa], -1)[:, 0].contiguous()  # [B, HQ, 3]
+    w = torch.stack([gate_logits(case, x.g_cmp), gate_logits(case, x.g_slc), w_swa], -1)[:, 0].contiguous()  # [B,HQ,3]
     out["o"] = ops["combine_decode"](cmp_o, slc_o, swa.contiguous(), w)[:, None]
     return out
 

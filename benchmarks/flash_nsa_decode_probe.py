@@ -1,13 +1,17 @@
-"""The flash_nsa adapter's decode path (TQ = 1 through ``flash_nsa.inference``) against the float64 reference,
-every branch of every case, in one call: a case that raises prints its traceback and the next one runs.
+"""The flash_nsa adapter's inference paths (``flash_nsa.inference``: decode, TQ = 1, and ``nsa_prefill``'s chunked
+prefill, 1 < TQ < T) against the float64 reference, every branch of every case, in one call: a case that raises
+prints its traceback and the next one runs.
 
-    NSACONF_FLASH_NSA=<checkout> python benchmarks/flash_nsa_decode_probe.py [--cases benchmarks/field-decode.json]
+    NSACONF_FLASH_NSA=<checkout> python benchmarks/flash_nsa_decode_probe.py [--cases FILE ...]
+
+Default cases: ``field-decode.json`` (TQ = 1) and ``field-chunked.json`` (1 < TQ < T).
 
 Needs a CUDA GPU (Hopper + triton >= 3.4 for its TMA kernels, else its Ampere ops) and the flash_nsa checkout.
 Per case: the adapter's support verdict, then per branch the max abs difference to ``nsa_reference``
 (float64, CPU) over the entries finite in both, whether the -inf entries agree (``cmp_lse`` of rows that see
-no compressed block), and for ``topk_idx`` how many (batch, kv head) rows select the reference's block set.
-The tolerance verdict is ``nsaconf run --case benchmarks/field-decode.json --oracles flash_nsa --device cuda``.
+no compressed block), and for ``topk_idx`` how many (batch, query, kv head) rows select the reference's block set.
+The tolerance verdict: ``nsaconf run --case benchmarks/field-decode.json --case benchmarks/field-chunked.json
+--oracles flash_nsa --device cuda``.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = Path(__file__).resolve().parent
 
 
-def compare(branch: str, got, want) -> str:
-    """One line: the max abs difference (finite entries), -inf agreement, or the top-k set agreement."""
+def compare(branch: str, got, want, rows=None) -> str:
+    """One line: the max abs difference (finite entries; also over ``rows [B,TQ,HQ]``, those whose top-k
+    matches, when some differ), -inf agreement, or the top-k set agreement."""
     import torch
     from nsaconf.cases.tensors import canonical_order
     got, want = got.detach().cpu(), want.detach().cpu()
@@ -37,8 +42,12 @@ def compare(branch: str, got, want) -> str:
     diff = (got - want).abs()[fin].max().item() if fin.any() else 0.0
     inf_ok = torch.equal(torch.isneginf(got), torch.isneginf(want))
     nan = int(torch.isnan(got).sum())
-    return (f"max|d| {diff:.3e}  (max|ref| {want[fin].abs().max().item() if fin.any() else 0.0:.3g})"
+    line = (f"max|d| {diff:.3e}  (max|ref| {want[fin].abs().max().item() if fin.any() else 0.0:.3g})"
             f"  -inf {'agree' if inf_ok else 'DISAGREE'}" + (f"  NaN {nan}" if nan else ""))
+    if rows is not None and not rows.all() and branch in ("slc_o", "o"):
+        keep = fin & rows[..., None].cpu()
+        line += f"  rows with the same top-k: {(got - want).abs()[keep].max().item() if keep.any() else 0.0:.3e}"
+    return line
 
 
 def probe(case, device: str) -> None:
@@ -59,6 +68,11 @@ def probe(case, device: str) -> None:
         torch.cuda.synchronize()
     print(f"   run: {time.perf_counter() - t0:.2f} s (first call compiles)")
     ref = nsa_reference(case, x.to("cpu"), dtype=torch.float64)
+    rows = None
+    if "topk_idx" in out and case.block_indices != "random":  # random: slc_o reads the case's own indices
+        from nsaconf.cases.tensors import canonical_order
+        same = (canonical_order(out["topk_idx"].cpu().long()) == canonical_order(ref["topk_idx"].long())).all(-1)
+        rows = same.repeat_interleave(case.group, dim=2)  # [B, TQ, HQ]: query head h reads kv head h // G
     for b in ("cmp_o", "cmp_lse", "topk_idx", "slc_o", "swa_o", "o"):
         if b not in ref and b not in out:
             continue
@@ -67,12 +81,13 @@ def probe(case, device: str) -> None:
         elif b not in ref:
             print(f"   {b:8s} returned, the reference has none")
         else:
-            print(f"   {b:8s} {compare(b, out[b], ref[b])}")
+            print(f"   {b:8s} {compare(b, out[b], ref[b], rows)}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=str(HERE / "field-decode.json"), help="JSON case file (nsaconf.load_cases)")
+    ap.add_argument("--cases", nargs="+", default=[str(HERE / "field-decode.json"), str(HERE / "field-chunked.json")],
+                    help="JSON case files (nsaconf.load_cases)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     from nsaconf.cases.model import load_cases
@@ -81,7 +96,7 @@ def main(argv=None) -> int:
     print("availability:", oracle.availability() or "ok")
     print("versions:", oracle.versions())
     failed = 0
-    for case in load_cases(args.cases):
+    for case in [c for f in args.cases for c in load_cases(f)]:
         try:
             probe(case, args.device)
         except Exception:  # noqa: BLE001 - every case runs; the traceback tells what broke

@@ -1,12 +1,13 @@
 """mdy666 Scalable-Flash-Native-Sparse-Attention (``flash_nsa``) @fcf117c adapter: ``flash_nsa``, its
-``HFNSACore`` forward (mean compression) reproduced op by op, each branch returned; TQ = 1 through its
-inference ops (``flash_nsa.inference``, what its ``nsa_decode`` composes).
+``HFNSACore`` forward (mean compression) reproduced op by op, each branch returned; TQ < T through its
+inference ops (``flash_nsa.inference``): TQ = 1 as its ``nsa_decode`` composes them, 1 < TQ < T (a prefill
+chunk after cached keys) as its ``nsa_prefill`` does.
 
 Loaded from a configured checkout (``oracles.config``: env ``NSACONF_FLASH_NSA`` or ``[oracles.flash_nsa]
 path`` in nsaconf.toml; default ``external/Scalable-Flash-Native-Sparse-Attention``), never vendored.
 Imported: ``flash_nsa/utils.py`` (``NSAHelper``, a class holding the hyper-parameters and the varlen
 lengths as global state) and ``flash_nsa/ops/{compress_kv,compress_attn,topk,select_attn,combine}.py``; the
-package ``__init__`` (which imports the Megatron layers and the inference engine) is skipped. Decode imports
+package ``__init__`` (which imports the Megatron layers and the inference engine) is skipped. TQ < T imports
 ``flash_nsa/inference/{compress_kv,compress_attn,topk,select_attn,combine}.py`` (its ``__init__``, which
 imports flash-attn for ``nsa_prefill``'s window, is skipped too).
 ``flash_nsa/utils.py`` imports ``pkg_resources`` (setuptools) only for ``parse_version``: where setuptools
@@ -49,16 +50,22 @@ is absent a stand-in with ``packaging.version.parse`` is registered.
   gets zeros), ``combine_decode`` (applies the sigmoid: gates as for ``fused_sigmoid_combine``).
   ``fixed_y_maxlen`` / ``fixed_num_slc_blocks`` (its CUDA-graph sizes) are its defaults 8192 / 2048, or y and
   ``ceil(T/l')`` where larger. No backward.
+* chunked prefill (1 < TQ < T): the same pools, the compressed cache of all T keys by ``mean_pooling_prefill``
+  (its engine recomputes them in a prefill), queries packed ``[B*TQ, HQ, D]`` with ``x_cu_seqlens = [0, TQ,
+  2TQ, ...]`` and ``context_lens = T`` (T - TQ cached keys): ``cmp_attn_prefill`` (LSE ``[HQ, B*TQ]`` base
+  2, empty rows 0), ``topk_prefill`` (``[H, B*TQ, n]``, -1 padded), ``slc_attn_prefill``, ``combine_prefill``.
+  ``nsa_prefill``'s window is flash-attn's kv-cache call (FA3 ``flash_attn_with_kvcache`` or FA2 with a
+  ``block_table``, queries aligned to the last key): the same window through ``compat.flash_attn_shim``'s
+  ``flash_attn_func`` on the unpaged ``[B, T, H, D]`` keys. No backward.
 
 Conventions (read from the code): compression ``end_inclusive`` (``q_idx >= c*d + l - 1``); forced blocks
 block 0 + the current and the previous block; selection ``s <= t``. Limits (asserted): fp16/bf16 (TMA
 kernels, Hopper with triton >= 3.4, else its Ampere ops); ``d`` a power of 2, ``l % d == 0``,
 ``l' % d == 0``; ``l' >= l`` (``NSAConfig``); D a power of 2 or a sum of two (``split_d``); DV a power
-of 2; TQ = T (training ops) or TQ = 1 without ``cu_seqlens`` (decode); chunked prefill (``nsa_prefill``,
-1 < TQ < T) is not adapted (its window needs flash-attn's paged kv-cache API). Decode also needs ``l'`` a
-power of 2 >= 16 (``BLOCK_M = block_size`` in ``tl.arange``/``tl.dot``, select_attn.py:679), D >= 16, and
-G <= 16 or a multiple of 16 (``cmp_attn_decode`` launches ``QH // min(G, 16)`` head tiles,
-compress_attn.py:575-576: other G leave heads unwritten).
+of 2. The inference ops (TQ < T; no ``cu_seqlens``, which a case allows only with TQ = T) also need ``l'`` a
+power of 2 >= 16 (``BLOCK_M = block_size`` in ``tl.arange``/``tl.dot``, select_attn.py:127 and :679) and
+D >= 16; decode needs G <= 16 or a multiple of 16 (``cmp_attn_decode`` launches ``QH // min(G, 16)`` head
+tiles, compress_attn.py:575-576: other G leave heads unwritten).
 """
 from __future__ import annotations
 
@@ -123,11 +130,11 @@ def _load() -> dict:
 INFERENCE = "flash_nsa.inference"
 
 
-def _load_decode() -> dict:
+def _load_inference() -> dict:
     """``flash_nsa/inference/{compress_kv,compress_attn,topk,select_attn,combine}.py`` (its package
     ``__init__``, which imports flash-attn for ``nsa_prefill``'s window, is skipped)."""
-    if "decode" in _MODS:
-        return _MODS["decode"]
+    if "inference" in _MODS:
+        return _MODS["inference"]
     _load()  # flash_nsa.utils (NSAHelper, use_tma), which inference/utils.py imports
     path, _, _ = checkout_status("flash_nsa")
     with warnings.catch_warnings():
@@ -137,8 +144,10 @@ def _load_decode() -> dict:
             stubs=["flash_nsa", INFERENCE])
     ops = {"mean_pooling_prefill": kv.mean_pooling_prefill, "kv_mean_pooling_decode": kv.kv_mean_pooling_decode,
            "cmp_attn_decode": cmp.cmp_attn_decode, "topk_decode": topk.topk_decode,
-           "fused_slc_swa_attn_decode": sel.fused_slc_swa_attn_decode, "combine_decode": comb.combine_decode}
-    _MODS["decode"] = ops
+           "fused_slc_swa_attn_decode": sel.fused_slc_swa_attn_decode, "combine_decode": comb.combine_decode,
+           "cmp_attn_prefill": cmp.cmp_attn_prefill, "topk_prefill": topk.topk_prefill,
+           "slc_attn_prefill": sel.slc_attn_prefill, "combine_prefill": comb.combine_prefill}
+    _MODS["inference"] = ops
     return ops
 
 
@@ -250,20 +259,58 @@ def cmp_slots(cmp_table: torch.Tensor, idx: torch.Tensor, page: int) -> torch.Te
     return torch.where(idx < 0, torch.full_like(slot, -1), slot).to(torch.int32)
 
 
-def decode_limits(case: Case) -> Optional[str]:
-    """Limits of ``flash_nsa.inference``'s decode ops for a TQ = 1 case (beyond the prefill path's)."""
-    G, ls = case.group, case.block_size
-    if case.cu_seqlens is not None:
-        return "flash_nsa's decode path takes one query per sequence (no cu_seqlens)"
+def inference_limits(case: Case) -> Optional[str]:
+    """Limits of the ``flash_nsa.inference`` ops (TQ < T) beyond the training path's: decode (TQ = 1) and
+    chunked prefill (``nsa_prefill``'s ops, 1 < TQ < T)."""
+    G, ls, decode = case.group, case.block_size, case.q_len == 1
+    where = "select_attn.py:679" if decode else "select_attn.py:127"
     if not is_pow2(ls) or ls < 16:
-        return (f"flash_nsa's selection decode tiles a block as BLOCK_M = block_size (select_attn.py:679) in "
-                f"tl.arange and tl.dot: l' must be a power of 2 >= 16, got {ls}")
+        return (f"flash_nsa's selection {'decode' if decode else 'prefill'} tiles a block as BLOCK_M = block_size "
+                f"({where}) in tl.arange and tl.dot: l' must be a power of 2 >= 16, got {ls}")
     if case.head_dim < 16:
-        return f"flash_nsa's decode kernels tl.dot over the head dim (>= 16), D={case.head_dim}"
-    if G > 16 and G % 16:
+        return f"flash_nsa's inference kernels tl.dot over the head dim (>= 16), D={case.head_dim}"
+    if decode and G > 16 and G % 16:
         return (f"flash_nsa's cmp_attn_decode launches QH // min(G, 16) head tiles of 16 (compress_attn.py:575-576): "
                 f"G > 16 must be a multiple of 16, G={G}")
     return None
+
+
+def _paged_cache(ops: dict, case: Case, x: Inputs, pooled: int) -> tuple:
+    """Paged K/V pools of the T keys and their tables (``paged_tables``, ``to_pages``); compressed blocks
+    ``0 .. pooled-1`` written by ``mean_pooling_prefill``. Returns ``(k_pool, v_pool, block_tables,
+    cmp_block_tables, context_lens [B] = T, page)``."""
+    dev = x.q.device
+    B, T, l, d = case.batch, case.seq_len, case.cmp_block, case.cmp_stride
+    P = page_size(case)
+    kv_table, cmp_table, num_pages = paged_tables(B, -(-T // P), max(-(-whole_cmp_blocks(T, l, d) // P), 1))
+    kv_table, cmp_table = kv_table.to(dev), cmp_table.to(dev)
+    k_pool, v_pool = to_pages(x.k, kv_table, num_pages, P), to_pages(x.v, kv_table, num_pages, P)
+    if pooled > 0:
+        y_cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * pooled
+        slots = cmp_slots(cmp_table, torch.arange(pooled, device=dev).expand(B, -1), P).reshape(-1).contiguous()
+        for pool in (k_pool, v_pool):
+            ops["mean_pooling_prefill"](pool, y_cu, pooled, slot_mapping=slots, block_table=kv_table, kernel_size=l,
+                                        stride=d)
+    return k_pool, v_pool, kv_table, cmp_table, torch.full((B,), T, dtype=torch.int32, device=dev), P
+
+
+def _outputs(combine, case: Case, x: Inputs, cmp_o, lse2, topk, slc_o, swa) -> dict:
+    """Canonical branches from the inference ops' packed rows (``N = B*TQ``): ``cmp_o``/``slc_o``/``swa``
+    ``[N, HQ, D]`` (``swa`` None without a window), base-2 ``lse2 [N, HQ]``, ``topk [H, N, n]``; ``o`` by
+    ``combine`` (``combine_decode`` / ``combine_prefill``: the sigmoid of ``w [N, HQ, 3]``)."""
+    lse = unpack(case, lse2.float() * math.log(2.0))
+    empty = empty_cmp_rows(case, lse.device)[None, :, None]
+    lse = torch.where(empty & (lse == 0), torch.full_like(lse, float("-inf")), lse)
+    out = {"cmp_o": unpack(case, cmp_o), "cmp_lse": lse, "topk_idx": canonical_order(idx_to_canonical(case, topk)),
+           "slc_o": unpack(case, slc_o)}
+    if swa is not None:
+        out["swa_o"] = unpack(case, swa)
+        w_swa = gate_logits(case, x.g_swa)
+    else:
+        swa, w_swa = torch.zeros_like(slc_o), torch.zeros_like(x.g_swa)
+    w = pack(case, torch.stack([gate_logits(case, x.g_cmp), gate_logits(case, x.g_slc), w_swa], -1)).contiguous()
+    out["o"] = unpack(case, combine(cmp_o.contiguous(), slc_o.contiguous(), swa.contiguous(), w))
+    return out
 
 
 def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> dict:
@@ -271,20 +318,10 @@ def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> 
     filled by ``mean_pooling_prefill`` over the first T - 1 keys and ``kv_mean_pooling_decode`` for the new
     one, then ``cmp_attn_decode``, ``topk_decode``, ``fused_slc_swa_attn_decode``, ``combine_decode``."""
     dev = x.q.device
-    B, T, H = case.batch, case.seq_len, case.heads_kv
+    B, T = case.batch, case.seq_len
     l, d, ls, n, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.softmax_scale
-    P = page_size(case)
     y_prev, y_new = whole_cmp_blocks(T - 1, l, d), whole_cmp_blocks(T, l, d)
-    kv_table, cmp_table, num_pages = paged_tables(B, -(-T // P), max(-(-y_new // P), 1))
-    kv_table, cmp_table = kv_table.to(dev), cmp_table.to(dev)
-    k_pool, v_pool = to_pages(x.k, kv_table, num_pages, P), to_pages(x.v, kv_table, num_pages, P)
-    ctx = torch.full((B,), T, dtype=torch.int32, device=dev)
-    if y_prev > 0:  # the prefill of the first T - 1 tokens
-        y_cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * y_prev
-        slots = cmp_slots(cmp_table, torch.arange(y_prev, device=dev).expand(B, -1), P).reshape(-1).contiguous()
-        for pool in (k_pool, v_pool):
-            ops["mean_pooling_prefill"](pool, y_cu, y_prev, slot_mapping=slots, block_table=kv_table, kernel_size=l,
-                                        stride=d)
+    k_pool, v_pool, kv_table, cmp_table, ctx, P = _paged_cache(ops, case, x, y_prev)
     new = torch.full((B, 1), y_new - 1 if y_new > y_prev else -1, device=dev)
     ops["kv_mean_pooling_decode"](k_pool, v_pool, slot_mapping=cmp_slots(cmp_table, new, P).reshape(-1).contiguous(),
                                   block_table=kv_table, context_lens=ctx, kernel_size=l, stride=d)
@@ -300,19 +337,36 @@ def _decode(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> 
     slc_o, swa = ops["fused_slc_swa_attn_decode"](q1, k_pool, v_pool, sel.contiguous(), block_tables=kv_table,
                                                   context_lens=ctx, num_splits=0, block_size=ls, top_n=n, window_size=W,
                                                   sm_scale=scale)
-    lse = (lse2.float() * math.log(2.0))[:, None]  # [B, 1, HQ]
-    empty = empty_cmp_rows(case, dev)[None, :, None]
-    lse = torch.where(empty & (lse == 0), torch.full_like(lse, float("-inf")), lse)
-    out = {"cmp_o": cmp_o[:, None], "cmp_lse": lse, "topk_idx": canonical_order(idx_to_canonical(case, topk)),
-           "slc_o": slc_o[:, None]}
+    return _outputs(ops["combine_decode"], case, x, cmp_o, lse2, topk, slc_o, swa if case.window > 0 else None)
+
+
+def _chunked_prefill(ops: dict, case: Case, x: Inputs, given: Optional[torch.Tensor]) -> dict:
+    """1 < TQ < T as ``nsa_prefill`` computes a chunk after T - TQ cached keys: paged K/V of the T keys, the
+    compressed cache of all of them by ``mean_pooling_prefill``, ``cmp_attn_prefill``, ``topk_prefill``,
+    ``slc_attn_prefill`` (queries packed ``[B*TQ, HQ, D]``, ``x_cu_seqlens = [0, TQ, 2TQ, ...]``,
+    ``context_lens = T``), its flash-attn window through the shim (queries aligned to the last key, as
+    flash-attn's kv-cache call does), ``combine_prefill``."""
+    dev = x.q.device
+    B, T, TQ = case.batch, case.seq_len, case.q_len
+    l, d, ls, n, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.softmax_scale
+    y = whole_cmp_blocks(T, l, d)
+    k_pool, v_pool, kv_table, cmp_table, ctx, _ = _paged_cache(ops, case, x, y)
+    qp = pack(case, x.q).contiguous()
+    x_cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * TQ
+    cmp_o, lse2 = ops["cmp_attn_prefill"](qp, k_pool, v_pool, x_cu, TQ, block_tables=cmp_table, context_lens=ctx,
+                                          kernel_size=l, stride=d, sm_scale=scale)
+    topk = ops["topk_prefill"](qp, k_pool, lse2, x_cu, TQ, y, block_tables=cmp_table, context_lens=ctx,
+                               fixed_y_maxlen=max(_FIXED_Y_MAXLEN, y),
+                               fixed_num_slc_blocks=max(_FIXED_NUM_SLC_BLOCKS, num_sel_blocks(T, ls)), kernel_size=l,
+                               stride=d, block_size=ls, top_n=n, num_inital=1, num_local=2, sm_scale=scale)
+    sel = topk if given is None else idx_from_canonical(case, given.to(dev))  # [H, B*TQ, n]
+    slc_o, _ = ops["slc_attn_prefill"](qp, k_pool, v_pool, sel.contiguous(), x_cu, TQ, block_tables=kv_table,
+                                       context_lens=ctx, block_size=ls, top_n=n, sm_scale=scale)
+    swa = None
     if case.window > 0:
-        out["swa_o"] = swa[:, None]
-        w_swa = gate_logits(case, x.g_swa)
-    else:
-        swa, w_swa = torch.zeros_like(slc_o), torch.zeros_like(x.g_swa)
-    w = torch.stack([gate_logits(case, x.g_cmp), gate_logits(case, x.g_slc), w_swa], -1)[:, 0].contiguous()  # [B,HQ,3]
-    out["o"] = ops["combine_decode"](cmp_o, slc_o, swa.contiguous(), w)[:, None]
-    return out
+        swa = pack(case, flash_attn_shim.flash_attn_func(x.q, x.k, x.v, causal=True, window_size=(window_param(case), -1),
+                                                         softmax_scale=scale))
+    return _outputs(ops["combine_prefill"], case, x, cmp_o, lse2.transpose(0, 1), topk, slc_o, swa)
 
 
 @register_oracle
@@ -357,28 +411,24 @@ class FlashNsa(Oracle):
             return f"flash_nsa splits D into two powers of 2 (split_d), D={D}"
         if DV != D:
             return f"flash_nsa's combine and window take one head dim (D={D}, DV={DV})"
-        if case.q_len != case.seq_len and case.q_len != 1:
-            return (f"flash_nsa's training ops need TQ == T and its decode path (inference.nsa_decode) TQ == 1; chunked "
-                    f"prefill (inference.nsa_prefill, window through flash-attn's paged kv-cache API) is not adapted: "
-                    f"TQ={case.q_len}, T={case.seq_len}")
         if case.q_len < case.seq_len:
-            return decode_limits(case)
+            return inference_limits(case)
         if case.window > 0 and window_param(case) < 0:
             return "a window of w = 1 key is W = 0 in flash-attn's (W, -1), which flash_nsa treats as no window"
         return None
 
     def branch_supports(self, case: Case, branch: str) -> Optional[str]:
         if case.q_len < case.seq_len and branch in GRAD_BRANCHES:
-            return "flash_nsa's decode ops (flash_nsa.inference) have no backward (inference only)"
+            return "flash_nsa's inference ops (decode, nsa_prefill) have no backward"
         return None
 
     def run(self, case: Case, inputs: Inputs, device: str, block_indices: Optional[torch.Tensor] = None):
         given = inputs.block_indices if case.block_indices == "random" else None
         if case.q_len < case.seq_len:
-            ops = _load_decode()
+            ops = _load_inference()
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                return _decode(ops, case, inputs, given)
+                return (_decode if case.q_len == 1 else _chunked_prefill)(ops, case, inputs, given)
         ops = _load()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

@@ -72,7 +72,7 @@ def test_fsa_archive_names_every_folder_it_imports():
     ("flash_nsa", dict(cmp_block=64, cmp_stride=32, block_size=32), "block_size >= kernel_size"),
     ("flash_nsa", dict(cmp_block=48, cmp_stride=48, block_size=96), "power of 2"),
     ("flash_nsa", dict(head_dim=192, head_dim_v=128), "one head dim"),
-    ("flash_nsa", dict(seq_len=256, q_len=64), "chunked prefill (inference.nsa_prefill"),
+    ("flash_nsa", dict(seq_len=256, q_len=64, cmp_block=48, cmp_stride=16, block_size=96), "select_attn.py:127"),
     ("flash_nsa", dict(seq_len=256, q_len=1, heads_q=24), "compress_attn.py:575-576"),
     ("flash_nsa", dict(seq_len=256, q_len=1, cmp_block=48, cmp_stride=16, block_size=96), "select_attn.py:679"),
     ("flash_nsa", dict(seq_len=256, q_len=1, cmp_block=8, cmp_stride=8, block_size=8), "power of 2 >= 16"),
@@ -103,9 +103,11 @@ def test_decode_declines_lse_and_gradients(name):
     dict(batch=2, seq_len=512, heads_q=8, heads_kv=2, dtype="bfloat16"),  # l = d = l' = 64, G = 4
     dict(seq_len=20, cmp_block=32, cmp_stride=16, window=0),              # no compressed block yet, no window
     dict(seq_len=700, heads_q=32, block_size=256, cmp_block=64, cmp_stride=32, block_indices="random"),  # 256-token pages
+    dict(seq_len=1000, q_len=300, cmp_block=32, cmp_stride=16),           # chunked prefill (nsa_prefill's ops)
+    dict(seq_len=640, q_len=129, heads_q=24, window_keys="w_plus_1"),     # chunked: G = 24 (its cmp prefill is per head)
 ])
-def test_flash_nsa_accepts_decode(changes):
-    o, c = get_oracle("flash_nsa"), _case(q_len=1, **changes)
+def test_flash_nsa_accepts_inference_cases(changes):
+    o, c = get_oracle("flash_nsa"), _case(**{"q_len": 1, **changes})
     assert o.supports(c, "cuda") is None
     assert o.branch_supports(c, "cmp_lse") is None and o.branch_supports(c, "topk_idx") is None
     assert "no backward" in o.branch_supports(c, "dq") and o.branch_supports(_case(), "dq") is None

@@ -202,9 +202,9 @@ def _forward(ops: dict, case: Case, q, k, v, g_cmp, g_slc, g_swa, given) -> dict
     return out
 
 
-# ------------------------------------------------------------------------------------------- decode (TQ = 1)
+# ------------------------------------------------------------------- inference ops (TQ < T: decode, chunked prefill)
 PAGE_ALIGN = 128  # nsa_decode / nsa_prefill: ``assert k.size(1) % 128 == 0`` (inference/__init__.py:71, :206)
-_FIXED_Y_MAXLEN, _FIXED_NUM_SLC_BLOCKS = 8192, 2048  # topk_decode's defaults (raised for longer cases)
+_FIXED_Y_MAXLEN, _FIXED_NUM_SLC_BLOCKS = 8192, 2048  # topk_decode's / topk_prefill's defaults (raised where needed)
 
 
 def page_size(case: Case) -> int:

@@ -41,8 +41,8 @@ from nsaconf.oracles.base import Oracle, register_oracle
 from nsaconf.oracles.compat import flash_attn_shim
 from nsaconf.oracles.compat.checkout_import import checkout_versions, import_from_checkout
 from nsaconf.oracles.config import CHECKOUTS, checkout_status, how_to_enable
-from nsaconf.oracles.xunhao import (checkout_availability, common_support, cu_seqlens_int32, gate_values, idx_from_canonical,
-                                    idx_to_canonical, pack, run_module, run_sel, sel_support, window_param)
+from nsaconf.oracles.xunhao import (checkout_availability, common_support, compress_kv, cu_seqlens_int32, gated_sum,
+                                    idx_from_canonical, idx_to_canonical, pack, run_module, run_sel, sel_support, window_param)
 
 _MODS: dict[str, dict] = {}
 #: FSA's module uses its own selection kernel up to this GQA ratio, nsa_ref's above (fsa/module/fsa.py:139)
@@ -93,8 +93,7 @@ def fsa_decode(ops: dict, case: Case, x: Inputs) -> dict:
     cu_k = cu_seqlens_int32(case, dev)
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=dev)
     kp, vp = pack(case, x.k).contiguous(), pack(case, x.v).contiguous()
-    k_cmp, cu_cmp = ops["avgpool_compress"](kp, None, cu_k, l, d)
-    v_cmp, _ = ops["avgpool_compress"](vp, None, cu_k, l, d)
+    k_cmp, v_cmp, cu_cmp = compress_kv(ops, kp, vp, cu_k, l, d)
     mx_cmp = max(int((cu_cmp[1:] - cu_cmp[:-1]).max().item()), 1)
     q1 = x.q[:, 0].contiguous()
     cmp_o, topk = ops["compressed_attention_decode"](q1, k_cmp, v_cmp, l, d, ls, n, cu_q, cu_cmp.to(torch.int32), 1, mx_cmp,
@@ -103,13 +102,11 @@ def fsa_decode(ops: dict, case: Case, x: Inputs) -> dict:
     sel = topk if given is None else idx_from_canonical(case, given)
     slc_o = ops["topk_sparse_attention_decode"](q1, kp, vp, sel.to(torch.int32).contiguous(), ls, cu_q, cu_k, 1, T, scale)
     out = {"cmp_o": cmp_o[:, None], "topk_idx": idx_to_canonical(case, topk), "slc_o": slc_o[:, None]}
-    o = gate_values(case, x.g_cmp)[..., None] * out["cmp_o"] + gate_values(case, x.g_slc)[..., None] * out["slc_o"]
     if case.window > 0:
         swa = flash_attn_shim.flash_attn_varlen_func(q1, kp, vp, cu_q, cu_k, 1, T, causal=False,
                                                      window_size=(window_param(case), -1), softmax_scale=scale)
         out["swa_o"] = swa[:, None]
-        o = o + gate_values(case, x.g_swa)[..., None] * out["swa_o"]
-    out["o"] = o
+    out["o"] = gated_sum(case, out, x.g_cmp, x.g_slc, x.g_swa)
     return out
 
 

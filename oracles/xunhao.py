@@ -43,6 +43,7 @@ from typing import Optional
 
 import torch
 
+from nsaconf.cases.conventions import GATE_RULES
 from nsaconf.cases.model import Case
 from nsaconf.cases.tensors import GRAD_INPUTS, Inputs, grad_branches, output_cotangent
 from nsaconf.cases.vocabulary import FORWARD_BRANCHES, GRAD_BRANCHES
@@ -106,8 +107,26 @@ def window_param(case: Case) -> int:
 
 
 def gate_values(case: Case, g: torch.Tensor) -> torch.Tensor:
-    """The multiplier the module applies: the gate itself, or its sigmoid for ``gates="sigmoid"``."""
-    return torch.sigmoid(g) if case.gates == "sigmoid" else g
+    """The multiplier the module applies to a branch: ``GATE_RULES[case.gates](g)`` (the gate itself, or its
+    sigmoid for ``gates="sigmoid"``)."""
+    return GATE_RULES[case.gates](g)
+
+
+def gated_sum(case: Case, out: dict, g_cmp: torch.Tensor, g_slc: torch.Tensor, g_swa: torch.Tensor) -> torch.Tensor:
+    """The module's combine ``o = f(g_cmp)·cmp_o + f(g_slc)·slc_o (+ f(g_swa)·swa_o with a window)``, ``f =
+    gate_values``; gates ``[B, TQ, HQ]``, branches of ``out`` ``[B, TQ, HQ, DV]``."""
+    o = gate_values(case, g_cmp)[..., None] * out["cmp_o"] + gate_values(case, g_slc)[..., None] * out["slc_o"]
+    if case.window > 0:
+        o = o + gate_values(case, g_swa)[..., None] * out["swa_o"]
+    return o
+
+
+def compress_kv(ops: dict, kp: torch.Tensor, vp: torch.Tensor, cu: torch.Tensor, l: int, d: int) -> tuple:
+    """``avgpool_compress`` of packed K and V ``[ΣT, H, D]`` (the mean of each whole block of ``l`` keys, stride
+    ``d``, per sequence of ``cu``): ``(k_cmp, v_cmp, cu_cmp)``."""
+    k_cmp, cu_cmp = ops["avgpool_compress"](kp, None, cu, l, d)
+    v_cmp, _ = ops["avgpool_compress"](vp, None, cu, l, d)
+    return k_cmp, v_cmp, cu_cmp
 
 
 def common_support(case: Case, label: str, decode: bool = False) -> Optional[str]:
@@ -166,8 +185,7 @@ def nsa_forward(ops: dict, case: Case, q, k, v, g_cmp, g_slc, g_swa, given: Opti
     cu = cu_seqlens_int32(case, dev)
     mx = max_seqlen(case)
     qp, kp, vp = (pack(case, t).contiguous() for t in (q, k, v))
-    k_cmp, cu_cmp = ops["avgpool_compress"](kp, None, cu, l, d)
-    v_cmp, _ = ops["avgpool_compress"](vp, None, cu, l, d)
+    k_cmp, v_cmp, cu_cmp = compress_kv(ops, kp, vp, cu, l, d)
     mx_cmp = max(int((cu_cmp[1:] - cu_cmp[:-1]).max().item()), 1)
     cmp_o, lse2 = ops["CompressedAttention"].apply(qp, k_cmp, v_cmp, l, d, cu, cu_cmp, mx, mx_cmp, scale)
     with torch.no_grad():
@@ -177,13 +195,11 @@ def nsa_forward(ops: dict, case: Case, q, k, v, g_cmp, g_slc, g_swa, given: Opti
     slc_o = sel_fn(qp, kp, vp, sel.to(torch.int32).contiguous(), ls, cu, scale)
     out = {"cmp_o": unpack(case, cmp_o), "cmp_lse": unpack(case, (lse2.float() * math.log(2.0)).transpose(0, 1)),
            "topk_idx": idx_to_canonical(case, topk), "slc_o": unpack(case, slc_o)}
-    o = gate_values(case, g_cmp)[..., None] * out["cmp_o"] + gate_values(case, g_slc)[..., None] * out["slc_o"]
     if case.window > 0:
         swa = flash_attn_shim.flash_attn_varlen_func(qp, kp, vp, cu, cu, mx, mx, causal=True,
                                                      window_size=(window_param(case), -1), softmax_scale=scale)
         out["swa_o"] = unpack(case, swa)
-        o = o + gate_values(case, g_swa)[..., None] * out["swa_o"]
-    out["o"] = o
+    out["o"] = gated_sum(case, out, g_cmp, g_slc, g_swa)
     return out
 
 
@@ -196,8 +212,7 @@ def nsa_decode(ops: dict, case: Case, x: Inputs) -> dict:
     B, T = case.batch, case.seq_len
     l, d, ls, n, scale = case.cmp_block, case.cmp_stride, case.block_size, case.top_n, case.softmax_scale
     cu = cu_seqlens_int32(case, dev)
-    k_cmp, cu_cmp = ops["avgpool_compress"](pack(case, x.k).contiguous(), None, cu, l, d)
-    v_cmp, _ = ops["avgpool_compress"](pack(case, x.v).contiguous(), None, cu, l, d)
+    k_cmp, v_cmp, cu_cmp = compress_kv(ops, pack(case, x.k).contiguous(), pack(case, x.v).contiguous(), cu, l, d)
     k_cmp, v_cmp = unpack(case, k_cmp), unpack(case, v_cmp)
     seqlens = torch.full((B,), T, dtype=torch.int32, device=dev)
     cseq = (cu_cmp[1:] - cu_cmp[:-1]).to(torch.int32)
@@ -208,12 +223,10 @@ def nsa_decode(ops: dict, case: Case, x: Inputs) -> dict:
     slc_o = ops["topk_sparse_attention_decode"](q1, x.k.contiguous(), x.v.contiguous(), sel.to(torch.int32).contiguous(), ls,
                                                 seqlens, scale)
     out = {"cmp_o": cmp_o[:, None], "topk_idx": idx_to_canonical(case, topk.reshape(case.heads_kv, B, -1)), "slc_o": slc_o[:, None]}
-    o = gate_values(case, x.g_cmp)[..., None] * out["cmp_o"] + gate_values(case, x.g_slc)[..., None] * out["slc_o"]
     if case.window > 0:
         out["swa_o"] = flash_attn_shim.flash_attn_func(x.q, x.k, x.v, causal=True, window_size=(window_param(case), -1),
                                                        softmax_scale=scale)
-        o = o + gate_values(case, x.g_swa)[..., None] * out["swa_o"]
-    out["o"] = o
+    out["o"] = gated_sum(case, out, x.g_cmp, x.g_slc, x.g_swa)
     return out
 
 

@@ -19,7 +19,7 @@ from nsaconf.oracles.compat.checkout_import import import_from_checkout
 from nsaconf.oracles.flash_nsa import (cmp_slots, from_pages, gate_logits, page_size, paged_tables, to_pages,
                                        whole_cmp_blocks)
 from nsaconf.oracles.reference import nsa_reference
-from nsaconf.oracles.xunhao import (cu_seqlens_int32, gate_values, idx_from_canonical, idx_to_canonical, pack, unpack,
+from nsaconf.oracles.xunhao import (cu_seqlens_int32, gate_values, gated_sum, idx_from_canonical, idx_to_canonical, pack, unpack,
                                     window_param)
 from tests.adapters_util import as_set
 
@@ -209,6 +209,19 @@ def test_window_and_gates():
     assert torch.allclose(torch.sigmoid(gate_logits(_case(), g)), g, atol=1e-6)
     sig = _case(gates="sigmoid")  # the given gates are logits
     assert torch.allclose(gate_values(sig, g), torch.sigmoid(g)) and torch.equal(gate_logits(sig, g), g)
+
+
+@pytest.mark.parametrize("gates, window", [("raw", 64), ("sigmoid", 64), ("raw", 0)])
+def test_gated_sum_is_the_modules_combine(gates, window):
+    c = _case(gates=gates, window=window)
+    gen = torch.Generator().manual_seed(0)
+    g = [torch.rand(1, 5, 4, generator=gen) for _ in range(3)]
+    out = {b: torch.randn(1, 5, 4, 8, generator=gen) for b in ("cmp_o", "slc_o", "swa_o")}
+    f = torch.sigmoid if gates == "sigmoid" else (lambda t: t)
+    want = f(g[0])[..., None] * out["cmp_o"] + f(g[1])[..., None] * out["slc_o"]
+    if window:
+        want = want + f(g[2])[..., None] * out["swa_o"]
+    assert torch.equal(gated_sum(c, out, *g), want)
 
 
 @pytest.mark.parametrize("name", ["xunhao", "fsa", "flash_nsa"])

@@ -10,6 +10,7 @@ import torch
 from nsaconf.cases.model import Case
 from nsaconf.harness.comparator import CaseTruth, check_empty_cmp_o, compare_numeric, compare_topk, judge
 from nsaconf.harness.tolerance import ToleranceTable
+from tests.comparator_util import TIE_CASE, near_tie_swap
 
 CASE = Case(seq_len=64, heads_q=4, heads_kv=2, head_dim=16, block_size=16, top_n=3, window=8, dtype="bfloat16", seed=3)
 
@@ -156,19 +157,10 @@ def test_topk_noncausal_block_is_never_a_tie():
 def test_tie_break_judges_slc_o_with_oracle_indices():
     """An oracle that breaks a near-tie the other way: topk PASS (tie), slc_o PASS against the truth
     recomputed with its indices; the same slc_o against the original truth would FAIL."""
-    case = Case(seq_len=96, heads_q=2, heads_kv=1, head_dim=8, block_size=16, top_n=3, window=0,
-                forced_blocks="none", dtype="float32", seed=5)
-    ct = CaseTruth.compute(case)
-    imp, idx = ct.truth["importance"], ct.truth["topk_idx"]
+    ct = CaseTruth.compute(TIE_CASE)
     # swap the n-th selected block of the last query for the best unselected candidate, then declare a
     # tie tolerance wide enough to cover that gap
-    b, i, h = 0, case.q_len - 1, 0
-    sel = [int(x) for x in idx[b, i, h] if x >= 0]
-    nth = min(sel, key=lambda j: float(imp[b, i, h, j]))
-    other = max((j for j in range(imp.shape[-1]) if j not in sel), key=lambda j: float(imp[b, i, h, j]))
-    new = idx.clone()
-    new[b, i, h] = torch.tensor(sorted([j for j in sel if j != nth] + [other]))
-    gap = abs(float(imp[b, i, h, nth] - imp[b, i, h, other]))
+    new, gap = near_tie_swap(ct)
     table = ToleranceTable()
     table.set("topk_idx.floor_add", gap * 1.01, "test")
     t2, b2 = ct.with_indices(new)

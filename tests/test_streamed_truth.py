@@ -20,6 +20,7 @@ from nsaconf.harness.comparator import CaseTruth, Job, StreamedTruth, TruthFaile
 from nsaconf.harness.tolerance import ToleranceTable
 from nsaconf.oracles import reference
 from nsaconf.oracles.reference import nsa_reference, query_windows
+from tests.comparator_util import TIE_CASE, near_tie_swap
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -100,18 +101,11 @@ def test_streamed_verdicts_are_the_held_verdicts(case, small_windows):
 
 def test_streamed_tie_break_recomputes_with_the_oracle_indices(small_windows):
     """As ``test_tie_break_judges_slc_o_with_oracle_indices`` (test_comparator), against the streamed truth."""
-    case = Case(seq_len=96, heads_q=2, heads_kv=1, head_dim=8, block_size=16, top_n=3, window=0,
-                forced_blocks="none", dtype="float32", seed=5)
+    case = TIE_CASE
     ct = CaseTruth.compute(case)
-    imp, idx = ct.truth["importance"], ct.truth["topk_idx"]
-    b, i, h = 0, case.q_len - 1, 0
-    sel = [int(x) for x in idx[b, i, h] if x >= 0]
-    nth = min(sel, key=lambda j: float(imp[b, i, h, j]))
-    other = max((j for j in range(imp.shape[-1]) if j not in sel), key=lambda j: float(imp[b, i, h, j]))
-    new = idx.clone()
-    new[b, i, h] = torch.tensor(sorted([j for j in sel if j != nth] + [other]))
+    new, gap = near_tie_swap(ct)
     table = ToleranceTable()
-    table.set("topk_idx.floor_add", abs(float(imp[b, i, h, nth] - imp[b, i, h, other])) * 1.01, "test")
+    table.set("topk_idx.floor_add", gap * 1.01, "test")
     t2, _ = ct.with_indices(new)
     outputs = {"topk_idx": new, "slc_o": t2["slc_o"].float(), "o": t2["o"].float()}
     for tab in (table, ToleranceTable()):
